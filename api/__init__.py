@@ -1,0 +1,1 @@
+"""The HTTP front end: validates requests, queues operations, answers from the writer's reply."""

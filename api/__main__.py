@@ -1,0 +1,29 @@
+"""`python -m api`: the HTTP service, configured from the environment."""
+
+from __future__ import annotations
+
+import logging
+
+import uvloop
+from aiohttp import web
+
+from api.app import create_app
+from shared.settings import Settings
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    logging.getLogger("api").info("starting with %r", settings)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The application factory: middleware, routes, and the resources a process holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api.appkeys import ENQUEUE, KEYS, PG, REDIS, REPLIES, SETTINGS
+from api.handlers import routes
+from api.problems import problem_middleware
+from api.replies import ReplyListener
+from shared.connections import open_pg_pool, open_redis
+from shared.keys import KeySpace
+from shared.scripts import ENQUEUE as ENQUEUE_SCRIPT
+from shared.settings import Settings
+
+# Every request body of this API is a small JSON object.
+MAX_BODY_BYTES = 16 * 1024
+
+
+async def postgres(app: web.Application) -> AsyncIterator[None]:
+    app[PG] = await open_pg_pool(app[SETTINGS])
+    yield
+    await app[PG].close()
+
+
+async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
+    redis = open_redis(app[SETTINGS])
+    app[REDIS] = redis
+    app[ENQUEUE] = redis.register_script(ENQUEUE_SCRIPT)
+    replies = ReplyListener(redis, app[KEYS].reply_channel(uuid.uuid4().hex))
+    app[REPLIES] = replies
+    listening = asyncio.create_task(replies.run(), name="reply-listener")
+    # Serve as soon as replies can arrive; if Redis is down, operations get 503 until it is up.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(replies.subscribed.wait(), timeout=5)
+    yield
+    listening.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listening
+    await redis.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[KEYS] = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    app.cleanup_ctx.extend([postgres, redis_and_replies])
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,20 @@
+"""The typed keys of what the application holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from api.replies import ReplyListener
+from shared.keys import KeySpace
+from shared.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+KEYS = web.AppKey("keys", KeySpace)
+PG = web.AppKey("pg", Any)  # asyncpg.Pool: asyncpg ships no type hints
+REDIS = web.AppKey("redis", Redis)
+REPLIES = web.AppKey("replies", ReplyListener)
+ENQUEUE = web.AppKey("enqueue", AsyncScript)

@@ -1,0 +1,321 @@
+"""The HTTP handlers and their route table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from api import queries
+from api.appkeys import ENQUEUE, KEYS, PG, REDIS, REPLIES, SETTINGS
+from api.inputs import (
+    FORM_FIELDS,
+    OPERATION_FIELDS,
+    decode_cursor,
+    encode_cursor,
+    operation_fields,
+    operation_id,
+    page_limit,
+    read_json_object,
+    uuid_field,
+    wallet_id_from_path,
+)
+from api.problems import DEPENDENCY_ERRORS, error_response, problem
+from shared import errors
+from shared.codec import (
+    APPLIED,
+    BALANCE_LIMIT,
+    KEY_REUSED,
+    WALLET_NOT_FOUND,
+    MessageError,
+    OperationRequest,
+    Outcome,
+    decode_request,
+    encode_request,
+    format_time,
+    to_json,
+)
+from shared.money import format_minor
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+routes = web.RouteTableDef()
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=to_json(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def wallet_body(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "balance": format_minor(row["balance"]),
+        "created_at": format_time(row["created_at"]),
+        "updated_at": format_time(row["updated_at"]),
+    }
+
+
+def operation_url(wallet_id: str, op_id: str) -> str:
+    return f"/api/v1/wallets/{wallet_id}/operations/{op_id}"
+
+
+def operation_body(o: Outcome) -> dict[str, Any]:
+    return {
+        "id": o.op_id,
+        "wallet_id": o.wallet_id,
+        "operation_type": o.kind,
+        "amount": format_minor(o.amount),
+        "status": o.status,
+        "reason": o.reason,
+        "balance": format_minor(o.balance_after),
+        "seq": o.seq,
+        "created_at": o.created_at,
+    }
+
+
+def outcome_from_row(row: Any) -> Outcome:
+    return Outcome(
+        tag=0,
+        op_id=row["id"],
+        wallet_id=row["wallet_id"],
+        status=row["status"],
+        kind=row["kind"],
+        amount=row["amount"],
+        balance_after=row["balance_after"],
+        reason=row["reason"],
+        created_at=format_time(row["created_at"]),
+        seq=row["seq"],
+    )
+
+
+def outcome_response(o: Outcome) -> web.Response:
+    """The answer to an operation, the same however often its outcome is asked for."""
+    headers = {REPLAYED_HEADER: "true"} if o.replayed else None
+    if o.status == APPLIED:
+        return json_response(operation_body(o), headers=headers)
+    if o.status == WALLET_NOT_FOUND:
+        return error_response(errors.WalletNotFound(f"No wallet has the id {o.wallet_id}"))
+    if o.status == KEY_REUSED:
+        return error_response(
+            errors.IdempotencyKeyReused(
+                f"This Idempotency-Key was used for a {o.kind} of {format_minor(o.amount)} on "
+                "this wallet; send a new key for a different request",
+                operation_id=o.op_id,
+            )
+        )
+    body = operation_body(o)
+    if o.reason == BALANCE_LIMIT:
+        error: errors.WalletError = errors.BalanceLimitExceeded(
+            f"A deposit of {body['amount']} would take the balance of {body['balance']} past "
+            "its limit",
+            operation=body,
+        )
+    else:
+        error = errors.InsufficientFunds(
+            f"The balance of {body['balance']} is less than the {body['amount']} to withdraw",
+            operation=body,
+        )
+    response = error_response(error, headers=headers)
+    response.headers["Location"] = operation_url(o.wallet_id, o.op_id)
+    return response
+
+
+async def submit_operation(
+    request: web.Request, wallet_id: str, kind: str, amount: int
+) -> web.Response:
+    """Queues the operation on the wallet's stream and answers with the writer's outcome, or
+    202 with the operation's URL when it does not come within the reply timeout."""
+    app = request.app
+    settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
+    op_id = operation_id(request)
+    request["operation_id"] = op_id
+    if not replies.subscribed.is_set():
+        raise errors.DependencyUnavailable("The reply channel to the workers is down")
+    tag, outcome = replies.expect()
+    try:
+        shard = keys.shard_of(wallet_id)
+        message = encode_request(
+            OperationRequest(op_id, wallet_id, kind, amount, replies.channel, tag)
+        )
+        entry = await app[ENQUEUE](
+            keys=[
+                keys.wallet_stream(wallet_id, shard),
+                keys.dirty_set(shard),
+                keys.notify_list(shard),
+            ],
+            args=[wallet_id, message, settings.wallet_queue_limit],
+        )
+        if entry is None:
+            raise errors.QueueFull(
+                f"More than {settings.wallet_queue_limit} operations are queued for this "
+                "wallet; retry later"
+            )
+        try:
+            async with asyncio.timeout(settings.reply_timeout):
+                return outcome_response(await outcome)
+        except TimeoutError:
+            url = operation_url(wallet_id, op_id)
+            return json_response(
+                {"id": op_id, "wallet_id": wallet_id, "status": "pending", "href": url},
+                status=202,
+                headers={"Location": url},
+            )
+    finally:
+        replies.forget(tag)
+
+
+@routes.post("/api/v1/wallets/{wallet_id}/operation")
+async def post_operation(request: web.Request) -> web.Response:
+    wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
+    kind, amount = operation_fields(await read_json_object(request), OPERATION_FIELDS)
+    return await submit_operation(request, wallet_id, kind, amount)
+
+
+@routes.post("/api/v1/wallet")
+async def post_operation_form(request: web.Request) -> web.Response:
+    """The original form of the operation request: the wallet id travels in the body."""
+    body = await read_json_object(request)
+    kind, amount = operation_fields(body, FORM_FIELDS)
+    return await submit_operation(request, uuid_field(body, "walletId"), kind, amount)
+
+
+@routes.post("/api/v1/wallets")
+async def create_wallet(request: web.Request) -> web.Response:
+    if request.can_read_body:
+        body = await read_json_object(request)
+        if body:
+            raise errors.InvalidInput(sorted(body)[0], "is not a known field")
+    async with request.app[PG].acquire() as conn:
+        row = await queries.create_wallet(conn)
+    return json_response(
+        wallet_body(row), status=201, headers={"Location": f"/api/v1/wallets/{row['id']}"}
+    )
+
+
+@routes.get("/api/v1/wallets")
+async def list_wallets(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    cursor = decode_cursor(request, int, str)
+    after = None
+    if cursor is not None:
+        micros, last_id = cursor
+        after = (datetime.fromtimestamp(micros / 1e6, UTC), wallet_id_or_invalid(last_id))
+    async with request.app[PG].acquire() as conn:
+        rows = await queries.list_wallets(conn, limit, after)
+    next_cursor = None
+    if len(rows) == limit:
+        last = rows[-1]
+        micros = round(last["created_at"].timestamp() * 1e6)
+        next_cursor = encode_cursor(micros, last["id"])
+    return json_response({"items": [wallet_body(r) for r in rows], "next_cursor": next_cursor})
+
+
+def wallet_id_or_invalid(raw: str) -> str:
+    try:
+        return wallet_id_from_path(raw)
+    except errors.WalletNotFound:
+        raise errors.InvalidInput("cursor", "is not a cursor this API returned") from None
+
+
+@routes.get("/api/v1/wallets/{wallet_id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
+    async with request.app[PG].acquire() as conn:
+        row = await queries.get_wallet(conn, wallet_id)
+    if row is None:
+        raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
+    return json_response(wallet_body(row))
+
+
+@routes.get("/api/v1/wallets/{wallet_id}/operations")
+async def list_operations(request: web.Request) -> web.Response:
+    wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
+    limit = page_limit(request)
+    cursor = decode_cursor(request, int)
+    async with request.app[PG].acquire() as conn:
+        rows = await queries.list_operations(conn, wallet_id, limit, cursor and cursor[0])
+        if not rows and await queries.get_wallet(conn, wallet_id) is None:
+            raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
+    next_cursor = encode_cursor(rows[-1]["seq"]) if len(rows) == limit else None
+    return json_response(
+        {
+            "items": [operation_body(outcome_from_row(r)) for r in rows],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
+@routes.get("/api/v1/wallets/{wallet_id}/operations/{operation_id}")
+async def get_operation(request: web.Request) -> web.Response:
+    """An operation's outcome; `pending` while it waits in the wallet's stream."""
+    wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
+    raw_id = request.match_info["operation_id"]
+    try:
+        op_id = wallet_id_from_path(raw_id)
+    except errors.WalletNotFound:
+        raise errors.OperationNotFound(f"No operation has the id {raw_id!r}") from None
+    async with request.app[PG].acquire() as conn:
+        row = await queries.get_operation(conn, wallet_id, op_id)
+        if row is None and await queries.get_wallet(conn, wallet_id) is None:
+            raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
+    if row is not None:
+        return json_response(operation_body(outcome_from_row(row)))
+    if await is_queued(request.app, wallet_id, op_id):
+        return json_response(
+            {
+                "id": op_id,
+                "wallet_id": wallet_id,
+                "status": "pending",
+                "href": operation_url(wallet_id, op_id),
+            }
+        )
+    raise errors.OperationNotFound(f"Wallet {wallet_id} has no operation {op_id}")
+
+
+async def is_queued(app: web.Application, wallet_id: str, op_id: str) -> bool:
+    entries = await app[REDIS].xrange(app[KEYS].wallet_stream(wallet_id))
+    for _, fields in entries:
+        with contextlib.suppress(MessageError, KeyError):
+            if decode_request(fields[b"m"]).op_id == op_id:
+                return True
+    return False
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Ready when PostgreSQL and Redis answer and at least one worker is alive."""
+    app = request.app
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            async with app[PG].acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except DEPENDENCY_ERRORS as e:
+        checks["postgres"] = f"unavailable: {type(e).__name__}"
+    try:
+        async with asyncio.timeout(2):
+            live = await app[REDIS].zcount(app[KEYS].workers(), int(time.time() * 1000), "+inf")
+        checks["redis"] = "ok"
+        checks["workers"] = f"{live} live" if live else "none alive"
+    except (RedisError, *DEPENDENCY_ERRORS) as e:
+        checks["redis"] = f"unavailable: {type(e).__name__}"
+        checks["workers"] = "unknown"
+    if not app[REPLIES].subscribed.is_set():
+        checks["replies"] = "reply channel not subscribed"
+    if all(v == "ok" or v.endswith(" live") for v in checks.values()):
+        return json_response({"status": "ready", "checks": checks})
+    return problem(503, "not-ready", "Not ready", "A dependency is missing", checks=checks)

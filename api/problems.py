@@ -1,0 +1,126 @@
+"""RFC 9457 problem documents, and the one middleware that turns errors into them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+import redis.exceptions
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from shared import errors
+from shared.codec import to_json
+
+log = logging.getLogger("api")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "urn:wallet-service:problem:"
+RETRY_AFTER_SECONDS = "1"
+
+# error class -> status, problem type, title
+DOMAIN_PROBLEMS: dict[type[errors.WalletError], tuple[int, str, str]] = {
+    errors.InvalidInput: (422, "validation-error", "The request is not valid"),
+    errors.WalletNotFound: (404, "wallet-not-found", "Wallet not found"),
+    errors.OperationNotFound: (404, "operation-not-found", "Operation not found"),
+    errors.InsufficientFunds: (409, "insufficient-funds", "Insufficient funds"),
+    errors.BalanceLimitExceeded: (409, "balance-limit", "The balance would exceed its limit"),
+    errors.IdempotencyKeyReused: (
+        422,
+        "idempotency-key-reused",
+        "Idempotency-Key already used for another request",
+    ),
+    errors.QueueFull: (503, "queue-full", "Too many operations queued for this wallet"),
+    errors.DependencyUnavailable: (503, "dependency-unavailable", "Service unavailable"),
+}
+
+# aiohttp's own errors (routing, size limit) by status -> problem type
+HTTP_PROBLEMS = {
+    400: "malformed-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "body-too-large",
+    415: "unsupported-media-type",
+}
+
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+    OSError,
+    TimeoutError,
+)
+
+
+def problem(
+    status: int,
+    kind: str,
+    title: str,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    body: dict[str, Any] = {"type": TYPE_BASE + kind, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
+    return web.Response(
+        status=status, body=to_json(body), content_type=PROBLEM_JSON, headers=headers
+    )
+
+
+def error_response(
+    error: errors.WalletError, headers: dict[str, str] | None = None
+) -> web.Response:
+    status, kind, title = DOMAIN_PROBLEMS[type(error)]
+    return problem(status, kind, title, error.detail, headers=headers, **error.extra)
+
+
+class MalformedRequest(web.HTTPBadRequest):
+    """A body that is not the JSON it must be."""
+
+
+def malformed(detail: str) -> web.HTTPException:
+    return MalformedRequest(text=detail)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.WalletError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = HTTP_PROBLEMS.get(e.status, "http-error")
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
+        detail = e.text if isinstance(e, MalformedRequest) else None
+        return problem(e.status, kind, e.reason, detail, headers=headers)
+    except DEPENDENCY_ERRORS as e:
+        log.warning(
+            "%s %s: dependency unavailable: %s: %s",
+            request.method,
+            request.path,
+            type(e).__name__,
+            e,
+        )
+        return problem(
+            503,
+            "dependency-unavailable",
+            "Service unavailable",
+            "A database or queue the service needs is not reachable; retry later.",
+        )
+    except Exception:
+        log.exception(
+            "%s %s failed (operation %s)", request.method, request.path, request.get("operation_id")
+        )
+        return problem(500, "internal-error", "Internal server error")

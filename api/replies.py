@@ -1,0 +1,70 @@
+"""The API process's one reply channel: workers publish outcomes there after COMMIT, and the
+listener hands each to the request waiting for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.codec import MessageError, Outcome, decode_outcomes
+
+log = logging.getLogger("api.replies")
+
+RETRY_DELAY_MAX = 2.0
+
+
+class ReplyListener:
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self.subscribed = asyncio.Event()
+        self._waiting: dict[int, asyncio.Future[Outcome]] = {}
+        self._tags = itertools.count(1)
+
+    def expect(self) -> tuple[int, asyncio.Future[Outcome]]:
+        """A tag to send with the operation, and the future its outcome will resolve."""
+        tag = next(self._tags)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting[tag] = future
+        return tag, future
+
+    def forget(self, tag: int) -> None:
+        self._waiting.pop(tag, None)
+
+    def dispatch(self, data: bytes) -> None:
+        try:
+            outcomes = decode_outcomes(data)
+        except MessageError as e:
+            log.error("ignoring a reply: %s", e)
+            return
+        for outcome in outcomes:
+            future = self._waiting.pop(outcome.tag, None)
+            if future is not None and not future.done():
+                future.set_result(outcome)
+
+    async def run(self) -> None:
+        """Listens until cancelled, subscribing again after a lost connection."""
+        failures = 0
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None and message["type"] == "message":
+                        self.dispatch(message["data"])
+            except (RedisError, OSError) as e:
+                failures += 1
+                log.warning("reply channel lost (%s); subscribing again", e)
+            finally:
+                self.subscribed.clear()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))

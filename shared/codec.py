@@ -1,0 +1,122 @@
+"""The messages between API and workers, and their one encoding (orjson, versioned).
+
+Money travels as integers of minor units. A reply is a list of outcomes: a worker sends
+each API process one message per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+VERSION = 1
+
+DEPOSIT = "DEPOSIT"
+WITHDRAW = "WITHDRAW"
+OPERATION_TYPES = (DEPOSIT, WITHDRAW)
+
+# Outcome statuses. The first two are ledger states; the others never reach the ledger.
+APPLIED = "applied"
+REJECTED = "rejected"
+WALLET_NOT_FOUND = "wallet_not_found"
+KEY_REUSED = "key_reused"
+
+# Reasons for a rejected operation.
+INSUFFICIENT_FUNDS = "insufficient_funds"
+BALANCE_LIMIT = "balance_limit"
+
+
+class MessageError(ValueError):
+    """A stream entry or reply that cannot be decoded."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRequest:
+    op_id: str
+    wallet_id: str
+    kind: str
+    amount: int
+    reply_to: str
+    tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    tag: int
+    op_id: str
+    wallet_id: str
+    status: str
+    kind: str = ""
+    amount: int = 0
+    balance_after: int = 0
+    reason: str | None = None
+    created_at: str = ""
+    seq: int = 0
+    replayed: bool = False
+
+
+def encode_request(r: OperationRequest) -> bytes:
+    return orjson.dumps(
+        {
+            "v": VERSION,
+            "op": r.op_id,
+            "w": r.wallet_id,
+            "k": r.kind,
+            "a": r.amount,
+            "r": r.reply_to,
+            "t": r.tag,
+        }
+    )
+
+
+def decode_request(data: bytes | str) -> OperationRequest:
+    try:
+        m = orjson.loads(data)
+        if m["v"] != VERSION:
+            raise MessageError(f"unknown message version {m['v']!r}")
+        r = OperationRequest(m["op"], m["w"], m["k"], m["a"], m["r"], m["t"])
+    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+        raise MessageError(f"undecodable operation message: {e}") from e
+    if r.kind not in OPERATION_TYPES or type(r.amount) is not int or r.amount <= 0:
+        raise MessageError(f"invalid operation message {m!r}")
+    return r
+
+
+def encode_outcomes(outcomes: list[Outcome]) -> bytes:
+    return orjson.dumps(
+        [
+            [
+                o.tag,
+                o.op_id,
+                o.wallet_id,
+                o.status,
+                o.kind,
+                o.amount,
+                o.balance_after,
+                o.reason,
+                o.created_at,
+                o.seq,
+                o.replayed,
+            ]
+            for o in outcomes
+        ]
+    )
+
+
+def decode_outcomes(data: bytes | str) -> list[Outcome]:
+    try:
+        return [Outcome(*fields) for fields in orjson.loads(data)]
+    except (orjson.JSONDecodeError, TypeError) as e:
+        raise MessageError(f"undecodable reply: {e}") from e
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, the one time format of the API."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def to_json(value: Any) -> bytes:
+    return orjson.dumps(value)

@@ -1,0 +1,34 @@
+"""Opening the PostgreSQL pool and the Redis client, the same way for API, worker and tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from shared.settings import Settings
+
+REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (BLPOP waits 1 s)
+
+
+def open_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections or settings.redis_pool_max,
+        timeout=REDIS_SOCKET_TIMEOUT,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=2.0,
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
+
+
+async def open_pg_pool(settings: Settings, *, max_size: int | None = None) -> Any:
+    max_size = max_size or settings.pg_pool_max
+    return await asyncpg.create_pool(
+        settings.database_url,
+        min_size=min(settings.pg_pool_min, max_size),
+        max_size=max_size,
+        command_timeout=30,
+    )

@@ -1,0 +1,47 @@
+"""Every Redis key name, and the shard function.
+
+All keys of one shard carry the shard number as a Redis Cluster hash tag (`{7}`), so a
+shard's wallet streams, dirty set and notification list live in one slot and the Lua
+scripts that touch several of them work unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    prefix: str
+    shard_count: int
+
+    def shard_of(self, wallet_id: str) -> int:
+        """`wallet_id` in its canonical form: lower-case hex with hyphens."""
+        return zlib.crc32(wallet_id.encode()) % self.shard_count
+
+    def wallet_stream(self, wallet_id: str, shard: int | None = None) -> str:
+        """The wallet's queue of operations not yet acknowledged by its writer."""
+        if shard is None:
+            shard = self.shard_of(wallet_id)
+        return f"{self.prefix}:w:{{{shard}}}:{wallet_id}"
+
+    def dirty_set(self, shard: int) -> str:
+        """Ids of the shard's wallets whose streams hold entries: the truth for recovery."""
+        return f"{self.prefix}:d:{{{shard}}}"
+
+    def notify_list(self, shard: int) -> str:
+        """Ids of wallets that have just become dirty: what wakes the shard's owner."""
+        return f"{self.prefix}:n:{{{shard}}}"
+
+    def reply_channel(self, api_id: str) -> str:
+        """Pub/sub channel of one API process: workers publish outcomes there."""
+        return f"{self.prefix}:r:{api_id}"
+
+    def workers(self) -> str:
+        """Sorted set of live workers, scored by the time (ms) their heartbeat expires."""
+        return f"{self.prefix}:workers"
+
+    def pattern(self) -> str:
+        """Matches every key of this namespace (for clean-up in tests and tools)."""
+        return f"{self.prefix}:*"

@@ -1,0 +1,53 @@
+"""Amounts: the one place that knows about decimals.
+
+Inside, money is an integer number of minor units (cents). Outside, it is a decimal string
+with two fraction digits. Input is taken as a JSON number (parsed to Decimal, never float)
+or a decimal string, and refused rather than rounded when it is not exact.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from shared.errors import InvalidInput
+
+MINOR_PER_MAJOR = 100
+FRACTION_DIGITS = 2
+# The largest single operation: 1,000,000,000.00.
+MAX_AMOUNT_MINOR = 1_000_000_000 * MINOR_PER_MAJOR
+# A balance is a PostgreSQL BIGINT of minor units.
+MAX_BALANCE_MINOR = 2**63 - 1
+
+_DECIMAL_STRING = re.compile(r"[0-9]{1,20}(\.[0-9]{1,2})?")
+
+
+def parse_amount(value: object, field: str = "amount") -> int:
+    """A client's amount in minor units; raises InvalidInput naming the field and the reason."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
+        raise InvalidInput(field, "must be a number or a decimal string")
+    if isinstance(value, str):
+        if not _DECIMAL_STRING.fullmatch(value):
+            raise InvalidInput(
+                field, 'must be a decimal string like "10.25": digits, at most 2 decimals'
+            )
+        value = Decimal(value)
+    amount = Decimal(value)
+    if not amount.is_finite():
+        raise InvalidInput(field, "must be a finite number")
+    if amount <= 0:
+        raise InvalidInput(field, "must be greater than 0")
+    if amount > Decimal(MAX_AMOUNT_MINOR) / MINOR_PER_MAJOR:
+        raise InvalidInput(field, f"must be at most {format_minor(MAX_AMOUNT_MINOR)}")
+    exponent = amount.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if exponent < -FRACTION_DIGITS:
+        raise InvalidInput(field, f"must have at most {FRACTION_DIGITS} decimal places")
+    return int(amount.scaleb(FRACTION_DIGITS))
+
+
+def format_minor(minor: int) -> str:
+    """1025 -> "10.25"."""
+    sign = "-" if minor < 0 else ""
+    major, cents = divmod(abs(minor), MINOR_PER_MAJOR)
+    return f"{sign}{major}.{cents:02d}"

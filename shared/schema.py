@@ -1,0 +1,69 @@
+"""The tables, as SQLAlchemy metadata for Alembic. The hot path speaks SQL through asyncpg.
+
+Every table is keyed by wallet id first, so it can later be distributed by wallet.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "pk": "%(table_name)s_pkey",
+        "uq": "%(table_name)s_%(column_0_name)s_%(column_1_name)s_key",
+        "ck": "%(table_name)s_%(constraint_name)s_check",
+        "fk": "%(table_name)s_%(column_0_name)s_fkey",
+        "ix": "%(table_name)s_%(column_0_name)s_idx",
+    }
+)
+
+wallets = Table(
+    "wallets",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("balance", BigInteger, nullable=False, server_default="0"),
+    # How many ledger rows the wallet has: the seq of its newest operation.
+    Column("op_seq", BigInteger, nullable=False, server_default="0"),
+    # The stream entry id of the newest operation its writer has applied.
+    Column("applied_entry", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("balance >= 0", name="balance_not_negative"),
+    CheckConstraint("op_seq >= 0", name="op_seq_not_negative"),
+    Index("wallets_created_at_id_idx", "created_at", "id"),
+)
+
+operations = Table(
+    "operations",
+    metadata,
+    Column("wallet_id", Uuid, ForeignKey("wallets.id"), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("id", Uuid, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reason", Text),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("wallet_id", "seq"),
+    UniqueConstraint("wallet_id", "id"),
+    CheckConstraint("kind IN ('DEPOSIT', 'WITHDRAW')", name="kind_known"),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("status IN ('applied', 'rejected')", name="status_known"),
+    CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
+    CheckConstraint("(status = 'applied') = (reason IS NULL)", name="reason_only_when_rejected"),
+)

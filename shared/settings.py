@@ -1,0 +1,89 @@
+"""All configuration, read from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+_CONVERTERS: dict[str, Any] = {"int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
+    host: str = "0.0.0.0"  # noqa: S104 - a service listens on all interfaces unless told otherwise
+    port: int = 8000
+    # Fixed for a deployment: a wallet's shard is derived from it, so changing it re-homes wallets.
+    shard_count: int = 64
+    redis_key_prefix: str = "wallet"
+    pg_pool_min: int = 2
+    pg_pool_max: int = 10
+    redis_pool_max: int = 64
+    # How long a request waits for the writer before it answers 202 with the operation's URL.
+    reply_timeout: float = 5.0
+    # Operations queued on one wallet beyond which new ones get 503 with Retry-After.
+    wallet_queue_limit: int = 10_000
+    # At most this many operations go into one transaction.
+    batch_max: int = 1000
+    # At most this many wallets are read in one batch; the others wait for the next round.
+    batch_wallets_max: int = 256
+    # After a small batch, wait this long so the next one is fuller (group commit).
+    batch_linger: float = 0.002
+    worker_heartbeat_ttl: float = 10.0
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return (
+            f"Settings(database_url={_masked(self.database_url)!r}, "
+            f"redis_url={_masked(self.redis_url)!r}, {shown})"
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            convert = _CONVERTERS.get(str(f.type), str)
+            try:
+                values[f.name] = convert(raw)
+            except ValueError as e:
+                raise ValueError(f"{f.name.upper()}={raw!r} is not a valid {f.type}") from e
+        values.update(overrides)
+        missing = [n for n in ("database_url", "redis_url") if not values.get(n)]
+        if missing:
+            raise ValueError(f"set {', '.join(n.upper() for n in missing)} in the environment")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        positive = (
+            "port",
+            "shard_count",
+            "pg_pool_max",
+            "redis_pool_max",
+            "reply_timeout",
+            "wallet_queue_limit",
+            "batch_max",
+            "batch_wallets_max",
+            "worker_heartbeat_ttl",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.upper()} must be greater than 0")
+        if self.batch_linger < 0:
+            raise ValueError("BATCH_LINGER must not be negative")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_key_prefix):
+            raise ValueError("REDIS_KEY_PREFIX may hold only letters, digits, '_', '.', '-'")

@@ -1,0 +1,223 @@
+"""The shard worker: the one writer of every wallet in the shards it owns.
+
+For each owned shard a listener waits on the shard's notification list and marks wallets
+active. The main loop reads the active wallets' streams (each from where it last read),
+applies everything read in one transaction, publishes the outcomes to the API processes
+that wait for them, and only then acknowledges: the committed entries are trimmed from the
+streams, and a wallet whose stream is left empty is no longer dirty. A crash anywhere
+before that leaves the entries in place; whoever owns the shard next reads them again from
+the start of the stream and the operation ids, unique in PostgreSQL, keep them from being
+applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
+from shared.keys import KeySpace
+from shared.scripts import ACKNOWLEDGE, next_entry_id
+from shared.settings import Settings
+from worker.apply import Entry, LedgerConflict, apply_batch
+
+log = logging.getLogger("worker")
+
+START = "0-0"
+# A shard's dirty set is read again this often, in case a notification was lost with a
+# worker that popped it and died before reading the wallet.
+RESCAN_INTERVAL = 10.0
+NOTIFY_WAIT = 1  # seconds one BLPOP waits
+RETRY_DELAY_MAX = 2.0
+PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: Any,
+        *,
+        shards: Iterable[int] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = pool
+        self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+        self.shards = list(range(settings.shard_count) if shards is None else shards)
+        self.worker_id = worker_id or new_worker_id()
+        # wallet id -> the id of the last entry read from its stream
+        self.active: dict[str, str] = {}
+        self.wakeup = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.batches = 0
+        self.operations = 0
+        self._acknowledge = redis.register_script(ACKNOWLEDGE)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, reply, acknowledge, then return from run()."""
+        self.stopping.set()
+        self.wakeup.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Works until stop(); with burst=True, until nothing is queued, then returns."""
+        await self._rescan()
+        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        if not burst:
+            tasks += [
+                asyncio.create_task(self._listen(shard), name=f"listen-{shard}")
+                for shard in self.shards
+            ]
+        last_rescan = time.monotonic()
+        failures = 0
+        try:
+            while not self.stopping.is_set():
+                if not self.active:
+                    if burst:
+                        return
+                    self.wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wakeup.wait(), RESCAN_INTERVAL)
+                if time.monotonic() - last_rescan > RESCAN_INTERVAL:
+                    await self._rescan()
+                    last_rescan = time.monotonic()
+                if not self.active:
+                    continue
+                try:
+                    done = await self.process_round()
+                    failures = 0
+                except (RedisError, OSError, TimeoutError, *PG_ERRORS, LedgerConflict) as e:
+                    failures += 1
+                    delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
+                    log.warning(
+                        "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                if done < self.settings.batch_max and self.settings.batch_linger:
+                    await asyncio.sleep(self.settings.batch_linger)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.zrem(self.keys.workers(), self.worker_id)
+
+    async def process_round(self) -> int:
+        """Reads, commits, replies to and acknowledges one batch; returns its size."""
+        wallets = list(self.active)[: self.settings.batch_wallets_max]
+        for w in wallets:  # the next round starts with the wallets this one did not reach
+            self.active[w] = self.active.pop(w)
+        streams = {self.keys.wallet_stream(w): self.active[w] for w in wallets}
+        count = max(1, self.settings.batch_max // len(wallets))
+        read = await self.redis.xread(streams, count=count)
+
+        entries: list[Entry] = []
+        wallet_of = dict(zip(streams, wallets, strict=True))
+        cursors = {w: self.active[w] for w in wallets}
+        for stream, items in read:
+            wallet = wallet_of[stream.decode()]
+            for entry_id, fields in items:
+                entry_id = entry_id.decode()
+                cursors[wallet] = entry_id
+                try:
+                    request = decode_request(fields[b"m"])
+                except (MessageError, KeyError) as e:
+                    log.error("dropping entry %s of wallet %s: %s", entry_id, wallet, e)
+                    continue
+                if request.wallet_id != wallet:
+                    log.error(
+                        "dropping entry %s: it names wallet %s, not %s",
+                        entry_id,
+                        request.wallet_id,
+                        wallet,
+                    )
+                    continue
+                entries.append(Entry(entry_id, request))
+
+        outcomes: list[Outcome] = []
+        if entries:
+            async with self.pool.acquire() as conn:
+                outcomes = await apply_batch(conn, entries)
+            self.batches += 1
+            self.operations += len(entries)
+
+        async with self.redis.pipeline(transaction=False) as pipe:
+            by_channel: dict[str, list[Outcome]] = defaultdict(list)
+            for entry, outcome in zip(entries, outcomes, strict=True):
+                if entry.request.reply_to:
+                    by_channel[entry.request.reply_to].append(outcome)
+            for channel, replies in by_channel.items():
+                pipe.publish(channel, encode_outcomes(replies))
+            for stream, wallet in wallet_of.items():
+                await self._acknowledge(
+                    keys=[stream, self.keys.dirty_set(self.keys.shard_of(wallet))],
+                    args=[wallet, next_entry_id(cursors[wallet])],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        left = results[len(by_channel) :]
+        for wallet, remaining in zip(wallets, left, strict=True):
+            if remaining == 0:
+                self.active.pop(wallet, None)
+            else:
+                self.active[wallet] = cursors[wallet]
+        return len(entries)
+
+    def _mark_active(self, wallet_ids: Iterable[bytes | str]) -> None:
+        for w in wallet_ids:
+            self.active.setdefault(w.decode() if isinstance(w, bytes) else w, START)
+        self.wakeup.set()
+
+    async def _rescan(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in self.shards:
+                pipe.smembers(self.keys.dirty_set(shard))
+            for members in await pipe.execute():
+                self._mark_active(members)
+
+    async def _listen(self, shard: int) -> None:
+        key = self.keys.notify_list(shard)
+        failures = 0
+        while True:
+            try:
+                popped = await self.redis.blpop([key], timeout=NOTIFY_WAIT)
+                if popped:
+                    more = await self.redis.lpop(key, 1000) or []
+                    self._mark_active([popped[1], *more])
+                failures = 0
+            except (RedisError, OSError) as e:
+                failures += 1
+                log.warning("shard %d: waiting for work failed (%s)", shard, e)
+                await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
+
+    async def _heartbeat(self) -> None:
+        ttl_ms = int(self.settings.worker_heartbeat_ttl * 1000)
+        while True:
+            now_ms = int(time.time() * 1000)
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(self.keys.workers(), {self.worker_id: now_ms + ttl_ms})
+                    pipe.zremrangebyscore(self.keys.workers(), "-inf", now_ms)
+                    await pipe.execute()
+            except (RedisError, OSError) as e:
+                log.warning("heartbeat failed (%s)", e)
+            await asyncio.sleep(self.settings.worker_heartbeat_ttl / 3)
