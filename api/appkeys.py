@@ -18,3 +18,4 @@ PG = web.AppKey("pg", Any)  # asyncpg.Pool: asyncpg ships no type hints
 REDIS = web.AppKey("redis", Redis)
 REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", AsyncScript)
+OPERATION_ID = web.RequestKey("operation_id", str)

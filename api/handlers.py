@@ -12,7 +12,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from api import queries
-from api.appkeys import ENQUEUE, KEYS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import ENQUEUE, KEYS, OPERATION_ID, PG, REDIS, REPLIES, SETTINGS
 from api.inputs import (
     FORM_FIELDS,
     OPERATION_FIELDS,
@@ -136,7 +136,7 @@ async def submit_operation(
     app = request.app
     settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
     op_id = operation_id(request)
-    request["operation_id"] = op_id
+    request[OPERATION_ID] = op_id
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()

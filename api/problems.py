@@ -10,6 +10,7 @@ import redis.exceptions
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from api.appkeys import OPERATION_ID
 from shared import errors
 from shared.codec import to_json
 
@@ -121,6 +122,6 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
     except Exception:
         log.exception(
-            "%s %s failed (operation %s)", request.method, request.path, request.get("operation_id")
+            "%s %s failed (operation %s)", request.method, request.path, request.get(OPERATION_ID)
         )
         return problem(500, "internal-error", "Internal server error")

@@ -21,7 +21,7 @@ def open_redis(settings: Settings, *, max_connections: int | None = None) -> Red
         socket_connect_timeout=2.0,
         health_check_interval=30,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 async def open_pg_pool(settings: Settings, *, max_size: int | None = None) -> Any:

@@ -25,7 +25,8 @@ class Settings:
     # Fixed for a deployment: a wallet's shard is derived from it, so changing it re-homes wallets.
     shard_count: int = 64
     redis_key_prefix: str = "wallet"
-    pg_pool_min: int = 2
+    # 0: processes start, and answer 503, while PostgreSQL is still down.
+    pg_pool_min: int = 0
     pg_pool_max: int = 10
     redis_pool_max: int = 64
     # How long a request waits for the writer before it answers 202 with the operation's URL.

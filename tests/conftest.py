@@ -1,0 +1,142 @@
+"""Test fixtures: real PostgreSQL and Redis, a fresh database and Redis namespace per run.
+
+TEST_DATABASE_URL (any database on the server; the run creates its own beside it) and
+TEST_REDIS_URL point the tests at running servers; without them the run starts embedded ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from api.app import create_app
+from shared.connections import open_pg_pool, open_redis
+from shared.devstack import embedded_postgres, embedded_redis, migrate, with_database
+from shared.settings import Settings
+from worker.worker import Worker
+
+RUN_ID = uuid.uuid4().hex[:10]
+_namespaces = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(PostgreSQL server URL, Redis URL)."""
+    with contextlib.ExitStack() as stack:
+        pg_url = os.environ.get("TEST_DATABASE_URL") or stack.enter_context(
+            embedded_postgres(tmp_path_factory.mktemp("postgres"))
+        )
+        redis_url = os.environ.get("TEST_REDIS_URL") or stack.enter_context(
+            embedded_redis(tmp_path_factory.mktemp("redis"))
+        )
+        yield pg_url, redis_url
+
+
+@pytest.fixture(scope="session")
+async def database_url(servers: tuple[str, str]) -> AsyncIterator[str]:
+    """A database of this run's own, migrated with Alembic, dropped at the end."""
+    name = f"wallet_test_{RUN_ID}"
+    admin = await asyncpg.connect(servers[0])
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = with_database(servers[0], name)
+        await asyncio.to_thread(migrate, url)
+        yield url
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def redis_url(servers: tuple[str, str]) -> AsyncIterator[str]:
+    """Every key this run writes starts with its prefix; they are deleted at the end."""
+    yield servers[1]
+    redis = Redis.from_url(servers[1])
+    async for key in redis.scan_iter(match=f"t{RUN_ID}-*", count=1000):
+        await redis.unlink(key)
+    await redis.aclose()
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str) -> Settings:
+    """Each test gets its own Redis namespace, so its workers see only its own queues."""
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_key_prefix=f"t{RUN_ID}-{next(_namespaces)}",
+        shard_count=8,
+        reply_timeout=30.0,
+        pg_pool_max=5,
+    )
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = open_redis(settings)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pg(settings: Settings) -> AsyncIterator[Any]:
+    """A pool of the test's own, apart from the ones the API and the worker use."""
+    pool = await open_pg_pool(settings)
+    yield pool
+    await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    redis = open_redis(settings, max_connections=settings.shard_count + 8)
+    pool = await open_pg_pool(settings, max_size=2)
+    worker = Worker(settings, redis, pool)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=10)
+        await pool.close()
+        await redis.aclose()
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[Worker]:
+    async with running_worker(settings) as w:
+        yield w
+
+
+AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def api(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient[Any, Any]:
+    """The API alone: operations wait in the queue until a worker runs."""
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def client(api: TestClient[Any, Any], worker: Worker) -> TestClient[Any, Any]:
+    """The API with a worker behind it."""
+    return api
+
+
+@pytest.fixture
+async def wallet(client: TestClient[Any, Any]) -> str:
+    response = await client.post("/api/v1/wallets")
+    assert response.status == 201
+    return str((await response.json())["id"])
+
+
+ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,62 @@
+"""Small helpers the tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+Client = TestClient[Any, Any]
+
+
+async def operate(
+    client: Client, wallet: str, kind: str, amount: Any, key: str | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POSTs one operation; returns (status, body, headers)."""
+    headers = {"Idempotency-Key": key} if key else {}
+    r = await client.post(
+        f"/api/v1/wallets/{wallet}/operation",
+        json={"operationType": kind, "amount": amount},
+        headers=headers,
+    )
+    return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Waits until `check()` is true, polling; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def ledger(pg: Any, wallet: str) -> list[Any]:
+    return await pg.fetch(  # type: ignore[no-any-return]
+        "SELECT id::text, seq, kind, amount, status, reason, balance_after FROM operations"
+        " WHERE wallet_id = $1 ORDER BY seq",
+        wallet,
+    )
+
+
+def replay_ledger(rows: list[Any]) -> int:
+    """Replays the ledger serially from a zero balance, checking every decision it recorded;
+    returns the final balance."""
+    balance = 0
+    for row in rows:
+        if row["kind"] == "DEPOSIT":
+            assert row["status"] == "applied", row
+            balance += row["amount"]
+        elif balance >= row["amount"]:
+            assert row["status"] == "applied", (row, balance)
+            balance -= row["amount"]
+        else:
+            assert (row["status"], row["reason"]) == ("rejected", "insufficient_funds"), row
+        assert row["balance_after"] == balance, (row, balance)
+        assert balance >= 0
+    return balance
