@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -14,7 +13,7 @@ from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", KeySpace)
-PG = web.AppKey("pg", Any)  # asyncpg.Pool: asyncpg ships no type hints
+PG = web.AppKey("pg", asyncpg.Pool)
 REDIS = web.AppKey("redis", Redis)
 REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", AsyncScript)

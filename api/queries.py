@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 WALLET_COLUMNS = "id::text, balance, created_at, updated_at"
@@ -20,7 +21,7 @@ async def get_wallet(conn: Any, wallet_id: str) -> Any:
     return await conn.fetchrow(f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = $1", wallet_id)
 
 
-async def list_wallets(conn: Any, limit: int, after: tuple[str, str] | None) -> list[Any]:
+async def list_wallets(conn: Any, limit: int, after: tuple[datetime, str] | None) -> list[Any]:
     """Newest first; `after` is the (created_at, id) of the last wallet of the previous page."""
     if after is None:
         return await conn.fetch(  # type: ignore[no-any-return]

@@ -66,5 +66,5 @@ class ReplyListener:
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))

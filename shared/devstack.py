@@ -30,7 +30,7 @@ def embedded_postgres(directory: Path) -> Iterator[str]:
 
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)  # as root, the server runs as its own user and must reach the data
-    server = ep.get_server(directory / "pgdata", cleanup_mode="stop")
+    server = ep.get_server(directory / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
     try:
         yield str(server.get_uri())
     finally:

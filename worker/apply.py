@@ -55,6 +55,10 @@ RETURNING w.id::text, w.balance
 """
 
 
+# The columns INSERT_OPERATIONS takes, in its order.
+ROW_FIELDS = ("wallet_id", "seq", "id", "kind", "amount", "status", "reason", "balance_after")
+
+
 class LedgerConflict(RuntimeError):
     """PostgreSQL disagrees with what the writer decided: another writer touched the wallet."""
 
@@ -148,16 +152,7 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
             else:
                 wallet.balance -= r.amount
             wallet.op_seq += 1
-            row = {
-                "seq": wallet.op_seq,
-                "kind": r.kind,
-                "amount": r.amount,
-                "status": APPLIED if reason is None else REJECTED,
-                "reason": reason,
-                "balance_after": wallet.balance,
-                "created_at": now,
-            }
-            recorded[(r.wallet_id, r.op_id)] = row
+            status = APPLIED if reason is None else REJECTED
             new_rows.append(
                 (
                     r.wallet_id,
@@ -165,11 +160,13 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
                     r.op_id,
                     r.kind,
                     r.amount,
-                    row["status"],
+                    status,
                     reason,
                     wallet.balance,
                 )
             )
+            row = dict(zip(ROW_FIELDS, new_rows[-1], strict=True), created_at=now)
+            recorded[(r.wallet_id, r.op_id)] = row
             outcomes.append(_outcome(r, row, replayed=False))
 
         if new_rows:

@@ -128,7 +128,7 @@ class Worker:
             self.active[w] = self.active.pop(w)
         streams = {self.keys.wallet_stream(w): self.active[w] for w in wallets}
         count = max(1, self.settings.batch_max // len(wallets))
-        read = await self.redis.xread(streams, count=count)
+        read: Any = await self.redis.xread(streams, count=count)  # type: ignore[arg-type]
 
         entries: list[Entry] = []
         wallet_of = dict(zip(streams, wallets, strict=True))
