@@ -35,9 +35,9 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
     replies = ReplyListener(redis, app[KEYS].reply_channel(uuid.uuid4().hex))
     app[REPLIES] = replies
     listening = asyncio.create_task(replies.run(), name="reply-listener")
-    # Serve as soon as replies can arrive; if Redis is down, operations get 503 until it is up.
+    # Serve once replies can arrive; if Redis is down, operations get 503 until it is up.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(replies.subscribed.wait(), timeout=5)
+        await asyncio.wait_for(replies.first_attempt_done.wait(), timeout=5)
     yield
     listening.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -23,6 +23,7 @@ class ReplyListener:
         self.redis = redis
         self.channel = channel
         self.subscribed = asyncio.Event()
+        self.first_attempt_done = asyncio.Event()
         self._waiting: dict[int, asyncio.Future[Outcome]] = {}
         self._tags = itertools.count(1)
 
@@ -55,6 +56,7 @@ class ReplyListener:
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
+                self.first_attempt_done.set()
                 failures = 0
                 while True:
                     message = await pubsub.get_message(timeout=None)
@@ -65,6 +67,7 @@ class ReplyListener:
                 log.warning("reply channel lost (%s); subscribing again", e)
             finally:
                 self.subscribed.clear()
+                self.first_attempt_done.set()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))

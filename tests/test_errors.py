@@ -1,0 +1,281 @@
+"""Every error a client can meet comes as problem+json with its status and type; no input
+of any kind gets a 5xx."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import uuid
+from typing import Any
+
+import pytest
+
+from api.app import create_app
+from shared.money import MAX_BALANCE_MINOR
+from shared.settings import Settings
+from tests.conftest import AiohttpClient
+from tests.helpers import Client, operate
+
+PROBLEM = "application/problem+json"
+
+
+async def problem_of(response: Any, status: int, kind: str) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == PROBLEM
+    body: dict[str, Any] = await response.json(content_type=PROBLEM)
+    assert body["type"] == f"urn:wallet-service:problem:{kind}"
+    assert body["status"] == status
+    assert body["title"]
+    return body
+
+
+def op_url(wallet: str) -> str:
+    return f"/api/v1/wallets/{wallet}/operation"
+
+
+async def test_operation_on_an_unknown_wallet_is_404(client: Client) -> None:
+    unknown = str(uuid.uuid4())
+    r = await client.post(op_url(unknown), json={"operationType": "DEPOSIT", "amount": 1})
+    await problem_of(r, 404, "wallet-not-found")
+    r = await client.post(
+        "/api/v1/wallet", json={"walletId": unknown, "operationType": "DEPOSIT", "amount": 1}
+    )
+    await problem_of(r, 404, "wallet-not-found")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/wallets/{}", "/api/v1/wallets/{}/operations"])
+@pytest.mark.parametrize("wallet", ["not-a-uuid", str(uuid.uuid4()), "1" * 300])
+async def test_unknown_or_malformed_wallet_ids_are_404(api: Client, path: str, wallet: str) -> None:
+    await problem_of(await api.get(path.format(wallet)), 404, "wallet-not-found")
+
+
+async def test_unknown_operation_is_404(client: Client, wallet: str) -> None:
+    for op in (str(uuid.uuid4()), "nope"):
+        r = await client.get(f"/api/v1/wallets/{wallet}/operations/{op}")
+        await problem_of(r, 404, "operation-not-found")
+
+
+async def test_overdraft_is_409_and_recorded_as_rejected(client: Client, wallet: str) -> None:
+    await operate(client, wallet, "DEPOSIT", "10.00")
+    r = await client.post(op_url(wallet), json={"operationType": "WITHDRAW", "amount": "10.01"})
+    body = await problem_of(r, 409, "insufficient-funds")
+    assert body["operation"]["status"] == "rejected"
+    assert body["operation"]["balance"] == "10.00"
+    follow = await client.get(r.headers["Location"])
+    assert (await follow.json())["reason"] == "insufficient_funds"
+
+
+async def test_a_deposit_past_the_balance_limit_is_409(
+    client: Client, wallet: str, pg: Any
+) -> None:
+    await pg.execute(
+        "UPDATE wallets SET balance = $2 WHERE id = $1", wallet, MAX_BALANCE_MINOR - 99
+    )
+    r = await client.post(op_url(wallet), json={"operationType": "DEPOSIT", "amount": "1.00"})
+    await problem_of(r, 409, "balance-limit")
+    status, body, _ = await operate(client, wallet, "DEPOSIT", "0.99")
+    assert status == 200
+    assert body["balance"] == "92233720368547758.07"
+
+
+async def test_wrong_content_type_is_415(api: Client) -> None:
+    r = await api.post(
+        op_url(str(uuid.uuid4())),
+        data=b'{"operationType": "DEPOSIT", "amount": 1}',
+        headers={"Content-Type": "text/plain"},
+    )
+    await problem_of(r, 415, "unsupported-media-type")
+
+
+async def test_a_large_body_is_413(api: Client) -> None:
+    body = b'{"operationType": "DEPOSIT", "amount": 1, "pad": "' + b"x" * 1_000_000 + b'"}'
+    r = await api.post(
+        op_url(str(uuid.uuid4())), data=body, headers={"Content-Type": "application/json"}
+    )
+    await problem_of(r, 413, "body-too-large")
+
+
+async def test_unknown_route_and_method(api: Client) -> None:
+    await problem_of(await api.get("/api/v1/nothing"), 404, "not-found")
+    r = await api.delete("/api/v1/wallets")
+    await problem_of(r, 405, "method-not-allowed")
+    assert "POST" in r.headers["Allow"]
+
+
+VALIDATION_CASES = [
+    ({"operationType": "TRANSFER", "amount": 1}, "operationType"),
+    ({"operationType": "deposit", "amount": 1}, "operationType"),
+    ({"operationType": None, "amount": 1}, "operationType"),
+    ({"amount": 1}, "operationType"),
+    ({"operationType": "DEPOSIT"}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": 0}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": -5}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": "1.005"}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": True}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": None}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": [1]}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": {"value": 1}}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": "ten"}, "amount"),
+    ({"operationType": "DEPOSIT", "amount": 1, "currency": "EUR"}, "currency"),
+    ({"operationType": "DEPOSIT", "operation_type": "DEPOSIT", "amount": 1}, "operationType"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), VALIDATION_CASES)
+async def test_invalid_operations_are_422_naming_the_field(
+    api: Client, body: dict[str, Any], field: str
+) -> None:
+    r = await api.post(op_url(str(uuid.uuid4())), json=body)
+    problem = await problem_of(r, 422, "validation-error")
+    assert problem["errors"][0]["field"] == field
+    assert problem["errors"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"operationType": "DEPOSIT", "amount": 1}, "walletId"),
+        ({"walletId": "nope", "operationType": "DEPOSIT", "amount": 1}, "walletId"),
+        ({"walletId": 7, "operationType": "DEPOSIT", "amount": 1}, "walletId"),
+    ],
+)
+async def test_the_original_form_validates_walletid(
+    api: Client, body: dict[str, Any], field: str
+) -> None:
+    problem = await problem_of(await api.post("/api/v1/wallet", json=body), 422, "validation-error")
+    assert problem["errors"][0]["field"] == field
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9"])
+async def test_bad_idempotency_keys_are_422(api: Client, key: str) -> None:
+    r = await api.post(
+        op_url(str(uuid.uuid4())),
+        json={"operationType": "DEPOSIT", "amount": 1},
+        headers={"Idempotency-Key": key},
+    )
+    problem = await problem_of(r, 422, "validation-error")
+    assert problem["errors"][0]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=101", "limit=abc", "cursor=%%%", "cursor=WzFd"]
+)
+async def test_bad_paging_is_422(api: Client, query: str) -> None:
+    await problem_of(await api.get(f"/api/v1/wallets?{query}"), 422, "validation-error")
+
+
+HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
+    ("not json", b"deposit 10", "application/json"),
+    ("empty", b"", "application/json"),
+    ("array", b'[{"operationType": "DEPOSIT", "amount": 1}]', "application/json"),
+    ("string", b'"DEPOSIT"', "application/json"),
+    ("null", b"null", "application/json"),
+    (
+        "huge integer",
+        b'{"operationType": "DEPOSIT", "amount": 1' + b"0" * 5000 + b"}",
+        "application/json",
+    ),
+    ("NaN", b'{"operationType": "DEPOSIT", "amount": NaN}', "application/json"),
+    ("Infinity", b'{"operationType": "DEPOSIT", "amount": Infinity}', "application/json"),
+    ("negative zero", b'{"operationType": "DEPOSIT", "amount": -0}', "application/json"),
+    ("negative zero float", b'{"operationType": "DEPOSIT", "amount": -0.0}', "application/json"),
+    ("1e400", b'{"operationType": "DEPOSIT", "amount": 1e400}', "application/json"),
+    ("1e-400", b'{"operationType": "DEPOSIT", "amount": 1e-400}', "application/json"),
+    ("three decimals", b'{"operationType": "DEPOSIT", "amount": "1.005"}', "application/json"),
+    ("three decimals number", b'{"operationType": "DEPOSIT", "amount": 0.001}', "application/json"),
+    (
+        "past float precision",
+        b'{"operationType": "DEPOSIT", "amount": 0.10000000000000000001}',
+        "application/json",
+    ),
+    (
+        "nested",
+        b'{"operationType": {"a": {"b": ["DEPOSIT"]}}, "amount": {"x": 1}}',
+        "application/json",
+    ),
+    ("deep nesting", b"[" * 5000 + b"]" * 5000, "application/json"),
+    (
+        "duplicate keys",
+        b'{"operationType": "DEPOSIT", "amount": 1, "amount": 2}',
+        "application/json",
+    ),
+    ("invalid utf-8", b'{"operationType": "DEP\xff\xfeOSIT", "amount": 1}', "application/json"),
+    (
+        "utf-16",
+        '{"operationType": "DEPOSIT", "amount": 1e999}'.encode("utf-16"),
+        "application/json",
+    ),
+    ("nul bytes", b'{"operationType": "DEPOSIT\x00", "amount": 1}', "application/json"),
+    ("1 MB", b'{"amount": "' + b"9" * 1_048_576 + b'"}', "application/json"),
+    ("form", b"operationType=DEPOSIT&amount=1", "application/x-www-form-urlencoded"),
+    ("xml", b"<op type='DEPOSIT' amount='1'/>", "application/xml"),
+    ("no content type", b'{"operationType": "DEPOSIT", "amount": 1}', ""),
+    ("multipart", b"--x\r\n\r\n--x--", "multipart/form-data; boundary=x"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [case[1:] for case in HOSTILE_BODIES],
+    ids=[case[0] for case in HOSTILE_BODIES],
+)
+@pytest.mark.parametrize("path", ["/api/v1/wallets/{}/operation", "/api/v1/wallet"])
+async def test_hostile_bodies_get_a_4xx_problem(
+    api: Client, body: bytes, content_type: str, path: str
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = await api.post(path.format(uuid.uuid4()), data=io.BytesIO(body), headers=headers)
+    assert 400 <= r.status < 500, (r.status, await r.text())
+    assert r.content_type == PROBLEM
+    assert "Traceback" not in await r.text()
+
+
+async def test_hostile_bodies_on_wallet_creation(api: Client) -> None:
+    for _, body, content_type in HOSTILE_BODIES:
+        r = await api.post(
+            "/api/v1/wallets", data=io.BytesIO(body), headers={"Content-Type": content_type}
+        )
+        assert 400 <= r.status < 500 or (r.status == 201 and body == b""), (r.status, body[:40])
+
+
+async def test_queue_over_its_bound_is_503_with_retry_after(
+    aiohttp_client: AiohttpClient, settings: Settings
+) -> None:
+    """No worker runs: the wallet's queue fills up and the next operation is refused."""
+    tight = dataclasses.replace(settings, wallet_queue_limit=3, reply_timeout=0.05)
+    api = await aiohttp_client(create_app(tight))
+    wallet = str(uuid.uuid4())
+    for _ in range(3):
+        status, body, headers = await operate(api, wallet, "DEPOSIT", 1)
+        assert status == 202
+        assert headers["Location"] == body["href"]
+    r = await api.post(op_url(wallet), json={"operationType": "DEPOSIT", "amount": 1})
+    await problem_of(r, 503, "queue-full")
+    assert r.headers["Retry-After"] == "1"
+
+
+async def test_redis_down_is_503_with_retry_after(
+    aiohttp_client: AiohttpClient, settings: Settings
+) -> None:
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    api = await aiohttp_client(create_app(down))
+    r = await api.post(op_url(str(uuid.uuid4())), json={"operationType": "DEPOSIT", "amount": 1})
+    await problem_of(r, 503, "dependency-unavailable")
+    assert r.headers["Retry-After"]
+    r = await api.get("/ready")
+    body = await problem_of(r, 503, "not-ready")
+    assert body["checks"]["redis"].startswith("unavailable")
+    assert body["checks"]["postgres"] == "ok"
+
+
+async def test_postgres_down_is_503_with_retry_after(
+    aiohttp_client: AiohttpClient, settings: Settings
+) -> None:
+    down = dataclasses.replace(settings, database_url="postgresql://postgres@127.0.0.1:1/none")
+    api = await aiohttp_client(create_app(down))
+    for request in (api.get(f"/api/v1/wallets/{uuid.uuid4()}"), api.post("/api/v1/wallets")):
+        r = await request
+        await problem_of(r, 503, "dependency-unavailable")
+        assert r.headers["Retry-After"]
+    body = await problem_of(await api.get("/ready"), 503, "not-ready")
+    assert body["checks"]["postgres"].startswith("unavailable")

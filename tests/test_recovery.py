@@ -1,0 +1,130 @@
+"""Nothing queued is lost, and nothing is applied twice, whatever the worker went through."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+
+from api.app import create_app
+from shared.codec import OperationRequest, decode_request, encode_request
+from shared.keys import KeySpace
+from shared.scripts import ENQUEUE
+from shared.settings import Settings
+from tests.conftest import AiohttpClient, running_worker
+from tests.helpers import Client, eventually, ledger, operate
+from worker.apply import Entry, apply_batch
+
+
+def keyspace(settings: Settings) -> KeySpace:
+    return KeySpace(settings.redis_key_prefix, settings.shard_count)
+
+
+async def new_wallet(pg: Any) -> str:
+    return str(
+        await pg.fetchval("INSERT INTO wallets (id) VALUES (gen_random_uuid()) RETURNING id")
+    )
+
+
+async def test_operations_queued_without_a_worker_are_applied_when_one_starts(
+    aiohttp_client: AiohttpClient, settings: Settings, pg: Any, redis: Redis
+) -> None:
+    impatient = dataclasses.replace(settings, reply_timeout=0.05)
+    api = await aiohttp_client(create_app(impatient))
+    wallet = await new_wallet(pg)
+    pending = []
+    for amount in (5, 7, 11):
+        status, body, headers = await operate(api, wallet, "DEPOSIT", amount)
+        assert status == 202
+        assert body["status"] == "pending"
+        pending.append(headers["Location"])
+    r = await api.get(pending[0])
+    assert (await r.json())["status"] == "pending"
+    keys = keyspace(settings)
+    stream = keys.wallet_stream(wallet)
+    assert await redis.xlen(stream) == 3  # what an operator sees with XRANGE
+
+    async with running_worker(settings):
+
+        async def all_applied() -> bool:
+            bodies = [await (await api.get(url)).json() for url in pending]
+            return all(b["status"] == "applied" for b in bodies)
+
+        await eventually(all_applied, what="the queued operations to be applied")
+        await eventually(lambda: _gone(redis, stream), what="the stream to be acknowledged")
+    assert not await redis.sismember(keys.dirty_set(keys.shard_of(wallet)), wallet)
+    r = await api.get(f"/api/v1/wallets/{wallet}")
+    assert (await r.json())["balance"] == "23.00"
+
+
+async def _gone(redis: Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def test_entries_committed_but_not_acknowledged_are_not_applied_again(
+    settings: Settings, pg: Any, redis: Redis
+) -> None:
+    """A worker died between COMMIT and trimming the stream: the next one reads the same
+    entries again and must recognise them."""
+    keys = keyspace(settings)
+    wallet = await new_wallet(pg)
+    shard = keys.shard_of(wallet)
+    stream = keys.wallet_stream(wallet)
+    requests = [
+        OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", 100 * (i + 1), "", 0)
+        for i in range(4)
+    ]
+    for r in requests:
+        await redis.xadd(stream, {"m": encode_request(r)})
+        await redis.sadd(keys.dirty_set(shard), wallet)
+    raw: Any = await redis.xrange(stream)
+    async with pg.acquire() as conn:
+        first = await apply_batch(
+            conn, [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]]
+        )
+    assert [o.replayed for o in first] == [False] * 3
+
+    async with running_worker(settings):
+        await eventually(lambda: _gone(redis, stream), what="the stream to be acknowledged")
+    rows = await ledger(pg, wallet)
+    assert [r["id"] for r in rows] == [r.op_id for r in requests]
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 1000
+
+
+async def test_an_undecodable_entry_does_not_block_its_wallet(
+    client: Client, wallet: str, settings: Settings, redis: Redis
+) -> None:
+    keys = keyspace(settings)
+    shard = keys.shard_of(wallet)
+    stream = keys.wallet_stream(wallet, shard)
+    enqueue = redis.register_script(ENQUEUE)
+    await enqueue(
+        keys=[stream, keys.dirty_set(shard), keys.notify_list(shard)],
+        args=[wallet, b"\x00not a message", 10],
+    )
+    status, body, _ = await operate(client, wallet, "DEPOSIT", 3)
+    assert status == 200
+    assert body["balance"] == "3.00"
+    await eventually(lambda: _gone(redis, stream), what="the stream to be acknowledged")
+
+
+async def test_a_stopped_worker_finishes_its_batch_and_answers(
+    api: Client, settings: Settings, pg: Any
+) -> None:
+    wallet = await new_wallet(pg)
+    async with running_worker(settings) as worker:
+        calls = [asyncio.create_task(operate(api, wallet, "DEPOSIT", 1)) for _ in range(200)]
+        await eventually(lambda: _positive(pg, wallet), what="the first operations to be applied")
+        worker.stop()
+    # Whatever the stopped worker did not read waits in the stream for the next one.
+    async with running_worker(settings):
+        results = await asyncio.gather(*calls)
+    assert {status for status, _, _ in results} == {200}
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 20_000
+
+
+async def _positive(pg: Any, wallet: str) -> bool:
+    return bool(await pg.fetchval("SELECT balance > 0 FROM wallets WHERE id = $1", wallet))
