@@ -5,19 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 
+from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
-from shared.schema import metadata
-
-
-def sqlalchemy_url(database_url: str) -> str:
-    scheme, sep, rest = database_url.partition("://")
-    if not sep or scheme not in ("postgres", "postgresql", "postgresql+asyncpg"):
-        raise ValueError("DATABASE_URL must be a postgresql:// URL")
-    return f"postgresql+asyncpg://{rest}"
+from shared.schema import metadata, sqlalchemy_url
 
 
 def database_url() -> str:

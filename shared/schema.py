@@ -67,3 +67,11 @@ operations = Table(
     CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
     CheckConstraint("(status = 'applied') = (reason IS NULL)", name="reason_only_when_rejected"),
 )
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """DATABASE_URL (postgresql://...) as SQLAlchemy's asyncpg dialect wants it."""
+    scheme, sep, rest = database_url.partition("://")
+    if not sep or scheme not in ("postgres", "postgresql", "postgresql+asyncpg"):
+        raise ValueError("DATABASE_URL must be a postgresql:// URL")
+    return f"postgresql+asyncpg://{rest}"

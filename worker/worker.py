@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
+from shared.connections import REDIS_SOCKET_TIMEOUT
 from shared.keys import KeySpace
 from shared.scripts import ACKNOWLEDGE, next_entry_id
 from shared.settings import Settings
@@ -115,7 +116,11 @@ class Worker:
                 if done < self.settings.batch_max and self.settings.batch_linger:
                     await asyncio.sleep(self.settings.batch_linger)
         finally:
-            for task in tasks:
+            # They see `stopping` within a BLPOP's wait; cancelling one inside a Redis call
+            # can leave redis-py's connection hanging, so that is only the last resort.
+            self.stopping.set()
+            _, late = await asyncio.wait(tasks, timeout=NOTIFY_WAIT + REDIS_SOCKET_TIMEOUT)
+            for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(RedisError, OSError):
@@ -197,7 +202,7 @@ class Worker:
     async def _listen(self, shard: int) -> None:
         key = self.keys.notify_list(shard)
         failures = 0
-        while True:
+        while not self.stopping.is_set():
             try:
                 popped = await self.redis.blpop([key], timeout=NOTIFY_WAIT)
                 if popped:
@@ -211,7 +216,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         ttl_ms = int(self.settings.worker_heartbeat_ttl * 1000)
-        while True:
+        while not self.stopping.is_set():
             now_ms = int(time.time() * 1000)
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -220,4 +225,5 @@ class Worker:
                     await pipe.execute()
             except (RedisError, OSError) as e:
                 log.warning("heartbeat failed (%s)", e)
-            await asyncio.sleep(self.settings.worker_heartbeat_ttl / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.settings.worker_heartbeat_ttl / 3)
