@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,11 +13,13 @@ from aiohttp import web
 from api.appkeys import ENQUEUE, KEYS, PG, REDIS, REPLIES, SETTINGS
 from api.handlers import routes
 from api.problems import problem_middleware
-from api.replies import ReplyListener
-from shared.connections import open_pg_pool, open_redis
+from api.replies import LISTEN_WAIT, ReplyListener
+from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE as ENQUEUE_SCRIPT
 from shared.settings import Settings
+
+log = logging.getLogger("api")
 
 # Every request body of this API is a small JSON object.
 MAX_BODY_BYTES = 16 * 1024
@@ -39,9 +42,12 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(replies.first_attempt_done.wait(), timeout=5)
     yield
-    listening.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listening
+    replies.close()
+    # Cancelling it inside a Redis read can hang; it sees close() within one read's wait.
+    try:
+        await asyncio.wait_for(listening, LISTEN_WAIT + REDIS_SOCKET_TIMEOUT)
+    except TimeoutError:
+        log.warning("the reply listener did not stop in time")
     await redis.aclose()
 
 

@@ -16,6 +16,7 @@ from shared.codec import MessageError, Outcome, decode_outcomes
 log = logging.getLogger("api.replies")
 
 RETRY_DELAY_MAX = 2.0
+LISTEN_WAIT = 0.2  # seconds one read waits, and so how soon close() is seen
 
 
 class ReplyListener:
@@ -24,6 +25,7 @@ class ReplyListener:
         self.channel = channel
         self.subscribed = asyncio.Event()
         self.first_attempt_done = asyncio.Event()
+        self.closing = asyncio.Event()
         self._waiting: dict[int, asyncio.Future[Outcome]] = {}
         self._tags = itertools.count(1)
 
@@ -49,17 +51,17 @@ class ReplyListener:
                 future.set_result(outcome)
 
     async def run(self) -> None:
-        """Listens until cancelled, subscribing again after a lost connection."""
+        """Listens until close(), subscribing again after a lost connection."""
         failures = 0
-        while True:
+        while not self.closing.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
                 self.first_attempt_done.set()
                 failures = 0
-                while True:
-                    message = await pubsub.get_message(timeout=None)
+                while not self.closing.is_set():
+                    message = await pubsub.get_message(timeout=LISTEN_WAIT)
                     if message is not None and message["type"] == "message":
                         self.dispatch(message["data"])
             except (RedisError, OSError) as e:
@@ -70,4 +72,11 @@ class ReplyListener:
                 self.first_attempt_done.set()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
+            if failures:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.closing.wait(), min(RETRY_DELAY_MAX, 0.05 * 2**failures)
+                    )
+
+    def close(self) -> None:
+        self.closing.set()
