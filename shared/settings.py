@@ -69,6 +69,10 @@ class Settings:
         settings.check()
         return settings
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that from_env() reads back as these settings."""
+        return {f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
     def check(self) -> None:
         positive = (
             "port",

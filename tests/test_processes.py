@@ -1,0 +1,73 @@
+"""The real entry points, `python -m api` and `python -m worker`, configured by environment."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shared.devstack import spawn
+from shared.settings import Settings
+from tests.helpers import eventually
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    served = dataclasses.replace(settings, host="127.0.0.1", port=free_port())
+    env = served.to_env()
+    processes = [spawn("worker", env), spawn("api", env)]
+    url = f"http://127.0.0.1:{served.port}"
+    try:
+        yield url, processes
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+async def test_api_and_worker_processes_serve_and_stop_cleanly(
+    service: tuple[str, list[subprocess.Popen[bytes]]],
+) -> None:
+    url, processes = service
+    async with aiohttp.ClientSession(url) as http:
+
+        async def ready() -> bool:
+            try:
+                async with http.get("/ready") as r:
+                    return r.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready, within=20, what="the service to be ready")
+        async with http.post("/api/v1/wallets") as r:
+            wallet = (await r.json())["id"]
+
+        async def deposit(n: int) -> Any:
+            async with http.post(
+                f"/api/v1/wallets/{wallet}/operation",
+                json={"operationType": "DEPOSIT", "amount": f"{n}.01"},
+            ) as r:
+                return r.status
+
+        assert set(await asyncio.gather(*(deposit(n) for n in range(100)))) == {200}
+        async with http.get(f"/api/v1/wallets/{wallet}") as r:
+            assert (await r.json())["balance"] == f"{sum(range(100)) + 1}.00"
+
+    for p in processes:
+        p.send_signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(asyncio.to_thread(p.wait, 15) for p in processes))
+    assert codes == [0, 0]
