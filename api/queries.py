@@ -12,9 +12,7 @@ OPERATION_COLUMNS = (
 
 
 async def create_wallet(conn: Any) -> Any:
-    return await conn.fetchrow(
-        f"INSERT INTO wallets (id) VALUES (gen_random_uuid()) RETURNING {WALLET_COLUMNS}"
-    )
+    return await conn.fetchrow(f"INSERT INTO wallets DEFAULT VALUES RETURNING {WALLET_COLUMNS}")
 
 
 async def get_wallet(conn: Any, wallet_id: str) -> Any:

@@ -34,7 +34,7 @@ metadata = MetaData(
 wallets = Table(
     "wallets",
     metadata,
-    Column("id", Uuid, primary_key=True),
+    Column("id", Uuid, primary_key=True, server_default=func.gen_random_uuid()),
     Column("balance", BigInteger, nullable=False, server_default="0"),
     # How many ledger rows the wallet has: the seq of its newest operation.
     Column("op_seq", BigInteger, nullable=False, server_default="0"),

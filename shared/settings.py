@@ -40,6 +40,9 @@ class Settings:
     # After a small batch, wait this long so the next one is fuller (group commit).
     batch_linger: float = 0.002
     worker_heartbeat_ttl: float = 10.0
+    # How often a worker reads its shards' dirty sets again, in case a wake-up was lost with a
+    # worker that died holding it.
+    worker_rescan_interval: float = 10.0
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -84,6 +87,7 @@ class Settings:
             "batch_max",
             "batch_wallets_max",
             "worker_heartbeat_ttl",
+            "worker_rescan_interval",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -24,9 +24,7 @@ def keyspace(settings: Settings) -> KeySpace:
 
 
 async def new_wallet(pg: Any) -> str:
-    return str(
-        await pg.fetchval("INSERT INTO wallets (id) VALUES (gen_random_uuid()) RETURNING id")
-    )
+    return str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
 
 
 async def test_operations_queued_without_a_worker_are_applied_when_one_starts(

@@ -27,6 +27,6 @@ async def test_migrated_database_matches_the_metadata(settings: Settings) -> Non
 
 
 async def test_the_database_refuses_a_negative_balance(pg: Any) -> None:
-    wallet = await pg.fetchval("INSERT INTO wallets (id) VALUES (gen_random_uuid()) RETURNING id")
+    wallet = await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id")
     with pytest.raises(asyncpg.CheckViolationError):
         await pg.execute("UPDATE wallets SET balance = -1 WHERE id = $1", wallet)

@@ -37,9 +37,6 @@ from worker.apply import Entry, LedgerConflict, apply_batch
 log = logging.getLogger("worker")
 
 START = "0-0"
-# A shard's dirty set is read again this often, in case a notification was lost with a
-# worker that popped it and died before reading the wallet.
-RESCAN_INTERVAL = 10.0
 NOTIFY_WAIT = 1  # seconds one BLPOP waits
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -67,6 +64,8 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         # wallet id -> the id of the last entry read from its stream
         self.active: dict[str, str] = {}
+        # wallets marked active while a round was under way
+        self.notified: set[str] = set()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.batches = 0
@@ -96,8 +95,10 @@ class Worker:
                         return
                     self.wakeup.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wakeup.wait(), RESCAN_INTERVAL)
-                if time.monotonic() - last_rescan > RESCAN_INTERVAL:
+                        await asyncio.wait_for(
+                            self.wakeup.wait(), self.settings.worker_rescan_interval
+                        )
+                if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
                     await self._rescan()
                     last_rescan = time.monotonic()
                 if not self.active:
@@ -129,20 +130,43 @@ class Worker:
     async def process_round(self) -> int:
         """Reads, commits, replies to and acknowledges one batch; returns its size."""
         wallets = list(self.active)[: self.settings.batch_wallets_max]
+        if not wallets:
+            return 0
         for w in wallets:  # the next round starts with the wallets this one did not reach
             self.active[w] = self.active.pop(w)
+        # A wallet notified from here on may have had its stream deleted by this round's
+        # acknowledgement and then started anew: it must stay active, read from the start.
+        self.notified.difference_update(wallets)
+        try:
+            entries, cursors = await self._read(wallets)
+            left = await self._commit_reply_acknowledge(entries, cursors)
+        except BaseException:
+            # How far the round got is unknown: read these wallets again from the start;
+            # operation ids keep what was committed from being applied twice.
+            for w in wallets:
+                self.active[w] = START
+            raise
+        for wallet, remaining in zip(wallets, left, strict=True):
+            if remaining:
+                self.active[wallet] = cursors[wallet]
+            elif wallet in self.notified:
+                self.active[wallet] = START
+            else:
+                del self.active[wallet]
+        return len(entries)
+
+    async def _read(self, wallets: list[str]) -> tuple[list[Entry], dict[str, str]]:
+        """The wallets' next entries, and each wallet's id of the last entry read."""
         streams = {self.keys.wallet_stream(w): self.active[w] for w in wallets}
         count = max(1, self.settings.batch_max // len(wallets))
         read: Any = await self.redis.xread(streams, count=count)  # type: ignore[arg-type]
-
-        entries: list[Entry] = []
         wallet_of = dict(zip(streams, wallets, strict=True))
         cursors = {w: self.active[w] for w in wallets}
+        entries: list[Entry] = []
         for stream, items in read:
             wallet = wallet_of[stream.decode()]
-            for entry_id, fields in items:
-                entry_id = entry_id.decode()
-                cursors[wallet] = entry_id
+            for raw_id, fields in items:
+                entry_id = cursors[wallet] = raw_id.decode()
                 try:
                     request = decode_request(fields[b"m"])
                 except (MessageError, KeyError) as e:
@@ -150,46 +174,48 @@ class Worker:
                     continue
                 if request.wallet_id != wallet:
                     log.error(
-                        "dropping entry %s: it names wallet %s, not %s",
+                        "dropping entry %s of wallet %s: it names wallet %s",
                         entry_id,
-                        request.wallet_id,
                         wallet,
+                        request.wallet_id,
                     )
                     continue
                 entries.append(Entry(entry_id, request))
+        return entries, cursors
 
+    async def _commit_reply_acknowledge(
+        self, entries: list[Entry], cursors: dict[str, str]
+    ) -> list[int]:
+        """Commits the entries, publishes their outcomes, then trims what was read; returns
+        how many entries each wallet's stream has left, in the order of `cursors`."""
         outcomes: list[Outcome] = []
         if entries:
             async with self.pool.acquire() as conn:
                 outcomes = await apply_batch(conn, entries)
             self.batches += 1
             self.operations += len(entries)
-
+        by_channel: dict[str, list[Outcome]] = defaultdict(list)
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            if entry.request.reply_to:
+                by_channel[entry.request.reply_to].append(outcome)
         async with self.redis.pipeline(transaction=False) as pipe:
-            by_channel: dict[str, list[Outcome]] = defaultdict(list)
-            for entry, outcome in zip(entries, outcomes, strict=True):
-                if entry.request.reply_to:
-                    by_channel[entry.request.reply_to].append(outcome)
             for channel, replies in by_channel.items():
                 pipe.publish(channel, encode_outcomes(replies))
-            for stream, wallet in wallet_of.items():
+            for wallet, cursor in cursors.items():
+                shard = self.keys.shard_of(wallet)
                 await self._acknowledge(
-                    keys=[stream, self.keys.dirty_set(self.keys.shard_of(wallet))],
-                    args=[wallet, next_entry_id(cursors[wallet])],
+                    keys=[self.keys.wallet_stream(wallet, shard), self.keys.dirty_set(shard)],
+                    args=[wallet, next_entry_id(cursor)],
                     client=pipe,
                 )
             results = await pipe.execute()
-        left = results[len(by_channel) :]
-        for wallet, remaining in zip(wallets, left, strict=True):
-            if remaining == 0:
-                self.active.pop(wallet, None)
-            else:
-                self.active[wallet] = cursors[wallet]
-        return len(entries)
+        return [int(n) for n in results[len(by_channel) :]]
 
     def _mark_active(self, wallet_ids: Iterable[bytes | str]) -> None:
-        for w in wallet_ids:
-            self.active.setdefault(w.decode() if isinstance(w, bytes) else w, START)
+        for raw in wallet_ids:
+            w = raw.decode() if isinstance(raw, bytes) else raw
+            self.active.setdefault(w, START)
+            self.notified.add(w)
         self.wakeup.set()
 
     async def _rescan(self) -> None:

@@ -19,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "wallets",
-        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("id", sa.Uuid(), server_default=sa.text("gen_random_uuid()"), nullable=False),
         sa.Column("balance", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("op_seq", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("applied_entry", sa.Text(), nullable=True),

@@ -1,0 +1,68 @@
+"""The worker's bookkeeping of which wallets have work, at the moments where it can slip."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.codec import OperationRequest, encode_request
+from shared.connections import open_pg_pool
+from shared.keys import KeySpace
+from shared.scripts import ENQUEUE
+from shared.settings import Settings
+from worker.worker import START, Worker
+
+
+async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
+    settings: Settings, pg: Any, redis: Redis
+) -> None:
+    """A batch empties the wallet's stream, which deletes it; before the worker has looked
+    at the acknowledgement's result, a new operation starts the stream anew and its wake-up
+    reaches the worker. The wallet must stay active, read from the start of the new stream."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+    shard = keys.shard_of(wallet)
+    enqueue_script = redis.register_script(ENQUEUE)
+
+    async def enqueue(minor: int) -> None:
+        request = OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", minor, "", 0)
+        await enqueue_script(
+            keys=[
+                keys.wallet_stream(wallet, shard),
+                keys.dirty_set(shard),
+                keys.notify_list(shard),
+            ],
+            args=[wallet, encode_request(request), 100],
+        )
+
+    async def deliver_wake_ups() -> None:  # what the shard's listener does
+        popped: Any = await redis.lpop(keys.notify_list(shard), 100)
+        worker._mark_active(popped or [])
+
+    pool = await open_pg_pool(settings, max_size=1)
+    worker = Worker(settings, redis, pool, shards=[shard])
+    try:
+        await enqueue(100)
+        await deliver_wake_ups()
+        acknowledge = worker._commit_reply_acknowledge
+
+        async def refill_after_acknowledging(*args: Any) -> list[int]:
+            left = await acknowledge(*args)
+            await enqueue(200)
+            await deliver_wake_ups()
+            return left
+
+        worker._commit_reply_acknowledge = refill_after_acknowledging  # type: ignore[method-assign,assignment]
+        assert await worker.process_round() == 1
+        assert worker.active == {wallet: START}
+
+        worker._commit_reply_acknowledge = acknowledge  # type: ignore[method-assign]
+        assert await worker.process_round() == 1
+        assert worker.active == {}
+    finally:
+        await pool.close()
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 300
+    assert not await redis.exists(keys.wallet_stream(wallet, shard))
+    assert not await redis.sismember(keys.dirty_set(shard), wallet)
