@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import queries
 from api.appkeys import ENQUEUE, KEYS, OPERATION_ID, PG, REDIS, REPLIES, SETTINGS
@@ -43,6 +44,8 @@ from shared.codec import (
 from shared.money import format_minor
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+QUEUE_SCAN_CHUNK = 500
 routes = web.RouteTableDef()
 
 
@@ -128,6 +131,15 @@ def outcome_response(o: Outcome) -> web.Response:
     return response
 
 
+def pending_response(wallet_id: str, op_id: str) -> web.Response:
+    url = operation_url(wallet_id, op_id)
+    return json_response(
+        {"id": op_id, "wallet_id": wallet_id, "status": "pending", "href": url},
+        status=202,
+        headers={"Location": url},
+    )
+
+
 async def submit_operation(
     request: web.Request, wallet_id: str, kind: str, amount: int
 ) -> web.Response:
@@ -145,14 +157,18 @@ async def submit_operation(
         message = encode_request(
             OperationRequest(op_id, wallet_id, kind, amount, replies.channel, tag)
         )
-        entry = await app[ENQUEUE](
-            keys=[
-                keys.wallet_stream(wallet_id, shard),
-                keys.dirty_set(shard),
-                keys.notify_list(shard),
-            ],
-            args=[wallet_id, message, settings.wallet_queue_limit],
-        )
+        try:
+            entry = await app[ENQUEUE](
+                keys=[
+                    keys.wallet_stream(wallet_id, shard),
+                    keys.dirty_set(shard),
+                    keys.notify_list(shard),
+                ],
+                args=[wallet_id, message, settings.wallet_queue_limit],
+            )
+        except RedisTimeoutError:
+            # Redis may have queued it: the operation's URL will tell.
+            return pending_response(wallet_id, op_id)
         if entry is None:
             raise errors.QueueFull(
                 f"More than {settings.wallet_queue_limit} operations are queued for this "
@@ -162,12 +178,7 @@ async def submit_operation(
             async with asyncio.timeout(settings.reply_timeout):
                 return outcome_response(await outcome)
         except TimeoutError:
-            url = operation_url(wallet_id, op_id)
-            return json_response(
-                {"id": op_id, "wallet_id": wallet_id, "status": "pending", "href": url},
-                status=202,
-                headers={"Location": url},
-            )
+            return pending_response(wallet_id, op_id)
     finally:
         replies.forget(tag)
 
@@ -207,22 +218,19 @@ async def list_wallets(request: web.Request) -> web.Response:
     after = None
     if cursor is not None:
         micros, last_id = cursor
-        after = (datetime.fromtimestamp(micros / 1e6, UTC), wallet_id_or_invalid(last_id))
+        try:
+            after = (EPOCH + timedelta(microseconds=micros), wallet_id_from_path(last_id))
+        except (OverflowError, errors.WalletNotFound):
+            raise errors.InvalidInput("cursor", "is not a cursor this API returned") from None
     async with request.app[PG].acquire() as conn:
         rows = await queries.list_wallets(conn, limit, after)
     next_cursor = None
     if len(rows) == limit:
         last = rows[-1]
-        micros = round(last["created_at"].timestamp() * 1e6)
+        # Exact microseconds: a float would round some and skip or repeat wallets.
+        micros = (last["created_at"] - EPOCH) // timedelta(microseconds=1)
         next_cursor = encode_cursor(micros, last["id"])
     return json_response({"items": [wallet_body(r) for r in rows], "next_cursor": next_cursor})
-
-
-def wallet_id_or_invalid(raw: str) -> str:
-    try:
-        return wallet_id_from_path(raw)
-    except errors.WalletNotFound:
-        raise errors.InvalidInput("cursor", "is not a cursor this API returned") from None
 
 
 @routes.get("/api/v1/wallets/{wallet_id}")
@@ -262,31 +270,37 @@ async def get_operation(request: web.Request) -> web.Response:
         op_id = wallet_id_from_path(raw_id)
     except errors.WalletNotFound:
         raise errors.OperationNotFound(f"No operation has the id {raw_id!r}") from None
+    # The stream first: an entry leaves it only after its COMMIT, so in this order an
+    # operation is always found in one place or the other.
+    queued = await is_queued(request.app, wallet_id, op_id)
     async with request.app[PG].acquire() as conn:
         row = await queries.get_operation(conn, wallet_id, op_id)
-        if row is None and await queries.get_wallet(conn, wallet_id) is None:
+        if row is None and not queued and await queries.get_wallet(conn, wallet_id) is None:
             raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
     if row is not None:
         return json_response(operation_body(outcome_from_row(row)))
-    if await is_queued(request.app, wallet_id, op_id):
-        return json_response(
-            {
-                "id": op_id,
-                "wallet_id": wallet_id,
-                "status": "pending",
-                "href": operation_url(wallet_id, op_id),
-            }
-        )
+    if queued:
+        response = pending_response(wallet_id, op_id)
+        response.set_status(200)
+        return response
     raise errors.OperationNotFound(f"Wallet {wallet_id} has no operation {op_id}")
 
 
 async def is_queued(app: web.Application, wallet_id: str, op_id: str) -> bool:
-    entries: Any = await app[REDIS].xrange(app[KEYS].wallet_stream(wallet_id))
-    for _, fields in entries:
-        with contextlib.suppress(MessageError, KeyError):
-            if decode_request(fields[b"m"]).op_id == op_id:
-                return True
-    return False
+    """Whether the wallet's stream holds the operation. Reads it in chunks and decodes only
+    the messages that hold the id's bytes."""
+    stream, needle, start = app[KEYS].wallet_stream(wallet_id), op_id.encode(), "-"
+    while True:
+        chunk: Any = await app[REDIS].xrange(stream, min=start, count=QUEUE_SCAN_CHUNK)
+        for _, fields in chunk:
+            message = fields.get(b"m", b"")
+            if needle in message:
+                with contextlib.suppress(MessageError):
+                    if decode_request(message).op_id == op_id:
+                        return True
+        if len(chunk) < QUEUE_SCAN_CHUNK:
+            return False
+        start = "(" + chunk[-1][0].decode()
 
 
 @routes.get("/health")

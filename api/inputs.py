@@ -121,7 +121,7 @@ def page_limit(request: web.Request) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return PAGE_LIMIT_DEFAULT
-    if not raw.isdigit() or not 1 <= int(raw) <= PAGE_LIMIT_MAX:
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= PAGE_LIMIT_MAX:
         raise InvalidInput("limit", f"must be a whole number from 1 to {PAGE_LIMIT_MAX}")
     return int(raw)
 
@@ -131,7 +131,8 @@ def encode_cursor(*position: Any) -> str:
 
 
 def decode_cursor(request: web.Request, *types: type) -> list[Any] | None:
-    """The position a `next_cursor` stood for, checked to hold values of `types`."""
+    """The position a `next_cursor` stood for, checked to hold values of `types` (integers
+    within a BIGINT, positive)."""
     raw = request.query.get("cursor")
     if raw is None:
         return None
@@ -143,6 +144,7 @@ def decode_cursor(request: web.Request, *types: type) -> list[Any] | None:
         isinstance(position, list)
         and len(position) == len(types)
         and all(type(v) is t for v, t in zip(position, types, strict=True))
+        and all(0 < v < 2**63 for v in position if type(v) is int)
     ):
         raise InvalidInput("cursor", "is not a cursor this API returned")
     return position

@@ -48,10 +48,13 @@ HTTP_PROBLEMS = {
 DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica after a failover
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached under noeviction
     asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.TooManyConnectionsError,
+    asyncpg.ReadOnlySQLTransactionError,  # a standby
+    asyncpg.QueryCanceledError,  # statement timeout
     OSError,
     TimeoutError,
 )

@@ -19,6 +19,8 @@ def open_redis(settings: Settings, *, max_connections: int | None = None) -> Red
         timeout=REDIS_SOCKET_TIMEOUT,
         socket_timeout=REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=2.0,
+        # TCP keepalive notices a peer that vanished without closing (unix sockets have none).
+        **({} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections

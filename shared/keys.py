@@ -34,6 +34,10 @@ class KeySpace:
         """Ids of wallets that have just become dirty: what wakes the shard's owner."""
         return f"{self.prefix}:n:{{{shard}}}"
 
+    def dead_letters(self, shard: int) -> str:
+        """Stream of the shard's entries that could not be decoded, kept for an operator."""
+        return f"{self.prefix}:dead:{{{shard}}}"
+
     def reply_channel(self, api_id: str) -> str:
         """Pub/sub channel of one API process: workers publish outcomes there."""
         return f"{self.prefix}:r:{api_id}"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from api.app import create_app
+from api.inputs import encode_cursor
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
 from tests.conftest import AiohttpClient
@@ -157,11 +158,34 @@ async def test_bad_idempotency_keys_are_422(api: Client, key: str) -> None:
     assert problem["errors"][0]["field"] == "Idempotency-Key"
 
 
+def cursor(*position: object) -> str:
+    return encode_cursor(*position)
+
+
 @pytest.mark.parametrize(
-    "query", ["limit=0", "limit=101", "limit=abc", "cursor=%%%", "cursor=WzFd"]
+    "query",
+    [
+        "limit=0",
+        "limit=101",
+        "limit=abc",
+        "limit=%C2%B2",  # a digit to str.isdigit(), not to int()
+        "cursor=%%%",
+        "cursor=WzFd",
+        f"cursor={cursor(10**400, str(uuid.uuid4()))}",
+        f"cursor={cursor(-(10**17), str(uuid.uuid4()))}",
+        f"cursor={cursor(2**62, str(uuid.uuid4()))}",
+        f"cursor={cursor(1, 'not-a-uuid')}",
+        f"cursor={cursor(True, str(uuid.uuid4()))}",
+    ],
 )
-async def test_bad_paging_is_422(api: Client, query: str) -> None:
+async def test_bad_paging_of_wallets_is_422(api: Client, query: str) -> None:
     await problem_of(await api.get(f"/api/v1/wallets?{query}"), 422, "validation-error")
+
+
+@pytest.mark.parametrize("position", [2**64, 0, -1, 1.5, "1"])
+async def test_bad_paging_of_history_is_422(api: Client, position: object) -> None:
+    url = f"/api/v1/wallets/{uuid.uuid4()}/operations?cursor={cursor(position)}"
+    await problem_of(await api.get(url), 422, "validation-error")
 
 
 HOSTILE_BODIES: list[tuple[str, bytes, str]] = [

@@ -107,6 +107,10 @@ async def test_an_undecodable_entry_does_not_block_its_wallet(
     assert status == 200
     assert body["balance"] == "3.00"
     await eventually(lambda: _gone(redis, stream), what="the stream to be acknowledged")
+    letters: Any = await redis.xrange(keys.dead_letters(shard))  # kept for an operator
+    [(_, letter)] = letters
+    assert letter[b"wallet"].decode() == wallet
+    assert letter[b"m"] == b"\x00not a message"
 
 
 async def test_a_stopped_worker_finishes_its_batch_and_answers(

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -40,6 +42,14 @@ START = "0-0"
 NOTIFY_WAIT = 1  # seconds one BLPOP waits
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    wallet_id: str
+    entry_id: str
+    message: bytes
+    error: str
 
 
 def new_worker_id() -> str:
@@ -79,31 +89,29 @@ class Worker:
 
     async def run(self, *, burst: bool = False) -> None:
         """Works until stop(); with burst=True, until nothing is queued, then returns."""
-        await self._rescan()
         tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
         if not burst:
             tasks += [
                 asyncio.create_task(self._listen(shard), name=f"listen-{shard}")
                 for shard in self.shards
             ]
-        last_rescan = time.monotonic()
+        last_rescan = -math.inf
         failures = 0
         try:
             while not self.stopping.is_set():
-                if not self.active:
-                    if burst:
-                        return
-                    self.wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            self.wakeup.wait(), self.settings.worker_rescan_interval
-                        )
-                if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
-                    await self._rescan()
-                    last_rescan = time.monotonic()
-                if not self.active:
-                    continue
                 try:
+                    if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
+                        await self._rescan()
+                        last_rescan = time.monotonic()
+                    if not self.active:
+                        if burst:
+                            return
+                        self.wakeup.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(
+                                self.wakeup.wait(), self.settings.worker_rescan_interval
+                            )
+                        continue
                     done = await self.process_round()
                     failures = 0
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS, LedgerConflict) as e:
@@ -138,8 +146,8 @@ class Worker:
         # acknowledgement and then started anew: it must stay active, read from the start.
         self.notified.difference_update(wallets)
         try:
-            entries, cursors = await self._read(wallets)
-            left = await self._commit_reply_acknowledge(entries, cursors)
+            entries, cursors, dead = await self._read(wallets)
+            left = await self._commit_reply_acknowledge(entries, cursors, dead)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
@@ -155,39 +163,54 @@ class Worker:
                 del self.active[wallet]
         return len(entries)
 
-    async def _read(self, wallets: list[str]) -> tuple[list[Entry], dict[str, str]]:
-        """The wallets' next entries, and each wallet's id of the last entry read."""
-        streams = {self.keys.wallet_stream(w): self.active[w] for w in wallets}
+    async def _read(
+        self, wallets: list[str]
+    ) -> tuple[list[Entry], dict[str, str], list[DeadLetter]]:
+        """The wallets' next entries; each wallet's id of the last entry read; and the
+        entries that cannot be applied, for the shard's dead-letter stream."""
         count = max(1, self.settings.batch_max // len(wallets))
-        read: Any = await self.redis.xread(streams, count=count)  # type: ignore[arg-type]
-        wallet_of = dict(zip(streams, wallets, strict=True))
+        wallet_of: dict[str, str] = {}
+        by_shard: dict[int, dict[str, str]] = defaultdict(dict)
+        for w in wallets:
+            shard = self.keys.shard_of(w)
+            stream = self.keys.wallet_stream(w, shard)
+            wallet_of[stream] = w
+            by_shard[shard][stream] = self.active[w]
+        # One XREAD per shard: the streams of one XREAD must share a Redis Cluster slot.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for streams in by_shard.values():
+                pipe.xread(streams, count=count)  # type: ignore[arg-type]
+            replies: Any = await pipe.execute()
         cursors = {w: self.active[w] for w in wallets}
         entries: list[Entry] = []
-        for stream, items in read:
-            wallet = wallet_of[stream.decode()]
-            for raw_id, fields in items:
-                entry_id = cursors[wallet] = raw_id.decode()
-                try:
-                    request = decode_request(fields[b"m"])
-                except (MessageError, KeyError) as e:
-                    log.error("dropping entry %s of wallet %s: %s", entry_id, wallet, e)
-                    continue
-                if request.wallet_id != wallet:
-                    log.error(
-                        "dropping entry %s of wallet %s: it names wallet %s",
-                        entry_id,
-                        wallet,
-                        request.wallet_id,
-                    )
-                    continue
-                entries.append(Entry(entry_id, request))
-        return entries, cursors
+        dead: list[DeadLetter] = []
+        for reply in replies:
+            for stream, items in reply or []:
+                wallet = wallet_of[stream.decode()]
+                for raw_id, fields in items:
+                    entry_id = cursors[wallet] = raw_id.decode()
+                    try:
+                        request = decode_request(fields[b"m"])
+                        if request.wallet_id != wallet:
+                            raise MessageError(f"it names wallet {request.wallet_id}")
+                    except (MessageError, KeyError) as e:
+                        log.error(
+                            "entry %s of wallet %s goes to the dead letters: %s",
+                            entry_id,
+                            wallet,
+                            e,
+                        )
+                        dead.append(DeadLetter(wallet, entry_id, fields.get(b"m", b""), str(e)))
+                        continue
+                    entries.append(Entry(entry_id, request))
+        return entries, cursors, dead
 
     async def _commit_reply_acknowledge(
-        self, entries: list[Entry], cursors: dict[str, str]
+        self, entries: list[Entry], cursors: dict[str, str], dead: list[DeadLetter]
     ) -> list[int]:
-        """Commits the entries, publishes their outcomes, then trims what was read; returns
-        how many entries each wallet's stream has left, in the order of `cursors`."""
+        """Commits the entries, publishes their outcomes, keeps the dead letters, then trims
+        what was read; returns how many entries each wallet's stream has left, in the order
+        of `cursors`."""
         outcomes: list[Outcome] = []
         if entries:
             async with self.pool.acquire() as conn:
@@ -201,6 +224,16 @@ class Worker:
         async with self.redis.pipeline(transaction=False) as pipe:
             for channel, replies in by_channel.items():
                 pipe.publish(channel, encode_outcomes(replies))
+            for letter in dead:
+                pipe.xadd(
+                    self.keys.dead_letters(self.keys.shard_of(letter.wallet_id)),
+                    {
+                        "wallet": letter.wallet_id,
+                        "entry": letter.entry_id,
+                        "m": letter.message,
+                        "error": letter.error,
+                    },
+                )
             for wallet, cursor in cursors.items():
                 shard = self.keys.shard_of(wallet)
                 await self._acknowledge(
@@ -209,7 +242,7 @@ class Worker:
                     client=pipe,
                 )
             results = await pipe.execute()
-        return [int(n) for n in results[len(by_channel) :]]
+        return [int(n) for n in results[len(by_channel) + len(dead) :]]
 
     def _mark_active(self, wallet_ids: Iterable[bytes | str]) -> None:
         for raw in wallet_ids:

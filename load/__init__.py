@@ -1,0 +1,1 @@
+"""Load tests and the benchmark. Not part of the service."""

@@ -1,0 +1,124 @@
+"""The row-lock reference: the usual design of this API, for the benchmark to compare with.
+
+One asyncpg transaction per operation (SELECT ... FOR UPDATE, UPDATE, INSERT), behind the
+same HTTP shape as the service, on the same tables. It is lean on purpose (aiohttp,
+asyncpg, uvloop, orjson, no ORM), so the comparison is of designs, not of frameworks.
+Run: DATABASE_URL=... PORT=8001 python -m load.rowlock
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import uvloop
+from aiohttp import web
+
+from api.inputs import operation_fields, read_json_object
+from shared.errors import InvalidInput
+from shared.money import format_minor
+
+POOL = web.AppKey("pool", asyncpg.Pool)
+routes = web.RouteTableDef()
+
+
+def reply(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+@routes.post("/api/v1/wallets")
+async def create_wallet(request: web.Request) -> web.Response:
+    wallet_id = await request.app[POOL].fetchval(
+        "INSERT INTO wallets DEFAULT VALUES RETURNING id::text"
+    )
+    return reply({"id": wallet_id, "balance": "0.00"}, status=201)
+
+
+@routes.get("/api/v1/wallets/{wallet_id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    row = await request.app[POOL].fetchrow(
+        "SELECT id::text, balance FROM wallets WHERE id = $1", request.match_info["wallet_id"]
+    )
+    if row is None:
+        return reply({"status": 404}, status=404)
+    return reply({"id": row["id"], "balance": format_minor(row["balance"])})
+
+
+@routes.post("/api/v1/wallets/{wallet_id}/operation")
+async def operate(request: web.Request) -> web.Response:
+    wallet_id = request.match_info["wallet_id"]
+    try:
+        kind, amount = operation_fields(
+            await read_json_object(request), frozenset({"operationType", "amount"})
+        )
+    except InvalidInput as e:
+        return reply({"status": 422, "detail": e.detail}, status=422)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT balance, op_seq FROM wallets WHERE id = $1 FOR UPDATE", wallet_id
+        )
+        if row is None:
+            return reply({"status": 404}, status=404)
+        balance, seq = row["balance"], row["op_seq"] + 1
+        if kind == "WITHDRAW" and balance < amount:
+            status, reason = "rejected", "insufficient_funds"
+        else:
+            balance += amount if kind == "DEPOSIT" else -amount
+            status, reason = "applied", None
+        await conn.execute(
+            "UPDATE wallets SET balance = $2, op_seq = $3, updated_at = now() WHERE id = $1",
+            wallet_id,
+            balance,
+            seq,
+        )
+        op_id = str(uuid.uuid4())
+        await conn.execute(
+            "INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason,"
+            " balance_after) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            wallet_id,
+            seq,
+            op_id,
+            kind,
+            amount,
+            status,
+            reason,
+            balance,
+        )
+    body = {
+        "id": op_id,
+        "operation_type": kind,
+        "amount": format_minor(amount),
+        "balance": format_minor(balance),
+        "status": status,
+    }
+    return reply(body, status=200 if status == "applied" else 409)
+
+
+async def pool(app: web.Application) -> AsyncIterator[None]:
+    app[POOL] = await asyncpg.create_pool(
+        os.environ["DATABASE_URL"], min_size=1, max_size=int(os.environ.get("PG_POOL_MAX", "10"))
+    )
+    yield
+    await app[POOL].close()
+
+
+def main() -> None:
+    app = web.Application()
+    app.add_routes(routes)
+    app.cleanup_ctx.append(pool)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=int(os.environ.get("PORT", "8001")),
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
+
+
+if __name__ == "__main__":
+    main()
