@@ -4,6 +4,8 @@ consistent. Each touches keys of one shard only (one hash tag), so it runs on Re
 
 from __future__ import annotations
 
+import hashlib
+
 # KEYS: wallet stream, shard dirty set, shard notification list
 # ARGV: wallet id, encoded operation, queue limit
 # Appends the operation unless the wallet's queue is full; a wallet that had nothing queued
@@ -33,6 +35,14 @@ if left == 0 then
 end
 return left
 """
+
+
+def sha(script: str) -> str:
+    """The id EVALSHA knows a script by."""
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+ACKNOWLEDGE_SHA = sha(ACKNOWLEDGE)
 
 
 def next_entry_id(entry_id: str) -> str:

@@ -62,6 +62,7 @@ async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
         assert await worker.process_round() == 1
         assert worker.active == {}
     finally:
+        await worker.close()
         await pool.close()
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 300
     assert not await redis.exists(keys.wallet_stream(wallet, shard))

@@ -25,37 +25,40 @@ from shared.codec import (
 )
 from shared.money import MAX_BALANCE_MINOR
 
+# Locks the batch's wallets and, in the same round trip, finds the operations among the
+# batch's ids that they recorded before (redelivered entries, retried Idempotency-Keys):
+# one row per such operation, or one row with op_id NULL for a wallet that has none.
 LOCK_WALLETS = """
-SELECT id::text, balance, op_seq, now() AS now
-FROM wallets WHERE id = any($1::uuid[])
-ORDER BY id
-FOR UPDATE
+WITH locked AS (
+    SELECT id, balance, op_seq FROM wallets WHERE id = any($1::uuid[]) ORDER BY id FOR UPDATE
+)
+SELECT l.id::text AS wallet_id, l.balance AS wallet_balance, l.op_seq, now() AS now,
+       o.id::text AS op_id, o.seq, o.kind, o.amount, o.status, o.reason, o.balance_after,
+       o.created_at
+FROM locked l
+LEFT JOIN (
+    unnest($2::uuid[], $3::uuid[]) AS k(wallet_id, id)
+    JOIN operations o ON o.wallet_id = k.wallet_id AND o.id = k.id
+) ON o.wallet_id = l.id
 """
 
-FIND_OPERATIONS = """
-SELECT o.wallet_id::text, o.id::text, o.seq, o.kind, o.amount, o.status, o.reason,
-       o.balance_after, o.created_at
-FROM operations o
-JOIN unnest($1::uuid[], $2::uuid[]) AS k(wallet_id, id)
-  ON o.wallet_id = k.wallet_id AND o.id = k.id
-"""
-
-INSERT_OPERATIONS = """
-INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after)
-SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
-                     $6::text[], $7::text[], $8::bigint[])
-"""
-
-UPDATE_WALLETS = """
+# One statement, so one round trip: the new ledger rows, then every wallet's balance (moved
+# by the batch's net delta), ledger length and applied stream position.
+RECORD_BATCH = """
+WITH recorded AS (
+    INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after)
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
+                         $6::text[], $7::text[], $8::bigint[])
+)
 UPDATE wallets AS w
 SET balance = w.balance + v.delta, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
-FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[]) AS v(id, delta, op_seq, entry)
+FROM unnest($9::uuid[], $10::bigint[], $11::bigint[], $12::text[]) AS v(id, delta, op_seq, entry)
 WHERE w.id = v.id
 RETURNING w.id::text, w.balance
 """
 
 
-# The columns INSERT_OPERATIONS takes, in its order.
+# The ledger columns RECORD_BATCH takes, in its order.
 ROW_FIELDS = ("wallet_id", "seq", "id", "kind", "amount", "status", "reason", "balance_after")
 
 
@@ -100,22 +103,27 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
     outcome per entry, in the same order. Nothing is written unless all of it is."""
     wallet_ids = list({e.request.wallet_id: None for e in entries})
     async with conn.transaction():
-        locked = await conn.fetch(LOCK_WALLETS, wallet_ids)
+        locked = await conn.fetch(
+            LOCK_WALLETS,
+            wallet_ids,
+            [e.request.wallet_id for e in entries],
+            [e.request.op_id for e in entries],
+        )
         if not locked:
             return [
                 Outcome(e.request.tag, e.request.op_id, e.request.wallet_id, WALLET_NOT_FOUND)
                 for e in entries
             ]
         now = format_time(locked[0]["now"])
-        wallets = {r["id"]: _Wallet(r["balance"], r["op_seq"], r["balance"]) for r in locked}
-        known = [e.request for e in entries if e.request.wallet_id in wallets]
-        # Operations recorded before: redelivered entries and retried Idempotency-Keys.
-        recorded: dict[tuple[str, str], Any] = {
-            (r["wallet_id"], r["id"]): {**r, "created_at": format_time(r["created_at"])}
-            for r in await conn.fetch(
-                FIND_OPERATIONS, [r.wallet_id for r in known], [r.op_id for r in known]
-            )
-        }
+        wallets: dict[str, _Wallet] = {}
+        recorded: dict[tuple[str, str], Any] = {}
+        for r in locked:
+            wallets[r["wallet_id"]] = _Wallet(r["wallet_balance"], r["op_seq"], r["wallet_balance"])
+            if r["op_id"] is not None:
+                recorded[(r["wallet_id"], r["op_id"])] = {
+                    **r,
+                    "created_at": format_time(r["created_at"]),
+                }
         new_rows: list[tuple[str, int, str, str, int, str, str | None, int]] = []
         outcomes: list[Outcome] = []
         for e in entries:
@@ -169,11 +177,10 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
             recorded[(r.wallet_id, r.op_id)] = row
             outcomes.append(_outcome(r, row, replayed=False))
 
-        if new_rows:
-            await conn.execute(INSERT_OPERATIONS, *zip(*new_rows, strict=True))
         ids = list(wallets)
         updated = await conn.fetch(
-            UPDATE_WALLETS,
+            RECORD_BATCH,
+            *(zip(*new_rows, strict=True) if new_rows else [()] * len(ROW_FIELDS)),
             ids,
             [wallets[i].balance - wallets[i].start_balance for i in ids],
             [wallets[i].op_seq for i in ids],

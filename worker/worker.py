@@ -27,12 +27,12 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
 from shared.connections import REDIS_SOCKET_TIMEOUT
 from shared.keys import KeySpace
-from shared.scripts import ACKNOWLEDGE, next_entry_id
+from shared.scripts import ACKNOWLEDGE, ACKNOWLEDGE_SHA, next_entry_id
 from shared.settings import Settings
 from worker.apply import Entry, LedgerConflict, apply_batch
 
@@ -69,6 +69,7 @@ class Worker:
         self.settings = settings
         self.redis = redis
         self.pool = pool
+        self._conn: Any = None
         self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
         self.shards = list(range(settings.shard_count) if shards is None else shards)
         self.worker_id = worker_id or new_worker_id()
@@ -80,7 +81,6 @@ class Worker:
         self.stopping = asyncio.Event()
         self.batches = 0
         self.operations = 0
-        self._acknowledge = redis.register_script(ACKNOWLEDGE)
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, then return from run()."""
@@ -114,6 +114,9 @@ class Worker:
                         continue
                     done = await self.process_round()
                     failures = 0
+                except NoScriptError:
+                    await self.redis.script_load(ACKNOWLEDGE)
+                    continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS, LedgerConflict) as e:
                     failures += 1
                     delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
@@ -132,6 +135,7 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.zrem(self.keys.workers(), self.worker_id)
 
@@ -213,8 +217,14 @@ class Worker:
         of `cursors`."""
         outcomes: list[Outcome] = []
         if entries:
-            async with self.pool.acquire() as conn:
-                outcomes = await apply_batch(conn, entries)
+            if self._conn is None:
+                # Held across batches: releasing to the pool costs a reset round trip.
+                self._conn = await self.pool.acquire()
+            try:
+                outcomes = await apply_batch(self._conn, entries)
+            except BaseException:
+                await self._release_connection()
+                raise
             self.batches += 1
             self.operations += len(entries)
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
@@ -236,13 +246,28 @@ class Worker:
                 )
             for wallet, cursor in cursors.items():
                 shard = self.keys.shard_of(wallet)
-                await self._acknowledge(
-                    keys=[self.keys.wallet_stream(wallet, shard), self.keys.dirty_set(shard)],
-                    args=[wallet, next_entry_id(cursor)],
-                    client=pipe,
+                # EVALSHA itself: redis-py's Script object would add a SCRIPT EXISTS round
+                # trip to every pipeline. run() loads the script when Redis lacks it.
+                pipe.evalsha(
+                    ACKNOWLEDGE_SHA,
+                    2,
+                    self.keys.wallet_stream(wallet, shard),
+                    self.keys.dirty_set(shard),
+                    wallet,
+                    next_entry_id(cursor),
                 )
             results = await pipe.execute()
         return [int(n) for n in results[len(by_channel) + len(dead) :]]
+
+    async def close(self) -> None:
+        """Gives back what the worker holds (its PostgreSQL connection); run() ends with it."""
+        await self._release_connection()
+
+    async def _release_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*PG_ERRORS, OSError):
+                await self.pool.release(conn)
 
     def _mark_active(self, wallet_ids: Iterable[bytes | str]) -> None:
         for raw in wallet_ids:

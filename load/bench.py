@@ -1,0 +1,366 @@
+"""The benchmark: `make bench` (or `python -m load.bench --help`).
+
+On one machine it starts PostgreSQL and Redis (embedded, unless DATABASE_URL and REDIS_URL
+name running servers: the benchmark creates its own database beside DATABASE_URL's and
+drops it after), the service (`python -m api`, `python -m worker`) and the row-lock
+reference (`python -m load.rowlock`), and drives both with the same open-model load from
+an asyncio generator in this process: requests start at a constant rate whether or not
+earlier ones have finished, and latency counts from when a request was due, so a stalled
+server cannot hide its queue (no coordinated omission).
+
+Phases: a constant rate on one wallet (default 1000/s for 60 s); then, rising step by step,
+the highest rate each design sustains on one wallet and, for the service, over 10,000
+wallets. A rate is sustained when the server keeps up (at least 95% of it completed in
+time), nothing but 200 and 409 came back, and p99 stayed under --p99-limit. Every phase
+checks that the final balances equal what the successful responses imply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import uvloop
+
+from shared.devstack import embedded_postgres, embedded_redis, migrate, spawn, with_database
+from shared.money import format_minor
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
+CLIENT_TIMEOUT = 10.0
+BALANCE_CHECK = {True: "exact", False: "MISMATCH", None: "unknown: answers missing"}
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    design: str
+    target_rate: int
+    seconds: float
+    sent: int = 0
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    statuses: dict[int, int] = dataclasses.field(default_factory=dict)
+    errors: int = 0
+    elapsed: float = 0.0
+    generator_cpu: float = 0.0
+    commits: int | None = None
+    operations: int | None = None
+    balance_ok: bool | None = None
+
+    @property
+    def completed(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def bad(self) -> int:
+        """Answers other than 200 and 409, and requests that got no answer."""
+        return self.errors + sum(n for s, n in self.statuses.items() if s not in (200, 409))
+
+    def percentile(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+    def sustained(self, p99_limit_ms: float) -> bool:
+        return (
+            self.completed >= 0.95 * self.target_rate * self.seconds
+            and self.bad == 0
+            and self.percentile(99) <= p99_limit_ms
+        )
+
+
+async def drive(
+    http: aiohttp.ClientSession, base: str, wallets: Sequence[str], phase: Phase, seed: int
+) -> dict[str, int]:
+    """Sends `phase.target_rate` operations per second for `phase.seconds`, spread over
+    `wallets`; returns each wallet's change in balance implied by the successful answers."""
+    rng = random.Random(seed)
+    clock = time.perf_counter  # the event loop's clock may tick in whole milliseconds
+    effects: dict[str, int] = dict.fromkeys(wallets, 0)
+    bodies = {
+        (kind, minor): f'{{"operationType":"{kind}","amount":"{format_minor(minor)}"}}'.encode()
+        for kind in ("DEPOSIT", "WITHDRAW")
+        for minor in range(100, 1001, 100)
+    }
+    headers = {"Content-Type": "application/json"}
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(due: float, wallet: str, kind: str, minor: int) -> None:
+        try:
+            async with http.post(
+                f"{base}/api/v1/wallets/{wallet}/operation",
+                data=bodies[(kind, minor)],
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT),
+            ) as r:
+                await r.read()
+                status = r.status
+        except (aiohttp.ClientError, TimeoutError):
+            phase.errors += 1
+            return
+        phase.latencies.append(clock() - due)
+        phase.statuses[status] = phase.statuses.get(status, 0) + 1
+        if status == 200:
+            effects[wallet] += minor if kind == "DEPOSIT" else -minor
+
+    interval = 1 / phase.target_rate
+    total = int(phase.target_rate * phase.seconds)
+    cpu, start = time.process_time(), clock()
+    for i in range(total):
+        due = start + i * interval
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
+        tasks.append(
+            asyncio.create_task(one(due, rng.choice(wallets), kind, rng.randrange(100, 1001, 100)))
+        )
+    phase.sent = total
+    await asyncio.gather(*tasks)
+    phase.elapsed = clock() - start
+    phase.generator_cpu = (time.process_time() - cpu) / phase.elapsed
+    return effects
+
+
+async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
+    rows = await pg.fetch(
+        "SELECT id::text, balance FROM wallets WHERE id = any($1::uuid[])", list(wallets)
+    )
+    return {r["id"]: r["balance"] for r in rows}
+
+
+async def run_phase(
+    http: aiohttp.ClientSession, pg: Any, base: str, wallets: Sequence[str], phase: Phase
+) -> Phase:
+    before = await balances(pg, wallets)
+    started = await pg.fetchval("SELECT clock_timestamp()")
+    effects = await drive(http, base, wallets, phase, seed=hash(phase.name) & 0xFFFF)
+    # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
+    row = await pg.fetchrow(
+        "SELECT count(DISTINCT xmin::text) AS commits, count(*) AS operations FROM operations"
+        " WHERE wallet_id = any($1::uuid[]) AND created_at >= $2",
+        list(wallets),
+        started,
+    )
+    phase.commits, phase.operations = row["commits"], row["operations"]
+    if phase.bad == 0:  # otherwise some outcomes are unknown to the client
+        after = await balances(pg, wallets)
+        phase.balance_ok = all(after[w] == before[w] + effects[w] for w in wallets)
+    return phase
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(http: aiohttp.ClientSession, url: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(url) as r:
+                if r.status == 200:
+                    return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready within {within}s")
+
+
+async def new_wallets(pg: Any, count: int) -> list[str]:
+    rows = await pg.fetch(
+        "INSERT INTO wallets (balance) SELECT $1 FROM generate_series(1, $2) RETURNING id::text",
+        FUNDING_MINOR,
+        count,
+    )
+    return [r["id"] for r in rows]
+
+
+def table(phases: list[Phase]) -> str:
+    head = (
+        "| phase | design | target/s | achieved/s | p50 ms | p95 ms | p99 ms | max ms "
+        "| non-2xx (409s apart) | 409s | commits/op | mean batch | balances | generator CPU |"
+    )
+    lines = [head, "|" + "---|" * 14]
+    for p in phases:
+        per_op = f"{p.commits / p.operations:.3f}" if p.commits and p.operations else "-"
+        batch = f"{p.operations / p.commits:.1f}" if p.commits and p.operations else "-"
+        lines.append(
+            f"| {p.name} | {p.design} | {p.target_rate} | {p.completed / p.elapsed:.0f} "
+            f"| {p.percentile(50):.1f} | {p.percentile(95):.1f} | {p.percentile(99):.1f} "
+            f"| {p.percentile(100):.1f} | {p.bad} | {p.statuses.get(409, 0)} | {per_op} "
+            f"| {batch} | {BALANCE_CHECK[p.balance_ok]} "
+            f"| {p.generator_cpu:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+async def find_max(
+    http: aiohttp.ClientSession,
+    pg: Any,
+    base: str,
+    wallet_count: int,
+    design: str,
+    rates: list[int],
+    args: argparse.Namespace,
+) -> tuple[int, list[Phase]]:
+    best, phases = 0, []
+    for rate in rates:
+        wallets = await new_wallets(pg, wallet_count)
+        name = f"max on {'1 wallet' if wallet_count == 1 else f'{wallet_count} wallets'}"
+        phase = await run_phase(
+            http, pg, base, wallets, Phase(name, design, rate, args.step_seconds)
+        )
+        phases.append(phase)
+        print(table([phase]).splitlines()[-1], flush=True)
+        if not (phase.sustained(args.p99_limit) and phase.balance_ok):
+            break
+        best = rate
+    return best, phases
+
+
+@contextlib.contextmanager
+def servers(workdir: Path) -> Iterator[tuple[str, str]]:
+    with contextlib.ExitStack() as stack:
+        pg_url = os.environ.get("DATABASE_URL") or stack.enter_context(
+            embedded_postgres(workdir / "postgres")
+        )
+        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(
+            embedded_redis(workdir / "redis")
+        )
+        yield pg_url, redis_url
+
+
+async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> list[Phase]:
+    name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_server)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    database_url = with_database(pg_server, name)
+    await asyncio.to_thread(migrate, database_url)
+    service_port, rowlock_port = free_port(), free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": f"bench-{name}",
+        "HOST": "127.0.0.1",
+    }
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    processes = [
+        spawn("worker", env, **quiet),
+        spawn("api", {**env, "PORT": str(service_port)}, **quiet),
+        spawn("load.rowlock", {**env, "PORT": str(rowlock_port)}, **quiet),
+    ]
+    service, rowlock = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{rowlock_port}"
+    phases: list[Phase] = []
+    pg = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        connector = aiohttp.TCPConnector(limit=args.connections)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await wait_ready(http, f"{service}/ready")
+            for design, base in (("service", service), ("row lock", rowlock)):
+                wallets = await new_wallets(pg, 1)
+                phase = Phase(f"{args.rate}/s on 1 wallet", design, args.rate, args.seconds)
+                phases.append(await run_phase(http, pg, base, wallets, phase))
+                print(table([phases[-1]]).splitlines()[-1], flush=True)
+            if not args.smoke:
+                rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
+                best_service, more = await find_max(http, pg, service, 1, "service", rates, args)
+                phases += more
+                best_rowlock, more = await find_max(
+                    http, pg, rowlock, 1, "row lock", [250, 500, 750, 1000, 1250, 1500], args
+                )
+                phases += more
+                best_many, more = await find_max(http, pg, service, 10_000, "service", rates, args)
+                phases += more
+                args.summary = (
+                    f"Sustained on one wallet: service {best_service}/s, row lock "
+                    f"{best_rowlock}/s ({best_service / max(best_rowlock, 1):.1f}x); "
+                    f"service over 10,000 wallets: {best_many}/s."
+                )
+    finally:
+        await pg.close()
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.wait(timeout=30)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+    return phases
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB"
+    return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}"
+
+
+def update_readme(report: str) -> None:
+    text = README.read_text()
+    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
+    README.write_text(text[:start] + "\n" + report + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rate", type=int, default=1000, help="constant phase rate (1000)")
+    parser.add_argument("--seconds", type=float, default=60, help="constant phase length (60)")
+    parser.add_argument("--step-seconds", type=float, default=10, help="each max-rate step (10)")
+    parser.add_argument("--p99-limit", type=float, default=100, help="ms, for 'sustained' (100)")
+    parser.add_argument("--connections", type=int, default=1000, help="client connections")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, correctness only")
+    parser.add_argument("--update-readme", action="store_true", help="write the table to README")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
+    args.summary = ""
+    command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as (pg_server, redis_url):
+        phases = uvloop.run(bench(args, pg_server, redis_url))
+    report = "\n".join(
+        [
+            f"`{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}, {machine()}; "
+            f"{'configured' if os.environ.get('DATABASE_URL') else 'embedded'} PostgreSQL and "
+            f"Redis, load generator, service and reference all on this machine.",
+            "",
+            table(phases),
+            "",
+            args.summary,
+        ]
+    ).strip()
+    print("\n" + report)
+    if args.update_readme:
+        update_readme(report)
+    mismatched = [p for p in phases if p.balance_ok is False]
+    service_failed = phases[0].bad > 0 or phases[0].balance_ok is not True
+    return 1 if mismatched or service_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
