@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from api.appkeys import ENQUEUE, KEYS, PG, REDIS, REPLIES, SETTINGS
+from api.enqueue import Enqueuer
 from api.handlers import routes
 from api.problems import problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
 from shared.keys import KeySpace
-from shared.scripts import ENQUEUE as ENQUEUE_SCRIPT
 from shared.settings import Settings
 
 log = logging.getLogger("api")
@@ -34,7 +34,8 @@ async def postgres(app: web.Application) -> AsyncIterator[None]:
 async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
     redis = open_redis(app[SETTINGS])
     app[REDIS] = redis
-    app[ENQUEUE] = redis.register_script(ENQUEUE_SCRIPT)
+    enqueue = app[ENQUEUE] = Enqueuer(redis)
+    enqueuing = asyncio.create_task(enqueue.run(), name="enqueuer")
     replies = ReplyListener(redis, app[KEYS].reply_channel(uuid.uuid4().hex))
     app[REPLIES] = replies
     listening = asyncio.create_task(replies.run(), name="reply-listener")
@@ -42,6 +43,8 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(replies.first_attempt_done.wait(), timeout=5)
     yield
+    enqueue.close()
+    await enqueuing
     replies.close()
     # Cancelling it inside a Redis read can hang; it sees close() within one read's wait.
     try:

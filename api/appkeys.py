@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
+from api.enqueue import Enqueuer
 from api.replies import ReplyListener
 from shared.keys import KeySpace
 from shared.settings import Settings
@@ -16,5 +16,5 @@ KEYS = web.AppKey("keys", KeySpace)
 PG = web.AppKey("pg", asyncpg.Pool)
 REDIS = web.AppKey("redis", Redis)
 REPLIES = web.AppKey("replies", ReplyListener)
-ENQUEUE = web.AppKey("enqueue", AsyncScript)
+ENQUEUE = web.AppKey("enqueue", Enqueuer)
 OPERATION_ID = web.RequestKey("operation_id", str)
