@@ -7,6 +7,7 @@ import dataclasses
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from shared.devstack import spawn
 from shared.settings import Settings
+from tests.conftest import ROOT
 from tests.helpers import eventually
 
 
@@ -71,3 +73,48 @@ async def test_api_and_worker_processes_serve_and_stop_cleanly(
         p.send_signal(signal.SIGTERM)
     codes = await asyncio.gather(*(asyncio.to_thread(p.wait, 15) for p in processes))
     assert codes == [0, 0]
+
+
+async def test_the_locust_scenario_runs_and_checks_its_balance(
+    service: tuple[str, list[subprocess.Popen[bytes]]],
+) -> None:
+    """The hot-wallet locust scenario, briefly: it creates and funds its wallet, and exits
+    non-zero if the final balance is not what its successful responses imply."""
+    url, _ = service
+    async with aiohttp.ClientSession(url) as http:
+
+        async def ready() -> bool:
+            try:
+                async with http.get("/ready") as r:
+                    return r.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready, within=20, what="the service to be ready")
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            "load/locustfile.py",
+            "--headless",
+            "--host",
+            url,
+            "-u",
+            "5",
+            "-r",
+            "5",
+            "-t",
+            "4s",
+            "--only-summary",
+            "HotWallet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "balances exact on 1 wallets" in run.stdout + run.stderr
