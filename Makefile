@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint fmt check clean
+.PHONY: install run test lint fmt check bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# BENCH_ARGS=--help for the options; --update-readme rewrites README's figures.
+bench: $(INSTALLED)
+	$(BIN)/python -m load.bench $(BENCH_ARGS)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

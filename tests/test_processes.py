@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -118,3 +119,21 @@ async def test_the_locust_scenario_runs_and_checks_its_balance(
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "balances exact on 1 wallets" in run.stdout + run.stderr
+
+
+async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
+    """`python -m load.bench --smoke`: a few seconds of both designs, for correctness only."""
+    pg_url, redis_url = servers
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "load.bench", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DATABASE_URL": pg_url, "REDIS_URL": redis_url},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 200/s on 1 wallet")]
+    assert len(rows) == 4  # two designs, each printed as it ends and again in the table
+    assert all("| exact |" in row for row in rows)
