@@ -310,6 +310,9 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
         async with aiohttp.ClientSession() as http:
             await wait_ready(http, f"{service}/ready")
             for design, base in (("service", service), ("row lock", rowlock)):
+                # Warm up (connections, prepared statements, caches); not reported.
+                await run_phase(pg, base, await new_wallets(pg, 1), Phase("", design, 200, 3))
+            for design, base in (("service", service), ("row lock", rowlock)):
                 wallets = await new_wallets(pg, 1)
                 phase = Phase(f"{args.rate}/s on 1 wallet", design, args.rate, args.seconds)
                 phases.append(await run_phase(pg, base, wallets, phase))
