@@ -39,6 +39,7 @@ from shared.codec import (
     decode_request,
     encode_request,
     format_time,
+    ledger_outcome,
     to_json,
 )
 from shared.money import format_minor
@@ -85,17 +86,8 @@ def operation_body(o: Outcome) -> dict[str, Any]:
 
 
 def outcome_from_row(row: Any) -> Outcome:
-    return Outcome(
-        tag=0,
-        op_id=row["id"],
-        wallet_id=row["wallet_id"],
-        status=row["status"],
-        kind=row["kind"],
-        amount=row["amount"],
-        balance_after=row["balance_after"],
-        reason=row["reason"],
-        created_at=format_time(row["created_at"]),
-        seq=row["seq"],
+    return ledger_outcome(
+        row, op_id=row["id"], wallet_id=row["wallet_id"], created_at=format_time(row["created_at"])
     )
 
 

@@ -200,10 +200,22 @@ async def run_phase(pg: Any, base: str, wallets: Sequence[str], phase: Phase) ->
         started,
     )
     phase.commits, phase.operations = row["commits"], row["operations"]
+    await until_quiet(pg)
     if phase.bad == 0:  # otherwise some outcomes are unknown to the client
         after = await balances(pg, wallets)
         phase.balance_ok = all(after[w] == before[w] + effects[w] for w in wallets)
     return phase
+
+
+async def until_quiet(pg: Any, within: float = 60) -> None:
+    """Waits until no other session works in the database: an overloaded server may still
+    be draining requests its clients gave up on, and would weigh on the next phase."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and await pg.fetchval(  # noqa: ASYNC110 - polling PG
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND state = 'active' AND pid <> pg_backend_pid()"
+    ):
+        await asyncio.sleep(0.2)
 
 
 def free_port() -> int:

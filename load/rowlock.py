@@ -110,8 +110,11 @@ def main() -> None:
     app = web.Application()
     app.add_routes(routes)
     app.cleanup_ctx.append(pool)
+    # handler_cancellation: a request whose client gave up stops queuing on the row lock,
+    # so an overloaded phase does not go on loading the machine after it ends.
     web.run_app(
         app,
+        handler_cancellation=True,
         host="127.0.0.1",
         port=int(os.environ.get("PORT", "8001")),
         access_log=None,

@@ -6,6 +6,7 @@ each API process one message per batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +57,31 @@ class Outcome:
     created_at: str = ""
     seq: int = 0
     replayed: bool = False
+
+
+def ledger_outcome(
+    row: Mapping[str, Any],
+    *,
+    op_id: str,
+    wallet_id: str,
+    created_at: str,
+    tag: int = 0,
+    replayed: bool = False,
+) -> Outcome:
+    """The outcome a ledger row records."""
+    return Outcome(
+        tag,
+        op_id,
+        wallet_id,
+        row["status"],
+        row["kind"],
+        row["amount"],
+        row["balance_after"],
+        row["reason"],
+        created_at,
+        row["seq"],
+        replayed,
+    )
 
 
 def encode_request(r: OperationRequest) -> bytes:

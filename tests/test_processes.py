@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def until_ready(url: str) -> None:
+    async with aiohttp.ClientSession(url) as http:
+
+        async def ready() -> bool:
+            try:
+                async with http.get("/ready") as r:
+                    return r.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready, within=20, what="the service to be ready")
+
+
 @pytest.fixture
 async def service(settings: Settings) -> AsyncIterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     served = dataclasses.replace(settings, host="127.0.0.1", port=free_port())
@@ -46,16 +59,8 @@ async def test_api_and_worker_processes_serve_and_stop_cleanly(
     service: tuple[str, list[subprocess.Popen[bytes]]],
 ) -> None:
     url, processes = service
+    await until_ready(url)
     async with aiohttp.ClientSession(url) as http:
-
-        async def ready() -> bool:
-            try:
-                async with http.get("/ready") as r:
-                    return r.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready, within=20, what="the service to be ready")
         async with http.post("/api/v1/wallets") as r:
             wallet = (await r.json())["id"]
 
@@ -82,16 +87,7 @@ async def test_the_locust_scenario_runs_and_checks_its_balance(
     """The hot-wallet locust scenario, briefly: it creates and funds its wallet, and exits
     non-zero if the final balance is not what its successful responses imply."""
     url, _ = service
-    async with aiohttp.ClientSession(url) as http:
-
-        async def ready() -> bool:
-            try:
-                async with http.get("/ready") as r:
-                    return r.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready, within=20, what="the service to be ready")
+    await until_ready(url)
     run = await asyncio.to_thread(
         subprocess.run,
         [

@@ -22,6 +22,7 @@ from shared.codec import (
     OperationRequest,
     Outcome,
     format_time,
+    ledger_outcome,
 )
 from shared.money import MAX_BALANCE_MINOR
 
@@ -82,22 +83,6 @@ class _Wallet:
     entry: str = ""
 
 
-def _outcome(request: OperationRequest, row: Any, replayed: bool) -> Outcome:
-    return Outcome(
-        tag=request.tag,
-        op_id=request.op_id,
-        wallet_id=request.wallet_id,
-        status=row["status"],
-        kind=row["kind"],
-        amount=row["amount"],
-        balance_after=row["balance_after"],
-        reason=row["reason"],
-        created_at=row["created_at"],
-        seq=row["seq"],
-        replayed=replayed,
-    )
-
-
 async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
     """Decides, records and commits `entries` (each wallet's in stream order); returns one
     outcome per entry, in the same order. Nothing is written unless all of it is."""
@@ -147,7 +132,16 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
                         )
                     )
                 else:
-                    outcomes.append(_outcome(r, earlier, replayed=True))
+                    outcomes.append(
+                        ledger_outcome(
+                            earlier,
+                            op_id=r.op_id,
+                            wallet_id=r.wallet_id,
+                            created_at=earlier["created_at"],
+                            tag=r.tag,
+                            replayed=True,
+                        )
+                    )
                 continue
             reason = None
             if r.kind == DEPOSIT:
@@ -175,7 +169,9 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
             )
             row = dict(zip(ROW_FIELDS, new_rows[-1], strict=True), created_at=now)
             recorded[(r.wallet_id, r.op_id)] = row
-            outcomes.append(_outcome(r, row, replayed=False))
+            outcomes.append(
+                ledger_outcome(row, op_id=r.op_id, wallet_id=r.wallet_id, created_at=now, tag=r.tag)
+            )
 
         ids = list(wallets)
         updated = await conn.fetch(

@@ -114,8 +114,9 @@ class Worker:
                         continue
                     done = await self.process_round()
                     failures = 0
-                except NoScriptError:
-                    await self.redis.script_load(ACKNOWLEDGE)
+                except NoScriptError:  # Redis restarted and forgot it; if it is down, the
+                    with contextlib.suppress(RedisError, OSError):  # next round backs off
+                        await self.redis.script_load(ACKNOWLEDGE)
                     continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS, LedgerConflict) as e:
                     failures += 1
