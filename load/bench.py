@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import uvloop
+from redis.asyncio import Redis
 
 from shared.devstack import embedded_postgres, embedded_redis, migrate, spawn, with_database
 from shared.money import format_minor
@@ -352,6 +353,10 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
             p.wait(timeout=30)
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+        redis = Redis.from_url(redis_url)
+        async for key in redis.scan_iter(match=f"{env['REDIS_KEY_PREFIX']}:*", count=1000):
+            await redis.unlink(key)
+        await redis.aclose()
     return phases
 
 
