@@ -60,7 +60,9 @@ operations = Table(
     Column("balance_after", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("wallet_id", "seq"),
-    UniqueConstraint("wallet_id", "id"),
+    # An operation id is unique per wallet. The id leads, so the writer's lookup by id has
+    # an index of its own, apart from the primary key's wallet_id prefix.
+    UniqueConstraint("id", "wallet_id"),
     CheckConstraint("kind IN ('DEPOSIT', 'WITHDRAW')", name="kind_known"),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("status IN ('applied', 'rejected')", name="status_known"),

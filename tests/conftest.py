@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from api.app import create_app
-from shared.connections import open_pg_pool, open_redis
+from shared.connections import WORKER_PG_SETTINGS, open_pg_pool, open_redis
 from shared.devstack import embedded_postgres, embedded_redis, migrate, with_database
 from shared.settings import Settings
 from worker.worker import Worker
@@ -99,7 +99,7 @@ async def pg(settings: Settings) -> AsyncIterator[Any]:
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     redis = open_redis(settings, max_connections=settings.shard_count + 8)
-    pool = await open_pg_pool(settings, max_size=2)
+    pool = await open_pg_pool(settings, max_size=2, server_settings=WORKER_PG_SETTINGS)
     worker = Worker(settings, redis, pool)
     task = asyncio.create_task(worker.run())
     try:

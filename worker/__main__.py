@@ -8,7 +8,7 @@ import signal
 
 import uvloop
 
-from shared.connections import open_pg_pool, open_redis
+from shared.connections import WORKER_PG_SETTINGS, open_pg_pool, open_redis
 from shared.settings import Settings
 from worker.worker import Worker
 
@@ -17,7 +17,7 @@ async def main() -> None:
     settings = Settings.from_env()
     # One blocking connection per owned shard waits for work, plus the batch loop's own.
     redis = open_redis(settings, max_connections=settings.shard_count + 8)
-    pool = await open_pg_pool(settings, max_size=2)
+    pool = await open_pg_pool(settings, max_size=2, server_settings=WORKER_PG_SETTINGS)
     worker = Worker(settings, redis, pool)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -32,15 +32,18 @@ from shared.money import MAX_BALANCE_MINOR
 LOCK_WALLETS = """
 WITH locked AS (
     SELECT id, balance, op_seq FROM wallets WHERE id = any($1::uuid[]) ORDER BY id FOR UPDATE
+),
+-- MATERIALIZED: looked up by id alone, through the unique (id, wallet_id) index. Joined
+-- with the wallets, the planner may instead read a wallet's whole ledger through the
+-- primary key's wallet_id prefix (it did, before statistics existed).
+earlier AS MATERIALIZED (
+    SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at
+    FROM operations WHERE id = any($2::uuid[])
 )
 SELECT l.id::text AS wallet_id, l.balance AS wallet_balance, l.op_seq, now() AS now,
-       o.id::text AS op_id, o.seq, o.kind, o.amount, o.status, o.reason, o.balance_after,
-       o.created_at
-FROM locked l
-LEFT JOIN (
-    unnest($2::uuid[], $3::uuid[]) AS k(wallet_id, id)
-    JOIN operations o ON o.wallet_id = k.wallet_id AND o.id = k.id
-) ON o.wallet_id = l.id
+       e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason, e.balance_after,
+       e.created_at
+FROM locked l LEFT JOIN earlier e ON e.wallet_id = l.id
 """
 
 # One statement, so one round trip: the new ledger rows, then every wallet's balance (moved
@@ -88,12 +91,7 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
     outcome per entry, in the same order. Nothing is written unless all of it is."""
     wallet_ids = list({e.request.wallet_id: None for e in entries})
     async with conn.transaction():
-        locked = await conn.fetch(
-            LOCK_WALLETS,
-            wallet_ids,
-            [e.request.wallet_id for e in entries],
-            [e.request.op_id for e in entries],
-        )
+        locked = await conn.fetch(LOCK_WALLETS, wallet_ids, [e.request.op_id for e in entries])
         if not locked:
             return [
                 Outcome(e.request.tag, e.request.op_id, e.request.wallet_id, WALLET_NOT_FOUND)

@@ -74,7 +74,7 @@ def upgrade() -> None:
             ["wallet_id"], ["wallets.id"], name=op.f("operations_wallet_id_fkey")
         ),
         sa.PrimaryKeyConstraint("wallet_id", "seq", name=op.f("operations_pkey")),
-        sa.UniqueConstraint("wallet_id", "id", name=op.f("operations_wallet_id_id_key")),
+        sa.UniqueConstraint("id", "wallet_id", name=op.f("operations_id_wallet_id_key")),
     )
 
 
