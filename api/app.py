@@ -26,17 +26,21 @@ MAX_BODY_BYTES = 16 * 1024
 
 
 async def postgres(app: web.Application) -> AsyncIterator[None]:
-    app[PG] = await open_pg_pool(app[SETTINGS])
+    settings = app[SETTINGS]
+    app[PG] = await open_pg_pool(
+        settings, server_settings={"application_name": f"{settings.redis_key_prefix}-api"}
+    )
     yield
     await app[PG].close()
 
 
 async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
-    redis = open_redis(app[SETTINGS])
+    settings, api_id = app[SETTINGS], uuid.uuid4().hex
+    redis = open_redis(settings, name=f"{settings.redis_key_prefix}:api:{api_id}")
     app[REDIS] = redis
     enqueue = app[ENQUEUE] = Enqueuer(redis)
     enqueuing = asyncio.create_task(enqueue.run(), name="enqueuer")
-    replies = ReplyListener(redis, app[KEYS].reply_channel(uuid.uuid4().hex))
+    replies = ReplyListener(redis, app[KEYS].reply_channel(api_id))
     app[REPLIES] = replies
     listening = asyncio.create_task(replies.run(), name="reply-listener")
     # Serve once replies can arrive; if Redis is down, operations get 503 until it is up.

@@ -155,16 +155,22 @@ async def submit_operation(
                     keys.wallet_stream(wallet_id, shard),
                     keys.dirty_set(shard),
                     keys.notify_list(shard),
+                    keys.queued(shard),
                 ],
-                args=[wallet_id, message, settings.wallet_queue_limit],
+                args=[
+                    wallet_id,
+                    message,
+                    settings.wallet_queue_limit,
+                    settings.shard_queue_limit,
+                ],
             )
         except RedisTimeoutError:
             # Redis may have queued it: the operation's URL will tell.
             return pending_response(wallet_id, op_id)
         if entry is None:
             raise errors.QueueFull(
-                f"More than {settings.wallet_queue_limit} operations are queued for this "
-                "wallet; retry later"
+                f"The queue of this wallet (at most {settings.wallet_queue_limit} operations) "
+                f"or of its shard (at most {settings.shard_queue_limit}) is full; retry later"
             )
         try:
             async with asyncio.timeout(settings.reply_timeout):

@@ -12,7 +12,10 @@ from shared.settings import Settings
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (BLPOP waits 1 s)
 
 
-def open_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
+def open_redis(
+    settings: Settings, *, max_connections: int | None = None, name: str | None = None
+) -> Redis:
+    """`name` (CLIENT SETNAME) tells an operator's CLIENT LIST whose connection is whose."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections or settings.redis_pool_max,
@@ -22,6 +25,7 @@ def open_redis(settings: Settings, *, max_connections: int | None = None) -> Red
         # TCP keepalive notices a peer that vanished without closing (unix sockets have none).
         **({} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}),
         health_check_interval=30,
+        client_name=name,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
@@ -42,8 +46,17 @@ async def open_pg_pool(
     )
 
 
-# The writer's connections live long and asyncpg prepares each statement once on them; a
-# generic plan PostgreSQL settles on while the ledger is young (a sequential scan, measured
-# on a fresh database: latency grew by the second as the ledger did) would stay for good.
-# Planning every execution costs well under a millisecond per batch.
-WORKER_PG_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+def worker_pg_settings(settings: Settings, worker_id: str) -> dict[str, str]:
+    """The session settings of a worker's PostgreSQL connections."""
+    return {
+        "application_name": worker_id,
+        # The writer's connections live long and asyncpg prepares each statement once on
+        # them; a generic plan PostgreSQL settles on while the ledger is young (a sequential
+        # scan, measured on a fresh database: latency grew by the second as the ledger did)
+        # would stay for good. Planning every execution costs well under a millisecond.
+        "plan_cache_mode": "force_custom_plan",
+        # A worker paused inside a transaction (a stopped process, a frozen VM) holds its
+        # wallets' and shards' rows; past its lease the next owner needs them, so PostgreSQL
+        # ends such a session. A batch never idles that long on its own.
+        "idle_in_transaction_session_timeout": str(int(settings.worker_lease_ttl * 1000)),
+    }

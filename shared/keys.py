@@ -34,6 +34,14 @@ class KeySpace:
         """Ids of wallets that have just become dirty: what wakes the shard's owner."""
         return f"{self.prefix}:n:{{{shard}}}"
 
+    def queued(self, shard: int) -> str:
+        """How many operations the shard's streams hold, all wallets together."""
+        return f"{self.prefix}:q:{{{shard}}}"
+
+    def lease(self, shard: int) -> str:
+        """The id of the worker that owns the shard; expires unless the owner renews it."""
+        return f"{self.prefix}:lease:{{{shard}}}"
+
     def dead_letters(self, shard: int) -> str:
         """Stream of the shard's entries that could not be decoded, kept for an operator."""
         return f"{self.prefix}:dead:{{{shard}}}"
@@ -43,7 +51,8 @@ class KeySpace:
         return f"{self.prefix}:r:{api_id}"
 
     def workers(self) -> str:
-        """Sorted set of live workers, scored by the time (ms) their heartbeat expires."""
+        """Sorted set of live workers, scored by the time (ms) their heartbeat expires.
+        Outside every shard's slot: only whole-key commands touch it."""
         return f"{self.prefix}:workers"
 
     def pattern(self) -> str:

@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -68,6 +69,19 @@ operations = Table(
     CheckConstraint("status IN ('applied', 'rejected')", name="status_known"),
     CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
     CheckConstraint("(status = 'applied') = (reason IS NULL)", name="reason_only_when_rejected"),
+)
+
+# One row per shard that has ever had an owner. A worker that takes a shard over bumps its
+# epoch; every batch it commits checks, in the same transaction, that the epoch is still the
+# one it got, so a former owner that still thinks it owns the shard cannot commit.
+shards = Table(
+    "shards",
+    metadata,
+    Column("shard", Integer, primary_key=True, autoincrement=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("acquired_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("shard >= 0", name="shard_not_negative"),
 )
 
 

@@ -33,13 +33,20 @@ class Settings:
     reply_timeout: float = 5.0
     # Operations queued on one wallet beyond which new ones get 503 with Retry-After.
     wallet_queue_limit: int = 10_000
+    # Operations queued in one shard (all its wallets together) beyond which new ones get 503.
+    shard_queue_limit: int = 100_000
     # At most this many operations go into one transaction.
     batch_max: int = 1000
     # At most this many wallets are read in one batch; the others wait for the next round.
     batch_wallets_max: int = 256
     # After a small batch, wait this long so the next one is fuller (group commit).
     batch_linger: float = 0.002
-    worker_heartbeat_ttl: float = 10.0
+    # A worker counts as alive, and keeps its shards, this long after it last renewed them; a
+    # worker that stops renewing (crashed, paused, cut off) loses its shards after it.
+    worker_lease_ttl: float = 5.0
+    # After SIGTERM a worker finishes its batch and hands its shards back; past this many
+    # seconds (a dependency down mid-batch) it exits anyway.
+    worker_stop_grace: float = 10.0
     # How often a worker reads its shards' dirty sets again, in case a wake-up was lost with a
     # worker that died holding it.
     worker_rescan_interval: float = 10.0
@@ -84,9 +91,11 @@ class Settings:
             "redis_pool_max",
             "reply_timeout",
             "wallet_queue_limit",
+            "shard_queue_limit",
             "batch_max",
             "batch_wallets_max",
-            "worker_heartbeat_ttl",
+            "worker_lease_ttl",
+            "worker_stop_grace",
             "worker_rescan_interval",
         )
         for name in positive:

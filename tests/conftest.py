@@ -21,10 +21,11 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from api.app import create_app
-from shared.connections import WORKER_PG_SETTINGS, open_pg_pool, open_redis
+from shared.connections import open_pg_pool, open_redis
 from shared.devstack import embedded_postgres, embedded_redis, migrate, with_database
 from shared.settings import Settings
-from worker.worker import Worker
+from tests.helpers import eventually
+from worker.worker import Worker, connect, new_worker_id
 
 RUN_ID = uuid.uuid4().hex[:10]
 _namespaces = itertools.count(1)
@@ -98,17 +99,25 @@ async def pg(settings: Settings) -> AsyncIterator[Any]:
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    redis = open_redis(settings, max_connections=settings.shard_count + 8)
-    pool = await open_pg_pool(settings, max_size=2, server_settings=WORKER_PG_SETTINGS)
-    worker = Worker(settings, redis, pool)
+    """A worker, running, once it owns its fair share of the shards."""
+    worker_id = new_worker_id()
+    redis, pool = await connect(settings, worker_id)
+    worker = Worker(settings, redis, pool, worker_id=worker_id)
     task = asyncio.create_task(worker.run())
     try:
+        await eventually(lambda: _owns_some(worker, task), what="the worker to own shards")
         yield worker
     finally:
         worker.stop()
         await asyncio.wait_for(task, timeout=10)
         await pool.close()
         await redis.aclose()
+
+
+async def _owns_some(worker: Worker, task: asyncio.Task[None]) -> bool:
+    if task.done():
+        task.result()  # raises what stopped it
+    return bool(worker.owned)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
 from tests.helpers import Client, eventually, ledger, operate
-from worker.apply import Entry, apply_batch
+from worker.apply import Entry, apply_batch, take_shard
 
 
 def keyspace(settings: Settings) -> KeySpace:
@@ -80,8 +80,9 @@ async def test_entries_committed_but_not_acknowledged_are_not_applied_again(
         await redis.sadd(keys.dirty_set(shard), wallet)
     raw: Any = await redis.xrange(stream)
     async with pg.acquire() as conn:
+        epoch = await take_shard(conn, shard, "the worker that died")
         first = await apply_batch(
-            conn, [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]]
+            conn, [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]], {shard: epoch}
         )
     assert [o.replayed for o in first] == [False] * 3
 
@@ -100,8 +101,8 @@ async def test_an_undecodable_entry_does_not_block_its_wallet(
     stream = keys.wallet_stream(wallet, shard)
     enqueue = redis.register_script(ENQUEUE)
     await enqueue(
-        keys=[stream, keys.dirty_set(shard), keys.notify_list(shard)],
-        args=[wallet, b"\x00not a message", 10],
+        keys=[stream, keys.dirty_set(shard), keys.notify_list(shard), keys.queued(shard)],
+        args=[wallet, b"\x00not a message", 10, 10],
     )
     status, body, _ = await operate(client, wallet, "DEPOSIT", 3)
     assert status == 200

@@ -12,6 +12,7 @@ from shared.connections import open_pg_pool
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
+from worker.apply import take_shard
 from worker.worker import START, Worker
 
 
@@ -33,8 +34,9 @@ async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
                 keys.wallet_stream(wallet, shard),
                 keys.dirty_set(shard),
                 keys.notify_list(shard),
+                keys.queued(shard),
             ],
-            args=[wallet, encode_request(request), 100],
+            args=[wallet, encode_request(request), 100, 100],
         )
 
     async def deliver_wake_ups() -> None:  # what the shard's listener does
@@ -42,7 +44,10 @@ async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
         worker._mark_active(popped or [])
 
     pool = await open_pg_pool(settings, max_size=1)
-    worker = Worker(settings, redis, pool, shards=[shard])
+    worker = Worker(settings, redis, pool)
+    # The shard's epoch without its lease and listener: this test delivers the wake-ups.
+    async with pool.acquire() as conn:
+        worker.owned[shard] = await take_shard(conn, shard, worker.worker_id)
     try:
         await enqueue(100)
         await deliver_wake_ups()

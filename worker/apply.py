@@ -3,7 +3,9 @@
 The caller is the only writer of these wallets, so it decides each operation in stream
 order from the balance it has locked. PostgreSQL guards the result: balances and every
 ledger row's balance_after are CHECKed non-negative, (wallet_id, id) is unique, and the
-balance is updated by a delta whose result must match what was decided.
+balance is updated by a delta whose result must match what was decided. The transaction
+commits only if the shards' epochs are still the ones the caller got when it took them
+(the fence): a worker that lost a shard, however long it slept, cannot write to it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from shared.money import MAX_BALANCE_MINOR
 # one row per such operation, or one row with op_id NULL for a wallet that has none.
 LOCK_WALLETS = """
 WITH locked AS (
-    SELECT id, balance, op_seq FROM wallets WHERE id = any($1::uuid[]) ORDER BY id FOR UPDATE
+    SELECT id, balance, op_seq, applied_entry
+    FROM wallets WHERE id = any($1::uuid[]) ORDER BY id FOR UPDATE
 ),
 -- MATERIALIZED: looked up by id alone, through the unique (id, wallet_id) index. Joined
 -- with the wallets, the planner may instead read a wallet's whole ledger through the
@@ -40,16 +43,25 @@ earlier AS MATERIALIZED (
     SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at
     FROM operations WHERE id = any($2::uuid[])
 )
-SELECT l.id::text AS wallet_id, l.balance AS wallet_balance, l.op_seq, now() AS now,
+SELECT l.id::text AS wallet_id, l.balance AS wallet_balance, l.op_seq, l.applied_entry,
+       now() AS now,
        e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason, e.balance_after,
        e.created_at
 FROM locked l LEFT JOIN earlier e ON e.wallet_id = l.id
 """
 
 # One statement, so one round trip: the new ledger rows, then every wallet's balance (moved
-# by the batch's net delta), ledger length and applied stream position.
+# by the batch's net delta), ledger length and applied stream position; no wallet is updated,
+# and so nothing is returned, unless every shard of the batch still has the caller's epoch.
+# The shard rows stay share-locked until COMMIT: a new owner's epoch bump waits for it.
 RECORD_BATCH = """
-WITH recorded AS (
+WITH fence AS (
+    SELECT s.shard FROM shards s
+    JOIN unnest($13::int[], $14::bigint[]) AS held(shard, epoch)
+      ON s.shard = held.shard AND s.epoch = held.epoch
+    FOR SHARE OF s
+),
+recorded AS (
     INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after)
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
                          $6::text[], $7::text[], $8::bigint[])
@@ -57,9 +69,11 @@ WITH recorded AS (
 UPDATE wallets AS w
 SET balance = w.balance + v.delta, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
 FROM unnest($9::uuid[], $10::bigint[], $11::bigint[], $12::text[]) AS v(id, delta, op_seq, entry)
-WHERE w.id = v.id
+WHERE w.id = v.id AND (SELECT count(*) FROM fence) = cardinality($13::int[])
 RETURNING w.id::text, w.balance
 """
+
+EPOCHS = "SELECT shard, epoch FROM shards WHERE shard = any($1::int[])"
 
 
 # The ledger columns RECORD_BATCH takes, in its order.
@@ -68,6 +82,14 @@ ROW_FIELDS = ("wallet_id", "seq", "id", "kind", "amount", "status", "reason", "b
 
 class LedgerConflict(RuntimeError):
     """PostgreSQL disagrees with what the writer decided: another writer touched the wallet."""
+
+
+class Fenced(RuntimeError):
+    """The batch was refused: another worker has taken over these shards since."""
+
+    def __init__(self, shards: list[int], message: str) -> None:
+        super().__init__(message)
+        self.shards = shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +105,23 @@ class _Wallet:
     balance: int
     op_seq: int
     start_balance: int
+    # The newest stream entry applied before this batch; entries up to it are redeliveries.
+    applied_before: tuple[int, int]
     entry: str = ""
 
 
-async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
-    """Decides, records and commits `entries` (each wallet's in stream order); returns one
-    outcome per entry, in the same order. Nothing is written unless all of it is."""
+def entry_order(entry_id: str | None) -> tuple[int, int]:
+    """A stream entry id ("1700000000000-3") as something that sorts like it."""
+    if not entry_id:
+        return (-1, -1)
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq))
+
+
+async def apply_batch(conn: Any, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
+    """Decides, records and commits `entries` (each wallet's in stream order) if every shard
+    in `epochs` still has the epoch given there, else raises Fenced; returns one outcome per
+    entry, in the same order. Nothing is written unless all of it is."""
     wallet_ids = list({e.request.wallet_id: None for e in entries})
     async with conn.transaction():
         locked = await conn.fetch(LOCK_WALLETS, wallet_ids, [e.request.op_id for e in entries])
@@ -101,7 +134,12 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
         wallets: dict[str, _Wallet] = {}
         recorded: dict[tuple[str, str], Any] = {}
         for r in locked:
-            wallets[r["wallet_id"]] = _Wallet(r["wallet_balance"], r["op_seq"], r["wallet_balance"])
+            wallets[r["wallet_id"]] = _Wallet(
+                r["wallet_balance"],
+                r["op_seq"],
+                r["wallet_balance"],
+                entry_order(r["applied_entry"]),
+            )
             if r["op_id"] is not None:
                 recorded[(r["wallet_id"], r["op_id"])] = {
                     **r,
@@ -137,7 +175,9 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
                             wallet_id=r.wallet_id,
                             created_at=earlier["created_at"],
                             tag=r.tag,
-                            replayed=True,
+                            # Not a client's retry but the same entry again, read anew after
+                            # its first delivery died between COMMIT and acknowledgement.
+                            replayed=entry_order(e.entry_id) > wallet.applied_before,
                         )
                     )
                 continue
@@ -179,7 +219,18 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
             [wallets[i].balance - wallets[i].start_balance for i in ids],
             [wallets[i].op_seq for i in ids],
             [wallets[i].entry or None for i in ids],
+            list(epochs),
+            list(epochs.values()),
         )
+        if len(updated) < len(ids):
+            current = dict(await conn.fetch(EPOCHS, list(epochs)))
+            moved = sorted(s for s, epoch in epochs.items() if current.get(s) != epoch)
+            if not moved:
+                raise LedgerConflict(f"wallets {ids}: {len(ids) - len(updated)} not updated")
+            raise Fenced(
+                moved,
+                "; ".join(f"shard {s}: epoch {epochs[s]} is now {current.get(s)}" for s in moved),
+            )
         for row in updated:
             if row["balance"] != wallets[row["id"]].balance:
                 raise LedgerConflict(
@@ -187,3 +238,18 @@ async def apply_batch(conn: Any, entries: list[Entry]) -> list[Outcome]:
                     f"the writer decided {wallets[row['id']].balance}"
                 )
     return outcomes
+
+
+# Taking a shard over: the new epoch is the fencing token of every batch the new owner
+# commits. It waits for a batch of the former owner that holds the shard row (RECORD_BATCH).
+TAKE_SHARD = """
+INSERT INTO shards (shard, epoch, owner) VALUES ($1, 1, $2)
+ON CONFLICT (shard) DO UPDATE
+SET epoch = shards.epoch + 1, owner = excluded.owner, acquired_at = now()
+RETURNING epoch
+"""
+
+
+async def take_shard(conn: Any, shard: int, owner: str) -> int:
+    """Makes `owner` the shard's writer in PostgreSQL; returns its epoch."""
+    return int(await conn.fetchval(TAKE_SHARD, shard, owner))

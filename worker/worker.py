@@ -1,13 +1,20 @@
 """The shard worker: the one writer of every wallet in the shards it owns.
 
-For each owned shard a listener waits on the shard's notification list and marks wallets
-active. The main loop reads the active wallets' streams (each from where it last read),
-applies everything read in one transaction, publishes the outcomes to the API processes
-that wait for them, and only then acknowledges: the committed entries are trimmed from the
-streams, and a wallet whose stream is left empty is no longer dirty. A crash anywhere
-before that leaves the entries in place; whoever owns the shard next reads them again from
-the start of the stream and the operation ids, unique in PostgreSQL, keep them from being
-applied twice.
+Ownership. Workers divide the shards among themselves through leases in Redis: a worker
+renews the leases it holds every fifth of WORKER_LEASE_TTL, counts the live workers by
+their heartbeats, and takes free shards up to its fair share or hands back what is over
+it. A lease alone does not stop a worker that was paused past it from committing; the
+shard's epoch in PostgreSQL does: taking a shard bumps it, and every batch commits only if
+its shards' epochs are still the ones its worker got (worker/apply.py).
+
+Work. For each owned shard a listener waits on the shard's notification list and marks
+wallets active. The main loop reads the active wallets' streams (each from where it last
+read), applies everything read in one transaction, publishes the outcomes to the API
+processes that wait for them, and only then acknowledges: the committed entries are trimmed
+from the streams, and a wallet whose stream is left empty is no longer dirty. A crash
+anywhere before that leaves the entries in place; whoever owns the shard next reads them
+again from the start of the stream and the operation ids, unique in PostgreSQL, keep them
+from being applied twice.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,11 +38,22 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
-from shared.connections import REDIS_SOCKET_TIMEOUT
+from shared.connections import (
+    REDIS_SOCKET_TIMEOUT,
+    open_pg_pool,
+    open_redis,
+    worker_pg_settings,
+)
 from shared.keys import KeySpace
-from shared.scripts import ACKNOWLEDGE, ACKNOWLEDGE_SHA, next_entry_id
+from shared.scripts import (
+    ACKNOWLEDGE,
+    ACKNOWLEDGE_SHA,
+    RELEASE_LEASE,
+    RENEW_LEASE,
+    next_entry_id,
+)
 from shared.settings import Settings
-from worker.apply import Entry, LedgerConflict, apply_batch
+from worker.apply import Entry, Fenced, LedgerConflict, apply_batch, take_shard
 
 log = logging.getLogger("worker")
 
@@ -42,6 +61,7 @@ START = "0-0"
 NOTIFY_WAIT = 1  # seconds one BLPOP waits
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+RENEWALS_PER_LEASE = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,23 +76,45 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
+    """A worker's Redis client and PostgreSQL pool."""
+    # One blocking connection per owned shard waits for work, plus the loops' own.
+    redis = open_redis(
+        settings,
+        max_connections=settings.shard_count + 8,
+        name=f"{settings.redis_key_prefix}:worker:{worker_id}",
+    )
+    # One connection for the batches, one for taking shards over.
+    pool = await open_pg_pool(
+        settings, max_size=2, server_settings=worker_pg_settings(settings, worker_id)
+    )
+    return redis, pool
+
+
+def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) -> int:
+    """How many shards `worker_id` should own: the shards split as evenly as they go, the
+    larger shares to the first workers in id order, so that the shares add up."""
+    workers = sorted({*live_workers, worker_id})
+    share, rest = divmod(shard_count, len(workers))
+    return share + (workers.index(worker_id) < rest)
+
+
 class Worker:
     def __init__(
-        self,
-        settings: Settings,
-        redis: Redis,
-        pool: Any,
-        *,
-        shards: Iterable[int] | None = None,
-        worker_id: str | None = None,
+        self, settings: Settings, redis: Redis, pool: Any, *, worker_id: str | None = None
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.pool = pool
         self._conn: Any = None
         self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-        self.shards = list(range(settings.shard_count) if shards is None else shards)
         self.worker_id = worker_id or new_worker_id()
+        # shard -> the epoch this worker got when it took the shard
+        self.owned: dict[int, int] = {}
+        # owned shards over the fair share, handed back between two rounds
+        self.releasing: set[int] = set()
+        self._shards_dropped = False
+        self._listeners: dict[int, asyncio.Task[None]] = {}
         # wallet id -> the id of the last entry read from its stream
         self.active: dict[str, str] = {}
         # wallets marked active while a round was under way
@@ -81,31 +123,27 @@ class Worker:
         self.stopping = asyncio.Event()
         self.batches = 0
         self.operations = 0
+        self.fenced_batches = 0
 
     def stop(self) -> None:
-        """Finish the batch in hand, reply, acknowledge, then return from run()."""
+        """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
+        from run()."""
         self.stopping.set()
         self.wakeup.set()
 
-    async def run(self, *, burst: bool = False) -> None:
-        """Works until stop(); with burst=True, until nothing is queued, then returns."""
-        tasks = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
-        if not burst:
-            tasks += [
-                asyncio.create_task(self._listen(shard), name=f"listen-{shard}")
-                for shard in self.shards
-            ]
+    async def run(self) -> None:
+        """Owns shards and works on them until stop()."""
+        tending = asyncio.create_task(self._tend_shards(), name="tend-shards")
         last_rescan = -math.inf
         failures = 0
         try:
             while not self.stopping.is_set():
                 try:
+                    await self._settle_ownership()
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
-                        await self._rescan()
+                        await self._rescan(list(self.owned))
                         last_rescan = time.monotonic()
                     if not self.active:
-                        if burst:
-                            return
                         self.wakeup.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(
@@ -114,6 +152,11 @@ class Worker:
                         continue
                     done = await self.process_round()
                     failures = 0
+                except Fenced as e:
+                    self.fenced_batches += 1
+                    log.warning("batch refused, these shards have a new owner: %s", e)
+                    await self._release(e.shards)
+                    continue
                 except NoScriptError:  # Redis restarted and forgot it; if it is down, the
                     with contextlib.suppress(RedisError, OSError):  # next round backs off
                         await self.redis.script_load(ACKNOWLEDGE)
@@ -129,20 +172,29 @@ class Worker:
                 if done < self.settings.batch_max and self.settings.batch_linger:
                     await asyncio.sleep(self.settings.batch_linger)
         finally:
-            # They see `stopping` within a BLPOP's wait; cancelling one inside a Redis call
-            # can leave redis-py's connection hanging, so that is only the last resort.
+            # They see `stopping` within a BLPOP's wait or a lease renewal; cancelling one
+            # inside a Redis call can leave redis-py's connection hanging, so that is only
+            # the last resort.
             self.stopping.set()
+            tasks = [tending, *self._listeners.values()]
             _, late = await asyncio.wait(tasks, timeout=NOTIFY_WAIT + REDIS_SOCKET_TIMEOUT)
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.close()
             with contextlib.suppress(RedisError, OSError):
+                await self._release(list(self.owned))
                 await self.redis.zrem(self.keys.workers(), self.worker_id)
 
     async def process_round(self) -> int:
         """Reads, commits, replies to and acknowledges one batch; returns its size."""
-        wallets = list(self.active)[: self.settings.batch_wallets_max]
+        epochs: dict[int, int] = {}
+        wallets = []
+        for w in list(self.active)[: self.settings.batch_wallets_max]:
+            shard = self.keys.shard_of(w)
+            if shard in self.owned:  # else lost since the last settling; dropped at the next
+                epochs[shard] = self.owned[shard]
+                wallets.append(w)
         if not wallets:
             return 0
         for w in wallets:  # the next round starts with the wallets this one did not reach
@@ -152,7 +204,7 @@ class Worker:
         self.notified.difference_update(wallets)
         try:
             entries, cursors, dead = await self._read(wallets)
-            left = await self._commit_reply_acknowledge(entries, cursors, dead)
+            left = await self._commit_reply_acknowledge(entries, cursors, dead, epochs)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
@@ -211,18 +263,22 @@ class Worker:
         return entries, cursors, dead
 
     async def _commit_reply_acknowledge(
-        self, entries: list[Entry], cursors: dict[str, str], dead: list[DeadLetter]
+        self,
+        entries: list[Entry],
+        cursors: dict[str, str],
+        dead: list[DeadLetter],
+        epochs: dict[int, int],
     ) -> list[int]:
-        """Commits the entries, publishes their outcomes, keeps the dead letters, then trims
-        what was read; returns how many entries each wallet's stream has left, in the order
-        of `cursors`."""
+        """Commits the entries if `epochs` are still the shards' epochs, publishes their
+        outcomes, keeps the dead letters, then trims what was read; returns how many entries
+        each wallet's stream has left, in the order of `cursors`."""
         outcomes: list[Outcome] = []
         if entries:
             if self._conn is None:
                 # Held across batches: releasing to the pool costs a reset round trip.
                 self._conn = await self.pool.acquire()
             try:
-                outcomes = await apply_batch(self._conn, entries)
+                outcomes = await apply_batch(self._conn, entries, epochs)
             except BaseException:
                 await self._release_connection()
                 raise
@@ -251,9 +307,10 @@ class Worker:
                 # trip to every pipeline. run() loads the script when Redis lacks it.
                 pipe.evalsha(
                     ACKNOWLEDGE_SHA,
-                    2,
+                    3,
                     self.keys.wallet_stream(wallet, shard),
                     self.keys.dirty_set(shard),
+                    self.keys.queued(shard),
                     wallet,
                     next_entry_id(cursor),
                 )
@@ -277,38 +334,140 @@ class Worker:
             self.notified.add(w)
         self.wakeup.set()
 
-    async def _rescan(self) -> None:
+    async def _rescan(self, shards: list[int]) -> None:
+        """Marks the shards' dirty wallets active: on taking a shard, and now and then in
+        case a wake-up was lost."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in self.shards:
+            for shard in shards:
                 pipe.smembers(self.keys.dirty_set(shard))
-            for members in await pipe.execute():
+            found = await pipe.execute()
+        for shard, members in zip(shards, found, strict=True):
+            if shard in self.owned:
                 self._mark_active(members)
 
     async def _listen(self, shard: int) -> None:
         key = self.keys.notify_list(shard)
         failures = 0
-        while not self.stopping.is_set():
+        while shard in self.owned and not self.stopping.is_set():
             try:
                 popped = await self.redis.blpop([key], timeout=NOTIFY_WAIT)
                 if popped:
-                    more = await self.redis.lpop(key, 1000) or []
-                    self._mark_active([popped[1], *more])
+                    woken = [popped[1], *(await self.redis.lpop(key, 1000) or [])]
+                    if shard in self.owned:
+                        self._mark_active(woken)
+                    else:  # handed back meanwhile: the wake-ups are the next owner's
+                        await self.redis.rpush(key, *woken)
                 failures = 0
             except (RedisError, OSError) as e:
                 failures += 1
                 log.warning("shard %d: waiting for work failed (%s)", shard, e)
                 await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
 
-    async def _heartbeat(self) -> None:
-        ttl_ms = int(self.settings.worker_heartbeat_ttl * 1000)
+    async def _tend_shards(self) -> None:
+        interval = self.settings.worker_lease_ttl / RENEWALS_PER_LEASE
         while not self.stopping.is_set():
-            now_ms = int(time.time() * 1000)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.zadd(self.keys.workers(), {self.worker_id: now_ms + ttl_ms})
-                    pipe.zremrangebyscore(self.keys.workers(), "-inf", now_ms)
-                    await pipe.execute()
-            except (RedisError, OSError) as e:
-                log.warning("heartbeat failed (%s)", e)
+                await self.tend_shards()
+            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
+                log.warning("tending the shards failed (%s: %s)", type(e).__name__, e)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.settings.worker_heartbeat_ttl / 3)
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
+    async def tend_shards(self) -> None:
+        """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
+        share (taking free shards, or marking some to hand back after the round)."""
+        ttl_ms = int(self.settings.worker_lease_ttl * 1000)
+        now_ms = int(time.time() * 1000)
+        held = list(self.owned)
+        workers = self.keys.workers()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(workers, {self.worker_id: now_ms + ttl_ms})
+            pipe.zremrangebyscore(workers, "-inf", now_ms)
+            pipe.zrange(workers, 0, -1)
+            for shard in held:
+                pipe.eval(RENEW_LEASE, 1, self.keys.lease(shard), self.worker_id, ttl_ms)
+            for shard in range(self.settings.shard_count):
+                pipe.exists(self.keys.lease(shard))
+            results = await pipe.execute()
+        live = [w.decode() for w in results[2]]
+        renewed = results[3 : 3 + len(held)]
+        taken = results[3 + len(held) :]
+        for shard, still_held in zip(held, renewed, strict=True):
+            if not still_held and self.owned.pop(shard, None) is not None:
+                self._shards_dropped = True
+                log.warning("lost the lease of shard %d", shard)
+        if self.stopping.is_set():
+            return
+        share = fair_share(live, self.worker_id, self.settings.shard_count)
+        keeping = sorted(set(self.owned) - self.releasing)
+        if len(keeping) > share:
+            self.releasing.update(keeping[share:])
+            self.wakeup.set()
+            return
+        free = [shard for shard, exists in enumerate(taken) if not exists]
+        # Workers starting together try the free shards in different orders.
+        offset = zlib.crc32(self.worker_id.encode())
+        free.sort(key=lambda shard: (shard - offset) % self.settings.shard_count)
+        wanted = share - len(keeping)
+        for shard in free:
+            if wanted <= 0 or self.stopping.is_set():
+                break
+            wanted -= await self.take(shard)
+
+    async def take(self, shard: int) -> bool:
+        """Takes the shard if its lease is free: leases it, bumps its epoch, and starts
+        working on it. Returns whether it did."""
+        ttl_ms = int(self.settings.worker_lease_ttl * 1000)
+        lease = self.keys.lease(shard)
+        if not await self.redis.set(lease, self.worker_id, nx=True, px=ttl_ms):
+            return False
+        try:
+            async with asyncio.timeout(self.settings.worker_lease_ttl), self.pool.acquire() as conn:
+                epoch = await take_shard(conn, shard, self.worker_id)
+            # Taking the epoch can wait for a former owner's last batch; the lease must
+            # still be this worker's after it, or another worker's epoch follows this one.
+            if not await self.redis.eval(RENEW_LEASE, 1, lease, self.worker_id, ttl_ms):
+                log.warning("shard %d: the lease ran out while taking it", shard)
+                return False
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.eval(RELEASE_LEASE, 1, lease, self.worker_id)
+            raise
+        self.owned[shard] = epoch
+        self.releasing.discard(shard)
+        listener = self._listeners.get(shard)
+        if listener is None or listener.done():
+            self._listeners[shard] = asyncio.create_task(
+                self._listen(shard), name=f"listen-{shard}"
+            )
+        log.info("took shard %d at epoch %d", shard, epoch)
+        await self._rescan([shard])
+        return True
+
+    async def _settle_ownership(self) -> None:
+        """Between two rounds: hands back the shards marked for it, and forgets the wallets
+        of shards no longer owned."""
+        if self.releasing:
+            await self._release(sorted(self.releasing))
+        if self._shards_dropped:
+            self._shards_dropped = False
+            self.active = {
+                w: cursor
+                for w, cursor in self.active.items()
+                if self.keys.shard_of(w) in self.owned
+            }
+            self.notified.intersection_update(self.active)
+
+    async def _release(self, shards: list[int]) -> None:
+        """Stops working on the shards and gives their leases up, so that another worker
+        can take them at once."""
+        for shard in shards:
+            self.owned.pop(shard, None)
+            self.releasing.discard(shard)
+        self._shards_dropped = True
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.eval(RELEASE_LEASE, 1, self.keys.lease(shard), self.worker_id)
+            await pipe.execute()
+        if shards:
+            log.info("handed back shards %s", shards)
