@@ -9,13 +9,15 @@ import uuid
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from api.app import create_app
 from api.inputs import encode_cursor
+from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
-from tests.conftest import AiohttpClient
-from tests.helpers import Client, operate
+from tests.conftest import AiohttpClient, running_worker
+from tests.helpers import Client, eventually, operate
 
 PROBLEM = "application/problem+json"
 
@@ -276,6 +278,34 @@ async def test_queue_over_its_bound_is_503_with_retry_after(
     r = await api.post(op_url(wallet), json={"operationType": "DEPOSIT", "amount": 1})
     await problem_of(r, 503, "queue-full")
     assert r.headers["Retry-After"] == "1"
+
+
+async def test_a_full_shard_refuses_operations_until_its_worker_drains_it(
+    aiohttp_client: AiohttpClient, settings: Settings, pg: Any, redis: Redis
+) -> None:
+    """The shard's bound counts the operations of all its wallets together."""
+    tight = dataclasses.replace(settings, shard_queue_limit=3, reply_timeout=0.05)
+    keys = KeySpace(tight.redis_key_prefix, tight.shard_count)
+    api = await aiohttp_client(create_app(tight))
+    new_wallet = "INSERT INTO wallets DEFAULT VALUES RETURNING id::text"
+    first = await pg.fetchval(new_wallet)
+    shard = keys.shard_of(first)
+    neighbour = first
+    while neighbour == first or keys.shard_of(neighbour) != shard:
+        neighbour = await pg.fetchval(new_wallet)
+    for wallet in (first, first, neighbour):
+        assert (await operate(api, wallet, "DEPOSIT", 1))[0] == 202
+    r = await api.post(op_url(neighbour), json={"operationType": "DEPOSIT", "amount": 1})
+    await problem_of(r, 503, "queue-full")
+    assert await redis.get(keys.queued(shard)) == b"3"
+
+    async with running_worker(tight):
+        await eventually(lambda: _count_is(redis, keys.queued(shard), b"0"), what="a drain")
+        assert (await operate(api, neighbour, "DEPOSIT", 1))[0] in (200, 202)
+
+
+async def _count_is(redis: Redis, key: str, value: bytes) -> bool:
+    return bool(await redis.get(key) == value)
 
 
 async def test_redis_down_is_503_with_retry_after(

@@ -115,6 +115,7 @@ class Worker:
         self.releasing: set[int] = set()
         self._shards_dropped = False
         self._listeners: dict[int, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         # wallet id -> the id of the last entry read from its stream
         self.active: dict[str, str] = {}
         # wallets marked active while a round was under way
@@ -133,7 +134,7 @@ class Worker:
 
     async def run(self) -> None:
         """Owns shards and works on them until stop()."""
-        tending = asyncio.create_task(self._tend_shards(), name="tend-shards")
+        self._tasks.append(asyncio.create_task(self._tend_shards(), name="tend-shards"))
         last_rescan = -math.inf
         failures = 0
         try:
@@ -172,19 +173,7 @@ class Worker:
                 if done < self.settings.batch_max and self.settings.batch_linger:
                     await asyncio.sleep(self.settings.batch_linger)
         finally:
-            # They see `stopping` within a BLPOP's wait or a lease renewal; cancelling one
-            # inside a Redis call can leave redis-py's connection hanging, so that is only
-            # the last resort.
-            self.stopping.set()
-            tasks = [tending, *self._listeners.values()]
-            _, late = await asyncio.wait(tasks, timeout=NOTIFY_WAIT + REDIS_SOCKET_TIMEOUT)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await self.close()
-            with contextlib.suppress(RedisError, OSError):
-                await self._release(list(self.owned))
-                await self.redis.zrem(self.keys.workers(), self.worker_id)
 
     async def process_round(self) -> int:
         """Reads, commits, replies to and acknowledges one batch; returns its size."""
@@ -318,8 +307,21 @@ class Worker:
         return [int(n) for n in results[len(by_channel) + len(dead) :]]
 
     async def close(self) -> None:
-        """Gives back what the worker holds (its PostgreSQL connection); run() ends with it."""
+        """Stops the worker's tasks and gives back what it holds: its PostgreSQL connection,
+        its shards, its place among the live workers. run() ends with it."""
+        self.stop()
+        # They see `stopping` within a BLPOP's wait or a lease renewal; cancelling one inside
+        # a Redis call can leave redis-py's connection hanging, so that is the last resort.
+        tasks = [*self._tasks, *self._listeners.values()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=NOTIFY_WAIT + REDIS_SOCKET_TIMEOUT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self._release_connection()
+        with contextlib.suppress(RedisError, OSError):
+            await self._release(list(self.owned))
+            await self.redis.zrem(self.keys.workers(), self.worker_id)
 
     async def _release_connection(self) -> None:
         conn, self._conn = self._conn, None

@@ -1,0 +1,207 @@
+"""Shard ownership: workers divide the shards evenly, take over from one that leaves, and a
+worker that lost a shard cannot commit to it, whatever it still believes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.codec import OperationRequest, encode_request
+from shared.keys import KeySpace
+from shared.scripts import ENQUEUE
+from shared.settings import Settings
+from tests.conftest import running_worker
+from tests.helpers import eventually, ledger
+from worker.apply import Fenced
+from worker.worker import Worker, connect, fair_share, new_worker_id
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5, 7, 64, 100])
+def test_fair_shares_add_up_to_every_shard_and_differ_by_at_most_one(workers: int) -> None:
+    ids = [f"w{i}" for i in range(workers)]
+    shares = [fair_share(ids, w, 64) for w in ids]
+    assert sum(shares) == 64
+    assert max(shares) - min(shares) <= 1
+
+
+@pytest.fixture
+def fast_leases(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, worker_lease_ttl=1.0)
+
+
+async def ownership(settings: Settings, redis: Redis, pg: Any) -> dict[int, str | None]:
+    """Each shard's owner, if Redis' lease and PostgreSQL's record agree on it; else None."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    leases = [await redis.get(keys.lease(s)) for s in range(settings.shard_count)]
+    recorded = dict(await pg.fetch("SELECT shard, owner FROM shards"))
+    return {
+        s: lease.decode() if lease and recorded.get(s) == lease.decode() else None
+        for s, lease in enumerate(leases)
+    }
+
+
+async def test_workers_divide_the_shards_evenly_and_rebalance_as_they_come_and_go(
+    fast_leases: Settings, redis: Redis, pg: Any
+) -> None:
+    settings = fast_leases
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(running_worker(settings)) for _ in range(3)]
+
+        async def divided(expected: list[int], among: list[Worker]) -> bool:
+            owners = await ownership(settings, redis, pg)
+            counts = Counter(owners.values())
+            held = [set(w.owned) for w in among]
+            return (
+                sorted(counts.values()) == expected
+                and set(counts) == {w.worker_id for w in among}
+                and all(held[i].isdisjoint(held[j]) for i in range(len(held)) for j in range(i))
+                and all(
+                    set(w.owned) == {s for s, o in owners.items() if o == w.worker_id}
+                    for w in among
+                )
+            )
+
+        await eventually(lambda: divided([2, 3, 3], workers), what="8 shards split 3/3/2")
+
+        leaving = workers.pop()
+        leaving.stop()
+        await eventually(lambda: divided([4, 4], workers), what="the leaver's shards taken")
+
+        workers.append(await stack.enter_async_context(running_worker(settings)))
+        workers.append(await stack.enter_async_context(running_worker(settings)))
+        await eventually(lambda: divided([2, 2, 2, 2], workers), what="newcomers get a share")
+
+
+async def test_a_crashed_worker_s_shards_are_taken_once_its_leases_run_out(
+    fast_leases: Settings, redis: Redis, pg: Any
+) -> None:
+    """A worker that vanishes without handing its shards back (its tasks simply stop)."""
+    settings = fast_leases
+    worker_id = new_worker_id()
+    crashed_redis, crashed_pool = await connect(settings, worker_id)
+    crashed = Worker(settings, crashed_redis, crashed_pool, worker_id=worker_id)
+    await crashed.tend_shards()
+    assert len(crashed.owned) == settings.shard_count
+    crashed.stop()  # its listeners end; nothing renews its leases or hands them back
+    await asyncio.wait(crashed._listeners.values())
+    await crashed_pool.close()
+    await crashed_redis.aclose()
+
+    async with running_worker(settings) as survivor:
+
+        async def all_taken() -> bool:
+            owners = await ownership(settings, redis, pg)
+            return set(owners.values()) == {survivor.worker_id}
+
+        await eventually(all_taken, within=15, what="the survivor to own every shard")
+        assert survivor.owned == {shard: epoch + 1 for shard, epoch in crashed.owned.items()}
+
+
+async def enqueue(redis: Redis, keys: KeySpace, wallet: str, minor: int) -> str:
+    shard = keys.shard_of(wallet)
+    request = OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", minor, "", 0)
+    await redis.eval(
+        ENQUEUE,
+        4,
+        keys.wallet_stream(wallet, shard),
+        keys.dirty_set(shard),
+        keys.notify_list(shard),
+        keys.queued(shard),
+        wallet,
+        encode_request(request),
+        100,
+        100,
+    )
+    return request.op_id
+
+
+async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit(
+    settings: Settings, redis: Redis, pg: Any
+) -> None:
+    """A takes the shard; A is paused past its lease; B takes the shard. A still believes
+    it owns it and has read an operation: its batch is refused, B's commits."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+    shard = keys.shard_of(wallet)
+    workers = []
+    for _ in range(2):
+        worker_id = new_worker_id()
+        r, pool = await connect(settings, worker_id)
+        workers.append((Worker(settings, r, pool, worker_id=worker_id), r, pool))
+    (a, _, _), (b, _, _) = workers
+    try:
+        assert await a.take(shard)
+        op_id = await enqueue(redis, keys, wallet, 500)
+        await eventually(lambda: _has_active(a, wallet), what="A to see the operation")
+
+        await redis.delete(keys.lease(shard))  # A's lease ran out while A was paused
+        assert await b.take(shard)
+        assert b.owned[shard] == a.owned[shard] + 1
+
+        with pytest.raises(Fenced) as refused:
+            await a.process_round()
+        assert refused.value.shards == [shard]
+        assert await ledger(pg, wallet) == []
+        assert await redis.xlen(keys.wallet_stream(wallet, shard)) == 1  # not acknowledged
+
+        await eventually(lambda: _has_active(b, wallet), what="B to see the operation")
+        assert await b.process_round() == 1
+        assert [r["id"] for r in await ledger(pg, wallet)] == [op_id]
+        assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 500
+    finally:
+        for worker, r, pool in workers:
+            await worker.close()
+            await pool.close()
+            await r.aclose()
+
+
+async def _has_active(worker: Worker, wallet: str) -> bool:
+    return wallet in worker.active
+
+
+async def test_a_new_owner_waits_for_the_former_owner_s_batch_in_flight(
+    settings: Settings, redis: Redis, pg: Any
+) -> None:
+    """A batch share-locks its shards' rows until COMMIT, so a takeover's epoch bump comes
+    after it: the former owner's last batch is either committed before the new owner reads
+    anything, or refused."""
+    worker_id = new_worker_id()
+    r, pool = await connect(settings, worker_id)
+    taker = Worker(settings, r, pool, worker_id=worker_id)
+    former = await pg.fetchval(
+        "INSERT INTO shards (shard, epoch, owner) VALUES (0, 1, 'former') ON CONFLICT (shard)"
+        " DO UPDATE SET epoch = shards.epoch + 1, owner = 'former' RETURNING epoch"
+    )
+    batch = await pg.acquire()
+    try:
+        transaction = batch.transaction()
+        await transaction.start()
+        await batch.execute("SELECT 1 FROM shards WHERE shard = 0 FOR SHARE")
+        taking = asyncio.create_task(taker.take(0))
+
+        async def taker_waits_for_the_lock() -> bool:
+            return bool(
+                await pg.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    worker_id,
+                )
+            )
+
+        await eventually(taker_waits_for_the_lock, what="the takeover to wait for the batch")
+        assert not taking.done()
+        await transaction.commit()
+        assert await asyncio.wait_for(taking, 10)
+        assert taker.owned == {0: former + 1}
+    finally:
+        await pg.release(batch)
+        await taker.close()
+        await pool.close()
+        await r.aclose()
