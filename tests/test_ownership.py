@@ -39,7 +39,7 @@ def fast_leases(settings: Settings) -> Settings:
 async def ownership(settings: Settings, redis: Redis, pg: Any) -> dict[int, str | None]:
     """Each shard's owner, if Redis' lease and PostgreSQL's record agree on it; else None."""
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-    leases = [await redis.get(keys.lease(s)) for s in range(settings.shard_count)]
+    leases: list[Any] = [await redis.get(keys.lease(s)) for s in range(settings.shard_count)]
     recorded = dict(await pg.fetch("SELECT shard, owner FROM shards"))
     return {
         s: lease.decode() if lease and recorded.get(s) == lease.decode() else None
