@@ -51,9 +51,11 @@ FROM locked l LEFT JOIN earlier e ON e.wallet_id = l.id
 """
 
 # One statement, so one round trip: the new ledger rows, then every wallet's balance (moved
-# by the batch's net delta), ledger length and applied stream position; no wallet is updated,
-# and so nothing is returned, unless every shard of the batch still has the caller's epoch.
-# The shard rows stay share-locked until COMMIT: a new owner's epoch bump waits for it.
+# by the batch's net delta), ledger length and applied stream position. Nothing is written,
+# and so nothing returned, unless every shard of the batch still has the caller's epoch; the
+# shard rows stay share-locked until COMMIT, so a new owner's epoch bump waits for it.
+# Checked before the ledger insert: a former owner's batch that waited for a wallet while a
+# new owner wrote to it must meet the fence, not a duplicate key.
 RECORD_BATCH = """
 WITH fence AS (
     SELECT s.shard FROM shards s
@@ -61,15 +63,20 @@ WITH fence AS (
       ON s.shard = held.shard AND s.epoch = held.epoch
     FOR SHARE OF s
 ),
+allowed AS (
+    SELECT (SELECT count(*) FROM fence) = cardinality($13::int[]) AS ok
+),
 recorded AS (
     INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after)
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
-                         $6::text[], $7::text[], $8::bigint[])
+    SELECT r.* FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
+                           $6::text[], $7::text[], $8::bigint[]) AS r, allowed
+    WHERE allowed.ok
 )
 UPDATE wallets AS w
 SET balance = w.balance + v.delta, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
-FROM unnest($9::uuid[], $10::bigint[], $11::bigint[], $12::text[]) AS v(id, delta, op_seq, entry)
-WHERE w.id = v.id AND (SELECT count(*) FROM fence) = cardinality($13::int[])
+FROM unnest($9::uuid[], $10::bigint[], $11::bigint[], $12::text[]) AS v(id, delta, op_seq, entry),
+     allowed
+WHERE w.id = v.id AND allowed.ok
 RETURNING w.id::text, w.balance
 """
 

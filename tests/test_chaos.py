@@ -1,0 +1,117 @@
+"""Faults on real processes: the bank-style chaos run, and a worker drained under load.
+
+CHAOS_SEED replays a failing run's schedule; `python -m load.chaos` runs longer ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+
+from load.bench import free_port, wait_ready
+from load.chaos import FAULTS, Cluster, chaos, parser, schedule
+from shared.keys import KeySpace
+from shared.settings import Settings
+from tests.helpers import eventually
+
+
+def test_a_seed_replays_the_same_schedule_and_every_fault_is_in_it() -> None:
+    assert schedule(42, 30) == schedule(42, 30)
+    assert schedule(42, 30) != schedule(43, 30)
+    faults = schedule(42, 30)
+    assert sorted(f.kind for f in faults) == sorted(FAULTS)
+    assert all(0 < f.at < 30 * 0.75 for f in faults)
+    assert [f.at for f in faults] == sorted(f.at for f in faults)
+
+
+async def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(
+    servers: tuple[str, str], tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
+    args = parser().parse_args(["--seed", str(seed), "--seconds", "20"])
+    report = await chaos(args, *servers, tmp_path)
+    print(report.summary())  # pytest shows it with a failure
+    assert report.problems == [], report.summary()
+    assert report.answers[200] > 1000, report.summary()
+    assert report.fenced_refusals >= 1, report.summary()
+
+
+async def test_a_worker_stopped_by_sigterm_under_load_answers_every_request(
+    settings: Settings, tmp_path: Path, redis: Redis, pg: Any
+) -> None:
+    """SIGTERM mid-load: the worker finishes its batch and hands its shards back; the other
+    worker answers what it had not read. Every request gets its 200 or 409, none a 202."""
+    port = free_port()
+    env = {
+        **settings.to_env(),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WORKER_LEASE_TTL": "2.0",
+    }
+    cluster = Cluster(env, tmp_path)
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        cluster.start("api")
+        leaving, staying = cluster.start("worker"), cluster.start("worker")
+
+        async def both_own_shards() -> bool:
+            leases: list[Any] = [
+                await redis.get(keys.lease(s)) for s in range(settings.shard_count)
+            ]
+            return len({lease.rsplit(b"-", 2)[-2] for lease in leases if lease}) == 2 and all(
+                leases
+            )
+
+        await eventually(both_own_shards, within=20, what="the two workers to share the shards")
+        wallets = [
+            str(await pg.fetchval("INSERT INTO wallets (balance) VALUES (10000) RETURNING id"))
+            for _ in range(20)
+        ]
+        async with aiohttp.ClientSession(base) as http:
+            await wait_ready(http, f"{base}/ready")
+            statuses: list[int] = []
+            applied: dict[str, int] = dict.fromkeys(wallets, 0)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 4
+
+            async def client(rng: random.Random) -> None:
+                while loop.time() < end:
+                    wallet, kind = rng.choice(wallets), rng.choice(["DEPOSIT", "WITHDRAW"])
+                    async with http.post(
+                        f"/api/v1/wallets/{wallet}/operation",
+                        json={"operationType": kind, "amount": 30},
+                        headers={"Idempotency-Key": str(uuid.uuid4())},
+                    ) as r:
+                        statuses.append(r.status)
+                        if r.status == 200:
+                            applied[wallet] += 3000 if kind == "DEPOSIT" else -3000
+
+            clients = [asyncio.create_task(client(random.Random(i))) for i in range(16)]
+            await eventually(lambda: _at_least(statuses, 300), what="the load to be under way")
+            leaving.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(leaving.wait, 15) == 0
+            await asyncio.gather(*clients)
+        assert staying.poll() is None
+        assert len(statuses) > 100
+        assert set(statuses) <= {200, 409}, sorted(set(statuses))
+        log = cluster.log_of(leaving)
+        assert "handed back shards" in log
+        assert "Traceback" not in log
+        for wallet in wallets:
+            balance = await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet)
+            assert balance == 10000 + applied[wallet]
+    finally:
+        cluster.stop()
+
+
+async def _at_least(items: list[int], count: int) -> bool:
+    return len(items) >= count
