@@ -50,6 +50,7 @@ SHARDS = 16
 LEASE_TTL = 2.0
 REPLY_TIMEOUT = 5.0
 FUNDING_MINOR = 50_000  # 500.00 for each wallet, so that withdrawals are refused now and then
+REFUSED = "batch refused"  # what a worker logs when the fence refuses its batch
 CHAOS_APPLICATION = "chaos-runner"  # spared when the sessions are terminated
 FAULTS = ("kill", "pause", "start", "terminate_postgres_sessions", "drop_redis_connections")
 
@@ -298,6 +299,12 @@ class Chaos:
 
             await until(taken_over, LEASE_TTL * 10, f"another worker to take shard {shard}")
             victim.send_signal(signal.SIGCONT)
+
+        async def refused() -> bool:
+            return REFUSED in self.cluster.log_of(victim)
+
+        # Before anything else can strike it: the victim's batch meets the fence.
+        await until(refused, 10, "the continued worker's late batch to be refused")
         self.event(
             f"stopped worker pid {victim.pid} inside a batch past its lease; continued it after "
             f"shard {shard} changed hands"
@@ -414,7 +421,7 @@ class Chaos:
         await self.check_ownership(pg)
         if self.paused is not None:
             log = self.cluster.log_of(self.paused)
-            self.report.fenced_refusals = log.count("batch refused")
+            self.report.fenced_refusals = log.count(REFUSED)
             if not self.report.fenced_refusals:
                 self.problem(
                     f"the paused worker (pid {self.paused.pid}) had no batch refused; its log "
