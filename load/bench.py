@@ -330,7 +330,7 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
                 phase = Phase(f"{args.rate}/s on 1 wallet", design, args.rate, args.seconds)
                 phases.append(await run_phase(pg, base, wallets, phase))
                 print(table([phases[-1]]).splitlines()[-1], flush=True)
-            if not args.smoke:
+            if not (args.smoke or args.constant_only):
                 rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
                 best_service, more = await find_max(pg, service, 1, "service", rates, args)
                 phases += more
@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-seconds", type=float, default=10, help="each max-rate step (10)")
     parser.add_argument("--p99-limit", type=float, default=100, help="ms, for 'sustained' (100)")
     parser.add_argument("--smoke", action="store_true", help="a few seconds, correctness only")
+    parser.add_argument(
+        "--constant-only", action="store_true", help="skip the search for the maximum rates"
+    )
     parser.add_argument("--update-readme", action="store_true", help="write the table to README")
     args = parser.parse_args(argv)
     if args.smoke:

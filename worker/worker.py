@@ -170,7 +170,10 @@ class Worker:
                     )
                     await asyncio.sleep(delay)
                     continue
-                if done < self.settings.batch_max and self.settings.batch_linger:
+                # Group commit: after a batch of several operations more are surely coming,
+                # so wait a little for them. After a batch of one there is nobody to wait
+                # for; after a full one there is more already queued.
+                if 1 < done < self.settings.batch_max and self.settings.batch_linger:
                     await asyncio.sleep(self.settings.batch_linger)
         finally:
             await self.close()
