@@ -1,0 +1,193 @@
+"""Looking into the write path: `python -m worker.inspect {shards,wallet,stuck} [--json]`.
+
+    shards          each shard: its owner, how long ago the owner last renewed its lease,
+                    its epoch, how many operations wait in it and how old the oldest is
+    wallet <id>     one wallet's queued operations, straight from its stream, beside its
+                    last applied position and balance in PostgreSQL
+    stuck           queued operations older than --older-than seconds (default 10)
+
+Plain text for people, --json for scripts. Reads DATABASE_URL, REDIS_URL and the other
+settings from the environment like the service; changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from shared.codec import MessageError, decode_request
+from shared.connections import open_redis
+from shared.keys import KeySpace
+from shared.money import format_minor
+from shared.settings import Settings
+
+
+def entry_age(entry_id: bytes | str, now_ms: int) -> float:
+    """Seconds since Redis appended the entry (its id starts with the time in ms)."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return max(0.0, (now_ms - int(raw.partition("-")[0])) / 1000)
+
+
+async def oldest_entries(redis: Redis, keys: KeySpace, shard: int) -> dict[str, bytes]:
+    """Each dirty wallet of the shard, with the id of the oldest entry in its stream."""
+    members: Any = await redis.smembers(keys.dirty_set(shard))
+    wallets = sorted(w.decode() for w in members)
+    async with redis.pipeline(transaction=False) as pipe:
+        for w in wallets:
+            pipe.xrange(keys.wallet_stream(w, shard), count=1)
+        firsts = await pipe.execute()
+    return {w: first[0][0] for w, first in zip(wallets, firsts, strict=True) if first}
+
+
+async def shards_report(settings: Settings, redis: Redis, pg: Any) -> list[dict[str, Any]]:
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    ttl_ms = settings.worker_lease_ttl * 1000
+    epochs = {r["shard"]: r["epoch"] for r in await pg.fetch("SELECT shard, epoch FROM shards")}
+    now_ms = int(time.time() * 1000)
+    report = []
+    for shard in range(settings.shard_count):
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.lease(shard))
+            pipe.pttl(keys.lease(shard))
+            pipe.get(keys.queued(shard))
+            owner, lease_left_ms, queued = await pipe.execute()
+        oldest = await oldest_entries(redis, keys, shard)
+        report.append(
+            {
+                "shard": shard,
+                "owner": owner.decode() if owner else None,
+                "renewed_seconds_ago": round((ttl_ms - lease_left_ms) / 1000, 3) if owner else None,
+                "epoch": epochs.get(shard),
+                "queued": int(queued or 0),
+                "lag_seconds": max((entry_age(e, now_ms) for e in oldest.values()), default=0.0),
+            }
+        )
+    return report
+
+
+async def wallet_report(settings: Settings, redis: Redis, pg: Any, wallet: str) -> dict[str, Any]:
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    row = await pg.fetchrow(
+        "SELECT balance, op_seq, applied_entry FROM wallets WHERE id::text = $1", wallet
+    )
+    now_ms = int(time.time() * 1000)
+    queued = []
+    stream: Any = await redis.xrange(keys.wallet_stream(wallet))
+    for entry_id, fields in stream:
+        item: dict[str, Any] = {
+            "entry": entry_id.decode(),
+            "age_seconds": entry_age(entry_id, now_ms),
+        }
+        try:
+            op = decode_request(fields.get(b"m", b""))
+            item |= {"operation": op.op_id, "type": op.kind, "amount": format_minor(op.amount)}
+        except MessageError as e:
+            item["undecodable"] = str(e)
+        queued.append(item)
+    return {
+        "wallet": wallet,
+        "shard": keys.shard_of(wallet),
+        "exists": row is not None,
+        "balance": format_minor(row["balance"]) if row else None,
+        "ledger_rows": row["op_seq"] if row else None,
+        "applied_entry": row["applied_entry"] if row else None,
+        "queued": queued,
+    }
+
+
+async def stuck_report(settings: Settings, redis: Redis, older_than: float) -> list[dict[str, Any]]:
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    now_ms = int(time.time() * 1000)
+    stuck = []
+    for shard in range(settings.shard_count):
+        for wallet, entry in (await oldest_entries(redis, keys, shard)).items():
+            age = entry_age(entry, now_ms)
+            if age > older_than:
+                stuck.append(
+                    {
+                        "shard": shard,
+                        "wallet": wallet,
+                        "oldest_entry": entry.decode(),
+                        "age_seconds": age,
+                        "queued": await redis.xlen(keys.wallet_stream(wallet, shard)),
+                    }
+                )
+    return stuck
+
+
+def as_text(command: str, report: Any) -> str:
+    if command == "wallet":
+        head = (
+            f"wallet {report['wallet']} (shard {report['shard']}): "
+            + (
+                f"balance {report['balance']}, {report['ledger_rows']} ledger rows, "
+                f"last applied entry {report['applied_entry']}"
+                if report["exists"]
+                else "no such wallet in PostgreSQL"
+            )
+            + f"; {len(report['queued'])} queued"
+        )
+        lines = [
+            f"  {q['entry']}  {q['age_seconds']:8.3f}s  "
+            + (
+                f"{q['type']} {q['amount']}  op {q['operation']}"
+                if "type" in q
+                else q["undecodable"]
+            )
+            for q in report["queued"]
+        ]
+        return "\n".join([head, *lines])
+    if not report:
+        return "nothing"
+    columns = list(report[0])
+    rows = [[("-" if r[c] is None else str(r[c])) for c in columns] for r in report]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+        for line in [columns, *rows]
+    )
+
+
+async def inspect(args: argparse.Namespace, settings: Settings) -> Any:
+    redis = open_redis(settings, name=f"{settings.redis_key_prefix}:inspect")
+    pg = await asyncpg.connect(settings.database_url)
+    try:
+        if args.command == "shards":
+            return await shards_report(settings, redis, pg)
+        if args.command == "wallet":
+            return await wallet_report(settings, redis, pg, args.wallet_id.lower())
+        return await stuck_report(settings, redis, args.older_than)
+    finally:
+        await pg.close()
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.inspect", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("shards", help="owner, epoch, backlog and lag of every shard")
+    wallet = commands.add_parser("wallet", help="one wallet's queue beside its ledger position")
+    wallet.add_argument("wallet_id")
+    stuck = commands.add_parser("stuck", help="queued operations older than a threshold")
+    stuck.add_argument("--older-than", type=float, default=10.0, help="seconds (10)")
+    args = parser.parse_args(argv)
+    report = asyncio.run(inspect(args, Settings.from_env()))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(as_text(args.command, report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
