@@ -8,11 +8,12 @@ import uvloop
 from aiohttp import web
 
 from api.app import create_app
+from shared import logs
 from shared.settings import Settings
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     settings = Settings.from_env()
     logging.getLogger("api").info("starting with %r", settings)
     web.run_app(

@@ -10,13 +10,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api.appkeys import ENQUEUE, KEYS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
 from api.enqueue import Enqueuer
 from api.handlers import routes
+from api.observe import metrics, observe_middleware
 from api.problems import problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
 from shared.keys import KeySpace
+from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
 log = logging.getLogger("api")
@@ -59,9 +61,13 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[observe_middleware, problem_middleware], client_max_size=MAX_BODY_BYTES
+    )
     app[SETTINGS] = settings
     app[KEYS] = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    app[METRICS] = ApiMetrics()
     app.cleanup_ctx.extend([postgres, redis_and_replies])
     app.add_routes(routes)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from api.enqueue import Enqueuer
 from api.replies import ReplyListener
 from shared.keys import KeySpace
+from shared.metrics import ApiMetrics
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -17,4 +18,4 @@ PG = web.AppKey("pg", asyncpg.Pool)
 REDIS = web.AppKey("redis", Redis)
 REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", Enqueuer)
-OPERATION_ID = web.RequestKey("operation_id", str)
+METRICS = web.AppKey("metrics", ApiMetrics)

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import queries
-from api.appkeys import ENQUEUE, KEYS, OPERATION_ID, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
 from api.inputs import (
     FORM_FIELDS,
     OPERATION_FIELDS,
@@ -27,7 +27,7 @@ from api.inputs import (
     wallet_id_from_path,
 )
 from api.problems import DEPENDENCY_ERRORS, error_response, problem
-from shared import errors
+from shared import errors, logs
 from shared.codec import (
     APPLIED,
     BALANCE_LIMIT,
@@ -140,7 +140,7 @@ async def submit_operation(
     app = request.app
     settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
     op_id = operation_id(request)
-    request[OPERATION_ID] = op_id
+    logs.OPERATION_ID.set(op_id)  # on every log line about this request from here on
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
@@ -176,6 +176,7 @@ async def submit_operation(
             async with asyncio.timeout(settings.reply_timeout):
                 return outcome_response(await outcome)
         except TimeoutError:
+            app[METRICS].reply_timeouts.inc()
             return pending_response(wallet_id, op_id)
     finally:
         replies.forget(tag)

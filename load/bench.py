@@ -308,6 +308,7 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "REDIS_KEY_PREFIX": f"bench-{name}",
+        "WORKER_METRICS_PORT": "0",
         "HOST": "127.0.0.1",
     }
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}

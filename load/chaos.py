@@ -199,6 +199,7 @@ class Chaos:
                 "REDIS_KEY_PREFIX": self.prefix,
                 "SHARD_COUNT": str(SHARDS),
                 "WORKER_LEASE_TTL": str(LEASE_TTL),
+                "WORKER_METRICS_PORT": "0",
                 "REPLY_TIMEOUT": str(REPLY_TIMEOUT),
                 "HOST": "127.0.0.1",
                 "PORT": str(port),

@@ -50,6 +50,8 @@ class Settings:
     # How often a worker reads its shards' dirty sets again, in case a wake-up was lost with a
     # worker that died holding it.
     worker_rescan_interval: float = 10.0
+    # Where a worker serves GET /metrics (Prometheus); 0 turns it off.
+    worker_metrics_port: int = 9100
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -101,6 +103,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be greater than 0")
+        if not 0 <= self.worker_metrics_port < 65536:
+            raise ValueError("WORKER_METRICS_PORT must be from 0 to 65535")
         if self.batch_linger < 0:
             raise ValueError("BATCH_LINGER must not be negative")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_key_prefix):

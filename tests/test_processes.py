@@ -41,8 +41,14 @@ async def until_ready(url: str) -> None:
 
 
 @pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    served = dataclasses.replace(settings, host="127.0.0.1", port=free_port())
+def served(settings: Settings) -> Settings:
+    return dataclasses.replace(
+        settings, host="127.0.0.1", port=free_port(), worker_metrics_port=free_port()
+    )
+
+
+@pytest.fixture
+async def service(served: Settings) -> AsyncIterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     env = served.to_env()
     processes = [spawn("worker", env), spawn("api", env)]
     url = f"http://127.0.0.1:{served.port}"
@@ -56,7 +62,7 @@ async def service(settings: Settings) -> AsyncIterator[tuple[str, list[subproces
 
 
 async def test_api_and_worker_processes_serve_and_stop_cleanly(
-    service: tuple[str, list[subprocess.Popen[bytes]]],
+    service: tuple[str, list[subprocess.Popen[bytes]]], served: Settings
 ) -> None:
     url, processes = service
     await until_ready(url)
@@ -74,6 +80,18 @@ async def test_api_and_worker_processes_serve_and_stop_cleanly(
         assert set(await asyncio.gather(*(deposit(n) for n in range(100)))) == {200}
         async with http.get(f"/api/v1/wallets/{wallet}") as r:
             assert (await r.json())["balance"] == f"{sum(range(100)) + 1}.00"
+            assert r.headers["X-Request-Id"]
+        async with http.get("/metrics") as r:
+            api_metrics = await r.text()
+        route = 'route="/api/v1/wallets/{wallet_id}/operation"'
+        assert f'wallet_http_requests_total{{method="POST",{route},status="200"}} 100.0' in (
+            api_metrics
+        )
+    worker_url = f"http://127.0.0.1:{served.worker_metrics_port}"
+    async with aiohttp.ClientSession(worker_url) as http, http.get("/metrics") as r:
+        worker_metrics = await r.text()
+    assert f"wallet_shards_owned {float(served.shard_count)}" in worker_metrics
+    assert "wallet_batch_operations_sum 100.0" in worker_metrics
 
     for p in processes:
         p.send_signal(signal.SIGTERM)

@@ -1,14 +1,28 @@
 """`python -m worker`: one shard worker, configured from the environment. SIGTERM drains it:
-the batch in hand is finished and answered, the shards are handed back, and it exits 0."""
+the batch in hand is finished and answered, the shards are handed back, and it exits 0.
+
+`python -m worker --check` (a container's health check) exits 0 if a worker of this host
+has a live heartbeat, else 1."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
+import sys
+import time
+from typing import Any
 
 import uvloop
+from aiohttp import web
+from redis.exceptions import RedisError
 
+from shared import logs
+from shared.connections import open_redis
+from shared.keys import KeySpace
+from shared.metrics import CONTENT_TYPE, exposition
 from shared.settings import Settings
 from worker.worker import Worker, connect, new_worker_id
 
@@ -32,14 +46,58 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain)
     log.info("worker %s started", worker.worker_id)
+    metrics = await serve_metrics(worker, settings.worker_metrics_port)
     try:
         await worker.run()
     finally:
+        if metrics is not None:
+            await metrics.cleanup()
         await pool.close()
         await redis.aclose()
     log.info("worker %s stopped", worker.worker_id)
 
 
+async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
+    """GET /metrics on `port` (all interfaces, for a scraper in the same network)."""
+    if not port:
+        return None
+
+    async def expose(request: web.Request) -> web.Response:
+        with contextlib.suppress(RedisError, OSError):  # the rest is still worth reading
+            await worker.refresh_gauges()
+        response = web.Response(body=exposition(worker.metrics.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", expose)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()  # noqa: S104 - a container's port
+    return runner
+
+
+async def check() -> int:
+    settings = Settings.from_env()
+    redis = open_redis(settings)
+    try:
+        live: Any = await redis.zrangebyscore(
+            KeySpace(settings.redis_key_prefix, settings.shard_count).workers(),
+            int(time.time() * 1000),
+            "+inf",
+        )
+    except (RedisError, OSError) as e:
+        print(f"unhealthy: Redis unreachable ({e})")
+        return 1
+    finally:
+        await redis.aclose()
+    ours = [w.decode() for w in live if w.decode().startswith(f"{socket.gethostname()}-")]
+    print(f"healthy: {', '.join(ours)}" if ours else "unhealthy: no live worker on this host")
+    return 0 if ours else 1
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(asyncio.run(check()))
+    logs.configure()
     uvloop.run(main())

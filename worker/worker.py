@@ -45,6 +45,7 @@ from shared.connections import (
     worker_pg_settings,
 )
 from shared.keys import KeySpace
+from shared.metrics import WorkerMetrics
 from shared.scripts import (
     ACKNOWLEDGE,
     ACKNOWLEDGE_SHA,
@@ -124,7 +125,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.batches = 0
         self.operations = 0
-        self.fenced_batches = 0
+        self.metrics = WorkerMetrics()
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
@@ -154,7 +155,7 @@ class Worker:
                     done = await self.process_round()
                     failures = 0
                 except Fenced as e:
-                    self.fenced_batches += 1
+                    self.metrics.fenced.inc()
                     log.warning("batch refused, these shards have a new owner: %s", e)
                     await self._release(e.shards)
                     continue
@@ -269,11 +270,14 @@ class Worker:
             if self._conn is None:
                 # Held across batches: releasing to the pool costs a reset round trip.
                 self._conn = await self.pool.acquire()
+            started = time.perf_counter()
             try:
                 outcomes = await apply_batch(self._conn, entries, epochs)
             except BaseException:
                 await self._release_connection()
                 raise
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(entries))
             self.batches += 1
             self.operations += len(entries)
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
@@ -400,6 +404,7 @@ class Worker:
         for shard, still_held in zip(held, renewed, strict=True):
             if not still_held and self.owned.pop(shard, None) is not None:
                 self._shards_dropped = True
+                self.metrics.lease_changes.labels("lost").inc()
                 log.warning("lost the lease of shard %d", shard)
         if self.stopping.is_set():
             return
@@ -445,6 +450,7 @@ class Worker:
             self._listeners[shard] = asyncio.create_task(
                 self._listen(shard), name=f"listen-{shard}"
             )
+        self.metrics.lease_changes.labels("taken").inc()
         log.info("took shard %d at epoch %d", shard, epoch)
         await self._rescan([shard])
         return True
@@ -475,4 +481,17 @@ class Worker:
                 pipe.eval(RELEASE_LEASE, 1, self.keys.lease(shard), self.worker_id)
             await pipe.execute()
         if shards:
+            self.metrics.lease_changes.labels("handed_back").inc(len(shards))
             log.info("handed back shards %s", shards)
+
+    async def refresh_gauges(self) -> None:
+        """Reads the figures that live in Redis into the metrics, before they are exposed."""
+        owned = sorted(self.owned)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in owned:
+                pipe.get(self.keys.queued(shard))
+            counts = await pipe.execute()
+        self.metrics.shards_owned.set(len(owned))
+        self.metrics.queued.clear()
+        for shard, count in zip(owned, counts, strict=True):
+            self.metrics.queued.labels(str(shard)).set(int(count or 0))

@@ -1,0 +1,80 @@
+"""Prometheus metrics of the API and of the worker; each process (and each app or worker in
+a test) has a registry of its own, exposed at GET /metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+@dataclass
+class ApiMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter(
+            "wallet_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "wallet_http_request_seconds",
+            "Time to answer an HTTP request, by route template and method",
+            ["route", "method"],
+            buckets=SECONDS,
+            registry=self.registry,
+        )
+        self.reply_timeouts = Counter(
+            "wallet_reply_timeouts",
+            "Operations answered 202 because the worker's reply did not come in time",
+            registry=self.registry,
+        )
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.batch_size = Histogram(
+            "wallet_batch_operations",
+            "Operations in one committed batch",
+            buckets=BATCH_SIZES,
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "wallet_batch_commit_seconds",
+            "Time from BEGIN to COMMIT of one batch",
+            buckets=SECONDS,
+            registry=self.registry,
+        )
+        self.fenced = Counter(
+            "wallet_fenced_batches",
+            "Batches refused because another worker had taken one of their shards",
+            registry=self.registry,
+        )
+        self.lease_changes = Counter(
+            "wallet_lease_changes",
+            "Shards taken, handed back, or lost (the lease ran out before renewal)",
+            ["change"],
+            registry=self.registry,
+        )
+        self.shards_owned = Gauge(
+            "wallet_shards_owned", "Shards this worker owns", registry=self.registry
+        )
+        self.queued = Gauge(
+            "wallet_queued_operations",
+            "Operations waiting in the shard's streams, for the shards this worker owns",
+            ["shard"],
+            registry=self.registry,
+        )
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
