@@ -4,12 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint fmt check bench clean
+.PHONY: install run test lint fmt check bench lock clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The compose specification's JSON schema, for tests/test_deployment.py: PyPI's last
+	# docker-compose release ships it; only the schema is taken from it, nothing installed.
+	$(BIN)/python -m pip download --quiet --no-deps --dest $(VENV)/schemas docker-compose==1.29.2
+	$(BIN)/python -m zipfile -e $(VENV)/schemas/docker_compose-1.29.2-py2.py3-none-any.whl $(VENV)/schemas
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
@@ -23,6 +27,12 @@ test: $(INSTALLED)
 # BENCH_ARGS=--help for the options; --update-readme rewrites README's figures.
 bench: $(INSTALLED)
 	$(BIN)/python -m load.bench $(BENCH_ARGS)
+
+# The images' pinned dependencies, with hashes, from pyproject.toml's runtime dependencies.
+lock: $(INSTALLED)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --no-header \
+		--no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
