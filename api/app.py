@@ -14,6 +14,7 @@ from api.appkeys import ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
 from api.enqueue import Enqueuer
 from api.handlers import routes
 from api.observe import metrics, observe_middleware
+from api.openapi import docs, openapi_json
 from api.problems import problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
@@ -70,4 +71,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([postgres, redis_and_replies])
     app.add_routes(routes)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/openapi.json", openapi_json)
+    app.router.add_get("/docs", docs)
     return app

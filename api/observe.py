@@ -41,7 +41,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[METRICS]
         metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+        metrics.latency.labels(route, request.method, str(status)).observe(
+            time.perf_counter() - started
+        )
 
 
 async def metrics(request: web.Request) -> web.Response:

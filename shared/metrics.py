@@ -25,8 +25,8 @@ class ApiMetrics:
         )
         self.latency = Histogram(
             "wallet_http_request_seconds",
-            "Time to answer an HTTP request, by route template and method",
-            ["route", "method"],
+            "Time to answer an HTTP request, by route template, method and status",
+            ["route", "method", "status"],
             buckets=SECONDS,
             registry=self.registry,
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import json
+import logging
 import os
 import signal
 import socket
@@ -15,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shared import logs
 from shared.devstack import spawn
 from shared.settings import Settings
 from tests.conftest import ROOT
@@ -151,3 +155,28 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
     rows = [line for line in run.stdout.splitlines() if line.startswith("| 200/s on 1 wallet")]
     assert len(rows) == 4  # two designs, each printed as it ends and again in the table
     assert all("| exact |" in row for row in rows)
+
+
+def test_log_lines_are_json_with_the_request_and_operation_ids() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("api.test-json")
+    logger.addHandler(handler)
+    try:
+        request_token = logs.REQUEST_ID.set("req-1")
+        operation_token = logs.OPERATION_ID.set("op-1")
+        logger.warning("about %s", "it")
+        logs.OPERATION_ID.reset(operation_token)
+        logs.REQUEST_ID.reset(request_token)
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (first["message"], first["request_id"], first["operation_id"]) == (
+        "about it",
+        "req-1",
+        "op-1",
+    )
+    assert first["level"] == "warning"
+    assert "request_id" not in second

@@ -1,0 +1,456 @@
+"""The API described: an OpenAPI 3.1 document at /api/openapi.json, and a page for people at
+/docs rendered from it on the server (no script, no CDN: it works offline).
+
+tests/test_openapi.py holds the document to the server: every route served is described,
+and the answers the server gives match the schemas described here.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from aiohttp import web
+
+from api.inputs import IDEMPOTENCY_KEY, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX
+from shared.codec import to_json
+from shared.money import MAX_AMOUNT_MINOR, format_minor
+
+REF = "#/components/schemas/"
+DECIMAL = {
+    "type": "string",
+    "pattern": r"^-?[0-9]+\.[0-9]{2}$",
+    "description": "Exact money: a decimal string with two fraction digits",
+    "examples": ["1000.00"],
+}
+UUID = {"type": "string", "format": "uuid"}
+TIME = {"type": "string", "format": "date-time"}
+OPERATION_TYPE = {"type": "string", "enum": ["DEPOSIT", "WITHDRAW"]}
+AMOUNT = {
+    "oneOf": [
+        {"type": "number", "exclusiveMinimum": 0},
+        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
+    ],
+    "description": f"More than 0, at most {format_minor(MAX_AMOUNT_MINOR)}, at most two fraction "
+    "digits; a JSON "
+    "number or a decimal string",
+    "examples": [1000, "10.25"],
+}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": REF + name}
+
+
+def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def problem(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": ref("Problem")}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait"}
+        }
+    return response
+
+
+UNAVAILABLE = problem("PostgreSQL or Redis is unreachable", retry_after=True)
+INVALID = problem("A parameter or field is not valid (each error names it)")
+NOT_FOUND = problem("No such wallet (a malformed id is not found either)")
+
+PAGING = [
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": PAGE_LIMIT_MAX,
+            "default": PAGE_LIMIT_DEFAULT,
+        },
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "The next_cursor of the previous page",
+    },
+]
+WALLET_ID = {"name": "wallet_id", "in": "path", "required": True, "schema": UUID}
+OPERATION_ID = {"name": "operation_id", "in": "path", "required": True, "schema": UUID}
+KEY_HEADER = {
+    "name": IDEMPOTENCY_KEY,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Makes the request safe to retry: it becomes the operation's id (a UUID "
+    "as it is, any other key mapped to one). The same key with the same request answers the "
+    "stored outcome again, with Idempotent-Replayed: true; with another request, 422.",
+}
+
+
+def operation_post(summary: str, body_schema: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": [KEY_HEADER],
+        "requestBody": {"required": True, "content": json_content(ref(body_schema))},
+        "responses": {
+            "200": {
+                "description": "Applied and committed; `balance` is the wallet's balance after it",
+                "content": json_content(ref("Operation")),
+            },
+            "202": {
+                "description": "Queued, but its outcome did not come in time: the Location "
+                "(and `href`) shows it once applied",
+                "content": json_content(ref("Pending")),
+            },
+            "400": problem("The body is not JSON, or not an object"),
+            "404": NOT_FOUND,
+            "409": problem("Refused: insufficient funds, or the balance limit; recorded"),
+            "413": problem("The body is too large"),
+            "415": problem("The body is not application/json"),
+            "422": problem(
+                "A field is not valid, or the Idempotency-Key was used for another request"
+            ),
+            "503": problem(
+                "The wallet's or shard's queue is full, or a dependency is down", retry_after=True
+            ),
+        },
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "Wallet": {
+        "type": "object",
+        "required": ["id", "balance", "created_at", "updated_at"],
+        "properties": {"id": UUID, "balance": DECIMAL, "created_at": TIME, "updated_at": TIME},
+        "additionalProperties": False,
+    },
+    "WalletPage": {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": ref("Wallet")},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+        "additionalProperties": False,
+    },
+    "OperationRequest": {
+        "type": "object",
+        "description": "operation_type is accepted as another spelling of operationType",
+        "properties": {
+            "operationType": OPERATION_TYPE,
+            "operation_type": OPERATION_TYPE,
+            "amount": AMOUNT,
+        },
+        "required": ["amount"],
+        "additionalProperties": False,
+    },
+    "OperationFormRequest": {
+        "type": "object",
+        "properties": {
+            "walletId": UUID,
+            "operationType": OPERATION_TYPE,
+            "operation_type": OPERATION_TYPE,
+            "amount": AMOUNT,
+        },
+        "required": ["walletId", "amount"],
+        "additionalProperties": False,
+    },
+    "Operation": {
+        "type": "object",
+        "required": [
+            "id",
+            "wallet_id",
+            "operation_type",
+            "amount",
+            "status",
+            "reason",
+            "balance",
+            "seq",
+            "created_at",
+        ],
+        "properties": {
+            "id": UUID,
+            "wallet_id": UUID,
+            "operation_type": OPERATION_TYPE,
+            "amount": DECIMAL,
+            "status": {"type": "string", "enum": ["applied", "rejected"]},
+            "reason": {
+                "type": ["string", "null"],
+                "enum": [None, "insufficient_funds", "balance_limit"],
+            },
+            "balance": DECIMAL,
+            "seq": {"type": "integer", "minimum": 1, "description": "Its place in the ledger"},
+            "created_at": TIME,
+        },
+        "additionalProperties": False,
+    },
+    "Pending": {
+        "type": "object",
+        "required": ["id", "wallet_id", "status", "href"],
+        "properties": {
+            "id": UUID,
+            "wallet_id": UUID,
+            "status": {"const": "pending"},
+            "href": {"type": "string"},
+        },
+        "additionalProperties": False,
+    },
+    "OperationPage": {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": ref("Operation")},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+        "additionalProperties": False,
+    },
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457; `type` is stable per kind of error",
+        "required": ["type", "title", "status"],
+        "properties": {
+            "type": {"type": "string", "pattern": "^urn:wallet-service:problem:"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["field", "reason"],
+                    "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
+                },
+            },
+            "operation": ref("Operation"),
+            "operation_id": UUID,
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"const": "ok"}},
+    },
+    "Ready": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"const": "ready"},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+}
+
+PATHS: dict[str, Any] = {
+    "/api/v1/wallets": {
+        "post": {
+            "summary": "Create a wallet (balance 0.00)",
+            "responses": {
+                "201": {
+                    "description": "Created; Location names it",
+                    "content": json_content(ref("Wallet")),
+                },
+                "422": INVALID,
+                "503": UNAVAILABLE,
+            },
+        },
+        "get": {
+            "summary": "List wallets, newest first",
+            "parameters": PAGING,
+            "responses": {
+                "200": {"description": "A page", "content": json_content(ref("WalletPage"))},
+                "422": INVALID,
+                "503": UNAVAILABLE,
+            },
+        },
+    },
+    "/api/v1/wallets/{wallet_id}": {
+        "get": {
+            "summary": "A wallet and its balance",
+            "parameters": [WALLET_ID],
+            "responses": {
+                "200": {"description": "The wallet", "content": json_content(ref("Wallet"))},
+                "404": NOT_FOUND,
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/v1/wallets/{wallet_id}/operation": {
+        "post": {
+            **operation_post("Deposit to or withdraw from the wallet", "OperationRequest"),
+            "parameters": [WALLET_ID, KEY_HEADER],
+        }
+    },
+    "/api/v1/wallet": {
+        "post": operation_post(
+            "The same operation, in its original form: the wallet id in the body",
+            "OperationFormRequest",
+        )
+    },
+    "/api/v1/wallets/{wallet_id}/operations": {
+        "get": {
+            "summary": "The wallet's ledger, newest first",
+            "parameters": [WALLET_ID, *PAGING],
+            "responses": {
+                "200": {"description": "A page", "content": json_content(ref("OperationPage"))},
+                "404": NOT_FOUND,
+                "422": INVALID,
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/v1/wallets/{wallet_id}/operations/{operation_id}": {
+        "get": {
+            "summary": "One operation and its outcome: applied, rejected, or pending",
+            "parameters": [WALLET_ID, OPERATION_ID],
+            "responses": {
+                "200": {
+                    "description": "Its outcome, or `pending` while it waits in the queue",
+                    "content": json_content({"oneOf": [ref("Operation"), ref("Pending")]}),
+                },
+                "404": problem("No such wallet, or no such operation on it"),
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/health": {
+        "get": {
+            "summary": "The process is alive",
+            "responses": {"200": {"description": "Alive", "content": json_content(ref("Health"))}},
+        }
+    },
+    "/ready": {
+        "get": {
+            "summary": "PostgreSQL and Redis answer and at least one worker is alive",
+            "responses": {
+                "200": {"description": "Ready", "content": json_content(ref("Ready"))},
+                "503": problem("Not ready: `checks` says what is missing", retry_after=True),
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics of this API process",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/api/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": json_content({"type": "object"}),
+                }
+            },
+        }
+    },
+    "/docs": {
+        "get": {
+            "summary": "This document as a page for people",
+            "responses": {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Wallet service",
+        "version": "1",
+        "description": "Wallets with exact balances and a ledger. Money is exact: amounts "
+        "travel as decimal strings with two fraction digits (a JSON number is accepted in "
+        "requests). Errors are RFC 9457 problem documents. An operation is answered 200 "
+        "only after it is committed.",
+    },
+    "paths": PATHS,
+    "components": {"schemas": SCHEMAS},
+}
+DOCUMENT_JSON = to_json(DOCUMENT)
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=DOCUMENT_JSON, content_type="application/json")
+
+
+def _schema_name(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return str(schema["$ref"]).removeprefix(REF)
+    if "oneOf" in schema:
+        return " or ".join(_schema_name(s) for s in schema["oneOf"])
+    return str(schema.get("type", "value"))
+
+
+def render_page() -> str:
+    """The document as HTML: each path and method with its parameters and answers, then
+    each schema."""
+    e = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{e(DOCUMENT['info']['title'])} API</title>",
+        "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:60rem;margin:auto;"
+        "padding:1rem;color:#111}code,pre{background:#f3f3f3;padding:0 .2rem}"
+        "h3{border-top:1px solid #ccc;padding-top:1rem}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:left}</style></head><body>",
+        f"<h1>{e(DOCUMENT['info']['title'])} API</h1>",
+        f"<p>{e(DOCUMENT['info']['description'])}</p>",
+        "<p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a> "
+        "(OpenAPI 3.1).</p><h2>Endpoints</h2>",
+    ]
+    for path, methods in PATHS.items():
+        for method, spec in methods.items():
+            parts.append(f"<h3><code>{e(method.upper())} {e(path)}</code></h3>")
+            parts.append(f"<p>{e(spec['summary'])}</p>")
+            if spec.get("parameters"):
+                parts.append("<table><tr><th>parameter</th><th>in</th><th>about</th></tr>")
+                for p in spec["parameters"]:
+                    about = p.get("description", _schema_name(p["schema"]))
+                    parts.append(
+                        f"<tr><td><code>{e(p['name'])}</code></td><td>{e(p['in'])}</td>"
+                        f"<td>{e(about)}</td></tr>"
+                    )
+                parts.append("</table>")
+            if "requestBody" in spec:
+                body = spec["requestBody"]["content"]["application/json"]["schema"]
+                parts.append(f"<p>Body: <code>{e(_schema_name(body))}</code></p>")
+            parts.append("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>")
+            for status, response in spec["responses"].items():
+                content = response.get("content", {})
+                body_names = ", ".join(
+                    f"{_schema_name(c['schema'])} ({kind})" for kind, c in content.items()
+                )
+                parts.append(
+                    f"<tr><td>{e(status)}</td><td>{e(response['description'])}</td>"
+                    f"<td>{e(body_names)}</td></tr>"
+                )
+            parts.append("</table>")
+    parts.append("<h2>Schemas</h2>")
+    for name, schema in SCHEMAS.items():
+        parts.append(f"<h3 id='{e(name)}'>{e(name)}</h3>")
+        parts.append(f"<pre>{e(to_json(schema).decode())}</pre>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+PAGE = render_page()
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html")
