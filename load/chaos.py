@@ -124,7 +124,8 @@ def ledger_problems(rows: list[Any]) -> tuple[int, list[str]]:
             balance -= row["amount"]
         else:
             expected = "rejected"
-        if row["status"] != expected or row["balance_after"] != balance or balance < 0:
+        reason = "insufficient_funds" if expected == "rejected" else None
+        if (row["status"], row["reason"], row["balance_after"]) != (expected, reason, balance):
             problems.append(f"ledger row {dict(row)} does not follow (balance {balance})")
     return balance, problems
 

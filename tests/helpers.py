@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from load.chaos import ledger_problems
+
 Client = TestClient[Any, Any]
 
 
@@ -47,16 +49,6 @@ async def ledger(pg: Any, wallet: str) -> list[Any]:
 def replay_ledger(rows: list[Any]) -> int:
     """Replays the ledger serially from a zero balance, checking every decision it recorded;
     returns the final balance."""
-    balance = 0
-    for row in rows:
-        if row["kind"] == "DEPOSIT":
-            assert row["status"] == "applied", row
-            balance += row["amount"]
-        elif balance >= row["amount"]:
-            assert row["status"] == "applied", (row, balance)
-            balance -= row["amount"]
-        else:
-            assert (row["status"], row["reason"]) == ("rejected", "insufficient_funds"), row
-        assert row["balance_after"] == balance, (row, balance)
-        assert balance >= 0
+    balance, problems = ledger_problems(rows)
+    assert problems == []
     return balance

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,17 +17,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from load.bench import free_port
 from shared import logs
 from shared.devstack import spawn
 from shared.settings import Settings
 from tests.conftest import ROOT
 from tests.helpers import eventually
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def until_ready(url: str) -> None:
