@@ -131,3 +131,27 @@ async def test_a_stopped_worker_finishes_its_batch_and_answers(
 
 async def _positive(pg: Any, wallet: str) -> bool:
     return bool(await pg.fetchval("SELECT balance > 0 FROM wallets WHERE id = $1", wallet))
+
+
+async def test_a_redelivered_entry_is_answered_as_before_and_a_client_retry_as_a_replay(
+    settings: Settings, pg: Any, redis: Redis
+) -> None:
+    """An entry read again after its COMMIT (the worker died before trimming it) is not a
+    client's retry, so its answer is not flagged as a replay; the same key sent again by
+    the client, a later entry, is."""
+    keys = keyspace(settings)
+    wallet = await new_wallet(pg)
+    shard = keys.shard_of(wallet)
+    stream = keys.wallet_stream(wallet)
+    request = OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", 700, "", 0)
+    added: list[Any] = [await redis.xadd(stream, {"m": encode_request(request)}) for _ in "12"]
+    first_id, retry_id = (entry_id.decode() for entry_id in added)
+    async with pg.acquire() as conn:
+        epoch = await take_shard(conn, shard, "a worker")
+        [applied] = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
+        [redelivered] = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
+        [retried] = await apply_batch(conn, [Entry(retry_id, request)], {shard: epoch})
+    assert (applied.status, applied.replayed) == ("applied", False)
+    assert (redelivered.seq, redelivered.replayed) == (applied.seq, False)
+    assert (retried.seq, retried.replayed) == (applied.seq, True)
+    assert len(await ledger(pg, wallet)) == 1
