@@ -39,7 +39,8 @@ class Settings:
     batch_max: int = 1000
     # At most this many wallets are read in one batch; the others wait for the next round.
     batch_wallets_max: int = 256
-    # After a small batch, wait this long so the next one is fuller (group commit).
+    # After a batch of several operations (not a full one), wait this long so the next one is
+    # fuller (group commit).
     batch_linger: float = 0.002
     # A worker counts as alive, and keeps its shards, this long after it last renewed them; a
     # worker that stops renewing (crashed, paused, cut off) loses its shards after it.
