@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api.appkeys import ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import ENQUEUE, KEYS, METRICS, OWNERS, PG, REDIS, REPLIES, SETTINGS
+from api.auth import auth_middleware, auth_routes
 from api.enqueue import Enqueuer
 from api.handlers import routes
 from api.observe import metrics, observe_middleware
@@ -63,13 +64,16 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[observe_middleware, problem_middleware], client_max_size=MAX_BODY_BYTES
+        middlewares=[observe_middleware, problem_middleware, auth_middleware],
+        client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
     app[KEYS] = KeySpace(settings.redis_key_prefix, settings.shard_count)
     app[METRICS] = ApiMetrics()
+    app[OWNERS] = {}
     app.cleanup_ctx.extend([postgres, redis_and_replies])
     app.add_routes(routes)
+    app.add_routes(auth_routes)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)

@@ -19,3 +19,5 @@ REDIS = web.AppKey("redis", Redis)
 REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", Enqueuer)
 METRICS = web.AppKey("metrics", ApiMetrics)
+# wallet id -> owner's user id, as far as this process has looked them up
+OWNERS = web.AppKey("owners", dict[str, str])

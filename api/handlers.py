@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import queries
-from api.appkeys import ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import ENQUEUE, KEYS, METRICS, OWNERS, PG, REDIS, REPLIES, SETTINGS
+from api.auth import USER
 from api.inputs import (
     FORM_FIELDS,
     OPERATION_FIELDS,
@@ -48,6 +49,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 QUEUE_SCAN_CHUNK = 500
 routes = web.RouteTableDef()
+OWNERS_REMEMBERED = 100_000  # wallet id -> owner id, per API process
 
 
 def json_response(
@@ -139,6 +141,7 @@ async def submit_operation(
     202 with the operation's URL when it does not come within the reply timeout."""
     app = request.app
     settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
+    await ensure_visible(request, wallet_id)
     op_id = operation_id(request)
     logs.OPERATION_ID.set(op_id)  # on every log line about this request from here on
     if not replies.subscribed.is_set():
@@ -203,8 +206,9 @@ async def create_wallet(request: web.Request) -> web.Response:
         body = await read_json_object(request)
         if body:
             raise errors.InvalidInput(sorted(body)[0], "is not a known field")
+    user = request.get(USER)
     async with request.app[PG].acquire() as conn:
-        row = await queries.create_wallet(conn)
+        row = await queries.create_wallet(conn, user.user_id if user else None)
     return json_response(
         wallet_body(row), status=201, headers={"Location": f"/api/v1/wallets/{row['id']}"}
     )
@@ -222,7 +226,7 @@ async def list_wallets(request: web.Request) -> web.Response:
         except (OverflowError, errors.WalletNotFound):
             raise errors.InvalidInput("cursor", "is not a cursor this API returned") from None
     async with request.app[PG].acquire() as conn:
-        rows = await queries.list_wallets(conn, limit, after)
+        rows = await queries.list_wallets(conn, limit, after, owner_filter(request))
     next_cursor = None
     if len(rows) == limit:
         last = rows[-1]
@@ -237,7 +241,7 @@ async def get_wallet(request: web.Request) -> web.Response:
     wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
     async with request.app[PG].acquire() as conn:
         row = await queries.get_wallet(conn, wallet_id)
-    if row is None:
+    if row is None or not may_see(request, row["owner_id"]):
         raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
     return json_response(wallet_body(row))
 
@@ -247,6 +251,7 @@ async def list_operations(request: web.Request) -> web.Response:
     wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
     limit = page_limit(request)
     cursor = decode_cursor(request, int)
+    await ensure_visible(request, wallet_id)
     async with request.app[PG].acquire() as conn:
         rows = await queries.list_operations(conn, wallet_id, limit, cursor[0] if cursor else None)
         if not rows and await queries.get_wallet(conn, wallet_id) is None:
@@ -269,6 +274,7 @@ async def get_operation(request: web.Request) -> web.Response:
         op_id = wallet_id_from_path(raw_id)
     except errors.WalletNotFound:
         raise errors.OperationNotFound(f"No operation has the id {raw_id!r}") from None
+    await ensure_visible(request, wallet_id)
     # The stream first: an entry leaves it only after its COMMIT, so in this order an
     # operation is always found in one place or the other.
     queued = await is_queued(request.app, wallet_id, op_id)
@@ -283,6 +289,38 @@ async def get_operation(request: web.Request) -> web.Response:
         response.set_status(200)
         return response
     raise errors.OperationNotFound(f"Wallet {wallet_id} has no operation {op_id}")
+
+
+def owner_filter(request: web.Request) -> str | None:
+    """Whose wallets the request may list: the user's, or everyone's (None)."""
+    user = request.get(USER)
+    return None if user is None or user.admin else user.user_id
+
+
+def may_see(request: web.Request, owner_id: str | None) -> bool:
+    scope = owner_filter(request)
+    return scope is None or scope == owner_id
+
+
+async def ensure_visible(request: web.Request, wallet_id: str) -> None:
+    """With authentication on, another user's wallet does not exist for this request: 404,
+    the same answer as for no wallet at all. A wallet's owner never changes, so each API
+    process remembers the owners it has looked up."""
+    scope = owner_filter(request)
+    if scope is None:
+        return
+    owners = request.app[OWNERS]
+    owner = owners.get(wallet_id)
+    if owner is None:
+        async with request.app[PG].acquire() as conn:
+            row = await queries.get_wallet(conn, wallet_id)
+        owner = row["owner_id"] if row else None
+        if owner is not None:
+            if len(owners) >= OWNERS_REMEMBERED:
+                del owners[next(iter(owners))]
+            owners[wallet_id] = owner
+    if owner != scope:
+        raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
 
 
 async def is_queued(app: web.Application, wallet_id: str, op_id: str) -> bool:

@@ -33,6 +33,11 @@ DOMAIN_PROBLEMS: dict[type[errors.WalletError], tuple[int, str, str]] = {
     ),
     errors.QueueFull: (503, "queue-full", "Too many operations queued for this wallet"),
     errors.DependencyUnavailable: (503, "dependency-unavailable", "Service unavailable"),
+    errors.Unauthorized: (401, "unauthorized", "Authentication required"),
+    errors.InvalidCredentials: (401, "invalid-credentials", "Wrong username or password"),
+    errors.UsernameTaken: (409, "username-taken", "The username is taken"),
+    errors.TooManyAttempts: (429, "too-many-attempts", "Too many login attempts"),
+    errors.AuthDisabled: (404, "auth-disabled", "Authentication is turned off"),
 }
 
 # aiohttp's own errors (routing, size limit) by status -> problem type
@@ -84,6 +89,7 @@ def error_response(
     error: errors.WalletError, headers: dict[str, str] | None = None
 ) -> web.Response:
     status, kind, title = DOMAIN_PROBLEMS[type(error)]
+    headers = {**error.headers, **(headers or {})}
     return problem(status, kind, title, error.detail, headers=headers, **error.extra)
 
 

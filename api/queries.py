@@ -5,33 +5,39 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-WALLET_COLUMNS = "id::text, balance, created_at, updated_at"
+WALLET_COLUMNS = "id::text, balance, created_at, updated_at, owner_id::text"
 OPERATION_COLUMNS = (
     "wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after, created_at"
 )
 
 
-async def create_wallet(conn: Any) -> Any:
-    return await conn.fetchrow(f"INSERT INTO wallets DEFAULT VALUES RETURNING {WALLET_COLUMNS}")
+async def create_wallet(conn: Any, owner_id: str | None) -> Any:
+    return await conn.fetchrow(
+        f"INSERT INTO wallets (owner_id) VALUES ($1) RETURNING {WALLET_COLUMNS}", owner_id
+    )
 
 
 async def get_wallet(conn: Any, wallet_id: str) -> Any:
     return await conn.fetchrow(f"SELECT {WALLET_COLUMNS} FROM wallets WHERE id = $1", wallet_id)
 
 
-async def list_wallets(conn: Any, limit: int, after: tuple[datetime, str] | None) -> list[Any]:
-    """Newest first; `after` is the (created_at, id) of the last wallet of the previous page."""
-    if after is None:
-        return await conn.fetch(  # type: ignore[no-any-return]
-            f"SELECT {WALLET_COLUMNS} FROM wallets ORDER BY created_at DESC, id DESC LIMIT $1",
-            limit,
-        )
+async def list_wallets(
+    conn: Any, limit: int, after: tuple[datetime, str] | None, owner_id: str | None
+) -> list[Any]:
+    """Newest first; `after` is the (created_at, id) of the last wallet of the previous page;
+    only `owner_id`'s wallets, unless it is None."""
+    conditions: list[str] = []
+    args: list[Any] = [limit]
+    if owner_id is not None:
+        args.append(owner_id)
+        conditions.append(f"owner_id = ${len(args)}::uuid")
+    if after is not None:
+        args += after
+        conditions.append(f"(created_at, id) < (${len(args) - 1}::timestamptz, ${len(args)}::uuid)")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     return await conn.fetch(  # type: ignore[no-any-return]
-        f"""SELECT {WALLET_COLUMNS} FROM wallets
-            WHERE (created_at, id) < ($2::timestamptz, $3::uuid)
-            ORDER BY created_at DESC, id DESC LIMIT $1""",
-        limit,
-        *after,
+        f"SELECT {WALLET_COLUMNS} FROM wallets {where} ORDER BY created_at DESC, id DESC LIMIT $1",
+        *args,
     )
 
 

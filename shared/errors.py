@@ -6,7 +6,10 @@ from typing import Any
 
 
 class WalletError(Exception):
-    """Base of every error a client sees; `extra` is added to the problem document."""
+    """Base of every error a client sees; `extra` is added to the problem document, and
+    `headers` to the response."""
+
+    headers: dict[str, str] = {}  # noqa: RUF012 - never mutated
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -46,4 +49,33 @@ class QueueFull(WalletError):
 
 
 class DependencyUnavailable(WalletError):
+    pass
+
+
+class Unauthorized(WalletError):
+    """No token, or one that is not valid (RFC 6750: error="invalid_token")."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {
+            "WWW-Authenticate": f'Bearer realm="wallet-api", error="invalid_token", '
+            f'error_description="{detail}"'
+        }
+
+
+class InvalidCredentials(WalletError):
+    pass
+
+
+class UsernameTaken(WalletError):
+    pass
+
+
+class TooManyAttempts(WalletError):
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class AuthDisabled(WalletError):
     pass

@@ -7,6 +7,7 @@ scripts that touch several of them work unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 
@@ -54,6 +55,12 @@ class KeySpace:
         """Sorted set of live workers, scored by the time (ms) their heartbeat expires.
         Outside every shard's slot: only whole-key commands touch it."""
         return f"{self.prefix}:workers"
+
+    def login_attempts(self, kind: str, who: str) -> str:
+        """Login attempts in the current window, per username or per client address
+        (hashed: both come from outside and may be long)."""
+        digest = hashlib.sha256(who.encode()).hexdigest()[:32]
+        return f"{self.prefix}:login:{kind}:{digest}"
 
     def pattern(self) -> str:
         """Matches every key of this namespace (for clean-up in tests and tools)."""

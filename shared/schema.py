@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    text,
 )
 
 metadata = MetaData(
@@ -32,6 +34,33 @@ metadata = MetaData(
     }
 )
 
+users = Table(
+    "users",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=func.gen_random_uuid()),
+    Column("username", Text, nullable=False),
+    Column("password_hash", Text, nullable=False),  # argon2id, with its parameters and salt
+    Column("is_admin", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("username", name="users_username_key"),
+)
+
+# One row per refresh token issued (its JWT id). A token is used once: refreshing marks it
+# used and issues the next of its family; a used or revoked token presented again revokes
+# the whole family (someone replayed a stolen token).
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id"), nullable=False),
+    Column("family", Uuid, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("refresh_tokens_family_idx", "family"),
+)
+
 wallets = Table(
     "wallets",
     metadata,
@@ -41,11 +70,14 @@ wallets = Table(
     Column("op_seq", BigInteger, nullable=False, server_default="0"),
     # The stream entry id of the newest operation its writer has applied.
     Column("applied_entry", Text),
+    # The user who created it, when authentication is on; NULL for wallets created without.
+    Column("owner_id", Uuid, ForeignKey("users.id")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
     CheckConstraint("op_seq >= 0", name="op_seq_not_negative"),
     Index("wallets_created_at_id_idx", "created_at", "id"),
+    Index("wallets_owner_id_idx", "owner_id", "created_at", "id"),
 )
 
 operations = Table(

@@ -13,7 +13,16 @@ def _masked(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
-_CONVERTERS: dict[str, Any] = {"int": int, "float": float}
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_CONVERTERS: dict[str, Any] = {"int": int, "float": float, "bool": _flag}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,21 @@ class Settings:
     worker_rescan_interval: float = 10.0
     # Where a worker serves GET /metrics (Prometheus); 0 turns it off.
     worker_metrics_port: int = 9100
+    # Bearer tokens on every /api/v1 route, and wallets that belong to their creator. Off by
+    # default, so that a local run keeps the open API; the shipped compose file turns it on.
+    auth_enabled: bool = False
+    # The HS256 key of the tokens: at least 32 bytes, required when auth is enabled. Changing
+    # it ends every session (tokens signed with the old key are refused).
+    jwt_secret: str = field(default="", repr=False)
+    jwt_issuer: str = "wallet-service"
+    jwt_audience: str = "wallet-api"
+    access_token_ttl: float = 900.0
+    refresh_token_ttl: float = 14 * 24 * 3600.0
+    # Login attempts (POST /api/auth/token) per username and per client address in one
+    # window; past them, 429 until the window ends.
+    login_user_limit: int = 10
+    login_address_limit: int = 50
+    login_window: float = 60.0
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -99,11 +123,18 @@ class Settings:
             "batch_wallets_max",
             "worker_lease_ttl",
             "worker_stop_grace",
+            "access_token_ttl",
+            "refresh_token_ttl",
+            "login_user_limit",
+            "login_address_limit",
+            "login_window",
             "worker_rescan_interval",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()} must be greater than 0")
+        if self.auth_enabled and len(self.jwt_secret.encode()) < 32:
+            raise ValueError("AUTH_ENABLED needs JWT_SECRET of at least 32 bytes")
         if not 0 <= self.worker_metrics_port < 65536:
             raise ValueError("WORKER_METRICS_PORT must be from 0 to 65535")
         if self.batch_linger < 0:

@@ -1,0 +1,278 @@
+"""Accounts and access: registration, tokens, and the middleware that lets only a valid
+bearer token through to /api/v1 when AUTH_ENABLED is on.
+
+Passwords are hashed with argon2id (argon2-cffi's defaults), in a thread so that a login
+does not stall the event loop. Tokens are HS256 JWTs with issuer, audience, expiry and a
+type: a short-lived access token, and a refresh token that is used once: refreshing spends
+it and issues the next of its family; a spent or revoked token presented again revokes the
+whole family (a stolen token was replayed). Logging out revokes the family. Login attempts
+are counted per username and per client address in Redis, and refused with 429 past a
+limit. Nothing here logs a password or a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from api.appkeys import KEYS, PG, REDIS, SETTINGS
+from api.inputs import read_json_object
+from shared import errors
+from shared.codec import format_time, to_json
+from shared.settings import Settings
+
+USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
+PASSWORD_LENGTH = (10, 256)
+ALGORITHM = "HS256"
+ACCESS, REFRESH = "access", "refresh"
+
+# KEYS: the attempt counter. ARGV: the window in ms. Counts one attempt; returns the count
+# and the ms left in the window. (INCR first, then judge: concurrent attempts cannot all
+# slip under the limit.)
+COUNT_ATTEMPT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+auth_routes = web.RouteTableDef()
+passwords = PasswordHasher()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    admin: bool
+
+
+USER = web.RequestKey("user", Principal)
+
+
+@functools.cache
+def _decoy_hash() -> str:
+    """Verified against when the username is unknown, so both cases cost the same."""
+    return passwords.hash(uuid.uuid4().hex)
+
+
+def _token(settings: Settings, kind: str, subject: str, ttl: float, **claims: Any) -> str:
+    now = datetime.now(UTC)
+    payload = {
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
+        "sub": subject,
+        "iat": now,
+        "exp": now + timedelta(seconds=ttl),
+        "typ": kind,
+        **claims,
+    }
+    return jwt.encode(payload, settings.jwt_secret, algorithm=ALGORITHM)
+
+
+def read_token(settings: Settings, token: str, kind: str) -> dict[str, Any]:
+    """The token's claims if it is ours, unexpired and of `kind`; else Unauthorized."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            settings.jwt_secret,
+            algorithms=[ALGORITHM],  # never "none", never one the token picks
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            options={"require": ["iss", "aud", "sub", "iat", "exp", "typ"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise errors.Unauthorized("The token has expired") from None
+    except jwt.InvalidTokenError:
+        raise errors.Unauthorized("The token is not valid") from None
+    if claims["typ"] != kind:
+        raise errors.Unauthorized(f"This is not a token of the {kind} kind")
+    return claims
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if settings.auth_enabled and request.path.startswith("/api/v1/"):
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise errors.Unauthorized("Send Authorization: Bearer <access token>")
+        claims = read_token(settings, token.strip(), ACCESS)
+        request[USER] = Principal(claims["sub"], bool(claims.get("adm")))
+    return await handler(request)
+
+
+def _require_enabled(request: web.Request) -> Settings:
+    settings = request.app[SETTINGS]
+    if not settings.auth_enabled:
+        raise errors.AuthDisabled("This service runs without authentication (AUTH_ENABLED)")
+    return settings
+
+
+def _string_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise errors.InvalidInput(name, "is required, as a string")
+    return value
+
+
+def _credentials(body: dict[str, Any]) -> tuple[str, str]:
+    unknown = sorted(set(body) - {"username", "password"})
+    if unknown:
+        raise errors.InvalidInput(unknown[0], "is not a known field")
+    username, password = _string_field(body, "username"), _string_field(body, "password")
+    if not USERNAME.fullmatch(username):
+        raise errors.InvalidInput("username", "must be 3 to 64 letters, digits, '_', '.', '-'")
+    low, high = PASSWORD_LENGTH
+    if not low <= len(password) <= high:
+        raise errors.InvalidInput("password", f"must be {low} to {high} characters")
+    return username.lower(), password
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=to_json(body), status=status, content_type="application/json")
+
+
+@auth_routes.post("/api/auth/users")
+async def register(request: web.Request) -> web.Response:
+    _require_enabled(request)
+    username, password = _credentials(await read_json_object(request))
+    password_hash = await asyncio.to_thread(passwords.hash, password)
+    async with request.app[PG].acquire() as conn:
+        row = await conn.fetchrow(
+            "INSERT INTO users (username, password_hash) VALUES ($1, $2)"
+            " ON CONFLICT (username) DO NOTHING RETURNING id::text, username, created_at",
+            username,
+            password_hash,
+        )
+    if row is None:
+        raise errors.UsernameTaken(f"Someone has the username {username!r}; choose another")
+    body = {
+        "id": row["id"],
+        "username": row["username"],
+        "created_at": format_time(row["created_at"]),
+    }
+    return _json(body, status=201)
+
+
+async def _count_attempt(request: web.Request, username: str) -> None:
+    settings = request.app[SETTINGS]
+    keys, window_ms = request.app[KEYS], int(settings.login_window * 1000)
+    address = request.remote or "unknown"
+    limits = (
+        (keys.login_attempts("user", username), settings.login_user_limit),
+        (keys.login_attempts("address", address), settings.login_address_limit),
+    )
+    async with request.app[REDIS].pipeline(transaction=False) as pipe:
+        for key, _ in limits:
+            pipe.eval(COUNT_ATTEMPT, 1, key, window_ms)
+        counts = await pipe.execute()
+    for (_, limit), (count, left_ms) in zip(limits, counts, strict=True):
+        if count > limit:
+            raise errors.TooManyAttempts(
+                "Too many login attempts; wait before trying again",
+                retry_after=max(1, -(-int(left_ms) // 1000)),
+            )
+
+
+async def _issue(
+    conn: Any, settings: Settings, user_id: str, admin: bool, family: str
+) -> web.Response:
+    """A new access token, and a new refresh token of `family` recorded as unspent."""
+    refresh_id = str(uuid.uuid4())
+    await conn.execute(
+        "INSERT INTO refresh_tokens (id, user_id, family, expires_at)"
+        " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+        refresh_id,
+        user_id,
+        family,
+        settings.refresh_token_ttl,
+    )
+    return _json(
+        {
+            "token_type": "Bearer",
+            "access_token": _token(settings, ACCESS, user_id, settings.access_token_ttl, adm=admin),
+            "expires_in": int(settings.access_token_ttl),
+            "refresh_token": _token(
+                settings, REFRESH, user_id, settings.refresh_token_ttl, jti=refresh_id, fam=family
+            ),
+            "refresh_expires_in": int(settings.refresh_token_ttl),
+        }
+    )
+
+
+@auth_routes.post("/api/auth/token")
+async def login(request: web.Request) -> web.Response:
+    settings = _require_enabled(request)
+    body = await read_json_object(request)
+    username, password = _string_field(body, "username").lower(), _string_field(body, "password")
+    await _count_attempt(request, username)
+    async with request.app[PG].acquire() as conn:
+        user = await conn.fetchrow(
+            "SELECT id::text, password_hash, is_admin FROM users WHERE username = $1", username
+        )
+    try:
+        await asyncio.to_thread(
+            passwords.verify, user["password_hash"] if user else _decoy_hash(), password
+        )
+    except (VerificationError, InvalidHashError):
+        user = None
+    if user is None:
+        raise errors.InvalidCredentials("The username or the password is wrong")
+    async with request.app[PG].acquire() as conn:
+        return await _issue(conn, settings, user["id"], user["is_admin"], str(uuid.uuid4()))
+
+
+async def _refresh_claims(request: web.Request) -> tuple[Settings, dict[str, Any]]:
+    settings = _require_enabled(request)
+    body = await read_json_object(request)
+    token = _string_field(body, "refresh_token")
+    claims = read_token(settings, token, REFRESH)
+    if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("fam"), str):
+        raise errors.Unauthorized("The token is not valid")
+    return settings, claims
+
+
+@auth_routes.post("/api/auth/token/refresh")
+async def refresh(request: web.Request) -> web.Response:
+    settings, claims = await _refresh_claims(request)
+    async with request.app[PG].acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE refresh_tokens SET used_at = now() WHERE id = $1::uuid"
+            " AND used_at IS NULL AND revoked_at IS NULL AND expires_at > now()"
+            " RETURNING user_id::text, family::text,"
+            " (SELECT is_admin FROM users WHERE users.id = refresh_tokens.user_id)",
+            claims["jti"],
+        )
+        if row is not None:
+            return await _issue(conn, settings, row["user_id"], row["is_admin"], row["family"])
+    # Spent or revoked already: whoever holds this family's tokens, none of them is trusted.
+    await _revoke_family(request, claims["fam"])
+    raise errors.Unauthorized("The refresh token was used or revoked; log in again")
+
+
+async def _revoke_family(request: web.Request, family: str) -> None:
+    async with request.app[PG].acquire() as conn:
+        await conn.execute(
+            "UPDATE refresh_tokens SET revoked_at = now()"
+            " WHERE family = $1::uuid AND revoked_at IS NULL",
+            family,
+        )
+
+
+@auth_routes.post("/api/auth/logout")
+async def logout(request: web.Request) -> web.Response:
+    """Revokes the refresh token and every token of its family; access tokens already
+    issued run out by themselves (ACCESS_TOKEN_TTL)."""
+    _, claims = await _refresh_claims(request)
+    await _revoke_family(request, claims["fam"])
+    return web.Response(status=204)
