@@ -232,6 +232,45 @@ SCHEMAS: dict[str, Any] = {
             "checks": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     },
+    "Credentials": {
+        "type": "object",
+        "required": ["username", "password"],
+        "properties": {
+            "username": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{3,64}$"},
+            "password": {"type": "string", "minLength": 10, "maxLength": 256},
+        },
+        "additionalProperties": False,
+    },
+    "User": {
+        "type": "object",
+        "required": ["id", "username", "created_at"],
+        "properties": {"id": UUID, "username": {"type": "string"}, "created_at": TIME},
+        "additionalProperties": False,
+    },
+    "Tokens": {
+        "type": "object",
+        "required": [
+            "token_type",
+            "access_token",
+            "expires_in",
+            "refresh_token",
+            "refresh_expires_in",
+        ],
+        "properties": {
+            "token_type": {"const": "Bearer"},
+            "access_token": {"type": "string"},
+            "expires_in": {"type": "integer", "description": "Seconds"},
+            "refresh_token": {"type": "string", "description": "Use once, at token/refresh"},
+            "refresh_expires_in": {"type": "integer", "description": "Seconds"},
+        },
+        "additionalProperties": False,
+    },
+    "RefreshToken": {
+        "type": "object",
+        "required": ["refresh_token"],
+        "properties": {"refresh_token": {"type": "string"}},
+        "additionalProperties": False,
+    },
     "Health": {
         "type": "object",
         "required": ["status"],
@@ -369,6 +408,68 @@ PATHS: dict[str, Any] = {
     },
 }
 
+BODY_ERRORS = {
+    "400": problem("The body is not JSON, or not an object"),
+    "413": problem("The body is too large"),
+    "415": problem("The body is not application/json"),
+    "422": INVALID,
+}
+AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
+
+
+def auth_post(summary: str, body: str, answers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": json_content(ref(body))},
+            "responses": {**answers, **BODY_ERRORS, "404": AUTH_OFF, "503": UNAVAILABLE},
+        }
+    }
+
+
+TOKENS = {"description": "A new pair of tokens", "content": json_content(ref("Tokens"))}
+PATHS |= {
+    "/api/auth/users": auth_post(
+        "Register a user",
+        "Credentials",
+        {
+            "201": {"description": "Registered", "content": json_content(ref("User"))},
+            "409": problem("The username is taken (usernames are not case-sensitive)"),
+        },
+    ),
+    "/api/auth/token": auth_post(
+        "Log in: an access token and a refresh token",
+        "Credentials",
+        {
+            "200": TOKENS,
+            "401": problem("Wrong username or password"),
+            "429": problem("Too many attempts for this username or address", retry_after=True),
+        },
+    ),
+    "/api/auth/token/refresh": auth_post(
+        "Spend a refresh token for a new pair; a spent one presented again revokes its family",
+        "RefreshToken",
+        {"200": TOKENS, "401": problem("Not a valid, unspent, unrevoked refresh token")},
+    ),
+    "/api/auth/logout": auth_post(
+        "Revoke a refresh token and its family",
+        "RefreshToken",
+        {
+            "204": {"description": "Revoked"},
+            "401": problem("Not a valid refresh token"),
+        },
+    ),
+}
+# With AUTH_ENABLED every /api/v1 route needs a bearer access token; without, none does.
+for path, methods in PATHS.items():
+    if path.startswith("/api/v1/"):
+        for spec in methods.values():
+            spec["security"] = [{"bearer": []}, {}]
+            spec["responses"]["401"] = problem(
+                "Authentication is on and the access token is missing or not valid "
+                "(see WWW-Authenticate)"
+            )
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -380,7 +481,10 @@ DOCUMENT: dict[str, Any] = {
         "only after it is committed.",
     },
     "paths": PATHS,
-    "components": {"schemas": SCHEMAS},
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+    },
 }
 DOCUMENT_JSON = to_json(DOCUMENT)
 
@@ -418,6 +522,11 @@ def render_page() -> str:
         for method, spec in methods.items():
             parts.append(f"<h3><code>{e(method.upper())} {e(path)}</code></h3>")
             parts.append(f"<p>{e(spec['summary'])}</p>")
+            if spec.get("security"):
+                parts.append(
+                    "<p>With authentication on: <code>Authorization: Bearer</code> and an "
+                    "access token from <code>POST /api/auth/token</code>.</p>"
+                )
             if spec.get("parameters"):
                 parts.append("<table><tr><th>parameter</th><th>in</th><th>about</th></tr>")
                 for p in spec["parameters"]:

@@ -18,6 +18,8 @@ from shared.settings import Settings
 from tests.conftest import AiohttpClient
 from tests.helpers import Client
 
+AUTH_ROUTES = ("/api/auth/users", "/api/auth/token", "/api/auth/token/refresh", "/api/auth/logout")
+
 
 def served_routes(app: Application) -> set[tuple[str, str]]:
     return {
@@ -51,8 +53,12 @@ class Checked:
         status = str(r.status)
         responses = PATHS[template][method.lower()]["responses"]
         assert status in responses, f"{method} {url}: {status} is not documented"
-        content_type = r.content_type
         content = responses[status].get("content", {})
+        if not content:
+            assert await r.read() == b"", f"{method} {url} {status}: a body, none documented"
+            self.seen.add((template, method.lower(), status))
+            return None
+        content_type = r.content_type
         assert content_type in content, f"{method} {url} {status}: {content_type} undocumented"
         schema = content[content_type]["schema"]
         if content_type.endswith("json"):
@@ -175,13 +181,67 @@ async def test_answers_match_the_documented_schemas(
     await cut_off("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{applied['id']}")
     await cut_off("GET", "/ready", "/ready")
 
+    # Authentication: its routes are 404 while it is off, and with it on ...
+    for path in AUTH_ROUTES:
+        await check("POST", path, path, json={})
+    auth_on = dataclasses.replace(settings, auth_enabled=True, jwt_secret="k" * 32)
+    secured = Checked(await aiohttp_client(create_app(auth_on)))
+    name = f"u{uuid.uuid4().hex[:8]}"
+    credentials = {"username": name, "password": "a long enough password"}
+    await secured("POST", "/api/auth/users", "/api/auth/users", json=credentials)
+    await secured("POST", "/api/auth/users", "/api/auth/users", json=credentials)
+    await secured("POST", "/api/auth/users", "/api/auth/users", json={"username": "x"})
+    tokens = [await secured("POST", "/api/auth/token", "/api/auth/token", json=credentials)]
+    wrong = {"username": name, "password": "not the password"}
+    await secured("POST", "/api/auth/token", "/api/auth/token", json=wrong)
+    await secured("POST", "/api/auth/token", "/api/auth/token", json={})
+    refresh, logout = "/api/auth/token/refresh", "/api/auth/logout"
+    spent = {"refresh_token": tokens[0]["refresh_token"]}
+    tokens.append(await secured("POST", refresh, refresh, json=spent))
+    await secured("POST", refresh, refresh, json=spent)
+    await secured("POST", refresh, refresh, json={"refresh_token": 7})
+    tokens.append(await secured("POST", "/api/auth/token", "/api/auth/token", json=credentials))
+    await secured("POST", logout, logout, json={"refresh_token": tokens[-1]["refresh_token"]})
+    await secured("POST", logout, logout, json={"refresh_token": "forged"})
+    await secured("POST", logout, logout, json={})
+    for path, methods in PATHS.items():  # ... every /api/v1 route wants a token
+        for method in methods:
+            if path.startswith("/api/v1/"):
+                concrete = path.replace("{wallet_id}", wallet).replace("{operation_id}", wallet)
+                await secured(method.upper(), path, concrete, json=body)
+    limited = Checked(
+        await aiohttp_client(create_app(dataclasses.replace(auth_on, login_user_limit=1)))
+    )
+    for _ in range(2):
+        await limited("POST", "/api/auth/token", "/api/auth/token", json=wrong)
+    cut_off_secured = Checked(
+        await aiohttp_client(
+            create_app(
+                dataclasses.replace(
+                    auth_on,
+                    database_url="postgresql://postgres@127.0.0.1:1/none",
+                    redis_url="redis://127.0.0.1:1/0",
+                )
+            )
+        )
+    )
+    live_refresh = {"refresh_token": tokens[1]["refresh_token"]}
+    await cut_off_secured("POST", "/api/auth/users", "/api/auth/users", json=credentials)
+    await cut_off_secured("POST", "/api/auth/token", "/api/auth/token", json=credentials)
+    await cut_off_secured("POST", refresh, refresh, json=live_refresh)
+    await cut_off_secured("POST", logout, logout, json=live_refresh)
+
     documented = {
         (path, method, status)
         for path, methods in PATHS.items()
         for method, spec in methods.items()
         for status in spec["responses"]
     }
-    # The body-level errors of the form are the operation's own, sent through the same code.
-    same_as_the_operation = {(form, "post", s) for s in ("202", "400", "409", "413", "415")}
-    unexercised = documented - check.seen - lonely.seen - cut_off.seen - same_as_the_operation
-    assert unexercised == set()
+    # Body-level errors come from one reader of JSON bodies, shown on the operation route;
+    # the form's outcomes are the operation's own, sent through the same code.
+    shared_code = {
+        (path, "post", status) for path in (form, *AUTH_ROUTES) for status in ("400", "413", "415")
+    } | {(form, "post", s) for s in ("202", "409")}
+    walks = (check, lonely, cut_off, secured, limited, cut_off_secured)
+    exercised = set().union(*(walk.seen for walk in walks))
+    assert documented - exercised - shared_code == set()
