@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["grant-admin", "revoke-admin"])
     parser.add_argument("username")
     args = parser.parse_args(argv)
-    found = asyncio.run(
-        set_admin(Settings.from_env(), args.username, args.action == "grant-admin")
-    )
+    found = asyncio.run(set_admin(Settings.from_env(), args.username, args.action == "grant-admin"))
     if not found:
         print(f"no user {args.username!r}", file=sys.stderr)
         return 1
