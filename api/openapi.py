@@ -148,6 +148,7 @@ SCHEMAS: dict[str, Any] = {
             "amount": AMOUNT,
         },
         "required": ["amount"],
+        "anyOf": [{"required": ["operationType"]}, {"required": ["operation_type"]}],
         "additionalProperties": False,
     },
     "OperationFormRequest": {
@@ -159,6 +160,7 @@ SCHEMAS: dict[str, Any] = {
             "amount": AMOUNT,
         },
         "required": ["walletId", "amount"],
+        "anyOf": [{"required": ["operationType"]}, {"required": ["operation_type"]}],
         "additionalProperties": False,
     },
     "Operation": {

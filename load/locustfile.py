@@ -34,6 +34,9 @@ log = logging.getLogger("wallet-load")
 wallets: list[str] = []
 start_balance: dict[str, int] = {}
 applied_effect: dict[str, int] = defaultdict(int)
+# With authentication on, the run registers a user of its own and sends its access token
+# (which lasts ACCESS_TOKEN_TTL: longer runs need a longer one).
+auth_headers: dict[str, str] = {}
 
 
 def minor(text: str) -> int:
@@ -41,9 +44,21 @@ def minor(text: str) -> int:
     return int(whole) * 100 + int(cents or 0)
 
 
+def log_in_if_needed(host: str) -> None:
+    with requests.Session() as http:
+        if http.get(f"{host}/api/v1/wallets", timeout=10).status_code != 401:
+            return
+        user = {"username": f"locust-{uuid.uuid4().hex[:12]}", "password": uuid.uuid4().hex}
+        http.post(f"{host}/api/auth/users", json=user, timeout=10).raise_for_status()
+        r = http.post(f"{host}/api/auth/token", json=user, timeout=10)
+        r.raise_for_status()
+        auth_headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+
+
 def create_wallets(host: str, count: int) -> None:
     """Creates and funds `count` wallets through the API, before the users start."""
     with requests.Session() as http:
+        http.headers.update(auth_headers)
         for _ in range(count):
             r = http.post(f"{host}/api/v1/wallets", timeout=10)
             r.raise_for_status()
@@ -62,6 +77,7 @@ def create_wallets(host: str, count: int) -> None:
 def on_test_start(environment: Environment, **kwargs: Any) -> None:
     names = {cls.__name__ for cls in environment.user_classes}
     assert environment.host, "give the service's URL with --host"
+    log_in_if_needed(environment.host)
     create_wallets(environment.host, MANY_WALLETS if names == {"ManyWallets"} else 1)
 
 
@@ -69,6 +85,7 @@ def on_test_start(environment: Environment, **kwargs: Any) -> None:
 def on_test_stop(environment: Environment, **kwargs: Any) -> None:
     wrong = []
     with requests.Session() as http:
+        http.headers.update(auth_headers)
         for wallet in wallets:
             r = http.get(f"{environment.host}/api/v1/wallets/{wallet}", timeout=10)
             actual = minor(r.json()["balance"])
@@ -94,7 +111,7 @@ class Operations(FastHttpUser):
         with self.client.post(
             f"/api/v1/wallets/{wallet}/operation",
             json={"operationType": kind, "amount": amount},
-            headers={"Idempotency-Key": str(uuid.uuid4())},
+            headers={**auth_headers, "Idempotency-Key": str(uuid.uuid4())},
             name=f"{kind} (one wallet)" if len(wallets) == 1 else kind,
             catch_response=True,
         ) as r:
@@ -119,7 +136,7 @@ class Operations(FastHttpUser):
 
     @task(1)
     def balance(self) -> None:
-        self.client.get(f"/api/v1/wallets/{self.pick()}", name="balance")
+        self.client.get(f"/api/v1/wallets/{self.pick()}", name="balance", headers=auth_headers)
 
 
 class HotWallet(Operations):
