@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api.appkeys import ENQUEUE, KEYS, METRICS, OWNERS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import ENQUEUE, KEYS, LIVE, METRICS, OWNERS, PG, REDIS, REPLIES, SETTINGS
 from api.auth import auth_middleware, auth_routes
 from api.enqueue import Enqueuer
 from api.handlers import routes
-from api.observe import metrics, observe_middleware
+from api.live import LiveStats
+from api.observe import live_view, metrics, observe_middleware
 from api.openapi import docs, openapi_json
+from api.page import page, page_asset
 from api.problems import problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
@@ -71,10 +73,14 @@ def create_app(settings: Settings) -> web.Application:
     app[KEYS] = KeySpace(settings.redis_key_prefix, settings.shard_count)
     app[METRICS] = ApiMetrics()
     app[OWNERS] = {}
+    app[LIVE] = LiveStats()
     app.cleanup_ctx.extend([postgres, redis_and_replies])
     app.add_routes(routes)
     app.add_routes(auth_routes)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
+    app.router.add_get("/api/live", live_view)
+    app.router.add_get("/", page)
+    app.router.add_get("/static/{name}", page_asset)
     return app

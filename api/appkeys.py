@@ -7,6 +7,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from api.enqueue import Enqueuer
+from api.live import LiveStats
 from api.replies import ReplyListener
 from shared.keys import KeySpace
 from shared.metrics import ApiMetrics
@@ -19,5 +20,6 @@ REDIS = web.AppKey("redis", Redis)
 REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", Enqueuer)
 METRICS = web.AppKey("metrics", ApiMetrics)
+LIVE = web.AppKey("live", LiveStats)
 # wallet id -> owner's user id, as far as this process has looked them up
 OWNERS = web.AppKey("owners", dict[str, str])

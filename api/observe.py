@@ -1,5 +1,9 @@
-"""What the API tells about itself: request ids on responses and log lines, and the
-Prometheus metrics at GET /metrics."""
+"""What the API tells about itself: request ids on responses and log lines, the Prometheus
+metrics at GET /metrics, and the live view of the write path for the web page at
+GET /api/live: per second over the last minutes, the operations this API process answered
+and their p50/p99 latency, the batches and operations all workers committed (counted in
+Redis by the workers), and the operations queued per shard (sampled from the shards'
+counters when the view is asked for)."""
 
 from __future__ import annotations
 
@@ -10,11 +14,14 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from api.appkeys import METRICS
+from api.appkeys import KEYS, LIVE, METRICS, REDIS, SETTINGS
+from api.live import WINDOW_SECONDS, percentile_ms
+from shared.codec import to_json
 from shared.logs import REQUEST_ID
 from shared.metrics import CONTENT_TYPE, exposition
 
 REQUEST_ID_HEADER = "X-Request-Id"
+OPERATION_ROUTES = frozenset({"/api/v1/wallets/{wallet_id}/operation", "/api/v1/wallet"})
 # A caller's request id is kept if it is short and plain; otherwise the API makes one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -41,12 +48,52 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[METRICS]
         metrics.requests.labels(route, request.method, str(status)).inc()
-        metrics.latency.labels(route, request.method, str(status)).observe(
-            time.perf_counter() - started
-        )
+        taken = time.perf_counter() - started
+        metrics.latency.labels(route, request.method, str(status)).observe(taken)
+        if route in OPERATION_ROUTES and request.method == "POST":
+            request.app[LIVE].record(taken)
 
 
 async def metrics(request: web.Request) -> web.Response:
     response = web.Response(body=exposition(request.app[METRICS].registry))
     response.headers["Content-Type"] = CONTENT_TYPE
     return response
+
+
+async def live_view(request: web.Request) -> web.Response:
+    app = request.app
+    settings, keys, stats, redis = app[SETTINGS], app[KEYS], app[LIVE], app[REDIS]
+    now = int(time.time())
+    seconds = range(now - WINDOW_SECONDS + 1, now + 1)
+    async with redis.pipeline(transaction=False) as pipe:
+        for at in seconds:
+            pipe.hgetall(keys.committed(at))
+        if not stats.queued or stats.queued[-1][0] != now:
+            for shard in range(settings.shard_count):
+                pipe.get(keys.queued(shard))
+        replies = await pipe.execute()
+    committed, counts = replies[: len(seconds)], replies[len(seconds) :]
+    if counts:
+        stats.queued.append(
+            (now, {str(s): int(n) for s, n in enumerate(counts) if n and int(n) > 0})
+        )
+    queued_at = dict(stats.queued)
+    series = []
+    for at, done in zip(seconds, committed, strict=True):
+        answered = stats.answered(at)
+        batches, operations = int(done.get(b"batches", 0)), int(done.get(b"operations", 0))
+        shards = queued_at.get(at)
+        series.append(
+            {
+                "t": at,
+                "answered": answered.count if answered else 0,
+                "p50_ms": percentile_ms(answered.latencies, 50) if answered else None,
+                "p99_ms": percentile_ms(answered.latencies, 99) if answered else None,
+                "committed": operations,
+                "mean_batch": round(operations / batches, 2) if batches else None,
+                "queued": None if shards is None else sum(shards.values()),
+                "queued_by_shard": shards,
+            }
+        )
+    body = {"window_seconds": WINDOW_SECONDS, "shard_count": settings.shard_count, "series": series}
+    return web.Response(body=to_json(body), content_type="application/json")

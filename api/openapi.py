@@ -273,6 +273,43 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"refresh_token": {"type": "string"}},
         "additionalProperties": False,
     },
+    "Live": {
+        "type": "object",
+        "required": ["window_seconds", "shard_count", "series"],
+        "properties": {
+            "window_seconds": {"type": "integer"},
+            "shard_count": {"type": "integer"},
+            "series": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "t",
+                        "answered",
+                        "p50_ms",
+                        "p99_ms",
+                        "committed",
+                        "mean_batch",
+                        "queued",
+                        "queued_by_shard",
+                    ],
+                    "properties": {
+                        "t": {"type": "integer", "description": "Unix time, seconds"},
+                        "answered": {"type": "integer"},
+                        "p50_ms": {"type": ["number", "null"]},
+                        "p99_ms": {"type": ["number", "null"]},
+                        "committed": {"type": "integer"},
+                        "mean_batch": {"type": ["number", "null"]},
+                        "queued": {"type": ["integer", "null"]},
+                        "queued_by_shard": {
+                            "type": ["object", "null"],
+                            "additionalProperties": {"type": "integer"},
+                        },
+                    },
+                },
+            },
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status"],
@@ -394,6 +431,54 @@ PATHS: dict[str, Any] = {
                     "description": "OpenAPI 3.1",
                     "content": json_content({"type": "object"}),
                 }
+            },
+        }
+    },
+    "/api/live": {
+        "get": {
+            "summary": "The write path per second over the last minutes, for the web page",
+            "responses": {
+                "200": {
+                    "description": "Answered operations and their p50/p99 latency (this API "
+                    "process), committed operations and mean batch size (all workers), and "
+                    "queued operations per shard",
+                    "content": json_content(ref("Live")),
+                },
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/": {
+        "get": {
+            "summary": "The web page for people",
+            "responses": {
+                "200": {
+                    "description": "HTML",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/static/{name}": {
+        "get": {
+            "summary": "The page's script and style sheet",
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["app.js", "style.css"]},
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file",
+                    "content": {
+                        "text/javascript": {"schema": {"type": "string"}},
+                        "text/css": {"schema": {"type": "string"}},
+                    },
+                },
+                "404": problem("No such file"),
             },
         }
     },

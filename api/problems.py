@@ -38,6 +38,7 @@ DOMAIN_PROBLEMS: dict[type[errors.WalletError], tuple[int, str, str]] = {
     errors.UsernameTaken: (409, "username-taken", "The username is taken"),
     errors.TooManyAttempts: (429, "too-many-attempts", "Too many login attempts"),
     errors.AuthDisabled: (404, "auth-disabled", "Authentication is turned off"),
+    errors.PageNotFound: (404, "not-found", "Not found"),
 }
 
 # aiohttp's own errors (routing, size limit) by status -> problem type

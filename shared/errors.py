@@ -79,3 +79,7 @@ class TooManyAttempts(WalletError):
 
 class AuthDisabled(WalletError):
     pass
+
+
+class PageNotFound(WalletError):
+    pass

@@ -56,6 +56,11 @@ class KeySpace:
         Outside every shard's slot: only whole-key commands touch it."""
         return f"{self.prefix}:workers"
 
+    def committed(self, second: int) -> str:
+        """Hash of the batches and operations all workers committed in one second (unix
+        time), for the live view; it expires after a few minutes."""
+        return f"{self.prefix}:committed:{second}"
+
     def login_attempts(self, kind: str, who: str) -> str:
         """Login attempts in the current window, per username or per client address
         (hashed: both come from outside and may be long)."""

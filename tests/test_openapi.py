@@ -141,8 +141,10 @@ async def test_answers_match_the_documented_schemas(
     await check("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{applied['id']}")
     await check("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{uuid.uuid4()}")
 
-    for path in ("/health", "/ready", "/metrics", "/api/openapi.json", "/docs"):
+    for path in ("/health", "/ready", "/metrics", "/api/openapi.json", "/docs", "/", "/api/live"):
         await check("GET", path, path)
+    for asset in ("app.js", "style.css", "nothing.js"):
+        await check("GET", "/static/{name}", f"/static/{asset}")
 
     # Without a worker: the queued operation is pending, and the queue fills up.
     alone: TestClient[Any, Any] = await aiohttp_client(
@@ -180,6 +182,7 @@ async def test_answers_match_the_documented_schemas(
     await cut_off("GET", ledger, f"/api/v1/wallets/{wallet}/operations")
     await cut_off("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{applied['id']}")
     await cut_off("GET", "/ready", "/ready")
+    await cut_off("GET", "/api/live", "/api/live")
 
     # Authentication: its routes are 404 while it is off, and with it on ...
     for path in AUTH_ROUTES:

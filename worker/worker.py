@@ -63,6 +63,7 @@ NOTIFY_WAIT = 1  # seconds one BLPOP waits
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 RENEWALS_PER_LEASE = 5
+COMMITTED_KEPT_SECONDS = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +288,11 @@ class Worker:
         async with self.redis.pipeline(transaction=False) as pipe:
             for channel, replies in by_channel.items():
                 pipe.publish(channel, encode_outcomes(replies))
+            if entries:  # for the live view; after the replies, as it matters less
+                second = self.keys.committed(int(time.time()))
+                pipe.hincrby(second, "batches", 1)
+                pipe.hincrby(second, "operations", len(entries))
+                pipe.expire(second, COMMITTED_KEPT_SECONDS)
             for letter in dead:
                 pipe.xadd(
                     self.keys.dead_letters(self.keys.shard_of(letter.wallet_id)),
@@ -311,7 +317,7 @@ class Worker:
                     next_entry_id(cursor),
                 )
             results = await pipe.execute()
-        return [int(n) for n in results[len(by_channel) + len(dead) :]]
+        return [int(n) for n in results[-len(cursors) :]] if cursors else []
 
     async def close(self) -> None:
         """Stops the worker's tasks and gives back what it holds: its PostgreSQL connection,
