@@ -149,3 +149,18 @@ async def test_operations_on_many_wallets_share_transactions(client: Client, pg:
         wallets,
     )
     assert transactions < 100
+
+
+async def test_the_live_view_counts_what_was_answered_and_committed(
+    client: Client, wallet: str
+) -> None:
+    results = await asyncio.gather(*(operate(client, wallet, "DEPOSIT", 1) for _ in range(50)))
+    assert {status for status, _, _ in results} == {200}
+    r = await client.get("/api/live")
+    series = (await r.json())["series"]
+    assert sum(s["answered"] for s in series) >= 50
+    assert sum(s["committed"] for s in series) >= 50
+    batches = [s["mean_batch"] for s in series if s["mean_batch"] is not None]
+    assert batches
+    assert all(b >= 1 for b in batches)
+    assert all(s["p99_ms"] >= s["p50_ms"] for s in series if s["p50_ms"] is not None)
