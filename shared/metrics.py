@@ -65,6 +65,11 @@ class WorkerMetrics:
             ["change"],
             registry=self.registry,
         )
+        self.parked_wallets = Gauge(
+            "wallet_parked_wallets",
+            "Wallets whose batch keeps failing, set aside so the others go on",
+            registry=self.registry,
+        )
         self.shards_owned = Gauge(
             "wallet_shards_owned", "Shards this worker owns", registry=self.registry
         )

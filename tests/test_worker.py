@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -12,6 +13,8 @@ from shared.connections import open_pg_pool
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
+from tests.conftest import running_worker
+from tests.helpers import eventually, operate
 from worker.apply import take_shard
 from worker.worker import START, Worker
 
@@ -72,3 +75,35 @@ async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 300
     assert not await redis.exists(keys.wallet_stream(wallet, shard))
     assert not await redis.sismember(keys.dirty_set(shard), wallet)
+
+
+async def test_a_wallet_whose_batches_fail_is_set_aside_and_the_others_go_on(
+    api: Any, settings: Settings, pg: Any
+) -> None:
+    """Someone wrote a ledger row for wallet A by hand, so every batch with A fails on the
+    ledger's key. A is parked, its operation waits in its stream; B is served all along;
+    once A is mended its operation is applied."""
+    new = "INSERT INTO wallets DEFAULT VALUES RETURNING id::text"
+    broken, fine = await pg.fetchval(new), await pg.fetchval(new)
+    await pg.execute(
+        "INSERT INTO operations (wallet_id, seq, id, kind, amount, status, balance_after)"
+        " VALUES ($1, 1, gen_random_uuid(), 'DEPOSIT', 100, 'applied', 100)",
+        broken,
+    )
+    async with running_worker(settings) as worker:
+        stuck = asyncio.create_task(operate(api, broken, "DEPOSIT", 5))
+        await eventually(lambda: _parked(worker, broken), what="the broken wallet to be parked")
+        for _ in range(3):
+            status, body, _ = await operate(api, fine, "DEPOSIT", 1)
+            assert status == 200
+        assert body["balance"] == "3.00"
+        assert not stuck.done()
+
+        await pg.execute("UPDATE wallets SET op_seq = 1, balance = 100 WHERE id = $1", broken)
+        status, body, _ = await asyncio.wait_for(stuck, 30)
+        assert (status, body["balance"]) == (200, "6.00")  # 1.00 written by hand, then 5.00
+        assert broken not in worker.parked
+
+
+async def _parked(worker: Worker, wallet: str) -> bool:
+    return wallet in worker.parked

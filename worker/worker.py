@@ -62,6 +62,14 @@ START = "0-0"
 NOTIFY_WAIT = 1  # seconds one BLPOP waits
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+# A batch that fails with these fails for what is in it (a wallet whose rows someone changed
+# by hand, say), not for a dependency: retrying the same batch would fail for ever.
+BAD_BATCH_ERRORS = (
+    LedgerConflict,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.DataError,
+)
+PARKED_DELAY_MAX = 60.0
 RENEWALS_PER_LEASE = 5
 COMMITTED_KEPT_SECONDS = 600
 
@@ -122,6 +130,11 @@ class Worker:
         self.active: dict[str, str] = {}
         # wallets marked active while a round was under way
         self.notified: set[str] = set()
+        # After a bad batch its wallets go one at a time, so the one to blame is found and
+        # parked (wallet id -> when to try it again, failures so far) while the others go on.
+        self.isolating: set[str] = set()
+        self.parked: dict[str, tuple[float, int]] = {}
+        self._round: list[str] = []
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.batches = 0
@@ -146,15 +159,14 @@ class Worker:
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
                         await self._rescan(list(self.owned))
                         last_rescan = time.monotonic()
-                    if not self.active:
-                        self.wakeup.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(
-                                self.wakeup.wait(), self.settings.worker_rescan_interval
-                            )
-                        continue
                     done = await self.process_round()
                     failures = 0
+                    if not self._round:  # nothing active, or only parked wallets
+                        await self._wait_for_work()
+                        continue
+                except BAD_BATCH_ERRORS as e:
+                    self._blame(e)
+                    continue
                 except Fenced as e:
                     self.metrics.fenced.inc()
                     log.warning("batch refused, these shards have a new owner: %s", e)
@@ -164,7 +176,7 @@ class Worker:
                     with contextlib.suppress(RedisError, OSError):  # next round backs off
                         await self.redis.script_load(ACKNOWLEDGE)
                     continue
-                except (RedisError, OSError, TimeoutError, *PG_ERRORS, LedgerConflict) as e:
+                except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
                     delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
                     log.warning(
@@ -184,11 +196,12 @@ class Worker:
         """Reads, commits, replies to and acknowledges one batch; returns its size."""
         epochs: dict[int, int] = {}
         wallets = []
-        for w in list(self.active)[: self.settings.batch_wallets_max]:
+        for w in self._pick():
             shard = self.keys.shard_of(w)
             if shard in self.owned:  # else lost since the last settling; dropped at the next
                 epochs[shard] = self.owned[shard]
                 wallets.append(w)
+        self._round = wallets
         if not wallets:
             return 0
         for w in wallets:  # the next round starts with the wallets this one did not reach
@@ -205,6 +218,10 @@ class Worker:
             for w in wallets:
                 self.active[w] = START
             raise
+        self.isolating.difference_update(wallets)
+        for wallet in wallets:
+            if self.parked.pop(wallet, None) is not None:
+                log.info("wallet %s works again", wallet)
         for wallet, remaining in zip(wallets, left, strict=True):
             if remaining:
                 self.active[wallet] = cursors[wallet]
@@ -213,6 +230,53 @@ class Worker:
             else:
                 del self.active[wallet]
         return len(entries)
+
+    async def _wait_for_work(self) -> None:
+        """Until a wake-up, the next parked wallet's retry, or the next rescan."""
+        now = time.monotonic()
+        due = min((d for d, _ in self.parked.values()), default=math.inf)
+        self.wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.wakeup.wait(), max(0.0, min(due - now, self.settings.worker_rescan_interval))
+            )
+
+    def _pick(self) -> list[str]:
+        """The wallets of the next round: one alone while a bad batch is being taken apart
+        or a parked wallet is due for another try, else the active ones not parked."""
+        now = time.monotonic()
+        self.isolating.update(w for w, (due, _) in self.parked.items() if due <= now)
+        for w in list(self.isolating):
+            if w in self.active:
+                return [w]
+            self.isolating.discard(w)
+        return [w for w in self.active if w not in self.parked][: self.settings.batch_wallets_max]
+
+    def _blame(self, error: Exception) -> None:
+        """After a bad batch: take it apart, or, if it held one wallet, park that wallet
+        (its operations wait in its stream) and try it again later, less and less often."""
+        if len(self._round) > 1:
+            log.warning(
+                "a batch of %d wallets failed (%s: %s); trying them one at a time",
+                len(self._round),
+                type(error).__name__,
+                error,
+            )
+            self.isolating.update(self._round)
+            return
+        for wallet in self._round:
+            self.isolating.discard(wallet)
+            failures = self.parked.get(wallet, (0.0, 0))[1] + 1
+            delay = min(PARKED_DELAY_MAX, 2.0**failures)
+            self.parked[wallet] = (time.monotonic() + delay, failures)
+            log.error(
+                "wallet %s cannot be applied (%s: %s); its operations wait in its stream, "
+                "next try in %.0fs",
+                wallet,
+                type(error).__name__,
+                error,
+                delay,
+            )
 
     async def _read(
         self, wallets: list[str]
@@ -474,6 +538,8 @@ class Worker:
                 if self.keys.shard_of(w) in self.owned
             }
             self.notified.intersection_update(self.active)
+            self.isolating.intersection_update(self.active)
+            self.parked = {w: v for w, v in self.parked.items() if w in self.active}
 
     async def _release(self, shards: list[int]) -> None:
         """Stops working on the shards and gives their leases up, so that another worker
@@ -498,6 +564,7 @@ class Worker:
                 pipe.get(self.keys.queued(shard))
             counts = await pipe.execute()
         self.metrics.shards_owned.set(len(owned))
+        self.metrics.parked_wallets.set(len(self.parked))
         self.metrics.queued.clear()
         for shard, count in zip(owned, counts, strict=True):
             self.metrics.queued.labels(str(shard)).set(int(count or 0))
