@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
+from load.bench import free_port, wait_ready
 from load.chaos import ledger_problems
+from shared.devstack import spawn
+from shared.settings import Settings
 
 Client = TestClient[Any, Any]
 
@@ -52,3 +59,21 @@ def replay_ledger(rows: list[Any]) -> int:
     balance, problems = ledger_problems(rows)
     assert problems == []
     return balance
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, **overrides: Any) -> AsyncIterator[tuple[str, Settings]]:
+    """`python -m worker` and `python -m api` as real processes on `settings` (a free
+    loopback port, and `overrides`), ready; yields the base URL and the settings used."""
+    served = dataclasses.replace(settings, host="127.0.0.1", port=free_port(), **overrides)
+    processes = [spawn(m, served.to_env(), stderr=subprocess.DEVNULL) for m in ("worker", "api")]
+    base = f"http://127.0.0.1:{served.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_ready(http, f"{base}/ready")
+        yield base, served
+    finally:
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.wait(timeout=20)

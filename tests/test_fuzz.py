@@ -6,7 +6,6 @@ default 20); README says how to run it longer."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import subprocess
 import sys
@@ -16,9 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from load.bench import free_port, wait_ready
-from shared.devstack import spawn
 from shared.settings import Settings
+from tests.helpers import serving
 
 CHECKS = ",".join(
     (
@@ -34,33 +32,22 @@ CHECKS = ",".join(
 async def service(
     request: pytest.FixtureRequest, settings: Settings
 ) -> AsyncIterator[tuple[str, dict[str, str]]]:
-    served = dataclasses.replace(
-        settings,
-        host="127.0.0.1",
-        port=free_port(),
-        auth_enabled=request.param,
-        jwt_secret="fuzz-" + "k" * 40 if request.param else "",
-        login_user_limit=1_000_000,
-        login_address_limit=1_000_000,
-    )
-    processes = [spawn(m, served.to_env(), stderr=subprocess.DEVNULL) for m in ("worker", "api")]
-    base = f"http://127.0.0.1:{served.port}"
-    headers: dict[str, str] = {}
-    try:
-        async with aiohttp.ClientSession(base) as http:
-            await wait_ready(http, f"{base}/ready")
-            if served.auth_enabled:
-                user = {"username": "fuzzer", "password": "a fuzzing password"}
+    auth = {
+        "auth_enabled": request.param,
+        "jwt_secret": "fuzz-" + "k" * 40 if request.param else "",
+        "login_user_limit": 1_000_000,
+        "login_address_limit": 1_000_000,
+    }
+    async with serving(settings, **auth) as (base, _):
+        headers: dict[str, str] = {}
+        if request.param:
+            user = {"username": "fuzzer", "password": "a fuzzing password"}
+            async with aiohttp.ClientSession(base) as http:
                 async with http.post("/api/auth/users", json=user) as r:
                     assert r.status == 201
                 async with http.post("/api/auth/token", json=user) as r:
                     headers["Authorization"] = f"Bearer {(await r.json())['access_token']}"
         yield base, headers
-    finally:
-        for p in processes:
-            p.terminate()
-        for p in processes:
-            p.wait(timeout=20)
 
 
 async def test_schemathesis_finds_no_server_error_and_no_schema_break(

@@ -5,21 +5,17 @@ is installed (.ci/run installs Debian's chromium)."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
-from load.bench import free_port, wait_ready
-from shared.devstack import spawn
 from shared.settings import Settings
 from tests.conftest import ROOT
+from tests.helpers import serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = ROOT / ".run" / "screenshots"
@@ -42,24 +38,9 @@ pytestmark = pytest.mark.skipif(
 async def site(
     request: pytest.FixtureRequest, settings: Settings
 ) -> AsyncIterator[tuple[str, bool]]:
-    served = dataclasses.replace(
-        settings,
-        host="127.0.0.1",
-        port=free_port(),
-        auth_enabled=request.param,
-        jwt_secret="page-" + "k" * 40 if request.param else "",
-    )
-    processes = [spawn(m, served.to_env(), stderr=subprocess.DEVNULL) for m in ("worker", "api")]
-    base = f"http://127.0.0.1:{served.port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            await wait_ready(http, f"{base}/ready")
-        yield base, served.auth_enabled
-    finally:
-        for p in processes:
-            p.terminate()
-        for p in processes:
-            p.wait(timeout=20)
+    secret = "page-" + "k" * 40 if request.param else ""
+    async with serving(settings, auth_enabled=request.param, jwt_secret=secret) as (base, _):
+        yield base, request.param
 
 
 async def operate(page: Page, kind: str, amount: str) -> None:
