@@ -269,12 +269,19 @@ class Chaos:
         another worker has taken its shard: its batch must then be refused. The batch is
         caught in flight by holding the hot wallet's row, which it waits for."""
         shard = self.keys.shard_of(self.hot)
-        lease: Any = await self.redis.get(self.keys.lease(shard))
-        victim = self.cluster.worker_named(lease.decode()) if lease else None
-        if victim is None:
-            self.problem(f"pause: nobody owned shard {shard} (lease {lease!r})")
-            return
-        owner = lease.decode()
+        owner = ""
+
+        async def live_owner() -> bool:
+            # A worker killed a moment ago still holds its leases until they run out.
+            nonlocal owner
+            lease: Any = await self.redis.get(self.keys.lease(shard))
+            owner = lease.decode() if lease else ""
+            process = self.cluster.worker_named(owner) if owner else None
+            return process is not None and process.poll() is None
+
+        await until(live_owner, LEASE_TTL * 10, f"a live worker to own shard {shard}")
+        victim = self.cluster.worker_named(owner)
+        assert victim is not None
         async with pg.acquire() as blocker, blocker.transaction():
             await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", self.hot)
 
