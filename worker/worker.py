@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -250,7 +251,8 @@ class Worker:
             if w in self.active:
                 return [w]
             self.isolating.discard(w)
-        return [w for w in self.active if w not in self.parked][: self.settings.batch_wallets_max]
+        ready = (w for w in self.active if w not in self.parked)
+        return list(itertools.islice(ready, self.settings.batch_wallets_max))
 
     def _blame(self, error: Exception) -> None:
         """After a bad batch: take it apart, or, if it held one wallet, park that wallet
