@@ -61,6 +61,13 @@ def problem(description: str, *, retry_after: bool = False) -> dict[str, Any]:
 UNAVAILABLE = problem("PostgreSQL or Redis is unreachable", retry_after=True)
 INVALID = problem("A parameter or field is not valid (each error names it)")
 NOT_FOUND = problem("No such wallet (a malformed id is not found either)")
+# What the one reader of JSON bodies answers, for every route that takes one.
+BODY_ERRORS = {
+    "400": problem("The body is not JSON, or not an object"),
+    "413": problem("The body is too large"),
+    "415": problem("The body is not application/json"),
+    "422": INVALID,
+}
 
 PAGING = [
     {
@@ -93,6 +100,19 @@ KEY_HEADER = {
 }
 
 
+def page_of(item: str) -> dict[str, Any]:
+    """A page of a cursor-paginated list."""
+    return {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": ref(item)},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+        "additionalProperties": False,
+    }
+
+
 def operation_post(summary: str, body_schema: str) -> dict[str, Any]:
     return {
         "summary": summary,
@@ -108,11 +128,9 @@ def operation_post(summary: str, body_schema: str) -> dict[str, Any]:
                 "(and `href`) shows it once applied",
                 "content": json_content(ref("Pending")),
             },
-            "400": problem("The body is not JSON, or not an object"),
+            **BODY_ERRORS,
             "404": NOT_FOUND,
             "409": problem("Refused: insufficient funds, or the balance limit; recorded"),
-            "413": problem("The body is too large"),
-            "415": problem("The body is not application/json"),
             "422": problem(
                 "A field is not valid, or the Idempotency-Key was used for another request"
             ),
@@ -130,15 +148,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"id": UUID, "balance": DECIMAL, "created_at": TIME, "updated_at": TIME},
         "additionalProperties": False,
     },
-    "WalletPage": {
-        "type": "object",
-        "required": ["items", "next_cursor"],
-        "properties": {
-            "items": {"type": "array", "items": ref("Wallet")},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-        "additionalProperties": False,
-    },
+    "WalletPage": page_of("Wallet"),
     "OperationRequest": {
         "type": "object",
         "description": "operation_type is accepted as another spelling of operationType",
@@ -203,15 +213,7 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": False,
     },
-    "OperationPage": {
-        "type": "object",
-        "required": ["items", "next_cursor"],
-        "properties": {
-            "items": {"type": "array", "items": ref("Operation")},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-        "additionalProperties": False,
-    },
+    "OperationPage": page_of("Operation"),
     "Problem": {
         "type": "object",
         "description": "RFC 9457; `type` is stable per kind of error",
@@ -495,12 +497,6 @@ PATHS: dict[str, Any] = {
     },
 }
 
-BODY_ERRORS = {
-    "400": problem("The body is not JSON, or not an object"),
-    "413": problem("The body is too large"),
-    "415": problem("The body is not application/json"),
-    "422": INVALID,
-}
 AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
 
 
