@@ -12,7 +12,6 @@ import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -147,6 +146,3 @@ async def wallet(client: TestClient[Any, Any]) -> str:
     response = await client.post("/api/v1/wallets")
     assert response.status == 201
     return str((await response.json())["id"])
-
-
-ROOT = Path(__file__).resolve().parent.parent

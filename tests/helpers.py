@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +19,8 @@ from load.bench import free_port, wait_ready
 from load.chaos import ledger_problems
 from shared.devstack import spawn
 from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 Client = TestClient[Any, Any]
 
@@ -77,3 +81,16 @@ async def serving(settings: Settings, **overrides: Any) -> AsyncIterator[tuple[s
             p.terminate()
         for p in processes:
             p.wait(timeout=20)
+
+
+async def run_module(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from the project's root, configured by `settings` alone."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=settings.to_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

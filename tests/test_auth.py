@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,8 +16,8 @@ from aiohttp.test_utils import TestClient
 
 from api.app import create_app
 from shared.settings import Settings
-from tests.conftest import ROOT, AiohttpClient
-from tests.helpers import eventually
+from tests.conftest import AiohttpClient
+from tests.helpers import eventually, run_module
 
 SECRET = "test-secret-" + "x" * 32
 PASSWORD = "correct horse battery"
@@ -236,15 +234,7 @@ async def test_an_admin_granted_from_the_command_line_sees_every_wallet(
     alice = await login(http, await register(http))
     wallet = await new_wallet(http, alice)
     boss = await register(http)
-    run = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "api.users", "grant-admin", boss],
-        cwd=ROOT,
-        env=auth_settings.to_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = await run_module(auth_settings, "api.users", "grant-admin", boss)
     assert run.returncode == 0, run.stderr
     as_boss = bearer(await login(http, boss))
     assert (await http.get(f"/api/v1/wallets/{wallet}", headers=as_boss)).status == 200

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from shared.settings import Settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # `make install` extracts it from a PyPI release that ships it (see the Makefile).
 COMPOSE_SCHEMA = ROOT / ".venv" / "schemas" / "compose" / "config" / "compose_spec.json"

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import subprocess
-import sys
 from typing import Any
 
 import orjson
@@ -13,21 +10,14 @@ from redis.asyncio import Redis
 
 from api.app import create_app
 from shared.settings import Settings
-from tests.conftest import ROOT, AiohttpClient, running_worker
-from tests.helpers import eventually, operate
+from tests.conftest import AiohttpClient, running_worker
+from tests.helpers import eventually, operate, run_module
 from worker.inspect import shards_report, stuck_report, wallet_report
 
 
 async def inspect_cli(settings: Settings, *args: str) -> Any:
-    run = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker.inspect", "--json", *args],
-        cwd=ROOT,
-        env=settings.to_env(),
-        capture_output=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    run = await run_module(settings, "worker.inspect", "--json", *args)
+    assert run.returncode == 0, run.stderr[-2000:]
     return orjson.loads(run.stdout)
 
 
@@ -76,15 +66,7 @@ async def test_an_unknown_wallet_is_reported_as_such(settings: Settings) -> None
 
 
 async def worker_check(settings: Settings) -> int:
-    run = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "worker", "--check"],
-        cwd=ROOT,
-        env=settings.to_env(),
-        capture_output=True,
-        timeout=60,
-    )
-    return run.returncode
+    return (await run_module(settings, "worker", "--check")).returncode
 
 
 async def test_the_worker_health_check_reports_a_live_heartbeat(settings: Settings) -> None:

@@ -14,8 +14,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from shared.settings import Settings
-from tests.conftest import ROOT
-from tests.helpers import serving
+from tests.helpers import ROOT, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = ROOT / ".run" / "screenshots"

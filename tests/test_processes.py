@@ -21,8 +21,7 @@ from load.bench import free_port
 from shared import logs
 from shared.devstack import spawn
 from shared.settings import Settings
-from tests.conftest import ROOT
-from tests.helpers import eventually
+from tests.helpers import ROOT, eventually
 
 
 async def until_ready(url: str) -> None:
