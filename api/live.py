@@ -38,9 +38,6 @@ class LiveStats:
         if len(second.latencies) < LATENCY_SAMPLES_PER_SECOND:
             second.latencies.append(seconds_taken)
 
-    def answered(self, at: int) -> _Second | None:
-        return next((s for s in reversed(self.seconds) if s.at == at), None)
-
 
 def percentile_ms(values: list[float], p: float) -> float | None:
     if not values:

@@ -78,9 +78,10 @@ async def live_view(request: web.Request) -> web.Response:
             (now, {str(s): int(n) for s, n in enumerate(counts) if n and int(n) > 0})
         )
     queued_at = dict(stats.queued)
+    answered_at = {second.at: second for second in stats.seconds}
     series = []
     for at, done in zip(seconds, committed, strict=True):
-        answered = stats.answered(at)
+        answered = answered_at.get(at)
         batches, operations = int(done.get(b"batches", 0)), int(done.get(b"operations", 0))
         shards = queued_at.get(at)
         series.append(
