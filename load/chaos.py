@@ -175,12 +175,16 @@ class Cluster:
                 p.wait()
 
 
-async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+async def until(
+    check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.05
+) -> None:
+    """Waits until `check()` is true, polling every `every` seconds; raises TimeoutError
+    after `within` seconds."""
     deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)
 
 
 class Chaos:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from load.bench import free_port, wait_ready
-from load.chaos import ledger_problems
+from load.chaos import ledger_problems, until
 from shared.devstack import spawn
 from shared.settings import Settings
 
@@ -41,12 +40,11 @@ async def operate(
 async def eventually(
     check: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition"
 ) -> None:
-    """Waits until `check()` is true, polling; fails after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """Waits until `check()` is true, polling; fails the test after `within` seconds."""
+    try:
+        await until(check, within, what, every=0.02)
+    except TimeoutError as e:
+        raise AssertionError(str(e)) from None
 
 
 async def ledger(pg: Any, wallet: str) -> list[Any]:
