@@ -81,7 +81,7 @@ async def test_entries_committed_but_not_acknowledged_are_not_applied_again(
     raw: Any = await redis.xrange(stream)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "the worker that died")
-        first = await apply_batch(
+        first, _ = await apply_batch(
             conn, [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]], {shard: epoch}
         )
     assert [o.replayed for o in first] == [False] * 3
@@ -148,9 +148,9 @@ async def test_a_redelivered_entry_is_answered_as_before_and_a_client_retry_as_a
     first_id, retry_id = (entry_id.decode() for entry_id in added)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker")
-        [applied] = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
-        [redelivered] = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
-        [retried] = await apply_batch(conn, [Entry(retry_id, request)], {shard: epoch})
+        [applied], _ = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
+        [redelivered], _ = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
+        [retried], _ = await apply_batch(conn, [Entry(retry_id, request)], {shard: epoch})
     assert (applied.status, applied.replayed) == ("applied", False)
     assert (redelivered.seq, redelivered.replayed) == (applied.seq, False)
     assert (retried.seq, retried.replayed) == (applied.seq, True)

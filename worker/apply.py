@@ -1,17 +1,25 @@
 """Applying a batch of operations to PostgreSQL in one transaction.
 
 The caller is the only writer of these wallets, so it decides each operation in stream
-order from the balance it has locked. PostgreSQL guards the result: balances and every
-ledger row's balance_after are CHECKed non-negative, (wallet_id, id) is unique, and the
-balance is updated by a delta whose result must match what was decided. The transaction
-commits only if the shards' epochs are still the ones the caller got when it took them
-(the fence): a worker that lost a shard, however long it slept, cannot write to it.
+order from the wallets' balances. PostgreSQL guards the result: balances and every ledger
+row's balance_after are CHECKed non-negative, (wallet_id, id) is unique, and nothing is
+written unless each wallet is still as the decision found it. The transaction commits only
+if the shards' epochs are still the ones the caller got when it took them (the fence): a
+worker that lost a shard, however long it slept, cannot write to it.
+
+Two ways to the same result. Usually the caller knows how its last batch left each wallet,
+and the batch is one statement, so one round trip with its COMMIT. Else, or when that
+statement finds a wallet changed or one of the operations recorded before (a redelivered
+entry, a client's retry), the wallets are locked and read first, in a transaction of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import asyncpg
 
 from shared.codec import (
     APPLIED,
@@ -44,27 +52,37 @@ earlier AS MATERIALIZED (
     FROM operations WHERE id = any($2::uuid[])
 )
 SELECT l.id::text AS wallet_id, l.balance AS wallet_balance, l.op_seq, l.applied_entry,
-       now() AS now,
        e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason, e.balance_after,
        e.created_at
 FROM locked l LEFT JOIN earlier e ON e.wallet_id = l.id
 """
 
-# One statement, so one round trip: the new ledger rows, then every wallet's balance (moved
-# by the batch's net delta), ledger length and applied stream position. Nothing is written,
-# and so nothing returned, unless every shard of the batch still has the caller's epoch; the
-# shard rows stay share-locked until COMMIT, so a new owner's epoch bump waits for it.
-# Checked before the ledger insert: a former owner's batch that waited for a wallet while a
-# new owner wrote to it must meet the fence, not a duplicate key.
+# One statement: the new ledger rows, then every wallet's balance, ledger length and applied
+# stream position. Nothing is written, and nothing returned, unless every wallet still has
+# the balance and ledger length the decision started from and every shard of the batch still
+# has the caller's epoch. Both are locked until COMMIT: the wallets against another writer
+# (there should be none), the shard rows so that a new owner's epoch bump waits for it.
+# The wallets first (CASE keeps the order): a batch waiting for a wallet's row then holds no
+# shard row, so a takeover need not wait for it, and the batch meets the fence once it has
+# the row. Both are checked before the ledger insert, so that such a batch is refused rather
+# than failing on a duplicate key.
 RECORD_BATCH = """
-WITH fence AS (
+WITH unchanged AS (
+    SELECT w.id FROM wallets w
+    JOIN unnest($9::uuid[], $10::bigint[], $11::bigint[]) AS was(id, balance, op_seq)
+      ON w.id = was.id AND w.balance = was.balance AND w.op_seq = was.op_seq
+    ORDER BY w.id FOR UPDATE OF w
+),
+fence AS (
     SELECT s.shard FROM shards s
-    JOIN unnest($13::int[], $14::bigint[]) AS held(shard, epoch)
+    JOIN unnest($15::int[], $16::bigint[]) AS held(shard, epoch)
       ON s.shard = held.shard AND s.epoch = held.epoch
     FOR SHARE OF s
 ),
 allowed AS (
-    SELECT (SELECT count(*) FROM fence) = cardinality($13::int[]) AS ok
+    SELECT CASE WHEN (SELECT count(*) FROM unchanged) = cardinality($9::uuid[])
+                THEN (SELECT count(*) FROM fence) = cardinality($15::int[])
+                ELSE false END AS ok
 ),
 recorded AS (
     INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after)
@@ -73,11 +91,11 @@ recorded AS (
     WHERE allowed.ok
 )
 UPDATE wallets AS w
-SET balance = w.balance + v.delta, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
-FROM unnest($9::uuid[], $10::bigint[], $11::bigint[], $12::text[]) AS v(id, delta, op_seq, entry),
+SET balance = v.balance, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
+FROM unnest($9::uuid[], $12::bigint[], $13::bigint[], $14::text[]) AS v(id, balance, op_seq, entry),
      allowed
 WHERE w.id = v.id AND allowed.ok
-RETURNING w.id::text, w.balance
+RETURNING now() AS now
 """
 
 EPOCHS = "SELECT shard, epoch FROM shards WHERE shard = any($1::int[])"
@@ -107,14 +125,29 @@ class Entry:
     request: OperationRequest
 
 
-@dataclass(slots=True)
-class _Wallet:
+class WalletState(NamedTuple):
+    """A wallet as a committed batch left it."""
+
     balance: int
     op_seq: int
-    start_balance: int
+
+
+class Applied(NamedTuple):
+    outcomes: list[Outcome]  # one per entry, in the entries' order
+    states: dict[str, WalletState]  # each existing wallet of the batch after COMMIT
+
+
+@dataclass(slots=True)
+class _Wallet:
+    start: WalletState  # as the batch found it
     # The newest stream entry applied before this batch; entries up to it are redeliveries.
-    applied_before: tuple[int, int]
+    applied_before: tuple[int, int] = (-1, -1)
+    balance: int = field(init=False)
+    op_seq: int = field(init=False)
     entry: str = ""
+
+    def __post_init__(self) -> None:
+        self.balance, self.op_seq = self.start
 
 
 def entry_order(entry_id: str | None) -> tuple[int, int]:
@@ -125,126 +158,160 @@ def entry_order(entry_id: str | None) -> tuple[int, int]:
     return (int(ms), int(seq))
 
 
-async def apply_batch(conn: Any, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
+# What became of one entry: an answer already, or the ledger row that answers it and
+# whether the entry repeats an operation recorded earlier.
+Decision = Outcome | tuple[Mapping[str, Any], bool]
+Row = tuple[str, int, str, str, int, str, str | None, int]
+
+
+async def apply_batch(
+    conn: Any,
+    entries: list[Entry],
+    epochs: dict[int, int],
+    known: Mapping[str, WalletState] | None = None,
+) -> Applied:
     """Decides, records and commits `entries` (each wallet's in stream order) if every shard
-    in `epochs` still has the epoch given there, else raises Fenced; returns one outcome per
-    entry, in the same order. Nothing is written unless all of it is."""
+    in `epochs` still has the epoch given there, else raises Fenced. Nothing is written
+    unless all of it is. `known`: how the caller's last batches left the wallets; when it
+    holds every wallet of the batch, the batch takes one round trip."""
     wallet_ids = list({e.request.wallet_id: None for e in entries})
+    if known is not None and all(w in known for w in wallet_ids):
+        wallets = {w: _Wallet(known[w]) for w in wallet_ids}
+        rows, decisions = _decide(entries, wallets, {})
+        try:
+            now = await _record(conn, rows, wallets, epochs)
+        except asyncpg.UniqueViolationError:
+            now = None  # an operation recorded before: the long way sorts it out
+        if now is not None:
+            return _applied(entries, decisions, wallets, now)
     async with conn.transaction():
         locked = await conn.fetch(LOCK_WALLETS, wallet_ids, [e.request.op_id for e in entries])
-        if not locked:
-            return [
-                Outcome(e.request.tag, e.request.op_id, e.request.wallet_id, WALLET_NOT_FOUND)
-                for e in entries
-            ]
-        now = format_time(locked[0]["now"])
-        wallets: dict[str, _Wallet] = {}
-        recorded: dict[tuple[str, str], Any] = {}
+        wallets = {}
+        recorded: dict[tuple[str, str], Mapping[str, Any]] = {}
         for r in locked:
             wallets[r["wallet_id"]] = _Wallet(
-                r["wallet_balance"],
-                r["op_seq"],
-                r["wallet_balance"],
-                entry_order(r["applied_entry"]),
+                WalletState(r["wallet_balance"], r["op_seq"]), entry_order(r["applied_entry"])
             )
             if r["op_id"] is not None:
                 recorded[(r["wallet_id"], r["op_id"])] = {
                     **r,
                     "created_at": format_time(r["created_at"]),
                 }
-        new_rows: list[tuple[str, int, str, str, int, str, str | None, int]] = []
-        outcomes: list[Outcome] = []
-        for e in entries:
-            r = e.request
-            wallet = wallets.get(r.wallet_id)
-            if wallet is None:
-                outcomes.append(Outcome(r.tag, r.op_id, r.wallet_id, WALLET_NOT_FOUND))
-                continue
-            wallet.entry = e.entry_id
-            earlier = recorded.get((r.wallet_id, r.op_id))
-            if earlier is not None:
-                if earlier["kind"] != r.kind or earlier["amount"] != r.amount:
-                    outcomes.append(
-                        Outcome(
-                            r.tag,
-                            r.op_id,
-                            r.wallet_id,
-                            KEY_REUSED,
-                            kind=earlier["kind"],
-                            amount=earlier["amount"],
-                        )
-                    )
-                else:
-                    outcomes.append(
-                        ledger_outcome(
-                            earlier,
-                            op_id=r.op_id,
-                            wallet_id=r.wallet_id,
-                            created_at=earlier["created_at"],
-                            tag=r.tag,
-                            # Not a client's retry but the same entry again, read anew after
-                            # its first delivery died between COMMIT and acknowledgement.
-                            replayed=entry_order(e.entry_id) > wallet.applied_before,
-                        )
-                    )
-                continue
-            reason = None
-            if r.kind == DEPOSIT:
-                if wallet.balance + r.amount > MAX_BALANCE_MINOR:
-                    reason = BALANCE_LIMIT
-                else:
-                    wallet.balance += r.amount
-            elif wallet.balance < r.amount:
-                reason = INSUFFICIENT_FUNDS
-            else:
-                wallet.balance -= r.amount
-            wallet.op_seq += 1
-            status = APPLIED if reason is None else REJECTED
-            new_rows.append(
-                (
-                    r.wallet_id,
-                    wallet.op_seq,
-                    r.op_id,
-                    r.kind,
-                    r.amount,
-                    status,
-                    reason,
-                    wallet.balance,
-                )
-            )
-            row = dict(zip(ROW_FIELDS, new_rows[-1], strict=True), created_at=now)
-            recorded[(r.wallet_id, r.op_id)] = row
-            outcomes.append(
-                ledger_outcome(row, op_id=r.op_id, wallet_id=r.wallet_id, created_at=now, tag=r.tag)
-            )
+        rows, decisions = _decide(entries, wallets, recorded)
+        if not wallets:
+            return _applied(entries, decisions, wallets, "")
+        now = await _record(conn, rows, wallets, epochs)
+        if now is None:
+            raise LedgerConflict(f"wallets {list(wallets)} changed while locked")
+    return _applied(entries, decisions, wallets, now)
 
-        ids = list(wallets)
-        updated = await conn.fetch(
-            RECORD_BATCH,
-            *(zip(*new_rows, strict=True) if new_rows else [()] * len(ROW_FIELDS)),
-            ids,
-            [wallets[i].balance - wallets[i].start_balance for i in ids],
-            [wallets[i].op_seq for i in ids],
-            [wallets[i].entry or None for i in ids],
-            list(epochs),
-            list(epochs.values()),
-        )
-        if len(updated) < len(ids):
-            current = dict(await conn.fetch(EPOCHS, list(epochs)))
-            moved = sorted(s for s, epoch in epochs.items() if current.get(s) != epoch)
-            if not moved:
-                raise LedgerConflict(f"wallets {ids}: {len(ids) - len(updated)} not updated")
-            raise Fenced(
-                moved,
-                "; ".join(f"shard {s}: epoch {epochs[s]} is now {current.get(s)}" for s in moved),
-            )
-        for row in updated:
-            if row["balance"] != wallets[row["id"]].balance:
-                raise LedgerConflict(
-                    f"wallet {row['id']}: PostgreSQL has {row['balance']}, "
-                    f"the writer decided {wallets[row['id']].balance}"
+
+def _decide(
+    entries: list[Entry],
+    wallets: dict[str, _Wallet],
+    recorded: dict[tuple[str, str], Mapping[str, Any]],
+) -> tuple[list[Row], list[Decision]]:
+    """Each entry's fate, in order, moving the wallets' balances; the new ledger rows."""
+    rows: list[Row] = []
+    decisions: list[Decision] = []
+    for e in entries:
+        r = e.request
+        wallet = wallets.get(r.wallet_id)
+        if wallet is None:
+            decisions.append(Outcome(r.tag, r.op_id, r.wallet_id, WALLET_NOT_FOUND))
+            continue
+        wallet.entry = e.entry_id
+        earlier = recorded.get((r.wallet_id, r.op_id))
+        if earlier is not None:
+            if earlier["kind"] != r.kind or earlier["amount"] != r.amount:
+                decisions.append(
+                    Outcome(
+                        r.tag,
+                        r.op_id,
+                        r.wallet_id,
+                        KEY_REUSED,
+                        kind=earlier["kind"],
+                        amount=earlier["amount"],
+                    )
                 )
-    return outcomes
+            else:
+                # Not a client's retry if the entry was applied before: the same entry read
+                # anew after its first delivery died between COMMIT and acknowledgement.
+                decisions.append((earlier, entry_order(e.entry_id) > wallet.applied_before))
+            continue
+        reason = None
+        if r.kind == DEPOSIT:
+            if wallet.balance + r.amount > MAX_BALANCE_MINOR:
+                reason = BALANCE_LIMIT
+            else:
+                wallet.balance += r.amount
+        elif wallet.balance < r.amount:
+            reason = INSUFFICIENT_FUNDS
+        else:
+            wallet.balance -= r.amount
+        wallet.op_seq += 1
+        status = APPLIED if reason is None else REJECTED
+        rows.append(
+            (r.wallet_id, wallet.op_seq, r.op_id, r.kind, r.amount, status, reason, wallet.balance)
+        )
+        row = dict(zip(ROW_FIELDS, rows[-1], strict=True))
+        recorded[(r.wallet_id, r.op_id)] = row
+        decisions.append((row, False))
+    return rows, decisions
+
+
+async def _record(
+    conn: Any, rows: list[Row], wallets: dict[str, _Wallet], epochs: dict[int, int]
+) -> str | None:
+    """Writes the batch (RECORD_BATCH); returns the time it was written, or None if a wallet
+    was not as the decision found it. Raises Fenced if a shard has a new owner."""
+    ids = list(wallets)
+    written = await conn.fetch(
+        RECORD_BATCH,
+        *(zip(*rows, strict=True) if rows else [()] * len(ROW_FIELDS)),
+        ids,
+        [wallets[i].start.balance for i in ids],
+        [wallets[i].start.op_seq for i in ids],
+        [wallets[i].balance for i in ids],
+        [wallets[i].op_seq for i in ids],
+        [wallets[i].entry or None for i in ids],
+        list(epochs),
+        list(epochs.values()),
+    )
+    if written:
+        return format_time(written[0]["now"])
+    current = dict(await conn.fetch(EPOCHS, list(epochs)))
+    moved = sorted(s for s, epoch in epochs.items() if current.get(s) != epoch)
+    if moved:
+        raise Fenced(
+            moved,
+            "; ".join(f"shard {s}: epoch {epochs[s]} is now {current.get(s)}" for s in moved),
+        )
+    return None
+
+
+def _applied(
+    entries: list[Entry], decisions: list[Decision], wallets: dict[str, _Wallet], now: str
+) -> Applied:
+    outcomes = []
+    for e, decision in zip(entries, decisions, strict=True):
+        if isinstance(decision, Outcome):
+            outcomes.append(decision)
+            continue
+        row, replayed = decision
+        r = e.request
+        outcomes.append(
+            ledger_outcome(
+                row,
+                op_id=r.op_id,
+                wallet_id=r.wallet_id,
+                created_at=row.get("created_at", now),
+                tag=r.tag,
+                replayed=replayed,
+            )
+        )
+    states = {w: WalletState(wallet.balance, wallet.op_seq) for w, wallet in wallets.items()}
+    return Applied(outcomes, states)
 
 
 # Taking a shard over: the new epoch is the fencing token of every batch the new owner

@@ -55,7 +55,14 @@ from shared.scripts import (
     next_entry_id,
 )
 from shared.settings import Settings
-from worker.apply import Entry, Fenced, LedgerConflict, apply_batch, take_shard
+from worker.apply import (
+    Entry,
+    Fenced,
+    LedgerConflict,
+    WalletState,
+    apply_batch,
+    take_shard,
+)
 
 log = logging.getLogger("worker")
 
@@ -71,6 +78,8 @@ BAD_BATCH_ERRORS = (
     asyncpg.DataError,
 )
 PARKED_DELAY_MAX = 60.0
+# How many wallets' states a worker keeps between batches (the most recently written).
+KNOWN_WALLETS_MAX = 100_000
 RENEWALS_PER_LEASE = 5
 COMMITTED_KEPT_SECONDS = 600
 
@@ -135,6 +144,9 @@ class Worker:
         # parked (wallet id -> when to try it again, failures so far) while the others go on.
         self.isolating: set[str] = set()
         self.parked: dict[str, tuple[float, int]] = {}
+        # wallet id -> (the shard's epoch, the wallet as this worker's last batch of it left
+        # it): lets a batch skip reading its wallets while nobody else can have written them
+        self.known: dict[str, tuple[int, WalletState]] = {}
         self._round: list[str] = []
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -218,6 +230,7 @@ class Worker:
             # operation ids keep what was committed from being applied twice.
             for w in wallets:
                 self.active[w] = START
+                self.known.pop(w, None)
             raise
         self.isolating.difference_update(wallets)
         for wallet in wallets:
@@ -339,10 +352,13 @@ class Worker:
                 self._conn = await self.pool.acquire()
             started = time.perf_counter()
             try:
-                outcomes = await apply_batch(self._conn, entries, epochs)
+                outcomes, states = await apply_batch(
+                    self._conn, entries, epochs, self._known_states(cursors, epochs)
+                )
             except BaseException:
                 await self._release_connection()
                 raise
+            self._remember(states, epochs)
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(entries))
             self.batches += 1
@@ -384,6 +400,23 @@ class Worker:
                 )
             results = await pipe.execute()
         return [int(n) for n in results[-len(cursors) :]] if cursors else []
+
+    def _known_states(
+        self, wallets: Iterable[str], epochs: dict[int, int]
+    ) -> dict[str, WalletState]:
+        known = {}
+        for w in wallets:
+            cached = self.known.get(w)
+            if cached is not None and cached[0] == epochs.get(self.keys.shard_of(w)):
+                known[w] = cached[1]
+        return known
+
+    def _remember(self, states: dict[str, WalletState], epochs: dict[int, int]) -> None:
+        for w, state in states.items():
+            self.known.pop(w, None)  # to the end: the least recently written go first
+            self.known[w] = (epochs[self.keys.shard_of(w)], state)
+        while len(self.known) > KNOWN_WALLETS_MAX:
+            del self.known[next(iter(self.known))]
 
     async def close(self) -> None:
         """Stops the worker's tasks and gives back what it holds: its PostgreSQL connection,
