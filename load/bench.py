@@ -10,9 +10,11 @@ server cannot hide its queue (no coordinated omission).
 
 Phases: a constant rate on one wallet (default 1000/s for 60 s); then, rising step by step,
 the highest rate each design sustains on one wallet and, for the service, over 10,000
-wallets. A rate is sustained when the server keeps up (at least 95% of it completed in
-time), nothing but 200 and 409 came back, and p99 stayed under --p99-limit. Every phase
-checks that the final balances equal what the successful responses imply.
+wallets; then the constant rate again with the worker restarted at each of --intervals
+(group commit's trade of latency for commits). A rate is sustained when the server keeps
+up (at least 95% of it completed in time), nothing but 200 and 409 came back, and p99
+stayed under --p99-limit. Every phase checks that the final balances equal what the
+successful responses imply, and tells how much of a core each server process used.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 CLIENT_TIMEOUT = 10.0
 BALANCE_CHECK = {True: "exact", False: "MISMATCH", None: "unknown: answers missing"}
+SWEPT_INTERVALS = [0.002, 0.005, 0.01, 0.02]
 
 
 @dataclasses.dataclass
@@ -63,6 +66,7 @@ class Phase:
     errors: int = 0
     elapsed: float = 0.0
     generator_cpu: float = 0.0
+    server_cpu: dict[str, float] = dataclasses.field(default_factory=dict)
     commits: int | None = None
     operations: int | None = None
     balance_ok: bool | None = None
@@ -88,6 +92,24 @@ class Phase:
             and self.bad == 0
             and self.percentile(99) <= p99_limit_ms
         )
+
+
+@dataclasses.dataclass
+class Target:
+    """A design under load: its name, its URL and its processes by name."""
+
+    design: str
+    base: str
+    processes: dict[str, subprocess.Popen[bytes]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux); 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RawHttp:
@@ -189,10 +211,15 @@ async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def run_phase(pg: Any, base: str, wallets: Sequence[str], phase: Phase) -> Phase:
+async def run_phase(pg: Any, target: Target, wallets: Sequence[str], phase: Phase) -> Phase:
     before = await balances(pg, wallets)
     started = await pg.fetchval("SELECT clock_timestamp()")
-    effects = await drive(base, wallets, phase, seed=hash(phase.name) & 0xFFFF)
+    cpu = {name: cpu_seconds(p.pid) for name, p in target.processes.items()}
+    effects = await drive(target.base, wallets, phase, seed=hash(phase.name) & 0xFFFF)
+    phase.server_cpu = {
+        name: (cpu_seconds(p.pid) - cpu[name]) / phase.elapsed
+        for name, p in target.processes.items()
+    }
     # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
     row = await pg.fetchrow(
         "SELECT count(DISTINCT xmin::text) AS commits, count(*) AS operations FROM operations"
@@ -248,35 +275,33 @@ async def new_wallets(pg: Any, count: int) -> list[str]:
 def table(phases: list[Phase]) -> str:
     head = (
         "| phase | design | target/s | achieved/s | p50 ms | p95 ms | p99 ms | max ms "
-        "| non-2xx (409s apart) | 409s | commits/op | mean batch | balances | generator CPU |"
+        "| non-2xx (409s apart) | 409s | commits/op | mean batch | balances "
+        "| server CPU (cores) | generator CPU |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for p in phases:
         per_op = f"{p.commits / p.operations:.3f}" if p.commits and p.operations else "-"
         batch = f"{p.operations / p.commits:.1f}" if p.commits and p.operations else "-"
+        server = ", ".join(f"{name} {cores:.2f}" for name, cores in p.server_cpu.items())
         lines.append(
             f"| {p.name} | {p.design} | {p.target_rate} | {p.completed / p.elapsed:.0f} "
             f"| {p.percentile(50):.1f} | {p.percentile(95):.1f} | {p.percentile(99):.1f} "
             f"| {p.percentile(100):.1f} | {p.bad} | {p.statuses.get(409, 0)} | {per_op} "
-            f"| {batch} | {BALANCE_CHECK[p.balance_ok]} "
+            f"| {batch} | {BALANCE_CHECK[p.balance_ok]} | {server or '-'} "
             f"| {p.generator_cpu:.0%} |"
         )
     return "\n".join(lines)
 
 
 async def find_max(
-    pg: Any,
-    base: str,
-    wallet_count: int,
-    design: str,
-    rates: list[int],
-    args: argparse.Namespace,
+    pg: Any, target: Target, wallet_count: int, rates: list[int], args: argparse.Namespace
 ) -> tuple[int, list[Phase]]:
     best, phases = 0, []
     for rate in rates:
         wallets = await new_wallets(pg, wallet_count)
         name = f"max on {'1 wallet' if wallet_count == 1 else f'{wallet_count} wallets'}"
-        phase = await run_phase(pg, base, wallets, Phase(name, design, rate, args.step_seconds))
+        phase = Phase(name, target.design, rate, args.step_seconds)
+        phase = await run_phase(pg, target, wallets, phase)
         phases.append(phase)
         print(table([phase]).splitlines()[-1], flush=True)
         if not (phase.sustained(args.p99_limit) and phase.balance_ok):
@@ -312,42 +337,67 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
         "HOST": "127.0.0.1",
     }
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    processes = [
-        spawn("worker", env, **quiet),
-        spawn("api", {**env, "PORT": str(service_port)}, **quiet),
-        spawn("load.rowlock", {**env, "PORT": str(rowlock_port)}, **quiet),
-    ]
-    service, rowlock = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{rowlock_port}"
+    service = Target(
+        "service",
+        f"http://127.0.0.1:{service_port}",
+        {
+            "api": spawn("api", {**env, "PORT": str(service_port)}, **quiet),
+            "worker": spawn("worker", env, **quiet),
+        },
+    )
+    rowlock = Target(
+        "row lock",
+        f"http://127.0.0.1:{rowlock_port}",
+        {"rowlock": spawn("load.rowlock", {**env, "PORT": str(rowlock_port)}, **quiet)},
+    )
     phases: list[Phase] = []
     pg = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+
+    async def warm_up(target: Target) -> None:
+        """Connections, prepared statements, caches, a worker owning its shards; not reported."""
+        await run_phase(pg, target, await new_wallets(pg, 1), Phase("", target.design, 200, 3))
+
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_ready(http, f"{service}/ready")
-            for design, base in (("service", service), ("row lock", rowlock)):
-                # Warm up (connections, prepared statements, caches); not reported.
-                await run_phase(pg, base, await new_wallets(pg, 1), Phase("", design, 200, 3))
-            for design, base in (("service", service), ("row lock", rowlock)):
+            await wait_ready(http, f"{service.base}/ready")
+            for target in (service, rowlock):
+                await warm_up(target)
+            for target in (service, rowlock):
                 wallets = await new_wallets(pg, 1)
-                phase = Phase(f"{args.rate}/s on 1 wallet", design, args.rate, args.seconds)
-                phases.append(await run_phase(pg, base, wallets, phase))
+                phase = Phase(f"{args.rate}/s on 1 wallet", target.design, args.rate, args.seconds)
+                phases.append(await run_phase(pg, target, wallets, phase))
                 print(table([phases[-1]]).splitlines()[-1], flush=True)
             if not (args.smoke or args.constant_only):
                 rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
-                best_service, more = await find_max(pg, service, 1, "service", rates, args)
+                best_service, more = await find_max(pg, service, 1, rates, args)
                 phases += more
                 best_rowlock, more = await find_max(
-                    pg, rowlock, 1, "row lock", [250, 500, 750, 1000, 1250, 1500], args
+                    pg, rowlock, 1, [250, 500, 750, 1000, 1250, 1500], args
                 )
                 phases += more
-                best_many, more = await find_max(pg, service, 10_000, "service", rates, args)
+                best_many, more = await find_max(pg, service, 10_000, rates, args)
                 phases += more
                 args.summary = (
                     f"Sustained on one wallet: service {best_service}/s, row lock "
                     f"{best_rowlock}/s ({best_service / max(best_rowlock, 1):.1f}x); "
                     f"service over 10,000 wallets: {best_many}/s."
                 )
+            for interval in args.intervals:
+                # A worker of its own for each setting: SIGTERM hands the shards over.
+                worker = service.processes["worker"]
+                worker.terminate()
+                worker.wait(timeout=30)
+                service.processes["worker"] = spawn(
+                    "worker", {**env, "BATCH_INTERVAL": str(interval)}, **quiet
+                )
+                await warm_up(service)
+                label = f"{args.rate}/s, BATCH_INTERVAL={interval}"
+                phase = Phase(label, "service", args.rate, args.interval_seconds)
+                phases.append(await run_phase(pg, service, await new_wallets(pg, 1), phase))
+                print(table([phases[-1]]).splitlines()[-1], flush=True)
     finally:
         await pg.close()
+        processes = [p for target in (service, rowlock) for p in target.processes.values()]
         for p in processes:
             p.terminate()
         for p in processes:
@@ -359,6 +409,13 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
             await redis.unlink(key)
         await redis.aclose()
     return phases
+
+
+def intervals(raw: str) -> list[float]:
+    values = [float(v) for v in raw.split(",") if v.strip()]
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("intervals are seconds, not negative")
+    return values
 
 
 def machine() -> str:
@@ -391,8 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--constant-only", action="store_true", help="skip the search for the maximum rates"
     )
+    parser.add_argument(
+        "--intervals",
+        type=intervals,
+        help="BATCH_INTERVAL values to run the constant rate at, comma-separated "
+        f"(the full run: {','.join(map(str, SWEPT_INTERVALS))})",
+    )
+    parser.add_argument(
+        "--interval-seconds", type=float, default=20, help="each --intervals phase (20)"
+    )
     parser.add_argument("--update-readme", action="store_true", help="write the table to README")
     args = parser.parse_args(argv)
+    if args.intervals is None:
+        args.intervals = [] if args.smoke or args.constant_only else SWEPT_INTERVALS
     if args.smoke:
         args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
     args.summary = ""

@@ -48,9 +48,10 @@ class Settings:
     batch_max: int = 1000
     # At most this many wallets are read in one batch; the others wait for the next round.
     batch_wallets_max: int = 256
-    # After a batch of several operations (not a full one), wait this long so the next one is
-    # fuller (group commit).
-    batch_linger: float = 0.002
+    # Group commit: after a batch of several operations (not a full one) the next batch starts
+    # no sooner than this many seconds after that one started, so that it is fuller. A busy
+    # worker then commits at most 1/BATCH_INTERVAL times a second.
+    batch_interval: float = 0.005
     # A worker counts as alive, and keeps its shards, this long after it last renewed them; a
     # worker that stops renewing (crashed, paused, cut off) loses its shards after it.
     worker_lease_ttl: float = 5.0
@@ -137,7 +138,7 @@ class Settings:
             raise ValueError("AUTH_ENABLED needs JWT_SECRET of at least 32 bytes")
         if not 0 <= self.worker_metrics_port < 65536:
             raise ValueError("WORKER_METRICS_PORT must be from 0 to 65535")
-        if self.batch_linger < 0:
-            raise ValueError("BATCH_LINGER must not be negative")
+        if self.batch_interval < 0:
+            raise ValueError("BATCH_INTERVAL must not be negative")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_key_prefix):
             raise ValueError("REDIS_KEY_PREFIX may hold only letters, digits, '_', '.', '-'")

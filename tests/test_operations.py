@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
+import time
 import uuid
 from typing import Any
 
 from shared.money import format_minor
+from shared.settings import Settings
+from tests.conftest import running_worker
 from tests.helpers import Client, ledger, operate, replay_ledger
 from worker.worker import Worker
 
@@ -129,6 +133,31 @@ async def test_a_burst_of_1000_is_committed_in_few_transactions(
     assert transactions < 100, f"{transactions} commits for 1000 operations"
     assert worker.batches - batches_before == transactions
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 100_000
+
+
+async def test_a_busy_worker_commits_at_most_once_per_batch_interval(
+    api: Client, settings: Settings, pg: Any
+) -> None:
+    """Ten operations every 20 ms for a second: with BATCH_INTERVAL=0.25 that is a handful of
+    commits (one per interval, and a first batch of one, which does not wait); without the
+    interval it would be about one per wave."""
+    wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+    async with running_worker(dataclasses.replace(settings, batch_interval=0.25)):
+        waves = []
+        started = time.monotonic()
+        for _ in range(50):
+            waves.append(
+                asyncio.gather(*(operate(api, wallet, "DEPOSIT", "1.00") for _ in range(10)))
+            )
+            await asyncio.sleep(0.02)  # the pace of the load, not a wait for a result
+        results = [r for wave in await asyncio.gather(*waves) for r in wave]
+        elapsed = time.monotonic() - started
+    assert {status for status, _, _ in results} == {200}
+    transactions = await pg.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM operations WHERE wallet_id = $1", wallet
+    )
+    assert transactions <= elapsed / 0.25 + 2, f"{transactions} commits in {elapsed:.2f}s"
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 50_000
 
 
 async def test_operations_on_many_wallets_share_transactions(client: Client, pg: Any) -> None:

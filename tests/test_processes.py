@@ -133,11 +133,16 @@ async def test_the_locust_scenario_runs_and_checks_its_balance(
 
 
 async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
-    """`python -m load.bench --smoke`: a few seconds of both designs, for correctness only."""
+    """`python -m load.bench --smoke`: a few seconds of both designs, and of the service with
+    its worker restarted at another BATCH_INTERVAL, for correctness only."""
     pg_url, redis_url = servers
     run = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "load.bench", "--smoke"],
+        [
+            sys.executable,
+            *("-m", "load.bench", "--smoke"),
+            *("--intervals", "0.01", "--interval-seconds", "2"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -145,9 +150,17 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
         env={**os.environ, "DATABASE_URL": pg_url, "REDIS_URL": redis_url},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| 200/s on 1 wallet")]
-    assert len(rows) == 4  # two designs, each printed as it ends and again in the table
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 200/s")]
+    # three phases, each printed as it ends and again in the table
+    assert [row.split(" | ")[:2] for row in rows[:3]] == [
+        ["| 200/s on 1 wallet", "service"],
+        ["| 200/s on 1 wallet", "row lock"],
+        ["| 200/s, BATCH_INTERVAL=0.01", "service"],
+    ]
     assert all("| exact |" in row for row in rows)
+    assert "| api 0." in rows[0]
+    assert ", worker 0." in rows[0]
+    assert "| rowlock 0." in rows[1]
 
 
 def test_log_lines_are_json_with_the_request_and_operation_ids() -> None:

@@ -172,6 +172,7 @@ class Worker:
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
                         await self._rescan(list(self.owned))
                         last_rescan = time.monotonic()
+                    started = time.monotonic()
                     done = await self.process_round()
                     failures = 0
                     if not self._round:  # nothing active, or only parked wallets
@@ -198,10 +199,12 @@ class Worker:
                     await asyncio.sleep(delay)
                     continue
                 # Group commit: after a batch of several operations more are surely coming,
-                # so wait a little for them. After a batch of one there is nobody to wait
-                # for; after a full one there is more already queued.
-                if 1 < done < self.settings.batch_max and self.settings.batch_linger:
-                    await asyncio.sleep(self.settings.batch_linger)
+                # so the next batch waits for them. After a batch of one there is nobody to
+                # wait for; after a full one there is more already queued.
+                if 1 < done < self.settings.batch_max:
+                    pause = started + self.settings.batch_interval - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
         finally:
             await self.close()
 
