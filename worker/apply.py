@@ -65,7 +65,9 @@ FROM locked l LEFT JOIN earlier e ON e.wallet_id = l.id
 # The wallets first (CASE keeps the order): a batch waiting for a wallet's row then holds no
 # shard row, so a takeover need not wait for it, and the batch meets the fence once it has
 # the row. Both are checked before the ledger insert, so that such a batch is refused rather
-# than failing on a duplicate key.
+# than failing on a duplicate key. `w.id = any(...)` lets the update find its wallets by the
+# primary key: joined with unnest alone, a batch of many wallets was planned as a scan of
+# the whole table (11 ms of 19 for 80 wallets among 30,000).
 RECORD_BATCH = """
 WITH unchanged AS (
     SELECT w.id FROM wallets w
@@ -94,7 +96,7 @@ UPDATE wallets AS w
 SET balance = v.balance, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
 FROM unnest($9::uuid[], $12::bigint[], $13::bigint[], $14::text[]) AS v(id, balance, op_seq, entry),
      allowed
-WHERE w.id = v.id AND allowed.ok
+WHERE w.id = any($9::uuid[]) AND w.id = v.id AND allowed.ok
 RETURNING now() AS now
 """
 
