@@ -97,8 +97,11 @@ async def test_a_crashed_worker_s_shards_are_taken_once_its_leases_run_out(
     async with running_worker(settings) as survivor:
 
         async def all_taken() -> bool:
+            # The survivor records a shard as its own one round trip after PostgreSQL and
+            # Redis show it as the owner: wait for both.
             owners = await ownership(settings, redis, pg)
-            return set(owners.values()) == {survivor.worker_id}
+            recorded_by_survivor = set(survivor.owned) == set(owners)
+            return set(owners.values()) == {survivor.worker_id} and recorded_by_survivor
 
         await eventually(all_taken, within=15, what="the survivor to own every shard")
         assert survivor.owned == {shard: epoch + 1 for shard, epoch in crashed.owned.items()}
