@@ -55,8 +55,8 @@ def worker_pg_settings(settings: Settings, worker_id: str) -> dict[str, str]:
         # scan, measured on a fresh database: latency grew by the second as the ledger did)
         # would stay for good. Planning every execution costs well under a millisecond.
         "plan_cache_mode": "force_custom_plan",
-        # A worker paused inside a transaction (a stopped process, a frozen VM) holds its
-        # wallets' and shards' rows; past its lease the next owner needs them, so PostgreSQL
-        # ends such a session. A batch never idles that long on its own.
+        # A batch is one statement, but should a worker ever pause inside a transaction (a
+        # stopped process, a frozen VM), it would hold rows the next owner needs after the
+        # lease: PostgreSQL ends such a session.
         "idle_in_transaction_session_timeout": str(int(settings.worker_lease_ttl * 1000)),
     }

@@ -17,7 +17,16 @@ from shared.scripts import ACKNOWLEDGE, ENQUEUE
 from shared.settings import Settings
 from tests.conftest import running_worker
 from tests.helpers import eventually, ledger, operate
-from worker.apply import RECORD_BATCH, Entry, Fenced, WalletState, apply_batch, take_shard
+from worker.apply import (
+    EPOCHS,
+    READ_WALLETS,
+    RECORD_BATCH,
+    Entry,
+    Fenced,
+    WalletState,
+    apply_batch,
+    take_shard,
+)
 from worker.worker import START, Worker
 
 
@@ -132,10 +141,11 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
     pg: Any,
 ) -> None:
     """The worker keeps how its last batch left each wallet, so the next batch can skip
-    locking and reading them: one statement, one round trip with its COMMIT. That
-    statement still finds out when the wallet is not as remembered, when an operation was
-    recorded before, and when the shard has a new owner; then the answer is the same as
-    the long way's."""
+    reading them: one statement, one round trip with its COMMIT. That statement still
+    finds out when the wallet is not as remembered, when an operation was recorded before,
+    and when the shard has a new owner; then the answer is the same as the long way's,
+    which reads the wallets first and writes through the same statement, with no
+    transaction around the two."""
     wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
     shard = 7
     entry_ids = (f"1700000000000-{n}" for n in itertools.count())
@@ -149,6 +159,7 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         epoch = await take_shard(conn, shard, "a worker")
         _, states = await apply_batch(log, [entry("DEPOSIT", 500)], {shard: epoch})
         assert states == {wallet: WalletState(500, 1)}
+        assert log.sent == [READ_WALLETS, RECORD_BATCH]
 
         log.sent.clear()
         withdrawal = entry("WITHDRAW", 200)
@@ -159,8 +170,10 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
 
         # Not as remembered: someone corrected the balance by hand.
         await pg.execute("UPDATE wallets SET balance = 1000 WHERE id = $1", wallet)
+        log.sent.clear()
         [third], states = await apply_batch(log, [entry("WITHDRAW", 900)], {shard: epoch}, states)
         assert (third.status, third.balance_after) == ("applied", 100)
+        assert log.sent == [RECORD_BATCH, EPOCHS, READ_WALLETS, RECORD_BATCH]
 
         # Recorded before: the client sent the withdrawal's key again.
         retry = entry("WITHDRAW", 200, withdrawal.request.op_id)

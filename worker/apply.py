@@ -1,16 +1,18 @@
-"""Applying a batch of operations to PostgreSQL in one transaction.
+"""Applying a batch of operations to PostgreSQL in one statement, so one COMMIT.
 
 The caller is the only writer of these wallets, so it decides each operation in stream
 order from the wallets' balances. PostgreSQL guards the result: balances and every ledger
 row's balance_after are CHECKed non-negative, (wallet_id, id) is unique, and nothing is
-written unless each wallet is still as the decision found it. The transaction commits only
+written unless each wallet is still as the decision found it. The statement commits only
 if the shards' epochs are still the ones the caller got when it took them (the fence): a
 worker that lost a shard, however long it slept, cannot write to it.
 
-Two ways to the same result. Usually the caller knows how its last batch left each wallet,
-and the batch is one statement, so one round trip with its COMMIT. Else, or when that
-statement finds a wallet changed or one of the operations recorded before (a redelivered
-entry, a client's retry), the wallets are locked and read first, in a transaction of its own.
+Usually the caller knows how its last batch left each wallet, and the batch is that one
+statement: one round trip with its COMMIT. Else, or when the statement finds a wallet
+changed or one of the operations recorded before (a redelivered entry, a client's retry),
+the wallets and the batch's earlier operations are read first: two round trips. Nothing
+is locked in between: the statement's own check covers it, as it does for what the caller
+remembered.
 """
 
 from __future__ import annotations
@@ -36,13 +38,12 @@ from shared.codec import (
 )
 from shared.money import MAX_BALANCE_MINOR
 
-# Locks the batch's wallets and, in the same round trip, finds the operations among the
-# batch's ids that they recorded before (redelivered entries, retried Idempotency-Keys):
-# one row per such operation, or one row with op_id NULL for a wallet that has none.
-LOCK_WALLETS = """
-WITH locked AS (
-    SELECT id, balance, op_seq, applied_entry
-    FROM wallets WHERE id = any($1::uuid[]) ORDER BY id FOR UPDATE
+# Reads the batch's wallets and, in the same round trip, the operations among the batch's
+# ids that they recorded before (redelivered entries, retried Idempotency-Keys): one row per
+# such operation, or one row with op_id NULL for a wallet that has none.
+READ_WALLETS = """
+WITH found AS (
+    SELECT id, balance, op_seq, applied_entry FROM wallets WHERE id = any($1::uuid[])
 ),
 -- MATERIALIZED: looked up by id alone, through the unique (id, wallet_id) index. Joined
 -- with the wallets, the planner may instead read a wallet's whole ledger through the
@@ -51,10 +52,10 @@ earlier AS MATERIALIZED (
     SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at
     FROM operations WHERE id = any($2::uuid[])
 )
-SELECT l.id::text AS wallet_id, l.balance AS wallet_balance, l.op_seq, l.applied_entry,
+SELECT f.id::text AS wallet_id, f.balance AS wallet_balance, f.op_seq, f.applied_entry,
        e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason, e.balance_after,
        e.created_at
-FROM locked l LEFT JOIN earlier e ON e.wallet_id = l.id
+FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 """
 
 # One statement: the new ledger rows, then every wallet's balance, ledger length and applied
@@ -186,25 +187,24 @@ async def apply_batch(
             now = None  # an operation recorded before: the long way sorts it out
         if now is not None:
             return _applied(entries, decisions, wallets, now)
-    async with conn.transaction():
-        locked = await conn.fetch(LOCK_WALLETS, wallet_ids, [e.request.op_id for e in entries])
-        wallets = {}
-        recorded: dict[tuple[str, str], Mapping[str, Any]] = {}
-        for r in locked:
-            wallets[r["wallet_id"]] = _Wallet(
-                WalletState(r["wallet_balance"], r["op_seq"]), entry_order(r["applied_entry"])
-            )
-            if r["op_id"] is not None:
-                recorded[(r["wallet_id"], r["op_id"])] = {
-                    **r,
-                    "created_at": format_time(r["created_at"]),
-                }
-        rows, decisions = _decide(entries, wallets, recorded)
-        if not wallets:
-            return _applied(entries, decisions, wallets, "")
-        now = await _record(conn, rows, wallets, epochs)
-        if now is None:
-            raise LedgerConflict(f"wallets {list(wallets)} changed while locked")
+    found = await conn.fetch(READ_WALLETS, wallet_ids, [e.request.op_id for e in entries])
+    wallets = {}
+    recorded: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for r in found:
+        wallets[r["wallet_id"]] = _Wallet(
+            WalletState(r["wallet_balance"], r["op_seq"]), entry_order(r["applied_entry"])
+        )
+        if r["op_id"] is not None:
+            recorded[(r["wallet_id"], r["op_id"])] = {
+                **r,
+                "created_at": format_time(r["created_at"]),
+            }
+    rows, decisions = _decide(entries, wallets, recorded)
+    if not wallets:
+        return _applied(entries, decisions, wallets, "")
+    now = await _record(conn, rows, wallets, epochs)
+    if now is None:
+        raise LedgerConflict(f"wallets {list(wallets)} changed between reading and writing")
     return _applied(entries, decisions, wallets, now)
 
 
