@@ -333,3 +333,24 @@ async def test_postgres_down_is_503_with_retry_after(
         assert r.headers["Retry-After"]
     body = await problem_of(await api.get("/ready"), 503, "not-ready")
     assert body["checks"]["postgres"].startswith("unavailable")
+
+
+async def test_operations_go_on_after_redis_drops_the_api_connection_and_forgets_scripts(
+    client: Client, wallet: str, redis: Redis, settings: Settings
+) -> None:
+    """A Redis restart closes the connections and empties the script cache. The API's
+    next operation finds its connection closed: it connects again and sends once more, and
+    loads the script Redis forgot, so the client sees a 200, not a 503."""
+
+    async def enqueuers() -> list[str]:
+        clients = await redis.client_list()
+        mine = f"{settings.redis_key_prefix}:api:"
+        return [c["id"] for c in clients if c["name"].startswith(mine) and c["cmd"] == "evalsha"]
+
+    assert (await operate(client, wallet, "DEPOSIT", 100))[0] == 200
+    [killed] = await enqueuers()
+    await redis.client_kill_filter(_id=killed)
+    await redis.script_flush()
+    status, body, _ = await operate(client, wallet, "DEPOSIT", 250)
+    assert (status, body["balance"]) == (200, "350.00")
+    assert killed not in await enqueuers()
