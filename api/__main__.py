@@ -20,6 +20,7 @@ def main() -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        reuse_port=settings.reuse_port,
         access_log=None,
         loop=uvloop.new_event_loop(),
         print=None,

@@ -343,13 +343,15 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
         "HOST": "127.0.0.1",
     }
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    api_env = {**env, "PORT": str(service_port), "REUSE_PORT": str(args.api_processes > 1)}
+    apis = {
+        "api" if args.api_processes == 1 else f"api{n}": spawn("api", api_env, **quiet)
+        for n in range(args.api_processes)
+    }
     service = Target(
         "service",
         f"http://127.0.0.1:{service_port}",
-        {
-            "api": spawn("api", {**env, "PORT": str(service_port)}, **quiet),
-            "worker": spawn("worker", env, **quiet),
-        },
+        {**apis, "worker": spawn("worker", env, **quiet)},
     )
     rowlock = Target(
         "row lock",
@@ -462,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--interval-seconds", type=float, default=20, help="each --intervals phase (20)"
+    )
+    parser.add_argument(
+        "--api-processes",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="N",
+        help="API processes sharing the service's port (REUSE_PORT), 1 to 8 (1)",
     )
     parser.add_argument("--update-readme", action="store_true", help="write the table to README")
     args = parser.parse_args(argv)

@@ -31,6 +31,9 @@ class Settings:
     redis_url: str = field(repr=False)
     host: str = "0.0.0.0"  # noqa: S104 - a service listens on all interfaces unless told otherwise
     port: int = 8000
+    # Let several API processes listen on one host and port (SO_REUSEPORT); the kernel spreads
+    # the connections among them.
+    reuse_port: bool = False
     # Fixed for a deployment: a wallet's shard is derived from it, so changing it re-homes wallets.
     shard_count: int = 64
     redis_key_prefix: str = "wallet"

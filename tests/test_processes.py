@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -186,3 +187,48 @@ def test_log_lines_are_json_with_the_request_and_operation_ids() -> None:
     )
     assert first["level"] == "warning"
     assert "request_id" not in second
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on the port on IPv4 (Linux: /proc/net/tcp, state 0A)."""
+    rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+    return sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "0A")
+
+
+async def test_reuse_port_lets_a_second_api_process_serve_the_same_port(served: Settings) -> None:
+    """With REUSE_PORT a second `python -m api` listens beside the first on one port, and
+    serves alone once the first has stopped. Without it, a process cannot take a port that
+    another holds and exits."""
+    env = {**served.to_env(), "REUSE_PORT": "true"}
+    url = f"http://127.0.0.1:{served.port}"
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    first = spawn("api", env, **quiet)
+    processes = [first, spawn("worker", env, **quiet)]
+
+    async def both_listen() -> bool:
+        return listening_sockets(served.port) == 2
+
+    try:
+        await until_ready(url)
+        second = spawn("api", env, **quiet)
+        processes.append(second)
+        await eventually(both_listen, within=20, what="two processes listening on the port")
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait, 15) == 0
+        await until_ready(url)
+        async with aiohttp.ClientSession(url) as http:
+            async with http.post("/api/v1/wallets") as r:
+                wallet = (await r.json())["id"]
+            operation = {"operationType": "DEPOSIT", "amount": "1.50"}
+            async with http.post(f"/api/v1/wallets/{wallet}/operation", json=operation) as r:
+                assert (r.status, (await r.json())["balance"]) == (200, "1.50")
+
+        refused = spawn("api", {**env, "REUSE_PORT": "false"}, **quiet)
+        processes.append(refused)
+        assert await asyncio.to_thread(refused.wait, 20) != 0
+        assert second.poll() is None
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
