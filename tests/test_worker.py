@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from shared.codec import OperationRequest, encode_request
-from shared.connections import open_pg_pool
+from shared.connections import open_pg_pool, worker_pg_settings
 from shared.keys import KeySpace
 from shared.scripts import ACKNOWLEDGE, ENQUEUE
 from shared.settings import Settings
@@ -196,3 +200,45 @@ async def test_a_balance_changed_by_hand_is_what_the_next_operation_sees(
     await pg.execute("UPDATE wallets SET balance = 50000 WHERE id = $1", wallet)
     status, body, _ = await operate(client, wallet, "WITHDRAW", 400)
     assert (status, body["balance"]) == (200, "100.00")
+
+
+def scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The plan's nodes that read a table, an index or a bitmap of one."""
+    if "Relation Name" in plan or "Index Name" in plan:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from scans(child)
+
+
+async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables(
+    settings: Settings,
+) -> None:
+    """The worker's connection lives long, asyncpg prepares each statement on it once, and
+    the session keeps one generic plan per statement. Planned while the tables are young
+    and tiny, a plan could read a whole table, and would go on doing so as the ledger grew
+    (it did once: latency grew by the second). The session settings must leave the planner
+    nothing but lookups by key, whatever the statistics say."""
+    conn = await asyncpg.connect(
+        settings.database_url, server_settings=worker_pg_settings(settings, "plan-check")
+    )
+    try:
+        for name, statement in {
+            "read_wallets": READ_WALLETS,
+            "record_batch": RECORD_BATCH,
+            "epochs": EPOCHS,
+        }.items():
+            await conn.execute(f"PREPARE {name} AS {statement}")
+            params = max(int(n) for n in re.findall(r"\$(\d+)", statement))
+            nulls = ", ".join(["NULL"] * params)
+            [plan] = orjson.loads(
+                await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE {name}({nulls})")
+            )
+            found = list(scans(plan["Plan"]))
+            assert found, name
+            for node in found:
+                where = f"{name}: {node['Node Type']} on {node.get('Relation Name')}"
+                assert node["Node Type"] != "Seq Scan", where
+                if node["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Index Scan"):
+                    assert "Index Cond" in node, where
+    finally:
+        await conn.close()
