@@ -52,7 +52,7 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 CLIENT_TIMEOUT = 10.0
 BALANCE_CHECK = {True: "exact", False: "MISMATCH", None: "unknown: answers missing"}
-SWEPT_INTERVALS = [0.002, 0.005, 0.01, 0.02]
+SWEPT_INTERVALS = [0.002, 0.005, 0.01, 0.05]
 
 
 @dataclasses.dataclass
@@ -376,7 +376,7 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
                 phases.append(await run_phase(pg, target, wallets, phase))
                 print(table([phases[-1]]).splitlines()[-1], flush=True)
             if not (args.smoke or args.constant_only):
-                rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
+                rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 7000, 8000, 10000]
                 best_service, more = await find_max(pg, service, 1, rates, args)
                 phases += more
                 best_rowlock, more = await find_max(
