@@ -55,8 +55,9 @@ def worker_pg_settings(settings: Settings, worker_id: str) -> dict[str, str]:
         # anew took longer than running it: 20 operations on one wallet, 2.3-2.8 ms a round
         # trip planned every time, 1.5 ms with the plan kept. A plan made while the tables
         # are young and tiny could read a whole table, and would go on doing so as the
-        # ledger grew (it did once: latency grew by the second); with sequential scans off
-        # the worker's statements, which all find rows by key, get lookups by key only.
+        # ledger grew (it did once: latency grew by the second). Sequential scans are off,
+        # and every statement names its keys with `= any(...)` (worker/apply.py), so that
+        # the plans are lookups by key whatever the statistics were.
         "plan_cache_mode": "force_generic_plan",
         "enable_seqscan": "off",
         # A batch is one statement, but should a worker ever pause inside a transaction (a

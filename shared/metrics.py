@@ -50,7 +50,7 @@ class WorkerMetrics:
         )
         self.commit_seconds = Histogram(
             "wallet_batch_commit_seconds",
-            "Time from BEGIN to COMMIT of one batch",
+            "Time one batch takes to write, up to its COMMIT",
             buckets=SECONDS,
             registry=self.registry,
         )

@@ -66,20 +66,24 @@ FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 # The wallets first (CASE keeps the order): a batch waiting for a wallet's row then holds no
 # shard row, so a takeover need not wait for it, and the batch meets the fence once it has
 # the row. Both are checked before the ledger insert, so that such a batch is refused rather
-# than failing on a duplicate key. `w.id = any(...)` lets the update find its wallets by the
-# primary key: joined with unnest alone, a batch of many wallets was planned as a scan of
-# the whole table (11 ms of 19 for 80 wallets among 30,000).
+# than failing on a duplicate key. Every read of a table also names its keys with
+# `= any(...)`, so that it finds its rows by the primary key whatever the plan: joined with
+# unnest alone, a batch of many wallets was planned as a scan of the whole table (11 ms of
+# 19 for 80 wallets among 30,000), and the plan the worker keeps, made once small tables
+# had statistics, as a merge join reading whole indexes.
 RECORD_BATCH = """
 WITH unchanged AS (
     SELECT w.id FROM wallets w
     JOIN unnest($9::uuid[], $10::bigint[], $11::bigint[]) AS was(id, balance, op_seq)
       ON w.id = was.id AND w.balance = was.balance AND w.op_seq = was.op_seq
+    WHERE w.id = any($9::uuid[])
     ORDER BY w.id FOR UPDATE OF w
 ),
 fence AS (
     SELECT s.shard FROM shards s
     JOIN unnest($15::int[], $16::bigint[]) AS held(shard, epoch)
       ON s.shard = held.shard AND s.epoch = held.epoch
+    WHERE s.shard = any($15::int[])
     FOR SHARE OF s
 ),
 allowed AS (
