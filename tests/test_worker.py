@@ -9,13 +9,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from shared.codec import OperationRequest, encode_request
-from shared.connections import open_pg_pool, worker_pg_settings
+from shared.connections import open_pg_pool
 from shared.keys import KeySpace
 from shared.scripts import ACKNOWLEDGE, ENQUEUE
 from shared.settings import Settings
@@ -31,7 +30,7 @@ from worker.apply import (
     apply_batch,
     take_shard,
 )
-from worker.worker import START, Worker
+from worker.worker import START, Worker, connect
 
 
 async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
@@ -222,11 +221,10 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
     await pg.execute(f"CREATE SCHEMA {schema}")
     for table in ("wallets", "operations", "shards"):
         await pg.execute(f"CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)")
-    conn = await asyncpg.connect(
-        settings.database_url,
-        server_settings={**worker_pg_settings(settings, "plan-check"), "search_path": schema},
-    )
+    redis, pool = await connect(settings, "plan-check")  # a worker's pool, its settings
+    conn = await pool.acquire()
     try:
+        await conn.execute(f"SET search_path = {schema}")
         for step, state in enumerate(("fresh", "analyzed", "a few wallets, analyzed")):
             if state != "fresh":
                 if state.startswith("a few"):
@@ -249,10 +247,13 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                 found = list(scans(plan["Plan"]))
                 assert found, name
                 for node in found:
-                    where = f"{state}, {name}: {node['Node Type']} on {node.get('Index Name')}"
+                    scanned = node.get("Index Name") or node.get("Relation Name")
+                    where = f"{state}, {name}: {node['Node Type']} on {scanned}"
                     assert node["Node Type"] != "Seq Scan", where
                     if node["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Index Scan"):
                         assert "Index Cond" in node, where
     finally:
-        await conn.close()
+        await pool.release(conn)
+        await pool.close()
+        await redis.aclose()
         await pg.execute(f"DROP SCHEMA {schema} CASCADE")
