@@ -16,11 +16,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
-from shared.scripts import ENQUEUE, sha
-
-ENQUEUE_SHA = sha(ENQUEUE)
+from shared.connections import round_trip
+from shared.scripts import ENQUEUE, ENQUEUE_SHA
 
 _Call = tuple[tuple[Any, ...], asyncio.Future[Any]]
 
@@ -55,14 +54,15 @@ class Enqueuer:
         self._wake.set()
 
     async def _send(self, calls: list[_Call]) -> None:
+        commands = [("EVALSHA", ENQUEUE_SHA, *args) for args, _ in calls]
         try:
             try:
-                results = await self._round_trip(calls)
+                results = await round_trip(self._connection, commands)
             except RedisConnectionError:
                 # A connection Redis has closed (a restart, a killed client) fails when next
                 # used: once more on a new one. If only the answer was lost, the operations
                 # are queued twice, and the worker answers the second of each as a replay.
-                results = await self._round_trip(calls)
+                results = await round_trip(self._connection, commands)
         except Exception as e:  # Redis is unreachable: every call failed
             for _, future in calls:
                 if not future.done():
@@ -88,21 +88,3 @@ class Enqueuer:
                 return
             self._pending[:0] = unknown_script
             self._wake.set()
-
-    async def _round_trip(self, calls: list[_Call]) -> list[Any]:
-        """The calls' answers, an error reply as its exception; connects if need be."""
-        connection = self._connection
-        try:
-            await connection.send_packed_command(
-                connection.pack_commands([("EVALSHA", ENQUEUE_SHA, *args) for args, _ in calls])
-            )
-            results: list[Any] = []
-            for _ in calls:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as e:  # this call's answer; the next ones follow
-                    results.append(e)
-        except BaseException:
-            await connection.disconnect(nowait=True)
-            raise
-        return results

@@ -148,18 +148,12 @@ async def submit_operation(
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
     try:
-        shard = keys.shard_of(wallet_id)
         message = encode_request(
             OperationRequest(op_id, wallet_id, kind, amount, replies.channel, tag)
         )
         try:
             entry = await app[ENQUEUE](
-                keys=[
-                    keys.wallet_stream(wallet_id, shard),
-                    keys.dirty_set(shard),
-                    keys.notify_list(shard),
-                    keys.queued(shard),
-                ],
+                keys=keys.enqueue_keys(wallet_id),
                 args=[
                     wallet_id,
                     message,

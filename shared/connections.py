@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
 
 from shared.settings import Settings
 
@@ -28,6 +31,27 @@ def open_redis(
         client_name=name,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+async def round_trip(
+    connection: AbstractConnection, commands: Sequence[Sequence[Any]]
+) -> list[Any]:
+    """Sends the commands in one write over a connection of the caller's own and reads their
+    answers, an error reply as its exception: no pool checkout and no pipeline object, whose
+    cost showed in the profiles of the hot paths. Connects if need be; after any other
+    failure the connection is closed (the next call opens it again) and the error raised."""
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        results: list[Any] = []
+        for _ in commands:
+            try:
+                results.append(await connection.read_response())
+            except ResponseError as e:  # this command's answer; the next ones follow
+                results.append(e)
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+    return results
 
 
 async def open_pg_pool(

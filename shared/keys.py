@@ -31,13 +31,24 @@ class KeySpace:
         """Ids of the shard's wallets whose streams hold entries: the truth for recovery."""
         return f"{self.prefix}:d:{{{shard}}}"
 
-    def notify_list(self, shard: int) -> str:
-        """Ids of wallets that have just become dirty: what wakes the shard's owner."""
-        return f"{self.prefix}:n:{{{shard}}}"
+    def wake_stream(self, shard: int) -> str:
+        """Stream of the shard's wallets that have just become dirty, each with the first
+        entry of its stream: what wakes the shard's owner. The owner trims what it read."""
+        return f"{self.prefix}:wake:{{{shard}}}"
 
     def queued(self, shard: int) -> str:
         """How many operations the shard's streams hold, all wallets together."""
         return f"{self.prefix}:q:{{{shard}}}"
+
+    def enqueue_keys(self, wallet_id: str) -> list[str]:
+        """The keys the ENQUEUE script takes for one of the wallet's operations."""
+        shard = self.shard_of(wallet_id)
+        return [
+            self.wallet_stream(wallet_id, shard),
+            self.dirty_set(shard),
+            self.wake_stream(shard),
+            self.queued(shard),
+        ]
 
     def lease(self, shard: int) -> str:
         """The id of the worker that owns the shard; expires unless the owner renews it."""

@@ -1,4 +1,4 @@
-"""The Lua scripts that keep a wallet's stream, its shard's dirty set and notification list
+"""The Lua scripts that keep a wallet's stream, its shard's dirty set and wake stream
 consistent. Each touches keys of one shard only (one hash tag), so it runs on Redis Cluster.
 """
 
@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS: wallet stream, shard dirty set, shard notification list, shard queued count
+# KEYS: wallet stream, shard dirty set, shard wake stream, shard queued count
 # ARGV: wallet id, encoded operation, wallet queue limit, shard queue limit
-# Appends the operation unless the wallet's or the shard's queue is full; a wallet that had
-# nothing queued becomes dirty and its id goes on the notification list, which wakes the
-# shard's owner. Returns the entry id, or false when a queue is full.
+# Appends the operation unless the wallet's or the shard's queue is full. A wallet that had
+# nothing queued becomes dirty and goes on the wake stream with this first entry of its
+# stream, so that the shard's owner can apply it without reading the wallet's stream.
+# Returns the entry id, or false when a queue is full.
 ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3])
    or tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[4]) then
@@ -19,26 +20,32 @@ end
 local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 redis.call('INCR', KEYS[4])
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[3], ARGV[1])
+  redis.call('PERSIST', KEYS[1])
+  redis.call('XADD', KEYS[3], '*', 'w', ARGV[1], 'e', id, 'm', ARGV[2])
 end
 return id
 """
 
 # KEYS: wallet stream, shard dirty set, shard queued count
-# ARGV: wallet id, the lowest entry id to keep (everything below it has been committed)
-# Called by the owner after COMMIT and the replies. Drops the committed entries; a stream left
-# empty is deleted and its wallet is no longer dirty. Returns the number of entries left.
-ACKNOWLEDGE = """
+# ARGV: wallet id, the lowest entry id to keep (everything below it has been committed and
+# answered), how many entries to return at most
+# Called by the owner after COMMIT and the replies, and to read a wallet. Drops the committed
+# entries and returns the next ones. A wallet whose stream is left empty is no longer dirty:
+# its next operation comes through the wake stream. The empty stream itself is kept a
+# minute: a stream keeps handing out ids above its last one, so a wallet's entry ids only
+# grow and "everything up to here is committed" stays true of its ids, whereas a stream
+# deleted and started anew in the same millisecond would hand out ids below the old ones.
+ACKNOWLEDGE_READ = """
 local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
 if trimmed > 0 and redis.call('DECRBY', KEYS[3], trimmed) < 0 then
   redis.call('SET', KEYS[3], 0)
 end
-local left = redis.call('XLEN', KEYS[1])
-if left == 0 then
-  redis.call('DEL', KEYS[1])
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])
+if #entries == 0 then
   redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 60000)
 end
-return left
+return entries
 """
 
 # KEYS: shard lease. ARGV: worker id, lease time in ms.
@@ -60,12 +67,24 @@ return 0
 """
 
 
+# KEYS: shard lease, shard wake stream. ARGV: worker id, the lowest wake entry id to keep.
+# Drops the wake entries the owner has read, if it still owns the shard: a former owner
+# that was paused past its lease must not trim what the new owner has not read yet.
+TRIM_WAKES = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
+end
+return 0
+"""
+
+
 def sha(script: str) -> str:
     """The id EVALSHA knows a script by."""
     return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
 
 
-ACKNOWLEDGE_SHA = sha(ACKNOWLEDGE)
+ENQUEUE_SHA = sha(ENQUEUE)
+ACKNOWLEDGE_READ_SHA = sha(ACKNOWLEDGE_READ)
 
 
 def next_entry_id(entry_id: str) -> str:

@@ -51,12 +51,12 @@ class Settings:
     batch_max: int = 1000
     # At most this many wallets are read in one batch; the others wait for the next round.
     batch_wallets_max: int = 256
-    # Group commit: after a batch of several operations (not a full one) the next batch starts
-    # no sooner than this many seconds after that one started, so that it is fuller. A busy
-    # worker then commits at most 1/BATCH_INTERVAL times a second: 50, or one commit per 20
-    # operations at 1,000/s on one wallet, for an operation's wait of up to 20 ms (README:
-    # Performance, for the figures at other intervals).
-    batch_interval: float = 0.02
+    # Group commit needs no timer: a worker commits what it has as soon as the previous batch
+    # is committed, and whatever arrived meanwhile is the next batch. Above 0, a busy worker
+    # starts a batch no sooner than this many seconds after the previous one started (after
+    # a batch of several operations, not a full one): fewer, fuller commits for up to this
+    # much more latency (README: Performance).
+    batch_interval: float = 0.0
     # A worker counts as alive, and keeps its shards, this long after it last renewed them; a
     # worker that stops renewing (crashed, paused, cut off) loses its shards after it.
     worker_lease_ttl: float = 5.0

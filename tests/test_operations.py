@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from shared.money import format_minor
 from shared.settings import Settings
 from tests.conftest import running_worker
 from tests.helpers import Client, ledger, operate, replay_ledger
-from worker.worker import Worker
+from worker.worker import Worker, connect, new_worker_id
 
 
 async def test_2000_concurrent_operations_on_one_wallet_are_serializable(
@@ -139,8 +144,8 @@ async def test_a_busy_worker_commits_at_most_once_per_batch_interval(
     api: Client, settings: Settings, pg: Any
 ) -> None:
     """Ten operations every 20 ms for a second: with BATCH_INTERVAL=0.25 that is a handful of
-    commits (one per interval, and a first batch of one, which does not wait); without the
-    interval it would be about one per wave."""
+    commits (one per interval, and a first batch, which does not wait); without the interval
+    it would be about one per wave."""
     wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
     async with running_worker(dataclasses.replace(settings, batch_interval=0.25)):
         waves = []
@@ -193,3 +198,87 @@ async def test_the_live_view_counts_what_was_answered_and_committed(
     assert batches
     assert all(b >= 1 for b in batches)
     assert all(s["p99_ms"] >= s["p50_ms"] for s in series if s["p50_ms"] is not None)
+
+
+class StoppedClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock never moves: no sleep and no timeout ever ends, while
+    sockets are served as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = super().time()
+
+    def time(self) -> float:
+        return self._now
+
+
+@contextlib.contextmanager
+def worker_on_a_stopped_clock(settings: Settings) -> Iterator[None]:
+    """A worker running in a thread of its own, on a StoppedClockLoop."""
+    loop = StoppedClockLoop()
+    running: asyncio.Task[None] | None = None
+    workers: list[Worker] = []
+
+    async def work() -> None:
+        redis, pool = await connect(settings, new_worker_id())
+        workers.append(Worker(settings, redis, pool))
+        try:
+            await workers[0].run()
+        finally:
+            await pool.close()
+            await redis.aclose()
+
+    def serve() -> None:
+        nonlocal running
+        asyncio.set_event_loop(loop)
+        running = loop.create_task(work())
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(running)
+        loop.close()
+
+    thread = threading.Thread(target=serve, name="stopped-clock-worker")
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(lambda: workers[0].stop() if workers else None)
+        thread.join(2)  # a worker stops within a read of its wake streams
+        if thread.is_alive() and running is not None:  # stuck on a timer: cancel it
+            loop.call_soon_threadsafe(running.cancel)
+            thread.join(15)
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("batch_interval", [0.0, 0.5])
+async def test_no_timer_stands_between_an_operation_and_its_batch(
+    api: Client, settings: Settings, pg: Any, batch_interval: float
+) -> None:
+    """A worker whose clock never moves can still read, commit and answer, but never wait
+    for a timer. With the default settings it answers a lone operation, and a burst of
+    concurrent ones in batches that grow with it. Given a batch timer (BATCH_INTERVAL), it
+    answers the lone operation, whose batch follows a wait and starts at once, then never
+    starts the next batch: the burst would hang the same way if a timer came back."""
+    wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+    stopped = dataclasses.replace(
+        settings,
+        batch_interval=batch_interval,
+        worker_lease_ttl=300.0,  # renewals are timers
+    )
+    with worker_on_a_stopped_clock(stopped):
+        status, body, _ = await asyncio.wait_for(operate(api, wallet, "DEPOSIT", "1.00"), 20)
+        assert (status, body["balance"]) == (200, "1.00")
+
+        burst = [asyncio.create_task(operate(api, wallet, "DEPOSIT", "1.00")) for _ in range(32)]
+        if batch_interval:
+            _, pending = await asyncio.wait(burst, timeout=3)
+            assert pending, "a worker stuck on its batch timer answered the whole burst"
+            for task in pending:
+                task.cancel()
+            return
+        results = await asyncio.wait_for(asyncio.gather(*burst), 20)
+    assert {status for status, _, _ in results} == {200}
+    commits = await pg.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM operations WHERE wallet_id = $1", wallet
+    )
+    assert commits < 1 + len(burst), "every operation of the burst had a commit of its own"
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 3300

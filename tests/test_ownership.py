@@ -89,8 +89,7 @@ async def test_a_crashed_worker_s_shards_are_taken_once_its_leases_run_out(
     crashed = Worker(settings, crashed_redis, crashed_pool, worker_id=worker_id)
     await crashed.tend_shards()
     assert len(crashed.owned) == settings.shard_count
-    crashed.stop()  # its listeners end; nothing renews its leases or hands them back
-    await asyncio.wait(crashed._listeners.values())
+    crashed.stop()  # it never ran: nothing renews its leases or hands them back
     await crashed_pool.close()
     await crashed_redis.aclose()
 
@@ -108,20 +107,9 @@ async def test_a_crashed_worker_s_shards_are_taken_once_its_leases_run_out(
 
 
 async def enqueue(redis: Redis, keys: KeySpace, wallet: str, minor: int) -> str:
-    shard = keys.shard_of(wallet)
     request = OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", minor, "", 0)
-    await redis.eval(
-        ENQUEUE,
-        4,
-        keys.wallet_stream(wallet, shard),
-        keys.dirty_set(shard),
-        keys.notify_list(shard),
-        keys.queued(shard),
-        wallet,
-        encode_request(request),
-        100,
-        100,
-    )
+    message = encode_request(request)
+    await redis.eval(ENQUEUE, 4, *keys.enqueue_keys(wallet), wallet, message, 100, 100)
     return request.op_id
 
 
@@ -140,9 +128,9 @@ async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit
         workers.append((Worker(settings, r, pool, worker_id=worker_id), r, pool))
     (a, _, _), (b, _, _) = workers
     try:
-        assert await a.take(shard)
         op_id = await enqueue(redis, keys, wallet, 500)
-        await eventually(lambda: _has_active(a, wallet), what="A to see the operation")
+        assert await a.take(shard)
+        assert a.has_work_for(wallet)
 
         await redis.delete(keys.lease(shard))  # A's lease ran out while A was paused
         assert await b.take(shard)
@@ -154,7 +142,7 @@ async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit
         assert await ledger(pg, wallet) == []
         assert await redis.xlen(keys.wallet_stream(wallet, shard)) == 1  # not acknowledged
 
-        await eventually(lambda: _has_active(b, wallet), what="B to see the operation")
+        assert b.has_work_for(wallet)
         assert await b.process_round() == 1
         assert [r["id"] for r in await ledger(pg, wallet)] == [op_id]
         assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 500
@@ -163,10 +151,6 @@ async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit
             await worker.close()
             await pool.close()
             await r.aclose()
-
-
-async def _has_active(worker: Worker, wallet: str) -> bool:
-    return wallet in worker.active
 
 
 async def test_a_new_owner_waits_for_the_former_owner_s_batch_in_flight(

@@ -13,10 +13,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from shared.codec import OperationRequest, encode_request
-from shared.connections import open_pg_pool
+from shared.codec import OperationRequest
 from shared.keys import KeySpace
-from shared.scripts import ACKNOWLEDGE, ENQUEUE
 from shared.settings import Settings
 from tests.conftest import running_worker
 from tests.helpers import eventually, ledger, operate
@@ -30,66 +28,31 @@ from worker.apply import (
     apply_batch,
     take_shard,
 )
-from worker.worker import START, Worker, connect
+from worker.worker import Worker, connect
 
 
-async def test_a_wallet_refilled_right_after_its_stream_emptied_stays_active(
-    settings: Settings, pg: Any, redis: Redis
+async def test_a_wallet_whose_stream_empties_and_fills_again_is_served_in_order(
+    client: Any, wallet: str, settings: Settings, pg: Any, redis: Redis
 ) -> None:
-    """A batch empties the wallet's stream, which deletes it; before the worker has looked
-    at the acknowledgement's result, a new operation starts the stream anew and its wake-up
-    reaches the worker. The wallet must stay active, read from the start of the new stream."""
+    """Each operation sent right after the answer to the one before: each batch empties the
+    wallet's stream, whose acknowledgement marks the wallet clean, and the next operation
+    makes it dirty again and comes through the wake stream. Every one is applied once, in
+    order, and in the end nothing is left queued or marked dirty."""
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-    wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+    sent = []
+    for minor in range(1, 31):
+        status, body, _ = await operate(client, wallet, "DEPOSIT", minor)
+        assert status == 200, body
+        sent.append(body["id"])
+    assert [r["id"] for r in await ledger(pg, wallet)] == sent
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 46_500
     shard = keys.shard_of(wallet)
-    enqueue_script = redis.register_script(ENQUEUE)
 
-    async def enqueue(minor: int) -> None:
-        request = OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", minor, "", 0)
-        await enqueue_script(
-            keys=[
-                keys.wallet_stream(wallet, shard),
-                keys.dirty_set(shard),
-                keys.notify_list(shard),
-                keys.queued(shard),
-            ],
-            args=[wallet, encode_request(request), 100, 100],
-        )
+    async def acknowledged() -> bool:
+        stream_left = await redis.xlen(keys.wallet_stream(wallet, shard))
+        return not stream_left and not await redis.sismember(keys.dirty_set(shard), wallet)
 
-    async def deliver_wake_ups() -> None:  # what the shard's listener does
-        popped: Any = await redis.lpop(keys.notify_list(shard), 100)
-        worker._mark_active(popped or [])
-
-    pool = await open_pg_pool(settings, max_size=1)
-    worker = Worker(settings, redis, pool)
-    await redis.script_load(ACKNOWLEDGE)  # run() would, on meeting NOSCRIPT
-    # The shard's epoch without its lease and listener: this test delivers the wake-ups.
-    async with pool.acquire() as conn:
-        worker.owned[shard] = await take_shard(conn, shard, worker.worker_id)
-    try:
-        await enqueue(100)
-        await deliver_wake_ups()
-        acknowledge = worker._commit_reply_acknowledge
-
-        async def refill_after_acknowledging(*args: Any) -> list[int]:
-            left = await acknowledge(*args)
-            await enqueue(200)
-            await deliver_wake_ups()
-            return left
-
-        worker._commit_reply_acknowledge = refill_after_acknowledging  # type: ignore[method-assign,assignment]
-        assert await worker.process_round() == 1
-        assert worker.active == {wallet: START}
-
-        worker._commit_reply_acknowledge = acknowledge  # type: ignore[method-assign]
-        assert await worker.process_round() == 1
-        assert worker.active == {}
-    finally:
-        await worker.close()
-        await pool.close()
-    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 300
-    assert not await redis.exists(keys.wallet_stream(wallet, shard))
-    assert not await redis.sismember(keys.dirty_set(shard), wallet)
+    await eventually(acknowledged, what="the last operation to be acknowledged")
 
 
 async def test_a_wallet_whose_batches_fail_is_set_aside_and_the_others_go_on(

@@ -98,7 +98,8 @@ recorded AS (
     WHERE allowed.ok
 )
 UPDATE wallets AS w
-SET balance = v.balance, op_seq = v.op_seq, applied_entry = v.entry, updated_at = now()
+SET balance = v.balance, op_seq = v.op_seq, applied_entry = coalesce(v.entry, w.applied_entry),
+    updated_at = now()
 FROM unnest($9::uuid[], $12::bigint[], $13::bigint[], $14::text[]) AS v(id, balance, op_seq, entry),
      allowed
 WHERE w.id = any($9::uuid[]) AND w.id = v.id AND allowed.ok
@@ -226,7 +227,8 @@ def _decide(
         if wallet is None:
             decisions.append(Outcome(r.tag, r.op_id, r.wallet_id, WALLET_NOT_FOUND))
             continue
-        wallet.entry = e.entry_id
+        if entry_order(e.entry_id) > wallet.applied_before:  # else a redelivery
+            wallet.entry = e.entry_id
         earlier = recorded.get((r.wallet_id, r.op_id))
         if earlier is not None:
             if earlier["kind"] != r.kind or earlier["amount"] != r.amount:

@@ -7,21 +7,23 @@ it. A lease alone does not stop a worker that was paused past it from committing
 shard's epoch in PostgreSQL does: taking a shard bumps it, and every batch commits only if
 its shards' epochs are still the ones its worker got (worker/apply.py).
 
-Work. For each owned shard a listener waits on the shard's notification list and marks
-wallets active. The main loop reads the active wallets' streams (each from where it last
-read), applies everything read in one transaction, publishes the outcomes to the API
-processes that wait for them, and only then acknowledges: the committed entries are trimmed
-from the streams, and a wallet whose stream is left empty is no longer dirty. A crash
-anywhere before that leaves the entries in place; whoever owns the shard next reads them
-again from the start of the stream and the operation ids, unique in PostgreSQL, keep them
-from being applied twice.
+Work. One listener reads the owned shards' wake streams in one blocking read: a wallet
+goes there, with its first operation, when its stream starts. The batch loop takes those
+operations as they are and reads the streams of the wallets it is already working on;
+commits everything in hand in one transaction; then, in one Redis round trip, publishes
+the outcomes to the API processes that wait for them, acknowledges (trims the committed
+entries; a wallet whose stream is left empty is no longer dirty) and reads each wallet's
+next entries for the next batch. There is no timer: the next batch is whatever
+arrived while this one committed, so batches are one operation when a wallet is quiet and
+grow with the load. A crash anywhere before the acknowledgement leaves the entries in
+place; whoever owns the shard next reads them again from the start of the stream, and the
+operation ids, unique in PostgreSQL, keep them from being applied twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -43,15 +45,17 @@ from shared.connections import (
     REDIS_SOCKET_TIMEOUT,
     open_pg_pool,
     open_redis,
+    round_trip,
     worker_pg_settings,
 )
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.scripts import (
-    ACKNOWLEDGE,
-    ACKNOWLEDGE_SHA,
+    ACKNOWLEDGE_READ,
+    ACKNOWLEDGE_READ_SHA,
     RELEASE_LEASE,
     RENEW_LEASE,
+    TRIM_WAKES,
     next_entry_id,
 )
 from shared.settings import Settings
@@ -67,7 +71,9 @@ from worker.apply import (
 log = logging.getLogger("worker")
 
 START = "0-0"
-NOTIFY_WAIT = 1  # seconds one BLPOP waits
+WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken meanwhile
+# has its backlog found by the rescan at once, and its new wake-ups read after it
+WAKE_COUNT = 1000  # wake entries one read takes of each shard
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 # A batch that fails with these fails for what is in it (a wallet whose rows someone changed
@@ -98,10 +104,10 @@ def new_worker_id() -> str:
 
 async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
     """A worker's Redis client and PostgreSQL pool."""
-    # One blocking connection per owned shard waits for work, plus the loops' own.
+    # The wake listener's blocking read, the ownership task's, the batch loop's own.
     redis = open_redis(
         settings,
-        max_connections=settings.shard_count + 8,
+        max_connections=8,
         name=f"{settings.redis_key_prefix}:worker:{worker_id}",
     )
     # One connection for the batches, one for taking shards over.
@@ -119,6 +125,15 @@ def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) ->
     return share + (workers.index(worker_id) < rest)
 
 
+@dataclass(slots=True)
+class Reading:
+    """What was read of one wallet's stream and is not committed yet."""
+
+    entries: list[Entry]
+    dead: list[DeadLetter]
+    cursor: str  # the id of the last entry read
+
+
 class Worker:
     def __init__(
         self, settings: Settings, redis: Redis, pool: Any, *, worker_id: str | None = None
@@ -127,19 +142,27 @@ class Worker:
         self.redis = redis
         self.pool = pool
         self._conn: Any = None
+        # The batch loop's own Redis connection: one round trip per batch, nobody else's.
+        self._batch_redis = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
         self.worker_id = worker_id or new_worker_id()
         # shard -> the epoch this worker got when it took the shard
         self.owned: dict[int, int] = {}
-        # owned shards over the fair share, handed back between two rounds
+        self.owned_changed = asyncio.Event()
+        # owned shards over the fair share, handed back between two batches
         self.releasing: set[int] = set()
         self._shards_dropped = False
-        self._listeners: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        # wallet id -> the id of the last entry read from its stream
+        # wallet id -> the id of the last entry read from its stream (committed or in
+        # `ready`); a wallet is here while its stream may hold entries not committed
         self.active: dict[str, str] = {}
-        # wallets marked active while a round was under way
-        self.notified: set[str] = set()
+        # wallet id -> what was read of its stream and awaits its batch
+        self.ready: dict[str, Reading] = {}
+        # (wallet id, first entry id, message) of wallets that have just become dirty, as
+        # the wake listener found them; taken up by the batch loop
+        self.wakes: list[tuple[str, str, bytes]] = []
+        # shard -> the id of the last wake entry read
+        self.wake_cursors: dict[int, str] = {}
         # After a bad batch its wallets go one at a time, so the one to blame is found and
         # parked (wallet id -> when to try it again, failures so far) while the others go on.
         self.isolating: set[str] = set()
@@ -151,7 +174,6 @@ class Worker:
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.batches = 0
-        self.operations = 0
         self.metrics = WorkerMetrics()
 
     def stop(self) -> None:
@@ -159,12 +181,21 @@ class Worker:
         from run()."""
         self.stopping.set()
         self.wakeup.set()
+        self.owned_changed.set()
+
+    def has_work_for(self, wallet_id: str) -> bool:
+        """Whether the worker knows the wallet has operations waiting."""
+        return wallet_id in self.active or any(w == wallet_id for w, _, _ in self.wakes)
 
     async def run(self) -> None:
         """Owns shards and works on them until stop()."""
         self._tasks.append(asyncio.create_task(self._tend_shards(), name="tend-shards"))
+        self._tasks.append(asyncio.create_task(self._listen(), name="wake-listener"))
+        with contextlib.suppress(RedisError, OSError):  # else loaded on meeting NOSCRIPT
+            await self.redis.script_load(ACKNOWLEDGE_READ)
         last_rescan = -math.inf
         failures = 0
+        linger_until = 0.0
         try:
             while not self.stopping.is_set():
                 try:
@@ -172,24 +203,33 @@ class Worker:
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
                         await self._rescan(list(self.owned))
                         last_rescan = time.monotonic()
+                    # Group commit needs no timer: whatever arrived while the last batch
+                    # committed is this batch, started at once. BATCH_INTERVAL, off by
+                    # default, makes a busy worker start a batch no sooner than that long
+                    # after the last one started: fewer, fuller commits, longer waits.
+                    pause = linger_until - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
                     started = time.monotonic()
                     done = await self.process_round()
                     failures = 0
-                    if not self._round:  # nothing active, or only parked wallets
+                    if done is None:  # nothing to do, or only parked wallets
+                        linger_until = 0.0  # the first batch after a wait does not linger
                         await self._wait_for_work()
                         continue
+                    if self.settings.batch_interval and done < self.settings.batch_max:
+                        linger_until = started + self.settings.batch_interval
+                    else:
+                        linger_until = 0.0
                 except BAD_BATCH_ERRORS as e:
                     self._blame(e)
-                    continue
                 except Fenced as e:
                     self.metrics.fenced.inc()
                     log.warning("batch refused, these shards have a new owner: %s", e)
                     await self._release(e.shards)
-                    continue
                 except NoScriptError:  # Redis restarted and forgot it; if it is down, the
                     with contextlib.suppress(RedisError, OSError):  # next round backs off
-                        await self.redis.script_load(ACKNOWLEDGE)
-                    continue
+                        await self.redis.script_load(ACKNOWLEDGE_READ)
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
                     delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
@@ -197,62 +237,68 @@ class Worker:
                         "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
                     )
                     await asyncio.sleep(delay)
-                    continue
-                # Group commit: after a batch of several operations more are surely coming,
-                # so the next batch waits for them. After a batch of one there is nobody to
-                # wait for; after a full one there is more already queued.
-                if 1 < done < self.settings.batch_max:
-                    pause = started + self.settings.batch_interval - time.monotonic()
-                    if pause > 0:
-                        await asyncio.sleep(pause)
         finally:
             await self.close()
 
-    async def process_round(self) -> int:
-        """Reads, commits, replies to and acknowledges one batch; returns its size."""
-        epochs: dict[int, int] = {}
-        wallets = []
-        for w in self._pick():
-            shard = self.keys.shard_of(w)
-            if shard in self.owned:  # else lost since the last settling; dropped at the next
-                epochs[shard] = self.owned[shard]
-                wallets.append(w)
+    async def process_round(self) -> int | None:
+        """Commits, answers and acknowledges one batch; returns how many operations it held,
+        or None if no wallet had work."""
+        self.wakeup.clear()  # what comes from here on is seen by this round or wakes the next
+        self._take_wakes()
+        wallets = self._pick()
         self._round = wallets
         if not wallets:
-            return 0
+            return None
+        epochs = {s: self.owned[s] for s in {self.keys.shard_of(w) for w in wallets}}
         for w in wallets:  # the next round starts with the wallets this one did not reach
             self.active[w] = self.active.pop(w)
-        # A wallet notified from here on may have had its stream deleted by this round's
-        # acknowledgement and then started anew: it must stay active, read from the start.
-        self.notified.difference_update(wallets)
         try:
-            entries, cursors, dead = await self._read(wallets)
-            left = await self._commit_reply_acknowledge(entries, cursors, dead, epochs)
+            unread = [w for w in wallets if w not in self.ready]
+            if unread:
+                count = max(1, self._room(wallets) // len(unread))
+                await self._acknowledge_read([], unread, count)
+            batch = {w: self.ready.pop(w) for w in wallets if w in self.ready}
+            entries = [e for reading in batch.values() for e in reading.entries]
+            outcomes = await self._commit(entries, epochs) if entries else []
+            await self._answer_acknowledge_read(entries, outcomes, batch)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
             for w in wallets:
-                self.active[w] = START
+                if w in self.active:
+                    self.active[w] = START
+                self.ready.pop(w, None)
                 self.known.pop(w, None)
             raise
         self.isolating.difference_update(wallets)
         for wallet in wallets:
             if self.parked.pop(wallet, None) is not None:
                 log.info("wallet %s works again", wallet)
-        for wallet, remaining in zip(wallets, left, strict=True):
-            if remaining:
-                self.active[wallet] = cursors[wallet]
-            elif wallet in self.notified:
-                self.active[wallet] = START
-            else:
-                del self.active[wallet]
         return len(entries)
+
+    def _take_wakes(self) -> None:
+        """Takes up the wallets that have just become dirty. A wallet this worker has no
+        position in starts at the first entry of its new stream, which came with the wake:
+        applied without reading the stream. For a wallet it is still working on, the wake
+        is one it has already seen through the stream."""
+        wakes, self.wakes = self.wakes, []
+        for wallet, entry_id, message in wakes:
+            if wallet in self.active or self.keys.shard_of(wallet) not in self.owned:
+                continue
+            try:
+                entry = self._decode(wallet, entry_id, message)
+            except MessageError:
+                self.active[wallet] = START  # the stream's read will set it aside
+                continue
+            self.active[wallet] = entry_id
+            self.ready[wallet] = Reading([entry], [], entry_id)
 
     async def _wait_for_work(self) -> None:
         """Until a wake-up, the next parked wallet's retry, or the next rescan."""
+        if self.stopping.is_set():
+            return
         now = time.monotonic()
         due = min((d for d, _ in self.parked.values()), default=math.inf)
-        self.wakeup.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self.wakeup.wait(), max(0.0, min(due - now, self.settings.worker_rescan_interval))
@@ -260,15 +306,34 @@ class Worker:
 
     def _pick(self) -> list[str]:
         """The wallets of the next round: one alone while a bad batch is being taken apart
-        or a parked wallet is due for another try, else the active ones not parked."""
+        or a parked wallet is due for another try, else the active ones not parked, as many
+        as fit in a batch."""
         now = time.monotonic()
         self.isolating.update(w for w, (due, _) in self.parked.items() if due <= now)
         for w in list(self.isolating):
-            if w in self.active:
+            if w in self.active and self.keys.shard_of(w) in self.owned:
                 return [w]
             self.isolating.discard(w)
-        ready = (w for w in self.active if w not in self.parked)
-        return list(itertools.islice(ready, self.settings.batch_wallets_max))
+        picked: list[str] = []
+        in_hand = 0
+        for w in self.active:
+            # A shard lost since the last settling: its wallets are dropped at the next.
+            if w in self.parked or self.keys.shard_of(w) not in self.owned:
+                continue
+            reading = self.ready.get(w)
+            size = len(reading.entries) if reading else 1
+            if picked and in_hand + size > self.settings.batch_max:
+                break
+            picked.append(w)
+            in_hand += size
+            if len(picked) == self.settings.batch_wallets_max:
+                break
+        return picked
+
+    def _room(self, wallets: list[str]) -> int:
+        """How many more entries a batch of `wallets` can take beyond those read already."""
+        in_hand = sum(len(self.ready[w].entries) for w in wallets if w in self.ready)
+        return max(0, self.settings.batch_max - in_hand)
 
     def _blame(self, error: Exception) -> None:
         """After a bad batch: take it apart, or, if it held one wallet, park that wallet
@@ -296,119 +361,128 @@ class Worker:
                 delay,
             )
 
-    async def _read(
-        self, wallets: list[str]
-    ) -> tuple[list[Entry], dict[str, str], list[DeadLetter]]:
-        """The wallets' next entries; each wallet's id of the last entry read; and the
-        entries that cannot be applied, for the shard's dead-letter stream."""
-        count = max(1, self.settings.batch_max // len(wallets))
-        wallet_of: dict[str, str] = {}
-        by_shard: dict[int, dict[str, str]] = defaultdict(dict)
-        for w in wallets:
-            shard = self.keys.shard_of(w)
-            stream = self.keys.wallet_stream(w, shard)
-            wallet_of[stream] = w
-            by_shard[shard][stream] = self.active[w]
-        # One XREAD per shard: the streams of one XREAD must share a Redis Cluster slot.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for streams in by_shard.values():
-                pipe.xread(streams, count=count)  # type: ignore[arg-type]
-            replies: Any = await pipe.execute()
-        cursors = {w: self.active[w] for w in wallets}
+    def _decode(self, wallet: str, entry_id: str, message: bytes) -> Entry:
+        request = decode_request(message)
+        if request.wallet_id != wallet:
+            raise MessageError(f"it names wallet {request.wallet_id}")
+        return Entry(entry_id, request)
+
+    def _acknowledge_read_command(self, wallet: str, count: int) -> tuple[Any, ...]:
+        shard = self.keys.shard_of(wallet)
+        return (
+            "EVALSHA",
+            ACKNOWLEDGE_READ_SHA,
+            3,
+            self.keys.wallet_stream(wallet, shard),
+            self.keys.dirty_set(shard),
+            self.keys.queued(shard),
+            wallet,
+            next_entry_id(self.active[wallet]),
+            count,
+        )
+
+    def _took_reading(self, wallet: str, found: Any) -> None:
+        """Records what ACKNOWLEDGE_READ answered for the wallet: its next entries, or none,
+        in which case its stream is gone and the wallet is no longer active."""
+        if isinstance(found, Exception):
+            raise found
+        if not found:
+            del self.active[wallet]
+            return
         entries: list[Entry] = []
         dead: list[DeadLetter] = []
-        for reply in replies:
-            for stream, items in reply or []:
-                wallet = wallet_of[stream.decode()]
-                for raw_id, fields in items:
-                    entry_id = cursors[wallet] = raw_id.decode()
-                    try:
-                        request = decode_request(fields[b"m"])
-                        if request.wallet_id != wallet:
-                            raise MessageError(f"it names wallet {request.wallet_id}")
-                    except (MessageError, KeyError) as e:
-                        log.error(
-                            "entry %s of wallet %s goes to the dead letters: %s",
-                            entry_id,
-                            wallet,
-                            e,
-                        )
-                        dead.append(DeadLetter(wallet, entry_id, fields.get(b"m", b""), str(e)))
-                        continue
-                    entries.append(Entry(entry_id, request))
-        return entries, cursors, dead
-
-    async def _commit_reply_acknowledge(
-        self,
-        entries: list[Entry],
-        cursors: dict[str, str],
-        dead: list[DeadLetter],
-        epochs: dict[int, int],
-    ) -> list[int]:
-        """Commits the entries if `epochs` are still the shards' epochs, publishes their
-        outcomes, keeps the dead letters, then trims what was read; returns how many entries
-        each wallet's stream has left, in the order of `cursors`."""
-        outcomes: list[Outcome] = []
-        if entries:
-            if self._conn is None:
-                # Held across batches: releasing to the pool costs a reset round trip.
-                self._conn = await self.pool.acquire()
-            started = time.perf_counter()
+        for raw_id, fields in found:
+            entry_id = raw_id.decode()
+            message = dict(zip(fields[::2], fields[1::2], strict=True)).get(b"m", b"")
             try:
-                outcomes, states = await apply_batch(
-                    self._conn, entries, epochs, self._known_states(cursors, epochs)
-                )
-            except BaseException:
-                await self._release_connection()
-                raise
-            self._remember(states, epochs)
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(entries))
-            self.batches += 1
-            self.operations += len(entries)
+                entries.append(self._decode(wallet, entry_id, message))
+            except MessageError as e:
+                log.error("entry %s of wallet %s goes to the dead letters: %s", entry_id, wallet, e)
+                dead.append(DeadLetter(wallet, entry_id, message, str(e)))
+        cursor = self.active[wallet] = found[-1][0].decode()
+        self.ready[wallet] = Reading(entries, dead, cursor)
+
+    async def _acknowledge_read(
+        self, before: list[tuple[Any, ...]], wallets: list[str], count: int
+    ) -> list[Any]:
+        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet;
+        returns the answers to `before`."""
+        commands = [*before, *(self._acknowledge_read_command(w, count) for w in wallets)]
+        answers = await round_trip(self._batch_redis, commands)
+        for wallet, found in zip(wallets, answers[len(before) :], strict=True):
+            self._took_reading(wallet, found)
+        return answers[: len(before)]
+
+    async def _commit(self, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
+        """Commits the entries if `epochs` are still the shards' epochs; their outcomes."""
+        if self._conn is None:
+            # Held across batches: releasing to the pool costs a reset round trip.
+            self._conn = await self.pool.acquire()
+        started = time.perf_counter()
+        try:
+            outcomes, states = await apply_batch(
+                self._conn, entries, epochs, self._known_states(entries, epochs)
+            )
+        except BaseException:
+            await self._release_connection()
+            raise
+        self._remember(states, epochs)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(entries))
+        self.batches += 1
+        return outcomes
+
+    async def _answer_acknowledge_read(
+        self, entries: list[Entry], outcomes: list[Outcome], batch: dict[str, Reading]
+    ) -> None:
+        """One round trip after COMMIT: the outcomes to the API processes that wait for
+        them, the dead letters kept, then each wallet of the batch acknowledged (its
+        committed entries trimmed) and its next entries read for the next batch."""
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
         for entry, outcome in zip(entries, outcomes, strict=True):
             if entry.request.reply_to:
                 by_channel[entry.request.reply_to].append(outcome)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for channel, replies in by_channel.items():
-                pipe.publish(channel, encode_outcomes(replies))
-            if entries:  # for the live view; after the replies, as it matters less
-                second = self.keys.committed(int(time.time()))
-                pipe.hincrby(second, "batches", 1)
-                pipe.hincrby(second, "operations", len(entries))
-                pipe.expire(second, COMMITTED_KEPT_SECONDS)
-            for letter in dead:
-                pipe.xadd(
-                    self.keys.dead_letters(self.keys.shard_of(letter.wallet_id)),
-                    {
-                        "wallet": letter.wallet_id,
-                        "entry": letter.entry_id,
-                        "m": letter.message,
-                        "error": letter.error,
-                    },
+        commands: list[tuple[Any, ...]] = [
+            ("PUBLISH", channel, encode_outcomes(replies))
+            for channel, replies in by_channel.items()
+        ]
+        if entries:  # for the live view; after the replies, as it matters less
+            second = self.keys.committed(int(time.time()))
+            commands += [
+                ("HINCRBY", second, "batches", 1),
+                ("HINCRBY", second, "operations", len(entries)),
+                ("EXPIRE", second, COMMITTED_KEPT_SECONDS),
+            ]
+        for reading in batch.values():
+            for letter in reading.dead:
+                commands.append(
+                    (
+                        "XADD",
+                        self.keys.dead_letters(self.keys.shard_of(letter.wallet_id)),
+                        "*",
+                        "wallet",
+                        letter.wallet_id,
+                        "entry",
+                        letter.entry_id,
+                        "m",
+                        letter.message,
+                        "error",
+                        letter.error,
+                    )
                 )
-            for wallet, cursor in cursors.items():
-                shard = self.keys.shard_of(wallet)
-                # EVALSHA itself: redis-py's Script object would add a SCRIPT EXISTS round
-                # trip to every pipeline. run() loads the script when Redis lacks it.
-                pipe.evalsha(
-                    ACKNOWLEDGE_SHA,
-                    3,
-                    self.keys.wallet_stream(wallet, shard),
-                    self.keys.dirty_set(shard),
-                    self.keys.queued(shard),
-                    wallet,
-                    next_entry_id(cursor),
-                )
-            results = await pipe.execute()
-        return [int(n) for n in results[-len(cursors) :]] if cursors else []
+        wallets = list(batch)
+        count = max(1, self.settings.batch_max // max(1, len(wallets)))
+        answers = await self._acknowledge_read(commands, wallets, count)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
 
     def _known_states(
-        self, wallets: Iterable[str], epochs: dict[int, int]
+        self, entries: Iterable[Entry], epochs: dict[int, int]
     ) -> dict[str, WalletState]:
         known = {}
-        for w in wallets:
+        for e in entries:
+            w = e.request.wallet_id
             cached = self.known.get(w)
             if cached is not None and cached[0] == epochs.get(self.keys.shard_of(w)):
                 known[w] = cached[1]
@@ -422,18 +496,19 @@ class Worker:
             del self.known[next(iter(self.known))]
 
     async def close(self) -> None:
-        """Stops the worker's tasks and gives back what it holds: its PostgreSQL connection,
-        its shards, its place among the live workers. run() ends with it."""
+        """Stops the worker's tasks and gives back what it holds: its connections, its
+        shards, its place among the live workers. run() ends with it."""
         self.stop()
-        # They see `stopping` within a BLPOP's wait or a lease renewal; cancelling one inside
-        # a Redis call can leave redis-py's connection hanging, so that is the last resort.
-        tasks = [*self._tasks, *self._listeners.values()]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=NOTIFY_WAIT + REDIS_SOCKET_TIMEOUT)
+        # They see `stopping` within a wake read's wait or a lease renewal; cancelling one
+        # inside a Redis call can leave redis-py's connection hanging, so that is the last
+        # resort.
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=WAKE_WAIT + REDIS_SOCKET_TIMEOUT)
             for task in late:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._release_connection()
+        await self._batch_redis.disconnect()
         with contextlib.suppress(RedisError, OSError):
             await self._release(list(self.owned))
             await self.redis.zrem(self.keys.workers(), self.worker_id)
@@ -444,13 +519,6 @@ class Worker:
             with contextlib.suppress(*PG_ERRORS, OSError):
                 await self.pool.release(conn)
 
-    def _mark_active(self, wallet_ids: Iterable[bytes | str]) -> None:
-        for raw in wallet_ids:
-            w = raw.decode() if isinstance(raw, bytes) else raw
-            self.active.setdefault(w, START)
-            self.notified.add(w)
-        self.wakeup.set()
-
     async def _rescan(self, shards: list[int]) -> None:
         """Marks the shards' dirty wallets active: on taking a shard, and now and then in
         case a wake-up was lost."""
@@ -460,25 +528,53 @@ class Worker:
             found = await pipe.execute()
         for shard, members in zip(shards, found, strict=True):
             if shard in self.owned:
-                self._mark_active(members)
+                for raw in members:
+                    self.active.setdefault(raw.decode(), START)
+        self.wakeup.set()
 
-    async def _listen(self, shard: int) -> None:
-        key = self.keys.notify_list(shard)
+    async def _listen(self) -> None:
+        """Reads the owned shards' wake streams, all in one blocking read, and hands the
+        wallets found there to the batch loop; trims what it has read."""
+        trims: dict[int, str] = {}
         failures = 0
-        while shard in self.owned and not self.stopping.is_set():
+        while not self.stopping.is_set():
+            shards = sorted(self.owned)
+            if not shards:
+                self.owned_changed.clear()
+                await self.owned_changed.wait()
+                continue
+            streams = {self.keys.wake_stream(s): self.wake_cursors.get(s, START) for s in shards}
+            shard_of = {self.keys.wake_stream(s): s for s in shards}
             try:
-                popped = await self.redis.blpop([key], timeout=NOTIFY_WAIT)
-                if popped:
-                    woken = [popped[1], *(await self.redis.lpop(key, 1000) or [])]
-                    if shard in self.owned:
-                        self._mark_active(woken)
-                    else:  # handed back meanwhile: the wake-ups are the next owner's
-                        await self.redis.rpush(key, *woken)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for shard, min_id in trims.items():
+                        wake_keys = (self.keys.lease(shard), self.keys.wake_stream(shard))
+                        pipe.eval(TRIM_WAKES, 2, *wake_keys, self.worker_id, min_id)
+                    pipe.xread(streams, count=WAKE_COUNT, block=int(WAKE_WAIT * 1000))  # type: ignore[arg-type]
+                    answers = await pipe.execute()
+                trims = {}
                 failures = 0
             except (RedisError, OSError) as e:
                 failures += 1
-                log.warning("shard %d: waiting for work failed (%s)", shard, e)
+                log.warning("reading the wake-ups failed (%s)", e)
                 await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
+                continue
+            for stream, items in answers[-1] or []:
+                shard = shard_of[stream.decode()]
+                if shard not in self.owned:  # handed back meanwhile: the next owner's
+                    continue
+                for raw_id, fields in items:
+                    try:
+                        self.wakes.append(
+                            (fields[b"w"].decode(), fields[b"e"].decode(), fields[b"m"])
+                        )
+                    except (KeyError, UnicodeDecodeError):  # the rescan finds its wallet
+                        log.error("wake entry %s of shard %d is not one", raw_id, shard)
+                last = items[-1][0].decode()
+                self.wake_cursors[shard] = last
+                trims[shard] = next_entry_id(last)
+            if self.wakes:
+                self.wakeup.set()
 
     async def _tend_shards(self) -> None:
         interval = self.settings.worker_lease_ttl / RENEWALS_PER_LEASE
@@ -512,6 +608,7 @@ class Worker:
         for shard, still_held in zip(held, renewed, strict=True):
             if not still_held and self.owned.pop(shard, None) is not None:
                 self._shards_dropped = True
+                self.owned_changed.set()
                 self.metrics.lease_changes.labels("lost").inc()
                 log.warning("lost the lease of shard %d", shard)
         if self.stopping.is_set():
@@ -551,13 +648,12 @@ class Worker:
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.eval(RELEASE_LEASE, 1, lease, self.worker_id)
             raise
+        # The shard's wake stream from its start: the wallets there are dirty or were, and
+        # the rescan finds the dirty ones whose wake-ups a former owner trimmed.
+        self.wake_cursors[shard] = START
         self.owned[shard] = epoch
+        self.owned_changed.set()
         self.releasing.discard(shard)
-        listener = self._listeners.get(shard)
-        if listener is None or listener.done():
-            self._listeners[shard] = asyncio.create_task(
-                self._listen(shard), name=f"listen-{shard}"
-            )
         self.metrics.lease_changes.labels("taken").inc()
         log.info("took shard %d at epoch %d", shard, epoch)
         await self._rescan([shard])
@@ -575,7 +671,7 @@ class Worker:
                 for w, cursor in self.active.items()
                 if self.keys.shard_of(w) in self.owned
             }
-            self.notified.intersection_update(self.active)
+            self.ready = {w: r for w, r in self.ready.items() if w in self.active}
             self.isolating.intersection_update(self.active)
             self.parked = {w: v for w, v in self.parked.items() if w in self.active}
 
@@ -586,6 +682,7 @@ class Worker:
             self.owned.pop(shard, None)
             self.releasing.discard(shard)
         self._shards_dropped = True
+        self.owned_changed.set()
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
                 pipe.eval(RELEASE_LEASE, 1, self.keys.lease(shard), self.worker_id)
