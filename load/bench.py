@@ -3,18 +3,26 @@
 On one machine it starts PostgreSQL and Redis (embedded, unless DATABASE_URL and REDIS_URL
 name running servers: the benchmark creates its own database beside DATABASE_URL's and
 drops it after), the service (`python -m api`, `python -m worker`) and the row-lock
-reference (`python -m load.rowlock`), and drives both with the same open-model load from
-an asyncio generator in this process: requests start at a constant rate whether or not
-earlier ones have finished, and latency counts from when a request was due, so a stalled
-server cannot hide its queue (no coordinated omission).
+reference (`python -m load.rowlock`), and drives both with the same load from this
+process, the service then the reference, phase by phase, so that each pair of figures
+comes from the same minutes of the same machine.
 
-Phases: a constant rate on one wallet (default 1000/s for 60 s); then, rising step by step,
-the highest rate each design sustains on one wallet and, for the service, over 10,000
-wallets; then the constant rate again with the worker restarted at each of --intervals
-(group commit's trade of latency for commits). A rate is sustained when the server keeps
-up (at least 95% of it completed in time), nothing but 200 and 409 came back, and p99
-stayed under --p99-limit. Every phase checks that the final balances equal what the
-successful responses imply, and tells how much of a core each server process used.
+Closed loop first, the way most clients call a service: a number of keep-alive
+connections, each sending its next deposit as soon as the answer to the last one is in
+(1, 8, 64 and 256 connections on one wallet, and 64 over 1,000 wallets). Each phase ends
+by letting every request in flight finish, so the balances are checked exactly.
+
+Then the open model: requests start at a constant rate whether or not earlier ones have
+finished, and latency counts from when a request was due, so a stalled server cannot
+hide its queue (no coordinated omission). A constant rate on one wallet (default 1000/s
+for 60 s); then, rising step by step, the highest rate each design sustains on one wallet
+and, for the service, over 10,000 wallets (sustained: at least 95% of it completed in
+time, nothing but 200 and 409, p99 under --p99-limit); then, optionally, the constant rate
+with the worker restarted at each of --intervals (BATCH_INTERVAL, the opt-in linger).
+
+Every phase checks that the final balances equal what the successful responses imply,
+counts commits from the ledger rows' xmin, and tells how much of a core each server
+process and the generator used. The run ends with the targets the service is held to.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import platform
@@ -33,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,15 +61,18 @@ MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 CLIENT_TIMEOUT = 10.0
 BALANCE_CHECK = {True: "exact", False: "MISMATCH", None: "unknown: answers missing"}
-SWEPT_INTERVALS = [0.002, 0.005, 0.01, 0.05]
+# (connections, wallets) of the closed-loop phases
+CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000)]
+SMOKE_CLOSED_LOOPS = [(1, 1), (8, 1)]
 
 
 @dataclasses.dataclass
 class Phase:
     name: str
     design: str
-    target_rate: int
+    target_rate: int  # requests started per second (open model); 0 in a closed loop
     seconds: float
+    connections: int = 0  # closed loop: connections each waiting for its answer
     sent: int = 0
     latencies: list[float] = dataclasses.field(default_factory=list)
     statuses: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -156,7 +168,7 @@ def operation_request(host: str, wallet: str, kind: str, minor: int) -> bytes:
     ).encode() + body
 
 
-async def drive(base: str, wallets: Sequence[str], phase: Phase, seed: int) -> dict[str, int]:
+async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int) -> dict[str, int]:
     """Sends `phase.target_rate` operations per second for `phase.seconds`, spread over
     `wallets`; returns each wallet's change in balance implied by the successful answers."""
     rng = random.Random(seed)
@@ -210,6 +222,110 @@ async def drive(base: str, wallets: Sequence[str], phase: Phase, seed: int) -> d
     return effects
 
 
+class ClosedLoopConnection(asyncio.Protocol):
+    """One keep-alive connection of a closed-loop client: it sends the next request as soon
+    as the answer to the last one is in, until `deadline`, and then finishes the one in
+    flight. Written as a protocol, not a task per request: the generator shares the two
+    cores with every server, and this costs it the least."""
+
+    def __init__(
+        self,
+        phase: Phase,
+        pick: Callable[[], tuple[str, bytes]],
+        deadline: float,
+        effects: dict[str, int],
+        finished: asyncio.Future[None],
+    ) -> None:
+        self.phase, self.pick, self.deadline = phase, pick, deadline
+        self.effects, self.finished = effects, finished
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.wallet = ""
+        self.sent_at = 0.0
+        self.waiting = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.wallet, raw = self.pick()
+        self.waiting = True
+        self.sent_at = time.perf_counter()
+        self.transport.write(raw)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in bytes(self.buffer[:end]).split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if len(self.buffer) < end + 4 + length:
+                return
+            status = int(self.buffer[9:12])
+            del self.buffer[: end + 4 + length]
+            now = time.perf_counter()
+            self.waiting = False
+            self.phase.latencies.append(now - self.sent_at)
+            self.phase.statuses[status] = self.phase.statuses.get(status, 0) + 1
+            if status == 200:
+                self.effects[self.wallet] += 1
+            if now >= self.deadline:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiting:
+            self.phase.errors += 1
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+async def drive_closed(
+    base: str, wallets: Sequence[str], phase: Phase, seed: int
+) -> dict[str, int]:
+    """Deposits 0.01 over `phase.connections` closed-loop connections for `phase.seconds`,
+    each to a wallet drawn from `wallets`; returns each wallet's change in balance implied
+    by the successful answers."""
+    rng = random.Random(seed)
+    host, _, port = base.removeprefix("http://").partition(":")
+    prepared = {w: operation_request(host, w, "DEPOSIT", 1) for w in wallets}
+    choices = list(wallets)
+
+    def pick() -> tuple[str, bytes]:
+        wallet = choices[0] if len(choices) == 1 else rng.choice(choices)
+        return wallet, prepared[wallet]
+
+    effects: dict[str, int] = dict.fromkeys(wallets, 0)
+    loop = asyncio.get_running_loop()
+    finished: list[asyncio.Future[None]] = [loop.create_future() for _ in range(phase.connections)]
+    gc.disable()  # as in drive_open
+    cpu, start = time.process_time(), time.perf_counter()
+    deadline = start + phase.seconds
+    transports = []
+    try:
+        for done in finished:
+            connection = functools.partial(
+                ClosedLoopConnection, phase, pick, deadline, effects, done
+            )
+            transport, _ = await loop.create_connection(connection, host, int(port))
+            transports.append(transport)
+        await asyncio.wait(finished, timeout=phase.seconds + CLIENT_TIMEOUT)
+        for transport in transports:  # one still waiting counts as an error
+            transport.abort()
+        await asyncio.gather(*finished)
+    finally:
+        gc.enable()
+    phase.sent = phase.completed + phase.errors
+    phase.elapsed = time.perf_counter() - start
+    phase.generator_cpu = (time.process_time() - cpu) / phase.elapsed
+    return effects
+
+
 async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
     rows = await pg.fetch(
         "SELECT id::text, balance FROM wallets WHERE id = any($1::uuid[])", list(wallets)
@@ -221,6 +337,7 @@ async def run_phase(pg: Any, target: Target, wallets: Sequence[str], phase: Phas
     before = await balances(pg, wallets)
     started = await pg.fetchval("SELECT clock_timestamp()")
     cpu = {name: cpu_seconds(p.pid) for name, p in target.processes.items()}
+    drive = drive_closed if phase.connections else drive_open
     effects = await drive(target.base, wallets, phase, seed=hash(phase.name) & 0xFFFF)
     phase.server_cpu = {
         name: (cpu_seconds(p.pid) - cpu[name]) / phase.elapsed
@@ -279,6 +396,7 @@ async def new_wallets(pg: Any, count: int) -> list[str]:
 
 
 def table(phases: list[Phase]) -> str:
+    """The open-model phases."""
     head = (
         "| phase | design | target/s | achieved/s | p50 ms | p95 ms | p99 ms | max ms "
         "| non-2xx (409s apart) | 409s | commits/op | mean batch | balances "
@@ -286,16 +404,145 @@ def table(phases: list[Phase]) -> str:
     )
     lines = [head, "|" + "---|" * 15]
     for p in phases:
-        per_op = f"{p.commits / p.operations:.3f}" if p.commits and p.operations else "-"
-        batch = f"{p.operations / p.commits:.1f}" if p.commits and p.operations else "-"
-        server = ", ".join(f"{name} {cores:.2f}" for name, cores in p.server_cpu.items())
         lines.append(
             f"| {p.name} | {p.design} | {p.target_rate} | {p.completed / p.elapsed:.0f} "
             f"| {p.percentile(50):.1f} | {p.percentile(95):.1f} | {p.percentile(99):.1f} "
-            f"| {p.percentile(100):.1f} | {p.bad} | {p.statuses.get(409, 0)} | {per_op} "
-            f"| {batch} | {BALANCE_CHECK[p.balance_ok]} | {server or '-'} "
-            f"| {p.generator_cpu:.0%} |"
+            f"| {p.percentile(100):.1f} | {p.bad} | {p.statuses.get(409, 0)} "
+            f"| {commits_per_op(p)} | {mean_batch(p)} | {BALANCE_CHECK[p.balance_ok]} "
+            f"| {server_cpu(p)} | {p.generator_cpu:.0%} |"
         )
+    return "\n".join(lines)
+
+
+def closed_table(phases: list[Phase]) -> str:
+    """The closed-loop phases, each service row with its ratio to the row lock's."""
+    head = (
+        "| clients | design | req/s | vs row lock | p50 ms | p99 ms | max ms | non-2xx "
+        "| mean batch | balances | server CPU (cores) | generator CPU |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for p in phases:
+        reference = next((r for r in phases if r.name == p.name and r.design == "row lock"), None)
+        ratio = "-"
+        if p.design == "service" and reference is not None and rate(reference):
+            ratio = f"{rate(p) / rate(reference):.2f}x"
+        lines.append(
+            f"| {p.name} | {p.design} | {rate(p):.0f} | {ratio} | {p.percentile(50):.2f} "
+            f"| {p.percentile(99):.1f} | {p.percentile(100):.1f} | {p.bad} | {mean_batch(p)} "
+            f"| {BALANCE_CHECK[p.balance_ok]} | {server_cpu(p)} | {p.generator_cpu:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def rate(p: Phase) -> float:
+    return p.completed / p.elapsed if p.elapsed else 0.0
+
+
+def commits_per_op(p: Phase) -> str:
+    return f"{p.commits / p.operations:.3f}" if p.commits and p.operations else "-"
+
+
+def mean_batch(p: Phase) -> str:
+    return f"{p.operations / p.commits:.1f}" if p.commits and p.operations else "-"
+
+
+def server_cpu(p: Phase) -> str:
+    return ", ".join(f"{name} {cores:.2f}" for name, cores in p.server_cpu.items()) or "-"
+
+
+@dataclasses.dataclass
+class Results:
+    closed: list[Phase] = dataclasses.field(default_factory=list)
+    open: list[Phase] = dataclasses.field(default_factory=list)
+    # the highest rates sustained: on one wallet by each design, over 10,000 by the service
+    best: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def all(self) -> list[Phase]:
+        return self.closed + self.open
+
+    def closed_pair(self, name: str) -> tuple[Phase, Phase] | None:
+        found = {p.design: p for p in self.closed if p.name == name}
+        if "service" in found and "row lock" in found:
+            return found["service"], found["row lock"]
+        return None
+
+
+def closed_name(connections: int, wallets: int) -> str:
+    clients = f"{connections} connection{'s' if connections > 1 else ''}"
+    return f"{clients}, {wallets} wallet{'s' if wallets > 1 else ''}"
+
+
+def targets(results: Results, rate_name: str) -> list[tuple[str, str, bool]]:
+    """The targets of the service (issue: group commit without a timer) that this run can
+    judge: what each asks, what was measured, and whether it holds."""
+    rows: list[tuple[str, str, bool]] = []
+    one = results.closed_pair(closed_name(1, 1))
+    if one:
+        service, reference = one
+        limit = 2 * reference.percentile(50) + 1
+        rows.append(
+            (
+                "1 connection: p50 at most 2x the row lock's + 1 ms",
+                f"{service.percentile(50):.2f} ms against {reference.percentile(50):.2f} ms "
+                f"(limit {limit:.2f})",
+                service.percentile(50) <= limit,
+            )
+        )
+    for connections, wallets, factor in ((8, 1, 1.5), (64, 1, 4), (256, 1, 5), (64, 1000, 2)):
+        pair = results.closed_pair(closed_name(connections, wallets))
+        if pair:
+            service, reference = pair
+            ratio = rate(service) / rate(reference) if rate(reference) else 0.0
+            errors = " with 0 errors" if connections == 256 else ""
+            rows.append(
+                (
+                    f"{closed_name(connections, wallets)}: at least {factor}x the row lock's "
+                    f"req/s{errors}",
+                    f"{ratio:.2f}x ({rate(service):.0f} against {rate(reference):.0f}/s"
+                    f"{f', {service.bad} errors' if errors else ''})",
+                    ratio >= factor and (not errors or service.bad == 0),
+                )
+            )
+    constant = next(
+        (p for p in results.open if p.name == rate_name and p.design == "service"), None
+    )
+    if constant is not None:
+        rows.append(
+            (
+                f"{rate_name}: p99 at most 25 ms",
+                f"{constant.percentile(99):.1f} ms",
+                constant.percentile(99) <= 25 and constant.bad == 0,
+            )
+        )
+    best = results.best
+    if {"service", "row lock"} <= set(best):
+        ratio = best["service"] / max(best["row lock"], 1)
+        rows.append(
+            (
+                "highest rate sustained on 1 wallet: at least 4x the row lock's",
+                f"{ratio:.1f}x ({best['service']}/s against {best['row lock']}/s)",
+                ratio >= 4,
+            )
+        )
+    if {"service", "many"} <= set(best):
+        share = best["many"] / max(best["service"], 1)
+        rows.append(
+            (
+                "highest rate over 10,000 wallets: at least 80% of 1 wallet's",
+                f"{share:.0%} ({best['many']}/s against {best['service']}/s)",
+                share >= 0.8,
+            )
+        )
+    exact = all(p.balance_ok for p in results.all())
+    rows.append(("balances exact in every phase", "yes" if exact else "no", exact))
+    return rows
+
+
+def targets_table(rows: list[tuple[str, str, bool]]) -> str:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [
+        f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in rows
+    ]
     return "\n".join(lines)
 
 
@@ -328,7 +575,7 @@ def servers(workdir: Path) -> Iterator[tuple[str, str]]:
         yield pg_url, redis_url
 
 
-async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> list[Phase]:
+async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> Results:
     name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(pg_server)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -358,7 +605,7 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
         f"http://127.0.0.1:{rowlock_port}",
         {"rowlock": spawn("load.rowlock", {**env, "PORT": str(rowlock_port)}, **quiet)},
     )
-    phases: list[Phase] = []
+    results = Results()
     pg = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
 
     async def warm_up(target: Target) -> None:
@@ -370,26 +617,29 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
             await wait_ready(http, f"{service.base}/ready")
             for target in (service, rowlock):
                 await warm_up(target)
+            for connections, wallet_count in args.closed_loops:
+                label = closed_name(connections, wallet_count)
+                for target in (service, rowlock):
+                    wallets = await new_wallets(pg, wallet_count)
+                    phase = Phase(label, target.design, 0, args.closed_seconds, connections)
+                    results.closed.append(await run_phase(pg, target, wallets, phase))
+                    print(closed_table(results.closed[-1:]).splitlines()[-1], flush=True)
+            if args.closed_only:
+                return results
             for target in (service, rowlock):
                 wallets = await new_wallets(pg, 1)
                 phase = Phase(f"{args.rate}/s on 1 wallet", target.design, args.rate, args.seconds)
-                phases.append(await run_phase(pg, target, wallets, phase))
-                print(table([phases[-1]]).splitlines()[-1], flush=True)
+                results.open.append(await run_phase(pg, target, wallets, phase))
+                print(table(results.open[-1:]).splitlines()[-1], flush=True)
             if not (args.smoke or args.constant_only):
                 rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 7000, 8000, 10000]
-                best_service, more = await find_max(pg, service, 1, rates, args)
-                phases += more
-                best_rowlock, more = await find_max(
-                    pg, rowlock, 1, [250, 500, 750, 1000, 1250, 1500], args
-                )
-                phases += more
-                best_many, more = await find_max(pg, service, 10_000, rates, args)
-                phases += more
-                args.summary = (
-                    f"Sustained on one wallet: service {best_service}/s, row lock "
-                    f"{best_rowlock}/s ({best_service / max(best_rowlock, 1):.1f}x); "
-                    f"service over 10,000 wallets: {best_many}/s."
-                )
+                for key, target, wallet_count, steps in (
+                    ("service", service, 1, rates),
+                    ("row lock", rowlock, 1, [250, 500, 750, 1000, 1250, 1500, 2000, 2500]),
+                    ("many", service, 10_000, rates),
+                ):
+                    results.best[key], more = await find_max(pg, target, wallet_count, steps, args)
+                    results.open += more
             for interval in args.intervals:
                 # A worker of its own for each setting: SIGTERM hands the shards over.
                 worker = service.processes["worker"]
@@ -401,8 +651,8 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
                 await warm_up(service)
                 label = f"{args.rate}/s, BATCH_INTERVAL={interval}"
                 phase = Phase(label, "service", args.rate, args.interval_seconds)
-                phases.append(await run_phase(pg, service, await new_wallets(pg, 1), phase))
-                print(table([phases[-1]]).splitlines()[-1], flush=True)
+                results.open.append(await run_phase(pg, service, await new_wallets(pg, 1), phase))
+                print(table(results.open[-1:]).splitlines()[-1], flush=True)
     finally:
         await pg.close()
         processes = [p for target in (service, rowlock) for p in target.processes.values()]
@@ -416,7 +666,7 @@ async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> lis
         async for key in redis.scan_iter(match=f"{env['REDIS_KEY_PREFIX']}:*", count=1000):
             await redis.unlink(key)
         await redis.aclose()
-    return phases
+    return results
 
 
 def intervals(raw: str) -> list[float]:
@@ -459,8 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--intervals",
         type=intervals,
-        help="BATCH_INTERVAL values to run the constant rate at, comma-separated "
-        f"(the full run: {','.join(map(str, SWEPT_INTERVALS))})",
+        help="BATCH_INTERVAL values (the opt-in linger) to run the constant rate at, "
+        "comma-separated (none by default)",
     )
     parser.add_argument(
         "--interval-seconds", type=float, default=20, help="each --intervals phase (20)"
@@ -473,32 +723,45 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="API processes sharing the service's port (REUSE_PORT), 1 to 8 (1)",
     )
-    parser.add_argument("--update-readme", action="store_true", help="write the table to README")
+    parser.add_argument(
+        "--closed-seconds", type=float, default=20, help="each closed-loop phase (20)"
+    )
+    parser.add_argument(
+        "--closed-only", action="store_true", help="the closed-loop phases, no open model"
+    )
+    parser.add_argument("--update-readme", action="store_true", help="write the tables to README")
     args = parser.parse_args(argv)
     if args.intervals is None:
-        args.intervals = [] if args.smoke or args.constant_only else SWEPT_INTERVALS
+        args.intervals = []
+    args.closed_loops = SMOKE_CLOSED_LOOPS if args.smoke else CLOSED_LOOPS
     if args.smoke:
         args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
-    args.summary = ""
+        args.closed_seconds = min(args.closed_seconds, 2)
     command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as (pg_server, redis_url):
-        phases = uvloop.run(bench(args, pg_server, redis_url))
-    report = "\n".join(
-        [
-            f"`{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}, {machine()}; "
-            f"{'configured' if os.environ.get('DATABASE_URL') else 'embedded'} PostgreSQL and "
-            f"Redis, load generator, service and reference all on this machine.",
-            "",
-            table(phases),
-            "",
-            args.summary,
-        ]
-    ).strip()
+        results = uvloop.run(bench(args, pg_server, redis_url))
+    parts = [
+        f"`{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}, {machine()}; "
+        f"{'configured' if os.environ.get('DATABASE_URL') else 'embedded'} PostgreSQL and "
+        f"Redis, load generator, service and reference all on this machine.",
+        "Closed loop (deposits of 0.01; each connection sends its next request when the "
+        "answer to the last is in):",
+        closed_table(results.closed),
+    ]
+    if results.open:
+        parts += ["Open model (deposits and withdrawals at a constant rate):", table(results.open)]
+    parts += ["Targets:", targets_table(targets(results, f"{args.rate}/s on 1 wallet"))]
+    report = "\n\n".join(parts)
     print("\n" + report)
     if args.update_readme:
         update_readme(report)
+    phases = results.all()
     mismatched = [p for p in phases if p.balance_ok is False]
-    service_failed = phases[0].bad > 0 or phases[0].balance_ok is not True
+    service_failed = any(
+        p.design == "service" and (p.bad > 0 or p.balance_ok is not True)
+        for p in phases
+        if p.connections or p.name == f"{args.rate}/s on 1 wallet"
+    )
     return 1 if mismatched or service_failed else 0
 
 

@@ -134,8 +134,9 @@ async def test_the_locust_scenario_runs_and_checks_its_balance(
 
 
 async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
-    """`python -m load.bench --smoke`: a few seconds of both designs, and of the service with
-    its worker restarted at another BATCH_INTERVAL, for correctness only."""
+    """`python -m load.bench --smoke`: a few seconds of both designs in a closed loop and in
+    the open model, and of the service with its worker restarted at a BATCH_INTERVAL, for
+    correctness only."""
     pg_url, redis_url = servers
     run = await asyncio.to_thread(
         subprocess.run,
@@ -151,7 +152,12 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
         env={**os.environ, "DATABASE_URL": pg_url, "REDIS_URL": redis_url},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| 200/s")]
+    phases = [
+        line
+        for line in run.stdout.splitlines()
+        if line.startswith("| ") and line.split(" | ")[1] in ("service", "row lock")
+    ]
+    rows = [line for line in phases if line.startswith("| 200/s")]
     # three phases, each printed as it ends and again in the table
     assert [row.split(" | ")[:2] for row in rows[:3]] == [
         ["| 200/s on 1 wallet", "service"],
@@ -162,6 +168,15 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
     assert "| api 0." in rows[0]
     assert ", worker 0." in rows[0]
     assert "| rowlock 0." in rows[1]
+    closed = [line for line in phases if " connection" in line[:20]]
+    assert [row.split(" | ")[:2] for row in closed[:4]] == [
+        ["| 1 connection, 1 wallet", "service"],
+        ["| 1 connection, 1 wallet", "row lock"],
+        ["| 8 connections, 1 wallet", "service"],
+        ["| 8 connections, 1 wallet", "row lock"],
+    ]
+    assert all("| exact |" in row for row in closed)
+    assert "| balances exact in every phase | yes | yes |" in run.stdout
 
 
 def test_log_lines_are_json_with_the_request_and_operation_ids() -> None:
