@@ -65,10 +65,10 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(
-        middlewares=[observe_middleware, problem_middleware, auth_middleware],
-        client_max_size=MAX_BODY_BYTES,
-    )
+    middlewares = [observe_middleware, problem_middleware]
+    if settings.auth_enabled:  # else it would pass every request through unchanged
+        middlewares.append(auth_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[KEYS] = KeySpace(settings.redis_key_prefix, settings.shard_count)
     app[METRICS] = ApiMetrics()

@@ -101,8 +101,9 @@ def read_token(settings: Settings, token: str, kind: str) -> dict[str, Any]:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    if settings.auth_enabled and request.path.startswith("/api/v1/"):
+    """Installed when AUTH_ENABLED is on (api/app.py)."""
+    if request.path.startswith("/api/v1/"):
+        settings = request.app[SETTINGS]
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise errors.Unauthorized("Send Authorization: Bearer <access token>")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from api.appkeys import KEYS, LIVE, METRICS, REDIS, SETTINGS
+from api.inputs import random_bytes
 from api.live import WINDOW_SECONDS, percentile_ms
 from shared.codec import to_json
 from shared.logs import REQUEST_ID
@@ -30,7 +30,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outside the problem middleware, so it sees every answer's final status."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else random_bytes(16).hex()
     token = REQUEST_ID.set(request_id)
     started = time.perf_counter()
     status = 500
@@ -46,10 +46,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         REQUEST_ID.reset(token)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics = request.app[METRICS]
-        metrics.requests.labels(route, request.method, str(status)).inc()
         taken = time.perf_counter() - started
-        metrics.latency.labels(route, request.method, str(status)).observe(taken)
+        request.app[METRICS].observe_request(route, request.method, status, taken)
         if route in OPERATION_ROUTES and request.method == "POST":
             request.app[LIVE].record(taken)
 

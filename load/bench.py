@@ -676,6 +676,16 @@ def intervals(raw: str) -> list[float]:
     return values
 
 
+def closed_loops(raw: str) -> list[tuple[int, int]]:
+    try:
+        loops = [tuple(int(n) for n in item.split("x")) for item in raw.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("give CONNECTIONSxWALLETS, e.g. 64x1000") from None
+    if not all(len(loop) == 2 and min(loop) > 0 for loop in loops):
+        raise argparse.ArgumentTypeError("give CONNECTIONSxWALLETS, e.g. 64x1000")
+    return [(c, w) for c, w in loops]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -729,11 +739,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--closed-only", action="store_true", help="the closed-loop phases, no open model"
     )
+    parser.add_argument(
+        "--clients",
+        type=closed_loops,
+        help="closed-loop phases as CONNECTIONSxWALLETS, comma-separated (the full run: "
+        f"{','.join(f'{c}x{w}' for c, w in CLOSED_LOOPS)})",
+    )
     parser.add_argument("--update-readme", action="store_true", help="write the tables to README")
     args = parser.parse_args(argv)
     if args.intervals is None:
         args.intervals = []
-    args.closed_loops = SMOKE_CLOSED_LOOPS if args.smoke else CLOSED_LOOPS
+    args.closed_loops = args.clients or (SMOKE_CLOSED_LOOPS if args.smoke else CLOSED_LOOPS)
     if args.smoke:
         args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
         args.closed_seconds = min(args.closed_seconds, 2)

@@ -4,6 +4,7 @@ a test) has a registry of its own, exposed at GET /metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -15,6 +16,9 @@ BATCH_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 @dataclass
 class ApiMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # (route, method, status) -> its request counter and latency histogram: labels() looks
+    # them up under a lock, twice per request
+    _by_request: dict[tuple[str, str, int], tuple[Any, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.requests = Counter(
@@ -35,6 +39,16 @@ class ApiMetrics:
             "Operations answered 202 because the worker's reply did not come in time",
             registry=self.registry,
         )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._by_request.get(key)
+        if children is None:
+            labels = (route, method, str(status))
+            children = (self.requests.labels(*labels), self.latency.labels(*labels))
+            self._by_request[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import uuid
 from typing import Any
 
 from tests.helpers import Client, operate
@@ -65,10 +67,24 @@ async def test_history_is_newest_first_and_pages(client: Client, wallet: str) ->
 
 
 async def test_an_operation_reads_back_as_it_was_answered(client: Client, wallet: str) -> None:
-    status, answered, _ = await operate(client, wallet, "DEPOSIT", "0.10")
+    status, answered, headers = await operate(client, wallet, "DEPOSIT", "0.10")
     assert status == 200
     r = await client.get(f"/api/v1/wallets/{wallet}/operations/{answered['id']}")
     assert await r.json() == answered
+    # without an Idempotency-Key the operation gets a fresh random UUID, the request an id
+    assert str(uuid.UUID(answered["id"])) == answered["id"]
+    assert uuid.UUID(answered["id"]).version == 4
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-ID"])
+    # the wallet's id in another spelling names the same wallet
+    r = await client.get(f"/api/v1/wallets/{wallet.upper()}/operations/{answered['id']}")
+    assert await r.json() == answered
+
+
+async def test_fresh_operation_ids_differ(client: Client, wallet: str) -> None:
+    answers = await asyncio.gather(
+        *(operate(client, wallet, "DEPOSIT", "0.01") for _ in range(300))
+    )
+    assert len({body["id"] for _, body, _ in answers}) == 300
 
 
 async def test_the_original_form_and_the_alias_behave_alike(client: Client, wallet: str) -> None:
