@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.codec import OperationRequest
+from shared.connections import round_trip
 from shared.keys import KeySpace
 from shared.settings import Settings
 from tests.conftest import running_worker
@@ -220,3 +222,34 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
         await pool.close()
         await redis.aclose()
         await pg.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_round_trip_sends_any_bytes_and_answers_each_command_in_turn(
+    settings: Settings, redis: Redis
+) -> None:
+    """The batch loop, the wake listener and the API's enqueuer talk to Redis through
+    round_trip with a packer of their own: values with CR LF, non-ASCII text, negative
+    numbers, and an error reply in the middle of the answers."""
+    key = f"{settings.redis_key_prefix}:protocol"
+    value = "naïve\r\n€".encode() + bytes(range(256))
+    connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    try:
+        answers = await round_trip(
+            connection,
+            [
+                ("SET", key, value),
+                ("GET", key),
+                ("INCRBY", f"{key}:n", -5),
+                ("LPUSH", key, "a list on a string"),
+                ("SET", f"{key}:ключ", "значение"),
+                ("GET", f"{key}:ключ"),
+            ],
+        )
+    finally:
+        await connection.disconnect()
+        await redis.delete(key, f"{key}:n", f"{key}:ключ")
+    assert answers[:3] == [b"OK", value, -5]
+    assert isinstance(answers[3], ResponseError)
+    assert answers[5] == "значение".encode()
+    with pytest.raises(TypeError):
+        await round_trip(connection, [("SET", key, 1.5)])

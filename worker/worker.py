@@ -74,6 +74,7 @@ START = "0-0"
 WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken meanwhile
 # has its backlog found by the rescan at once, and its new wake-ups read after it
 WAKE_COUNT = 1000  # wake entries one read takes of each shard
+WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims them
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 # A batch that fails with these fails for what is in it (a wallet whose rows someone changed
@@ -408,6 +409,8 @@ class Worker:
         """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet;
         returns the answers to `before`."""
         commands = [*before, *(self._acknowledge_read_command(w, count) for w in wallets)]
+        if not commands:
+            return []
         answers = await round_trip(self._batch_redis, commands)
         for wallet, found in zip(wallets, answers[len(before) :], strict=True):
             self._took_reading(wallet, found)
@@ -534,47 +537,81 @@ class Worker:
 
     async def _listen(self) -> None:
         """Reads the owned shards' wake streams, all in one blocking read, and hands the
-        wallets found there to the batch loop; trims what it has read."""
-        trims: dict[int, str] = {}
+        wallets found there to the batch loop. Trims what it has read, a shard's at a time
+        once WAKE_TRIM_AFTER entries have piled up or when nothing came."""
+        connection = self.redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        untrimmed: dict[int, int] = {}
+        quiet = False  # the last read found nothing: a good time to trim
         failures = 0
-        while not self.stopping.is_set():
-            shards = sorted(self.owned)
-            if not shards:
-                self.owned_changed.clear()
-                await self.owned_changed.wait()
-                continue
-            streams = {self.keys.wake_stream(s): self.wake_cursors.get(s, START) for s in shards}
-            shard_of = {self.keys.wake_stream(s): s for s in shards}
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for shard, min_id in trims.items():
-                        wake_keys = (self.keys.lease(shard), self.keys.wake_stream(shard))
-                        pipe.eval(TRIM_WAKES, 2, *wake_keys, self.worker_id, min_id)
-                    pipe.xread(streams, count=WAKE_COUNT, block=int(WAKE_WAIT * 1000))  # type: ignore[arg-type]
-                    answers = await pipe.execute()
-                trims = {}
-                failures = 0
-            except (RedisError, OSError) as e:
-                failures += 1
-                log.warning("reading the wake-ups failed (%s)", e)
-                await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
-                continue
-            for stream, items in answers[-1] or []:
-                shard = shard_of[stream.decode()]
-                if shard not in self.owned:  # handed back meanwhile: the next owner's
+        try:
+            while not self.stopping.is_set():
+                shards = sorted(self.owned)
+                if not shards:
+                    self.owned_changed.clear()
+                    await self.owned_changed.wait()
                     continue
-                for raw_id, fields in items:
-                    try:
-                        self.wakes.append(
-                            (fields[b"w"].decode(), fields[b"e"].decode(), fields[b"m"])
-                        )
-                    except (KeyError, UnicodeDecodeError):  # the rescan finds its wallet
-                        log.error("wake entry %s of shard %d is not one", raw_id, shard)
-                last = items[-1][0].decode()
-                self.wake_cursors[shard] = last
-                trims[shard] = next_entry_id(last)
-            if self.wakes:
-                self.wakeup.set()
+                due = [
+                    s
+                    for s, n in untrimmed.items()
+                    if s in self.owned and (quiet or n >= WAKE_TRIM_AFTER)
+                ]
+                read = (
+                    "XREAD",
+                    "COUNT",
+                    WAKE_COUNT,
+                    "BLOCK",
+                    int(WAKE_WAIT * 1000),
+                    "STREAMS",
+                    *(self.keys.wake_stream(s) for s in shards),
+                    *(self.wake_cursors.get(s, START) for s in shards),
+                )
+                try:
+                    answers = await round_trip(
+                        connection, [*(self._trim_wakes_command(s) for s in due), read]
+                    )
+                    if isinstance(answers[-1], Exception):
+                        raise answers[-1]
+                except (RedisError, OSError) as e:
+                    failures += 1
+                    log.warning("reading the wake-ups failed (%s)", e)
+                    await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
+                    continue
+                failures = 0
+                for shard in due:
+                    del untrimmed[shard]
+                quiet = answers[-1] is None
+                self._take_wake_entries(shards, answers[-1] or [], untrimmed)
+        finally:
+            await connection.disconnect()
+
+    def _trim_wakes_command(self, shard: int) -> tuple[Any, ...]:
+        keys = (self.keys.lease(shard), self.keys.wake_stream(shard))
+        return (
+            "EVAL",
+            TRIM_WAKES,
+            2,
+            *keys,
+            self.worker_id,
+            next_entry_id(self.wake_cursors[shard]),
+        )
+
+    def _take_wake_entries(self, shards: list[int], found: Any, untrimmed: dict[int, int]) -> None:
+        """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2)."""
+        shard_of = {self.keys.wake_stream(s).encode(): s for s in shards}
+        for stream, items in found.items() if isinstance(found, dict) else found:
+            shard = shard_of[stream]
+            if shard not in self.owned:  # handed back meanwhile: the next owner's
+                continue
+            for raw_id, fields in items:
+                wake = dict(zip(fields[::2], fields[1::2], strict=False))
+                try:
+                    self.wakes.append((wake[b"w"].decode(), wake[b"e"].decode(), wake[b"m"]))
+                except (KeyError, UnicodeDecodeError):  # the rescan finds its wallet
+                    log.error("wake entry %s of shard %d is not one", raw_id, shard)
+            self.wake_cursors[shard] = items[-1][0].decode()
+            untrimmed[shard] = untrimmed.get(shard, 0) + len(items)
+        if self.wakes:
+            self.wakeup.set()
 
     async def _tend_shards(self) -> None:
         interval = self.settings.worker_lease_ttl / RENEWALS_PER_LEASE
