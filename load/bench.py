@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import gc
 import os
 import platform
@@ -83,6 +82,8 @@ class Phase:
     commits: int | None = None
     operations: int | None = None
     balance_ok: bool | None = None
+    answered: int = 0  # requests answered or failed so far (open model)
+    all_answered: asyncio.Future[None] = dataclasses.field(init=False, repr=False)
 
     @property
     def completed(self) -> int:
@@ -125,41 +126,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class RawHttp:
-    """A minimal HTTP/1.1 keep-alive client for the generator. aiohttp's client cost about
-    0.3 ms of CPU per request, a third of a core at 1,000/s on a 2-core machine where the
-    servers need the CPU; this one writes prepared bytes and reads the status line, headers
-    and body by Content-Length (all the service and the reference send)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def request(self, raw: bytes) -> int:
-        connection = (
-            self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        )
-        reader, writer = connection
-        try:
-            writer.write(raw)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
-        except BaseException:
-            writer.close()
-            raise
-        self.idle.append(connection)
-        return status
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-
-
 def operation_request(host: str, wallet: str, kind: str, minor: int) -> bytes:
     body = f'{{"operationType":"{kind}","amount":"{format_minor(minor)}"}}'.encode()
     return (
@@ -168,39 +134,118 @@ def operation_request(host: str, wallet: str, kind: str, minor: int) -> bytes:
     ).encode() + body
 
 
+class Connection(asyncio.Protocol):
+    """A keep-alive HTTP/1.1 connection of the generator: it writes prepared requests and
+    reads each answer's status line, headers and body by Content-Length (all the service and
+    the reference send), one request at a time. A protocol, not a task per request: the
+    generator shares the two cores with every server, and this costs it the least (aiohttp's
+    client took 0.3 ms of CPU a request, asyncio streams and a task per request a quarter
+    of a core at 5,000/s)."""
+
+    def __init__(self, phase: Phase, effects: dict[str, int], done: asyncio.Future[None]):
+        self.phase, self.effects, self.done = phase, effects, done
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.request: tuple[float, str, int] | None = None  # (since, wallet, effect if 200)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, since: float, wallet: str, effect: int, raw: bytes) -> None:
+        assert self.transport is not None
+        self.request = (since, wallet, effect)
+        self.transport.write(raw)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.request and (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in bytes(self.buffer[:end]).split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if len(self.buffer) < end + 4 + length:
+                return
+            status = int(self.buffer[9:12])
+            del self.buffer[: end + 4 + length]
+            since, wallet, effect = self.request
+            self.request = None
+            self.phase.latencies.append(time.perf_counter() - since)
+            self.phase.statuses[status] = self.phase.statuses.get(status, 0) + 1
+            if status == 200:
+                self.effects[wallet] += effect
+            self.answered()
+
+    def answered(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.request is not None:  # an answer that will not come
+            self.request = None
+            self.phase.errors += 1
+            self.answered()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def connect(connection: Connection, host: str, port: int) -> None:
+    await asyncio.get_running_loop().create_connection(lambda: connection, host, port)
+
+
+class OpenLoopConnection(Connection):
+    """Back among the idle connections once answered."""
+
+    def __init__(self, idle: list[Connection], *args: Any) -> None:
+        super().__init__(*args)
+        self.idle = idle
+
+    def answered(self) -> None:
+        self.phase.answered += 1
+        if self.transport is not None and not self.transport.is_closing():
+            self.idle.append(self)
+        if self.phase.answered == self.phase.sent and not self.phase.all_answered.done():
+            self.phase.all_answered.set_result(None)
+
+
 async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int) -> dict[str, int]:
     """Sends `phase.target_rate` operations per second for `phase.seconds`, spread over
-    `wallets`; returns each wallet's change in balance implied by the successful answers."""
+    `wallets`; returns each wallet's change in balance implied by the successful answers.
+    A request goes out on an idle connection, or a new one, when it is due, whether or not
+    earlier ones were answered; its latency counts from then."""
     rng = random.Random(seed)
     clock = time.perf_counter  # the event loop's clock may tick in whole milliseconds
+    loop = asyncio.get_running_loop()
     effects: dict[str, int] = dict.fromkeys(wallets, 0)
     host, _, port = base.removeprefix("http://").partition(":")
-    http = RawHttp(host, int(port))
     prepared = {
         (w, kind, minor): operation_request(host, w, kind, minor)
         for w in (wallets if len(wallets) <= 10 else [])
         for kind in ("DEPOSIT", "WITHDRAW")
         for minor in range(100, 1001, 100)
     }
-    tasks: list[asyncio.Task[None]] = []
+    idle: list[Connection] = []
+    connections: list[Connection] = []
+    phase.all_answered = loop.create_future()
 
-    async def one(due: float, wallet: str, kind: str, minor: int) -> None:
-        raw = prepared.get((wallet, kind, minor)) or operation_request(host, wallet, kind, minor)
+    async def connect_and_send(due: float, wallet: str, effect: int, raw: bytes) -> None:
+        connection = OpenLoopConnection(idle, phase, effects, loop.create_future())
+        connections.append(connection)
         try:
-            async with asyncio.timeout(CLIENT_TIMEOUT):
-                status = await http.request(raw)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
-            phase.errors += 1
+            await connect(connection, host, int(port))
+        except OSError:
+            connection.request = (due, wallet, effect)
+            connection.connection_lost(None)
             return
-        phase.latencies.append(clock() - due)
-        phase.statuses[status] = phase.statuses.get(status, 0) + 1
-        if status == 200:
-            effects[wallet] += minor if kind == "DEPOSIT" else -minor
+        connection.send(due, wallet, effect, raw)
 
     interval = 1 / phase.target_rate
-    total = int(phase.target_rate * phase.seconds)
-    # The tasks and latencies of a phase make the collector's full passes long (about 50 ms
-    # seen at 1,000/s), and requests due meanwhile would be sent late: none while it runs.
+    total = phase.sent = int(phase.target_rate * phase.seconds)
+    connecting = []
+    # The latencies of a phase make the collector's full passes long (about 50 ms seen at
+    # 1,000/s), and requests due meanwhile would be sent late: none while it runs.
     gc.disable()
     cpu, start = time.process_time(), clock()
     try:
@@ -211,78 +256,45 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
                 await asyncio.sleep(delay)
             kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
             wallet, minor = rng.choice(wallets), rng.randrange(100, 1001, 100)
-            tasks.append(asyncio.create_task(one(due, wallet, kind, minor)))
-        phase.sent = total
-        await asyncio.gather(*tasks)
+            raw = prepared.get((wallet, kind, minor)) or operation_request(
+                host, wallet, kind, minor
+            )
+            effect = minor if kind == "DEPOSIT" else -minor
+            if idle:
+                idle.pop().send(due, wallet, effect, raw)
+            else:
+                connecting.append(loop.create_task(connect_and_send(due, wallet, effect, raw)))
+        await asyncio.gather(*connecting)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(phase.all_answered), CLIENT_TIMEOUT)
+        for connection in connections:  # one still waiting counts as an error
+            connection.close()
+        await asyncio.gather(*(c.done for c in connections))
     finally:
         gc.enable()
     phase.elapsed = clock() - start
     phase.generator_cpu = (time.process_time() - cpu) / phase.elapsed
-    http.close()
     return effects
 
 
-class ClosedLoopConnection(asyncio.Protocol):
-    """One keep-alive connection of a closed-loop client: it sends the next request as soon
-    as the answer to the last one is in, until `deadline`, and then finishes the one in
-    flight. Written as a protocol, not a task per request: the generator shares the two
-    cores with every server, and this costs it the least."""
+class ClosedLoopConnection(Connection):
+    """One connection of a closed-loop client: it sends the next request as soon as the
+    answer to the last one is in, until `deadline`, and then finishes the one in flight."""
 
-    def __init__(
-        self,
-        phase: Phase,
-        pick: Callable[[], tuple[str, bytes]],
-        deadline: float,
-        effects: dict[str, int],
-        finished: asyncio.Future[None],
-    ) -> None:
-        self.phase, self.pick, self.deadline = phase, pick, deadline
-        self.effects, self.finished = effects, finished
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.wallet = ""
-        self.sent_at = 0.0
-        self.waiting = False
+    def __init__(self, pick: Callable[[], tuple[str, bytes]], deadline: float, *args: Any) -> None:
+        super().__init__(*args)
+        self.pick, self.deadline = pick, deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.send()
+        super().connection_made(transport)
+        self.answered()
 
-    def send(self) -> None:
-        assert self.transport is not None
-        self.wallet, raw = self.pick()
-        self.waiting = True
-        self.sent_at = time.perf_counter()
-        self.transport.write(raw)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            length = 0
-            for line in bytes(self.buffer[:end]).split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if len(self.buffer) < end + 4 + length:
-                return
-            status = int(self.buffer[9:12])
-            del self.buffer[: end + 4 + length]
-            now = time.perf_counter()
-            self.waiting = False
-            self.phase.latencies.append(now - self.sent_at)
-            self.phase.statuses[status] = self.phase.statuses.get(status, 0) + 1
-            if status == 200:
-                self.effects[self.wallet] += 1
-            if now >= self.deadline:
-                assert self.transport is not None
-                self.transport.close()
-                return
-            self.send()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.waiting:
-            self.phase.errors += 1
-        if not self.finished.done():
-            self.finished.set_result(None)
+    def answered(self) -> None:
+        if time.perf_counter() >= self.deadline:
+            self.close()
+            return
+        wallet, raw = self.pick()
+        self.send(time.perf_counter(), wallet, 1, raw)
 
 
 async def drive_closed(
@@ -302,22 +314,20 @@ async def drive_closed(
 
     effects: dict[str, int] = dict.fromkeys(wallets, 0)
     loop = asyncio.get_running_loop()
-    finished: list[asyncio.Future[None]] = [loop.create_future() for _ in range(phase.connections)]
     gc.disable()  # as in drive_open
     cpu, start = time.process_time(), time.perf_counter()
     deadline = start + phase.seconds
-    transports = []
+    connections = []
     try:
-        for done in finished:
-            connection = functools.partial(
-                ClosedLoopConnection, phase, pick, deadline, effects, done
-            )
-            transport, _ = await loop.create_connection(connection, host, int(port))
-            transports.append(transport)
-        await asyncio.wait(finished, timeout=phase.seconds + CLIENT_TIMEOUT)
-        for transport in transports:  # one still waiting counts as an error
-            transport.abort()
-        await asyncio.gather(*finished)
+        for _ in range(phase.connections):
+            connection = ClosedLoopConnection(pick, deadline, phase, effects, loop.create_future())
+            await connect(connection, host, int(port))
+            connections.append(connection)
+        done = [c.done for c in connections]
+        await asyncio.wait(done, timeout=phase.seconds + CLIENT_TIMEOUT)
+        for connection in connections:  # one still waiting counts as an error
+            connection.close()
+        await asyncio.gather(*done)
     finally:
         gc.enable()
     phase.sent = phase.completed + phase.errors
