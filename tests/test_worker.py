@@ -95,9 +95,11 @@ class StatementLog:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.sent: list[str] = []
+        self.args: list[tuple[Any, ...]] = []
 
     async def fetch(self, query: str, *args: Any) -> Any:
         self.sent.append(query)
+        self.args.append(args)
         return await self.conn.fetch(query, *args)
 
     def transaction(self) -> Any:
@@ -109,7 +111,8 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
     pg: Any,
 ) -> None:
     """The worker keeps how its last batch left each wallet, so the next batch can skip
-    reading them: one statement, one round trip with its COMMIT. That statement still
+    reading them: one statement, one round trip with its COMMIT; a wallet it does not know
+    is read first, alone. That statement still
     finds out when the wallet is not as remembered, when an operation was recorded before,
     and when the shard has a new owner; then the answer is the same as the long way's,
     which reads the wallets first and writes through the same statement, with no
@@ -149,11 +152,23 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         assert (again.seq, again.balance_after, again.replayed) == (2, 300, True)
         assert states == {wallet: WalletState(100, 3)}
 
+        # A wallet it does not know beside one it does: only the unknown one is read.
+        other = str(await pg.fetchval("INSERT INTO wallets (balance) VALUES (7) RETURNING id"))
+        request = OperationRequest(str(uuid.uuid4()), other, "WITHDRAW", 5, "", 0)
+        log.sent.clear()
+        log.args.clear()
+        mixed = [entry("DEPOSIT", 50), Entry(next(entry_ids), request)]
+        outcomes, states = await apply_batch(log, mixed, {shard: epoch}, states)
+        assert log.sent == [READ_WALLETS, RECORD_BATCH]
+        assert log.args[0] == ([other], [request.op_id])
+        assert [o.balance_after for o in outcomes] == [150, 2]
+        assert states == {wallet: WalletState(150, 4), other: WalletState(2, 1)}
+
         await take_shard(conn, shard, "the next owner")
         with pytest.raises(Fenced):
             await apply_batch(log, [entry("DEPOSIT", 1)], {shard: epoch}, states)
-    assert [r["balance_after"] for r in await ledger(pg, wallet)] == [500, 300, 100]
-    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 100
+    assert [r["balance_after"] for r in await ledger(pg, wallet)] == [500, 300, 100, 150]
+    assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 150
 
 
 async def test_a_balance_changed_by_hand_is_what_the_next_operation_sees(

@@ -8,11 +8,12 @@ if the shards' epochs are still the ones the caller got when it took them (the f
 worker that lost a shard, however long it slept, cannot write to it.
 
 Usually the caller knows how its last batch left each wallet, and the batch is that one
-statement: one round trip with its COMMIT. Else, or when the statement finds a wallet
-changed or one of the operations recorded before (a redelivered entry, a client's retry),
-the wallets and the batch's earlier operations are read first: two round trips. Nothing
-is locked in between: the statement's own check covers it, as it does for what the caller
-remembered.
+statement: one round trip with its COMMIT. The wallets it does not know are read first,
+with their earlier operations among the batch's: two round trips. When the statement finds
+a wallet changed, or an operation of a remembered wallet recorded before (a redelivered
+entry, a client's retry), the batch goes the long way: every wallet read, then written.
+Nothing is locked in between: the statement's own check covers it, as it does for what
+the caller remembered.
 """
 
 from __future__ import annotations
@@ -180,36 +181,58 @@ async def apply_batch(
 ) -> Applied:
     """Decides, records and commits `entries` (each wallet's in stream order) if every shard
     in `epochs` still has the epoch given there, else raises Fenced. Nothing is written
-    unless all of it is. `known`: how the caller's last batches left the wallets; when it
-    holds every wallet of the batch, the batch takes one round trip."""
+    unless all of it is. `known`: how the caller's last batches left the wallets; those are
+    not read, so a batch of known wallets takes one round trip."""
     wallet_ids = list({e.request.wallet_id: None for e in entries})
-    if known is not None and all(w in known for w in wallet_ids):
-        wallets = {w: _Wallet(known[w]) for w in wallet_ids}
-        rows, decisions = _decide(entries, wallets, {})
-        try:
-            now = await _record(conn, rows, wallets, epochs)
-        except asyncpg.UniqueViolationError:
-            now = None  # an operation recorded before: the long way sorts it out
-        if now is not None:
-            return _applied(entries, decisions, wallets, now)
-    found = await conn.fetch(READ_WALLETS, wallet_ids, [e.request.op_id for e in entries])
-    wallets = {}
+    cached = {w: known[w] for w in wallet_ids if w in known} if known else {}
+    if cached:
+        unknown = [w for w in wallet_ids if w not in cached]
+        applied = await _read_decide_record(conn, entries, epochs, cached, unknown)
+        if applied is not None:
+            return applied
+    # The long way: a remembered wallet was not as remembered, or an operation of the batch
+    # was recorded before (a redelivered entry, a client's retry).
+    applied = await _read_decide_record(conn, entries, epochs, {}, wallet_ids)
+    if applied is None:
+        raise LedgerConflict(f"wallets {wallet_ids} changed between reading and writing")
+    return applied
+
+
+async def _read_decide_record(
+    conn: Any,
+    entries: list[Entry],
+    epochs: dict[int, int],
+    cached: Mapping[str, WalletState],
+    unread: list[str],
+) -> Applied | None:
+    """Reads the `unread` wallets with their earlier operations among the batch's, takes
+    the `cached` ones as they are, decides and records. None if a wallet was not as found
+    or, with cached wallets, an operation of theirs was recorded before."""
+    wallets = {w: _Wallet(state) for w, state in cached.items()}
     recorded: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for r in found:
-        wallets[r["wallet_id"]] = _Wallet(
-            WalletState(r["wallet_balance"], r["op_seq"]), entry_order(r["applied_entry"])
-        )
-        if r["op_id"] is not None:
-            recorded[(r["wallet_id"], r["op_id"])] = {
-                **r,
-                "created_at": format_time(r["created_at"]),
-            }
+    if unread:
+        reading = set(unread)
+        op_ids = [e.request.op_id for e in entries if e.request.wallet_id in reading]
+        for r in await conn.fetch(READ_WALLETS, unread, op_ids):
+            wallets[r["wallet_id"]] = _Wallet(
+                WalletState(r["wallet_balance"], r["op_seq"]), entry_order(r["applied_entry"])
+            )
+            if r["op_id"] is not None:
+                recorded[(r["wallet_id"], r["op_id"])] = {
+                    **r,
+                    "created_at": format_time(r["created_at"]),
+                }
     rows, decisions = _decide(entries, wallets, recorded)
     if not wallets:
         return _applied(entries, decisions, wallets, "")
-    now = await _record(conn, rows, wallets, epochs)
+    try:
+        now = await _record(conn, rows, wallets, epochs)
+    except asyncpg.UniqueViolationError:
+        if not cached:
+            raise
+        return None  # a cached wallet's operation was recorded before
     if now is None:
-        raise LedgerConflict(f"wallets {list(wallets)} changed between reading and writing")
+        return None
     return _applied(entries, decisions, wallets, now)
 
 
