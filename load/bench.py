@@ -263,7 +263,7 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
         for i in range(total):
             due = start + i * interval
             delay = due - clock()
-            if delay > 0:
+            if delay > 0:  # else it is late: sent with the others due, without a sleep each
                 await asyncio.sleep(delay)
             kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
             wallet, minor = rng.choice(wallets), rng.randrange(100, 1001, 100)

@@ -31,19 +31,26 @@ def parse_amount(value: object, field: str = "amount") -> int:
             raise InvalidInput(
                 field, 'must be a decimal string like "10.25": digits, at most 2 decimals'
             )
-        value = Decimal(value)
+        major, _, cents = value.partition(".")
+        return _checked(field, int(major) * MINOR_PER_MAJOR + int(cents.ljust(2, "0")))
     amount = Decimal(value)
     if not amount.is_finite():
         raise InvalidInput(field, "must be a finite number")
-    if amount <= 0:
-        raise InvalidInput(field, "must be greater than 0")
-    if amount > Decimal(MAX_AMOUNT_MINOR) / MINOR_PER_MAJOR:
-        raise InvalidInput(field, f"must be at most {format_minor(MAX_AMOUNT_MINOR)}")
     exponent = amount.as_tuple().exponent
     assert isinstance(exponent, int)
-    if exponent < -FRACTION_DIGITS:
+    if exponent < -FRACTION_DIGITS and amount > 0:
         raise InvalidInput(field, f"must have at most {FRACTION_DIGITS} decimal places")
-    return int(amount.scaleb(FRACTION_DIGITS))
+    if amount > Decimal(MAX_AMOUNT_MINOR) / MINOR_PER_MAJOR:  # before making a huge int
+        raise InvalidInput(field, f"must be at most {format_minor(MAX_AMOUNT_MINOR)}")
+    return _checked(field, int(amount.scaleb(FRACTION_DIGITS)))
+
+
+def _checked(field: str, minor: int) -> int:
+    if minor <= 0:
+        raise InvalidInput(field, "must be greater than 0")
+    if minor > MAX_AMOUNT_MINOR:
+        raise InvalidInput(field, f"must be at most {format_minor(MAX_AMOUNT_MINOR)}")
+    return minor
 
 
 def format_minor(minor: int) -> str:

@@ -16,6 +16,9 @@ from shared.money import MAX_AMOUNT_MINOR, format_minor, parse_amount
         ("10.25", 1025),
         ("0.01", 1),
         ("7", 700),
+        ("00001.5", 150),
+        ("999999999.99", MAX_AMOUNT_MINOR - 1),
+        ("1000000000", MAX_AMOUNT_MINOR),
         (Decimal("1E+3"), 100_000),
         (Decimal("1.5E+1"), 1500),
         (Decimal("1000000000.00"), MAX_AMOUNT_MINOR),
@@ -53,6 +56,8 @@ def test_amounts_parse_exactly(given: object, minor: int) -> None:
         Decimal("1E+400"),
         Decimal("1E-400"),
         Decimal("1000000000.01"),
+        "1000000000.01",
+        "0",
         "1" * 21,
     ],
 )
