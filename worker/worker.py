@@ -173,6 +173,7 @@ class Worker:
         self.known: dict[str, tuple[int, WalletState]] = {}
         self._round: list[str] = []
         self.wakeup = asyncio.Event()
+        self.wakes_taken = asyncio.Event()
         self.stopping = asyncio.Event()
         self.batches = 0
         self.metrics = WorkerMetrics()
@@ -182,6 +183,7 @@ class Worker:
         from run()."""
         self.stopping.set()
         self.wakeup.set()
+        self.wakes_taken.set()
         self.owned_changed.set()
 
     def has_work_for(self, wallet_id: str) -> bool:
@@ -283,6 +285,7 @@ class Worker:
         applied without reading the stream. For a wallet it is still working on, the wake
         is one it has already seen through the stream."""
         wakes, self.wakes = self.wakes, []
+        self.wakes_taken.set()
         for wallet, entry_id, message in wakes:
             if wallet in self.active or self.keys.shard_of(wallet) not in self.owned:
                 continue
@@ -581,6 +584,12 @@ class Worker:
                     del untrimmed[shard]
                 quiet = answers[-1] is None
                 self._take_wake_entries(shards, answers[-1] or [], untrimmed)
+                if self.wakes:
+                    # Reading again before the batch loop has taken these would mostly fetch
+                    # one or two at a time while it commits: what comes meanwhile is read in
+                    # one go when it starts its next batch.
+                    self.wakes_taken.clear()
+                    await self.wakes_taken.wait()
         finally:
             await connection.disconnect()
 
