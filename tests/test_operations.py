@@ -256,8 +256,9 @@ async def test_no_timer_stands_between_an_operation_and_its_batch(
     """A worker whose clock never moves can still read, commit and answer, but never wait
     for a timer. With the default settings it answers a lone operation, and a burst of
     concurrent ones in batches that grow with it. Given a batch timer (BATCH_INTERVAL), it
-    answers the lone operation, whose batch follows a wait and starts at once, then never
-    starts the next batch: the burst would hang the same way if a timer came back."""
+    answers the lone operation, after which nobody waits, and then, once a batch has held
+    several operations, never starts the next one: the bursts would hang the same way if a
+    timer came back."""
     wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
     stopped = dataclasses.replace(
         settings,
@@ -268,17 +269,22 @@ async def test_no_timer_stands_between_an_operation_and_its_batch(
         status, body, _ = await asyncio.wait_for(operate(api, wallet, "DEPOSIT", "1.00"), 20)
         assert (status, body["balance"]) == (200, "1.00")
 
-        burst = [asyncio.create_task(operate(api, wallet, "DEPOSIT", "1.00")) for _ in range(32)]
+        def burst() -> list[asyncio.Task[Any]]:
+            return [asyncio.create_task(operate(api, wallet, "DEPOSIT", "1.00")) for _ in range(32)]
+
         if batch_interval:
-            _, pending = await asyncio.wait(burst, timeout=3)
-            assert pending, "a worker stuck on its batch timer answered the whole burst"
+            first = burst()
+            await asyncio.wait(first, timeout=3)
+            _, pending = await asyncio.wait([*first, *burst()], timeout=3)
+            assert pending, "a worker stuck on its batch timer answered both bursts"
             for task in pending:
                 task.cancel()
             return
-        results = await asyncio.wait_for(asyncio.gather(*burst), 20)
+        sent = burst()
+        results = await asyncio.wait_for(asyncio.gather(*sent), 20)
     assert {status for status, _, _ in results} == {200}
     commits = await pg.fetchval(
         "SELECT count(DISTINCT xmin::text) FROM operations WHERE wallet_id = $1", wallet
     )
-    assert commits < 1 + len(burst), "every operation of the burst had a commit of its own"
+    assert commits < 1 + len(sent), "every operation of the burst had a commit of its own"
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 3300

@@ -198,7 +198,6 @@ class Worker:
             await self.redis.script_load(ACKNOWLEDGE_READ)
         last_rescan = -math.inf
         failures = 0
-        linger_until = 0.0
         try:
             while not self.stopping.is_set():
                 try:
@@ -206,33 +205,24 @@ class Worker:
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
                         await self._rescan(list(self.owned))
                         last_rescan = time.monotonic()
-                    # Group commit needs no timer: whatever arrived while the last batch
-                    # committed is this batch, started at once. BATCH_INTERVAL, off by
-                    # default, makes a busy worker start a batch no sooner than that long
-                    # after the last one started: fewer, fuller commits, longer waits.
-                    pause = linger_until - time.monotonic()
-                    if pause > 0:
-                        await asyncio.sleep(pause)
                     started = time.monotonic()
                     done = await self.process_round()
                     failures = 0
                     if done is None:  # nothing to do, or only parked wallets
-                        linger_until = 0.0  # the first batch after a wait does not linger
                         await self._wait_for_work()
                         continue
-                    if self.settings.batch_interval and done < self.settings.batch_max:
-                        linger_until = started + self.settings.batch_interval
-                    else:
-                        linger_until = 0.0
                 except BAD_BATCH_ERRORS as e:
                     self._blame(e)
+                    continue
                 except Fenced as e:
                     self.metrics.fenced.inc()
                     log.warning("batch refused, these shards have a new owner: %s", e)
                     await self._release(e.shards)
+                    continue
                 except NoScriptError:  # Redis restarted and forgot it; if it is down, the
                     with contextlib.suppress(RedisError, OSError):  # next round backs off
                         await self.redis.script_load(ACKNOWLEDGE_READ)
+                    continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
                     delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
@@ -240,6 +230,16 @@ class Worker:
                         "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
                     )
                     await asyncio.sleep(delay)
+                    continue
+                # Group commit needs no timer: whatever arrived while this batch committed
+                # is the next batch, started at once. BATCH_INTERVAL, off by default, makes
+                # a busy worker start the next batch no sooner than that long after this one
+                # started, once a batch holds several operations (not a full one): fewer,
+                # fuller commits, longer waits. After a batch of one nobody else is waiting.
+                if self.settings.batch_interval and 1 < done < self.settings.batch_max:
+                    pause = started + self.settings.batch_interval - time.monotonic()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
         finally:
             await self.close()
 
@@ -282,12 +282,16 @@ class Worker:
     def _take_wakes(self) -> None:
         """Takes up the wallets that have just become dirty. A wallet this worker has no
         position in starts at the first entry of its new stream, which came with the wake:
-        applied without reading the stream. For a wallet it is still working on, the wake
-        is one it has already seen through the stream."""
+        applied without reading the stream (unless BATCH_INTERVAL asks for fuller batches).
+        For a wallet it is still working on, the wake is one it has already seen through
+        the stream."""
         wakes, self.wakes = self.wakes, []
         self.wakes_taken.set()
         for wallet, entry_id, message in wakes:
             if wallet in self.active or self.keys.shard_of(wallet) not in self.owned:
+                continue
+            if self.settings.batch_interval:  # its batch is to take all that waits: read it
+                self.active[wallet] = START
                 continue
             try:
                 entry = self._decode(wallet, entry_id, message)
