@@ -11,6 +11,10 @@ from api.app import create_app
 from shared import logs
 from shared.settings import Settings
 
+# Connections waiting to be accepted. Past aiohttp's 128, a burst of new connections (a
+# client pool growing at a busy moment) has SYNs dropped, and each waits a second to retry.
+LISTEN_BACKLOG = 1024
+
 
 def main() -> None:
     logs.configure()
@@ -21,6 +25,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         reuse_port=settings.reuse_port,
+        backlog=LISTEN_BACKLOG,
         access_log=None,
         loop=uvloop.new_event_loop(),
         print=None,

@@ -18,6 +18,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from api.__main__ import LISTEN_BACKLOG
 from api.inputs import operation_fields, read_json_object
 from shared.errors import InvalidInput
 from shared.money import format_minor
@@ -117,6 +118,7 @@ def main() -> None:
         handler_cancellation=True,
         host="127.0.0.1",
         port=int(os.environ.get("PORT", "8001")),
+        backlog=LISTEN_BACKLOG,  # as the service's
         access_log=None,
         print=None,
         loop=uvloop.new_event_loop(),
