@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 
 from shared.settings import Settings
 
-REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (BLPOP waits 1 s)
+REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 
 
 def open_redis(

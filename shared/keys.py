@@ -1,7 +1,7 @@
 """Every Redis key name, and the shard function.
 
 All keys of one shard carry the shard number as a Redis Cluster hash tag (`{7}`), so a
-shard's wallet streams, dirty set and notification list live in one slot and the Lua
+shard's wallet streams, dirty set and wake stream live in one slot and the Lua
 scripts that touch several of them work unchanged on Redis Cluster.
 """
 
