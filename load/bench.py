@@ -131,11 +131,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def operation_request(host: str, wallet: str, kind: str, minor: int) -> bytes:
-    body = f'{{"operationType":"{kind}","amount":"{format_minor(minor)}"}}'.encode()
+    return request_head(host, wallet) + request_tail(kind, minor)
+
+
+def request_head(host: str, wallet: str) -> bytes:
+    """A request to the wallet's operation route, up to its Content-Length's value."""
     return (
         f"POST /api/v1/wallets/{wallet}/operation HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+        f"Content-Type: application/json\r\nContent-Length: "
+    ).encode()
+
+
+def request_tail(kind: str, minor: int) -> bytes:
+    """The rest of an operation request: the Content-Length's value and the body."""
+    body = f'{{"operationType":"{kind}","amount":"{format_minor(minor)}"}}'.encode()
+    return b"%d\r\n\r\n%b" % (len(body), body)
 
 
 class Connection(asyncio.Protocol):
@@ -163,10 +173,12 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while self.request and (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end].lower()
+            at = head.find(b"\r\ncontent-length:")
             length = 0
-            for line in bytes(self.buffer[:end]).split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
+            if at >= 0:
+                stop = head.find(b"\r\n", at + 17)
+                length = int(head[at + 17 : stop if stop >= 0 else end])
             if len(self.buffer) < end + 4 + length:
                 return
             status = int(self.buffer[9:12])
@@ -224,9 +236,9 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
     loop = asyncio.get_running_loop()
     effects: dict[str, int] = dict.fromkeys(wallets, 0)
     host, _, port = base.removeprefix("http://").partition(":")
-    prepared = {
-        (w, kind, minor): operation_request(host, w, kind, minor)
-        for w in (wallets if len(wallets) <= 10 else [])
+    heads = {w: request_head(host, w) for w in wallets}
+    tails = {
+        (kind, minor): request_tail(kind, minor)
         for kind in ("DEPOSIT", "WITHDRAW")
         for minor in range(100, 1001, 100)
     }
@@ -266,10 +278,9 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
             if delay > 0:  # else it is late: sent with the others due, without a sleep each
                 await asyncio.sleep(delay)
             kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
-            wallet, minor = rng.choice(wallets), rng.randrange(100, 1001, 100)
-            raw = prepared.get((wallet, kind, minor)) or operation_request(
-                host, wallet, kind, minor
-            )
+            wallet = wallets[int(rng.random() * len(wallets))]
+            minor = 100 * (1 + int(rng.random() * 10))
+            raw = heads[wallet] + tails[(kind, minor)]
             effect = minor if kind == "DEPOSIT" else -minor
             if idle:
                 idle.pop().send(due, wallet, effect, raw)
