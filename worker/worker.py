@@ -8,12 +8,12 @@ shard's epoch in PostgreSQL does: taking a shard bumps it, and every batch commi
 its shards' epochs are still the ones its worker got (worker/apply.py).
 
 Work. One listener reads the owned shards' wake streams in one blocking read: a wallet
-goes there, with its first operation, when its stream starts. The batch loop takes those
-operations as they are and reads the streams of the wallets it is already working on;
-commits everything in hand in one transaction; then, in one Redis round trip, publishes
-the outcomes to the API processes that wait for them, acknowledges (trims the committed
-entries; a wallet whose stream is left empty is no longer dirty) and reads each wallet's
-next entries for the next batch. There is no timer: the next batch is whatever
+goes there, with the operation, when it gets one while it had none queued. The batch loop
+takes those operations as they are and reads the streams of the wallets it is already
+working on; commits everything in hand in one transaction; then, in one Redis round trip,
+publishes the outcomes to the API processes that wait for them, acknowledges (trims the
+committed entries; a wallet whose stream is left empty is no longer dirty) and reads each
+wallet's next entries for the next batch. There is no timer: the next batch is whatever
 arrived while this one committed, so batches are one operation when a wallet is quiet and
 grow with the load. A crash anywhere before the acknowledgement leaves the entries in
 place; whoever owns the shard next reads them again from the start of the stream, and the
