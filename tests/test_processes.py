@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +23,9 @@ import pytest
 from load.bench import free_port
 from shared import logs
 from shared.devstack import spawn
+from shared.keys import KeySpace
 from shared.settings import Settings
-from tests.helpers import ROOT, eventually
+from tests.helpers import ROOT, eventually, ledger, operate
 
 
 async def until_ready(url: str) -> None:
@@ -247,3 +250,108 @@ async def test_reuse_port_lets_a_second_api_process_serve_the_same_port(served: 
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def logged(path: Path, pattern: str) -> re.Match[str] | None:
+    """The first of the process's JSON log lines whose message matches `pattern`."""
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            found = re.search(pattern, json.loads(line).get("message", ""))
+            if found:
+                return found
+    return None
+
+
+async def says(path: Path, pattern: str) -> bool:
+    return logged(path, pattern) is not None
+
+
+async def test_two_workers_with_one_metrics_port_both_run(served: Settings, tmp_path: Path) -> None:
+    """Two `python -m worker` on one host with the same WORKER_METRICS_PORT, as with the
+    defaults: the second serves its metrics on the next free port and says so, and both
+    work (the shards split between them)."""
+    env = served.to_env()
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    processes = []
+    try:
+        with first_log.open("wb") as out:
+            processes.append(spawn("worker", env, stderr=out))
+
+        await eventually(
+            lambda: says(first_log, r"metrics on port"), within=20, what="the first's metrics"
+        )
+        with second_log.open("wb") as out:
+            processes.append(spawn("worker", env, stderr=out))
+        elsewhere = r"metrics on port (\d+) \(WORKER_METRICS_PORT"
+        await eventually(lambda: says(second_log, elsewhere), within=20, what="the second's")
+        found = logged(second_log, elsewhere)
+        assert found is not None
+        ports = [served.worker_metrics_port, int(found.group(1))]
+        assert ports[1] != ports[0]
+
+        async def shards_split() -> bool:
+            owned = []
+            async with aiohttp.ClientSession() as http:
+                for port in ports:
+                    async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                        text = await r.text()
+                    owned.append(float(re.findall(r"^wallet_shards_owned (\S+)$", text, re.M)[0]))
+            return sorted(owned) == [served.shard_count // 2] * 2
+
+        await eventually(shards_split, within=30, what="both workers to own half the shards")
+        assert all(p.poll() is None for p in processes)
+    finally:
+        for p in processes:
+            p.send_signal(signal.SIGTERM)
+        codes = [await asyncio.to_thread(p.wait, 20) for p in processes]
+    assert codes == [0, 0]
+
+
+async def test_a_worker_stuck_past_its_stop_grace_exits_0_and_leaves_its_batch_queued(
+    api: Any, served: Settings, pg: Any, redis: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while the batch in hand waits on PostgreSQL (here a row lock held by the
+    test): after WORKER_STOP_GRACE the worker says what it leaves and exits 0; the operation
+    stays queued and the next worker applies it, once."""
+    settings = dataclasses.replace(served, worker_stop_grace=1.0, worker_metrics_port=0)
+    wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+    stream = KeySpace(settings.redis_key_prefix, settings.shard_count).wallet_stream(wallet)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as out:
+        worker = spawn("worker", settings.to_env(), stderr=out)
+    lock = await pg.acquire()
+    transaction = lock.transaction()
+    try:
+        await eventually(lambda: says(log_path, r"took shard"), within=20, what="a shard taken")
+        await transaction.start()
+        await lock.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", wallet)
+        pending = asyncio.create_task(operate(api, wallet, "DEPOSIT", "2.50"))
+
+        async def batch_waits() -> bool:
+            return bool(
+                await pg.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%unchanged%'"
+                )
+            )
+
+        await eventually(batch_waits, within=20, what="the worker's batch to wait on the lock")
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 20) == 0
+        assert logged(log_path, r"leaving the batch in hand unanswered")
+        assert await redis.xlen(stream) == 1
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        await transaction.rollback()
+        await pg.release(lock)
+    with log_path.open("ab") as out:
+        successor = spawn("worker", settings.to_env(), stderr=out)
+    try:
+        status, body, _ = await asyncio.wait_for(pending, 30)
+        assert (status, body["balance"]) == (200, "2.50")
+        assert len(await ledger(pg, wallet)) == 1
+    finally:
+        successor.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(successor.wait, 20)

@@ -1,5 +1,7 @@
 """`python -m worker`: one shard worker, configured from the environment. SIGTERM drains it:
-the batch in hand is finished and answered, the shards are handed back, and it exits 0.
+the batch in hand is finished and answered, the shards are handed back, and it exits 0;
+past WORKER_STOP_GRACE (a dependency down mid-batch) it leaves that batch to the next owner
+and exits 0 all the same.
 
 `python -m worker --check` (a container's health check) exits 0 if a worker of this host
 has a live heartbeat, else 1."""
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -28,6 +31,8 @@ from worker.worker import Worker, connect, new_worker_id
 
 log = logging.getLogger("worker")
 
+METRICS_PORTS_TRIED = 100  # WORKER_METRICS_PORT and the next ones, for workers sharing a host
+
 
 async def main() -> None:
     settings = Settings.from_env()
@@ -37,11 +42,22 @@ async def main() -> None:
     running = asyncio.current_task()
     assert running is not None
     loop = asyncio.get_running_loop()
+    gave_up = False
+
+    def give_up() -> None:
+        nonlocal gave_up
+        gave_up = True
+        log.warning(
+            "still draining %.0fs after the stop (WORKER_STOP_GRACE): leaving the batch in "
+            "hand unanswered; its operations stay queued for the shards' next owner",
+            settings.worker_stop_grace,
+        )
+        running.cancel()
 
     def drain() -> None:
         worker.stop()
         # A batch stuck on a dependency that is down must not keep the process alive.
-        loop.call_later(settings.worker_stop_grace, running.cancel)
+        loop.call_later(settings.worker_stop_grace, give_up)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain)
@@ -49,16 +65,24 @@ async def main() -> None:
     metrics = await serve_metrics(worker, settings.worker_metrics_port)
     try:
         await worker.run()
+    except asyncio.CancelledError:
+        if not gave_up:
+            raise
     finally:
         if metrics is not None:
             await metrics.cleanup()
-        await pool.close()
+        if gave_up:  # its connections may be stuck in a query or a dead socket
+            pool.terminate()
+        else:
+            await pool.close()
         await redis.aclose()
     log.info("worker %s stopped", worker.worker_id)
 
 
 async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
-    """GET /metrics on `port` (all interfaces, for a scraper in the same network)."""
+    """GET /metrics on `port` (all interfaces, for a scraper in the same network), or, when
+    another process holds it (a second worker on the host), on the next free port above it;
+    the port is logged."""
     if not port:
         return None
 
@@ -73,8 +97,23 @@ async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
     app.router.add_get("/metrics", expose)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()  # noqa: S104 - a container's port
-    return runner
+    for candidate in range(port, min(port + METRICS_PORTS_TRIED, 65536)):
+        try:
+            await web.TCPSite(runner, "0.0.0.0", candidate).start()  # noqa: S104 - a container's port
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        log.log(
+            logging.INFO if candidate == port else logging.WARNING,
+            "metrics on port %d%s",
+            candidate,
+            "" if candidate == port else f" (WORKER_METRICS_PORT {port} is taken)",
+        )
+        return runner
+    log.warning("no metrics: ports %d to %d are taken", port, candidate)
+    await runner.cleanup()
+    return None
 
 
 async def check() -> int:
