@@ -9,8 +9,10 @@
 
 Each user sends RATE_PER_USER (10) requests a second, so -u 100 is a constant 1,000/s as
 long as the service keeps up. The test creates and funds its own wallets, and at the end
-checks that every wallet's balance equals its starting balance plus what the successful
-responses imply; a mismatch makes locust exit non-zero.
+checks that every wallet's balance equals its starting balance plus what the applied
+operations imply; a mismatch makes locust exit non-zero. Requests without a final answer
+(cut off when locust stopped, or answered 202) are looked up first by their
+Idempotency-Key, which is the operation's id: the service may well have applied them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -34,6 +37,10 @@ log = logging.getLogger("wallet-load")
 wallets: list[str] = []
 start_balance: dict[str, int] = {}
 applied_effect: dict[str, int] = defaultdict(int)
+# operation id -> (wallet, effect if applied) of requests without a final answer yet
+unanswered: dict[str, tuple[str, int]] = {}
+RECONCILE_SECONDS = 60  # how long the end of the run waits for pending operations
+NEVER_QUEUED_AFTER = 2.0  # seconds an operation unknown to the service may still arrive
 # With authentication on, the run registers a user of its own and sends its access token
 # (which lasts ACCESS_TOKEN_TTL: longer runs need a longer one).
 auth_headers: dict[str, str] = {}
@@ -81,11 +88,37 @@ def on_test_start(environment: Environment, **kwargs: Any) -> None:
     create_wallets(environment.host, MANY_WALLETS if names == {"ManyWallets"} else 1)
 
 
+def reconcile(http: requests.Session, host: str) -> list[str]:
+    """Looks up every operation without a final answer until none is pending (or
+    RECONCILE_SECONDS pass); adds the applied ones' effects. Returns those still unknown."""
+    started = time.monotonic()
+    while unanswered and time.monotonic() < started + RECONCILE_SECONDS:
+        for op_id, (wallet, effect) in list(unanswered.items()):
+            r = http.get(f"{host}/api/v1/wallets/{wallet}/operations/{op_id}", timeout=10)
+            status = r.json().get("status") if r.status_code == 200 else None
+            # Unknown for a while: cut off before it reached the service (a request whose
+            # client went away may still be on its way to the queue for a moment).
+            if r.status_code == 404 and time.monotonic() > started + NEVER_QUEUED_AFTER:
+                del unanswered[op_id]
+            elif status in ("applied", "rejected"):
+                if status == "applied":
+                    applied_effect[wallet] += effect
+                del unanswered[op_id]
+        if unanswered:
+            time.sleep(0.2)
+    return list(unanswered)
+
+
 @events.test_stop.add_listener  # type: ignore[untyped-decorator]
 def on_test_stop(environment: Environment, **kwargs: Any) -> None:
     wrong = []
     with requests.Session() as http:
         http.headers.update(auth_headers)
+        assert environment.host
+        unknown = reconcile(http, environment.host)
+        if unknown:
+            log.error("%d operations still pending after %ds", len(unknown), RECONCILE_SECONDS)
+            environment.process_exit_code = 1
         for wallet in wallets:
             r = http.get(f"{environment.host}/api/v1/wallets/{wallet}", timeout=10)
             actual = minor(r.json()["balance"])
@@ -108,19 +141,28 @@ class Operations(FastHttpUser):
 
     def operate(self, wallet: str, kind: str) -> None:
         amount = f"{random.randint(1, 50)}.{random.randint(0, 99):02d}"
+        op_id = str(uuid.uuid4())
+        effect = minor(amount) if kind == "DEPOSIT" else -minor(amount)
+        unanswered[op_id] = (wallet, effect)  # until an answer says what became of it
         with self.client.post(
             f"/api/v1/wallets/{wallet}/operation",
             json={"operationType": kind, "amount": amount},
-            headers={**auth_headers, "Idempotency-Key": str(uuid.uuid4())},
+            headers={**auth_headers, "Idempotency-Key": op_id},
             name=f"{kind} (one wallet)" if len(wallets) == 1 else kind,
             catch_response=True,
         ) as r:
             if r.status_code == 200:
-                applied_effect[wallet] += minor(amount) if kind == "DEPOSIT" else -minor(amount)
+                del unanswered[op_id]
+                applied_effect[wallet] += effect
                 r.success()
             elif r.status_code == 409:
+                del unanswered[op_id]
                 r.success()  # refused and recorded: the wallet did not have the funds
+            elif r.status_code == 202:
+                r.success()  # queued: its outcome is looked up at the end
             else:
+                if 400 <= r.status_code < 500:  # refused, never queued
+                    del unanswered[op_id]
                 r.failure(f"{r.status_code}: {r.text[:200]}")
 
     def pick(self) -> str:

@@ -100,40 +100,53 @@ async def test_api_and_worker_processes_serve_and_stop_cleanly(
     assert codes == [0, 0]
 
 
-async def test_the_locust_scenario_runs_and_checks_its_balance(
-    service: tuple[str, list[subprocess.Popen[bytes]]],
-) -> None:
-    """The hot-wallet locust scenario, briefly: it creates and funds its wallet, and exits
-    non-zero if the final balance is not what its successful responses imply."""
-    url, _ = service
-    await until_ready(url)
-    run = await asyncio.to_thread(
-        subprocess.run,
+def locust(url: str, users: int = 5) -> subprocess.CompletedProcess[str]:
+    """The hot-wallet locust scenario, briefly, as README runs it."""
+    return subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            "load/locustfile.py",
-            "--headless",
-            "--host",
-            url,
-            "-u",
-            "5",
-            "-r",
-            "5",
-            "-t",
-            "4s",
-            "--only-summary",
-            "HotWallet",
+            *(sys.executable, "-m", "locust", "-f", "load/locustfile.py", "--headless"),
+            *("--host", url, "-u", str(users), "-r", str(users), "-t", "4s"),
+            *("--only-summary", "HotWallet"),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+async def test_the_locust_scenario_runs_and_checks_its_balance(
+    service: tuple[str, list[subprocess.Popen[bytes]]],
+) -> None:
+    """It creates and funds its wallet, and at the end reconciles the requests cut off by
+    its stop (looked up by their Idempotency-Keys) before it compares the balance."""
+    url, _ = service
+    await until_ready(url)
+    run = await asyncio.to_thread(locust, url, 200)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "balances exact on 1 wallets" in run.stdout + run.stderr
+
+
+async def test_the_locust_scenario_fails_on_a_balance_changed_behind_its_back(
+    service: tuple[str, list[subprocess.Popen[bytes]]], pg: Any
+) -> None:
+    url, _ = service
+    await until_ready(url)
+    since = await pg.fetchval("SELECT now()")
+    running = asyncio.create_task(asyncio.to_thread(locust, url))
+
+    async def funded() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM wallets WHERE created_at >= $1 AND balance > 0", since
+            )
+        )
+
+    await eventually(funded, within=30, what="locust to fund its wallet")
+    await pg.execute("UPDATE wallets SET balance = balance + 1 WHERE created_at >= $1", since)
+    run = await running
+    assert run.returncode == 1
+    assert "BALANCE MISMATCH on 1 wallets" in run.stdout + run.stderr
 
 
 async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
