@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from api.problems import malformed
-from shared.codec import OPERATION_TYPES
+from shared.codec import CANONICAL_UUID, OPERATION_TYPES
 from shared.errors import InvalidInput, WalletNotFound
 from shared.money import parse_amount
 
@@ -24,7 +24,6 @@ IDEMPOTENCY_KEY = "Idempotency-Key"
 # A client key that is not a UUID becomes the operation id through this namespace.
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c4a52-8f0e-4f3e-9a51-3b2d8c1f7e60")
 _KEY_CHARS = re.compile(r"[\x20-\x7e]{1,255}")
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _random = memoryview(b"")
 
 OPERATION_FIELDS = frozenset({"operationType", "operation_type", "amount"})
@@ -89,7 +88,7 @@ def random_uuid() -> str:
 
 def wallet_id_from_path(raw: str) -> str:
     """A malformed id names no wallet: 404, like an unknown one."""
-    if _CANONICAL_UUID.fullmatch(raw):
+    if CANONICAL_UUID.fullmatch(raw):
         return raw
     try:
         return str(uuid.UUID(raw))

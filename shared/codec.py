@@ -6,12 +6,15 @@ each API process one message per batch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from shared.money import MAX_AMOUNT_MINOR
 
 VERSION = 1
 
@@ -28,6 +31,10 @@ KEY_REUSED = "key_reused"
 # Reasons for a rejected operation.
 INSUFFICIENT_FUNDS = "insufficient_funds"
 BALANCE_LIMIT = "balance_limit"
+
+
+# A UUID as the service writes it: lower-case hex with hyphens.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class MessageError(ValueError):
@@ -106,7 +113,19 @@ def decode_request(data: bytes | str) -> OperationRequest:
         r = OperationRequest(m["op"], m["w"], m["k"], m["a"], m["r"], m["t"])
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise MessageError(f"undecodable operation message: {e}") from e
-    if r.kind not in OPERATION_TYPES or type(r.amount) is not int or r.amount <= 0:
+    # In full: an entry PostgreSQL would refuse (a malformed id, an amount past BIGINT) would
+    # fail its wallet's every batch; refused here, it goes to the dead letters instead.
+    if not (
+        r.kind in OPERATION_TYPES
+        and type(r.amount) is int
+        and 0 < r.amount <= MAX_AMOUNT_MINOR
+        and isinstance(r.op_id, str)
+        and CANONICAL_UUID.fullmatch(r.op_id)
+        and isinstance(r.wallet_id, str)
+        and CANONICAL_UUID.fullmatch(r.wallet_id)
+        and isinstance(r.reply_to, str)
+        and type(r.tag) is int
+    ):
         raise MessageError(f"invalid operation message {m!r}")
     return r
 

@@ -7,6 +7,7 @@ import dataclasses
 import uuid
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
@@ -113,6 +114,29 @@ async def test_an_undecodable_entry_does_not_block_its_wallet(
     [(_, letter)] = letters
     assert letter[b"wallet"].decode() == wallet
     assert letter[b"m"] == b"\x00not a message"
+
+
+@pytest.mark.parametrize(
+    ("op_id", "amount"),
+    [("not-a-uuid", 100), (str(uuid.uuid4()), 2**63), (str(uuid.uuid4()).upper(), 100)],
+)
+async def test_an_entry_postgresql_would_refuse_goes_to_the_dead_letters(
+    client: Client, wallet: str, settings: Settings, redis: Redis, op_id: str, amount: int
+) -> None:
+    """An entry that decodes but that no batch could apply (an id that is not a UUID as the
+    service writes it, an amount past BIGINT) does not park its wallet: it is set aside with
+    its error, and the operations behind it are applied."""
+    keys = keyspace(settings)
+    shard = keys.shard_of(wallet)
+    poison = encode_request(OperationRequest(op_id, wallet, "DEPOSIT", amount, "", 0))
+    enqueue = redis.register_script(ENQUEUE)
+    await enqueue(keys=keys.enqueue_keys(wallet), args=[wallet, poison, 10, 10])
+    status, body, _ = await operate(client, wallet, "DEPOSIT", 3)
+    assert (status, body["balance"]) == (200, "3.00")
+    letters: Any = await redis.xrange(keys.dead_letters(shard))
+    [(_, letter)] = letters
+    assert letter[b"m"] == poison
+    assert b"invalid operation message" in letter[b"error"]
 
 
 async def test_a_stopped_worker_finishes_its_batch_and_answers(
