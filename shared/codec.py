@@ -1,6 +1,6 @@
 """The messages between API and workers, and their one encoding (orjson, versioned).
 
-Money travels as integers of minor units. A reply is a list of outcomes: a worker sends
+Money travels as integers of minor units. A reply holds a list of outcomes: a worker sends
 each API process one message per batch.
 """
 
@@ -130,31 +130,45 @@ def decode_request(data: bytes | str) -> OperationRequest:
     return r
 
 
+# A reply: {"v": REPLY_VERSION, "o": [outcome, ...]}, each outcome an object under these
+# names. A newer writer may add names, which a reader ignores; a change a reader could
+# misread takes a new version, and a reader refuses a version it does not know (its
+# requests then answer 202, and the operation's URL tells the outcome). A bare list is the
+# reply of a writer from before versions, read as it was written.
+REPLY_VERSION = 1
+_OUTCOME_NAMES = (
+    ("t", "tag"),
+    ("op", "op_id"),
+    ("w", "wallet_id"),
+    ("s", "status"),
+    ("k", "kind"),
+    ("a", "amount"),
+    ("b", "balance_after"),
+    ("r", "reason"),
+    ("c", "created_at"),
+    ("q", "seq"),
+    ("p", "replayed"),
+)
+
+
 def encode_outcomes(outcomes: list[Outcome]) -> bytes:
     return orjson.dumps(
-        [
-            [
-                o.tag,
-                o.op_id,
-                o.wallet_id,
-                o.status,
-                o.kind,
-                o.amount,
-                o.balance_after,
-                o.reason,
-                o.created_at,
-                o.seq,
-                o.replayed,
-            ]
-            for o in outcomes
-        ]
+        {
+            "v": REPLY_VERSION,
+            "o": [{key: getattr(o, name) for key, name in _OUTCOME_NAMES} for o in outcomes],
+        }
     )
 
 
 def decode_outcomes(data: bytes | str) -> list[Outcome]:
     try:
-        return [Outcome(*fields) for fields in orjson.loads(data)]
-    except (orjson.JSONDecodeError, TypeError) as e:
+        reply = orjson.loads(data)
+        if isinstance(reply, list):  # from a writer before versions: positional
+            return [Outcome(*fields) for fields in reply]
+        if reply["v"] != REPLY_VERSION:
+            raise MessageError(f"unknown reply version {reply['v']!r}")
+        return [Outcome(**{name: o[key] for key, name in _OUTCOME_NAMES}) for o in reply["o"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise MessageError(f"undecodable reply: {e}") from e
 
 
