@@ -7,13 +7,9 @@ import logging
 import uvloop
 from aiohttp import web
 
-from api.app import create_app
+from api.app import LISTEN_BACKLOG, create_app
 from shared import logs
 from shared.settings import Settings
-
-# Connections waiting to be accepted. Past aiohttp's 128, a burst of new connections (a
-# client pool growing at a busy moment) has SYNs dropped, and each waits a second to retry.
-LISTEN_BACKLOG = 1024
 
 
 def main() -> None:

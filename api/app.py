@@ -29,6 +29,9 @@ log = logging.getLogger("api")
 
 # Every request body of this API is a small JSON object.
 MAX_BODY_BYTES = 16 * 1024
+# Connections waiting to be accepted. Past aiohttp's 128, a burst of new connections (a
+# client pool growing at a busy moment) has SYNs dropped, and each waits a second to retry.
+LISTEN_BACKLOG = 1024
 
 
 async def postgres(app: web.Application) -> AsyncIterator[None]:

@@ -20,9 +20,11 @@ and, for the service, over 10,000 wallets (sustained: at least 95% of it complet
 time, nothing but 200 and 409, p99 under --p99-limit); then, optionally, the constant rate
 with the worker restarted at each of --intervals (BATCH_INTERVAL, the opt-in linger).
 
-Every phase checks that the final balances equal what the successful responses imply,
-counts commits from the ledger rows' xmin, and tells how much of a core each server
-process and the generator used. The run ends with the targets the service is held to.
+Every phase waits until the service has nothing queued, then checks that the balances
+moved by what the ledger's applied rows say and, when every request was answered, that
+the ledger says what the answers said. It counts commits from the ledger rows' xmin and
+tells how much of a core each server process and the generator used. The run ends with
+the targets the service is held to.
 """
 
 from __future__ import annotations
@@ -211,6 +213,29 @@ async def connect(connection: Connection, host: str, port: int) -> None:
     await asyncio.get_running_loop().create_connection(lambda: connection, host, port)
 
 
+async def close_all(connections: list[Connection]) -> None:
+    """Closes the connections once done; one still waiting for its answer counts as an
+    error."""
+    for connection in connections:
+        connection.close()
+    await asyncio.gather(*(c.done for c in connections))
+
+
+@contextlib.contextmanager
+def measured(phase: Phase) -> Iterator[float]:
+    """Times the phase, and the generator's CPU over it; yields its start (perf_counter).
+    The collector is off meanwhile: a phase's latencies make its full passes long (about
+    50 ms seen at 1,000/s), and requests due meanwhile would be sent late."""
+    gc.disable()
+    cpu, start = time.process_time(), time.perf_counter()
+    try:
+        yield start
+    finally:
+        gc.enable()
+        phase.elapsed = time.perf_counter() - start
+        phase.generator_cpu = (time.process_time() - cpu) / phase.elapsed
+
+
 class OpenLoopConnection(Connection):
     """Back among the idle connections once answered."""
 
@@ -267,11 +292,7 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
     interval = 1 / phase.target_rate
     total = phase.sent = int(phase.target_rate * phase.seconds)
     connecting = []
-    # The latencies of a phase make the collector's full passes long (about 50 ms seen at
-    # 1,000/s), and requests due meanwhile would be sent late: none while it runs.
-    gc.disable()
-    cpu, start = time.process_time(), clock()
-    try:
+    with measured(phase) as start:
         for i in range(total):
             due = start + i * interval
             delay = due - clock()
@@ -289,13 +310,7 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
         await asyncio.gather(*connecting)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(phase.all_answered), CLIENT_TIMEOUT)
-        for opened in connections:  # one still waiting counts as an error
-            opened.close()
-        await asyncio.gather(*(c.done for c in connections))
-    finally:
-        gc.enable()
-    phase.elapsed = clock() - start
-    phase.generator_cpu = (time.process_time() - cpu) / phase.elapsed
+        await close_all(connections)
     return effects
 
 
@@ -336,25 +351,16 @@ async def drive_closed(
 
     effects: dict[str, int] = dict.fromkeys(wallets, 0)
     loop = asyncio.get_running_loop()
-    gc.disable()  # as in drive_open
-    cpu, start = time.process_time(), time.perf_counter()
-    deadline = start + phase.seconds
-    connections = []
-    try:
+    connections: list[Connection] = []
+    with measured(phase) as start:
+        deadline = start + phase.seconds
         for _ in range(phase.connections):
             connection = ClosedLoopConnection(pick, deadline, phase, effects, loop.create_future())
             await connect(connection, host, int(port))
             connections.append(connection)
-        done = [c.done for c in connections]
-        await asyncio.wait(done, timeout=phase.seconds + CLIENT_TIMEOUT)
-        for connection in connections:  # one still waiting counts as an error
-            connection.close()
-        await asyncio.gather(*done)
-    finally:
-        gc.enable()
+        await asyncio.wait([c.done for c in connections], timeout=phase.seconds + CLIENT_TIMEOUT)
+        await close_all(connections)
     phase.sent = phase.completed + phase.errors
-    phase.elapsed = time.perf_counter() - start
-    phase.generator_cpu = (time.process_time() - cpu) / phase.elapsed
     return effects
 
 

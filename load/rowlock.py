@@ -18,7 +18,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from api.__main__ import LISTEN_BACKLOG
+from api.app import LISTEN_BACKLOG
 from api.inputs import operation_fields, read_json_object
 from shared.errors import InvalidInput
 from shared.money import format_minor

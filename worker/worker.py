@@ -126,6 +126,11 @@ def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) ->
     return share + (workers.index(worker_id) < rest)
 
 
+def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Redis sends them ([name, value, name, value, ...])."""
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
 @dataclass(slots=True)
 class Reading:
     """What was read of one wallet's stream and is not committed yet."""
@@ -391,9 +396,7 @@ class Worker:
 
     def _took_reading(self, wallet: str, found: Any) -> None:
         """Records what ACKNOWLEDGE_READ answered for the wallet: its next entries, or none,
-        in which case its stream is gone and the wallet is no longer active."""
-        if isinstance(found, Exception):
-            raise found
+        in which case the wallet is clean and no longer active."""
         if not found:
             del self.active[wallet]
             return
@@ -401,7 +404,7 @@ class Worker:
         dead: list[DeadLetter] = []
         for raw_id, fields in found:
             entry_id = raw_id.decode()
-            message = dict(zip(fields[::2], fields[1::2], strict=True)).get(b"m", b"")
+            message = entry_fields(fields).get(b"m", b"")
             try:
                 entries.append(self._decode(wallet, entry_id, message))
             except MessageError as e:
@@ -412,16 +415,18 @@ class Worker:
 
     async def _acknowledge_read(
         self, before: list[tuple[Any, ...]], wallets: list[str], count: int
-    ) -> list[Any]:
-        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet;
-        returns the answers to `before`."""
+    ) -> None:
+        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet.
+        Raises the first error any of them answered."""
         commands = [*before, *(self._acknowledge_read_command(w, count) for w in wallets)]
         if not commands:
-            return []
+            return
         answers = await round_trip(self._batch_redis, commands)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
         for wallet, found in zip(wallets, answers[len(before) :], strict=True):
             self._took_reading(wallet, found)
-        return answers[: len(before)]
 
     async def _commit(self, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
         """Commits the entries if `epochs` are still the shards' epochs; their outcomes."""
@@ -482,10 +487,7 @@ class Worker:
                 )
         wallets = list(batch)
         count = max(1, self.settings.batch_max // max(1, len(wallets)))
-        answers = await self._acknowledge_read(commands, wallets, count)
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
+        await self._acknowledge_read(commands, wallets, count)
 
     def _known_states(
         self, entries: Iterable[Entry], epochs: dict[int, int]
@@ -598,6 +600,7 @@ class Worker:
             await connection.disconnect()
 
     def _trim_wakes_command(self, shard: int) -> tuple[Any, ...]:
+        """Drops the shard's wake entries read so far, if the shard is still this worker's."""
         keys = (self.keys.lease(shard), self.keys.wake_stream(shard))
         return (
             "EVAL",
@@ -616,7 +619,7 @@ class Worker:
             if shard not in self.owned:  # handed back meanwhile: the next owner's
                 continue
             for raw_id, fields in items:
-                wake = dict(zip(fields[::2], fields[1::2], strict=False))
+                wake = entry_fields(fields)
                 try:
                     self.wakes.append((wake[b"w"].decode(), wake[b"e"].decode(), wake[b"m"]))
                 except (KeyError, UnicodeDecodeError):  # the rescan finds its wallet
