@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from api import health, operations, wallets
 from api.appkeys import ENQUEUE, KEYS, LIVE, METRICS, OWNERS, PG, REDIS, REPLIES, SETTINGS
 from api.auth import auth_middleware, auth_routes
 from api.enqueue import Enqueuer
-from api.handlers import routes
 from api.live import LiveStats
 from api.observe import live_view, metrics, observe_middleware
 from api.openapi import docs, openapi_json
@@ -78,7 +78,8 @@ def create_app(settings: Settings) -> web.Application:
     app[OWNERS] = {}
     app[LIVE] = LiveStats()
     app.cleanup_ctx.extend([postgres, redis_and_replies])
-    app.add_routes(routes)
+    for resource in (wallets, operations, health):
+        app.add_routes(resource.routes)
     app.add_routes(auth_routes)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi_json)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,13 +26,12 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from api.appkeys import KEYS, PG, REDIS, SETTINGS
+from api.bodies import Credentials, RefreshToken, Tokens, User, decode, json_response
 from api.inputs import read_json_object
 from shared import errors
-from shared.codec import format_time, to_json
+from shared.codec import format_time
 from shared.settings import Settings
 
-USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
-PASSWORD_LENGTH = (10, 256)
 ALGORITHM = "HS256"
 ACCESS, REFRESH = "access", "refresh"
 
@@ -119,35 +117,12 @@ def _require_enabled(request: web.Request) -> Settings:
     return settings
 
 
-def _string_field(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str):
-        raise errors.InvalidInput(name, "is required, as a string")
-    return value
-
-
-def _credentials(body: dict[str, Any]) -> tuple[str, str]:
-    unknown = sorted(set(body) - {"username", "password"})
-    if unknown:
-        raise errors.InvalidInput(unknown[0], "is not a known field")
-    username, password = _string_field(body, "username"), _string_field(body, "password")
-    if not USERNAME.fullmatch(username):
-        raise errors.InvalidInput("username", "must be 3 to 64 letters, digits, '_', '.', '-'")
-    low, high = PASSWORD_LENGTH
-    if not low <= len(password) <= high:
-        raise errors.InvalidInput("password", f"must be {low} to {high} characters")
-    return username.lower(), password
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=to_json(body), status=status, content_type="application/json")
-
-
 @auth_routes.post("/api/auth/users")
 async def register(request: web.Request) -> web.Response:
     _require_enabled(request)
-    username, password = _credentials(await read_json_object(request))
-    password_hash = await asyncio.to_thread(passwords.hash, password)
+    body = decode(await read_json_object(request), Credentials)
+    username = body.username.lower()
+    password_hash = await asyncio.to_thread(passwords.hash, body.password)
     async with request.app[PG].acquire() as conn:
         row = await conn.fetchrow(
             "INSERT INTO users (username, password_hash) VALUES ($1, $2)"
@@ -157,12 +132,9 @@ async def register(request: web.Request) -> web.Response:
         )
     if row is None:
         raise errors.UsernameTaken(f"Someone has the username {username!r}; choose another")
-    body = {
-        "id": row["id"],
-        "username": row["username"],
-        "created_at": format_time(row["created_at"]),
-    }
-    return _json(body, status=201)
+    return json_response(
+        User(row["id"], row["username"], format_time(row["created_at"])), status=201
+    )
 
 
 async def _count_attempt(request: web.Request, username: str) -> None:
@@ -198,24 +170,23 @@ async def _issue(
         family,
         settings.refresh_token_ttl,
     )
-    return _json(
-        {
-            "token_type": "Bearer",
-            "access_token": _token(settings, ACCESS, user_id, settings.access_token_ttl, adm=admin),
-            "expires_in": int(settings.access_token_ttl),
-            "refresh_token": _token(
+    return json_response(
+        Tokens(
+            access_token=_token(settings, ACCESS, user_id, settings.access_token_ttl, adm=admin),
+            expires_in=int(settings.access_token_ttl),
+            refresh_token=_token(
                 settings, REFRESH, user_id, settings.refresh_token_ttl, jti=refresh_id, fam=family
             ),
-            "refresh_expires_in": int(settings.refresh_token_ttl),
-        }
+            refresh_expires_in=int(settings.refresh_token_ttl),
+        )
     )
 
 
 @auth_routes.post("/api/auth/token")
 async def login(request: web.Request) -> web.Response:
     settings = _require_enabled(request)
-    body = await read_json_object(request)
-    username, password = _string_field(body, "username").lower(), _string_field(body, "password")
+    body = decode(await read_json_object(request), Credentials)
+    username, password = body.username.lower(), body.password
     await _count_attempt(request, username)
     async with request.app[PG].acquire() as conn:
         user = await conn.fetchrow(
@@ -235,9 +206,8 @@ async def login(request: web.Request) -> web.Response:
 
 async def _refresh_claims(request: web.Request) -> tuple[Settings, dict[str, Any]]:
     settings = _require_enabled(request)
-    body = await read_json_object(request)
-    token = _string_field(body, "refresh_token")
-    claims = read_token(settings, token, REFRESH)
+    body = decode(await read_json_object(request), RefreshToken)
+    claims = read_token(settings, body.refresh_token, REFRESH)
     if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("fam"), str):
         raise errors.Unauthorized("The token is not valid")
     return settings, claims

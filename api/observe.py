@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from api.appkeys import KEYS, LIVE, METRICS, REDIS, SETTINGS
+from api.bodies import Live, LiveSecond, json_response
 from api.inputs import random_bytes
 from api.live import WINDOW_SECONDS, percentile_ms
-from shared.codec import to_json
 from shared.logs import REQUEST_ID
 from shared.metrics import CONTENT_TYPE, exposition
 
@@ -77,22 +77,21 @@ async def live_view(request: web.Request) -> web.Response:
         )
     queued_at = dict(stats.queued)
     answered_at = {second.at: second for second in stats.seconds}
-    series = []
+    series: list[LiveSecond] = []
     for at, done in zip(seconds, committed, strict=True):
         answered = answered_at.get(at)
         batches, operations = int(done.get(b"batches", 0)), int(done.get(b"operations", 0))
         shards = queued_at.get(at)
         series.append(
-            {
-                "t": at,
-                "answered": answered.count if answered else 0,
-                "p50_ms": percentile_ms(answered.latencies, 50) if answered else None,
-                "p99_ms": percentile_ms(answered.latencies, 99) if answered else None,
-                "committed": operations,
-                "mean_batch": round(operations / batches, 2) if batches else None,
-                "queued": None if shards is None else sum(shards.values()),
-                "queued_by_shard": shards,
-            }
+            LiveSecond(
+                t=at,
+                answered=answered.count if answered else 0,
+                p50_ms=percentile_ms(answered.latencies, 50) if answered else None,
+                p99_ms=percentile_ms(answered.latencies, 99) if answered else None,
+                committed=operations,
+                mean_batch=round(operations / batches, 2) if batches else None,
+                queued=None if shards is None else sum(shards.values()),
+                queued_by_shard=shards,
+            )
         )
-    body = {"window_seconds": WINDOW_SECONDS, "shard_count": settings.shard_count, "series": series}
-    return web.Response(body=to_json(body), content_type="application/json")
+    return json_response(Live(WINDOW_SECONDS, settings.shard_count, series))

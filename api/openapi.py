@@ -8,38 +8,47 @@ and the answers the server gives match the schemas described here.
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
+import msgspec
 from aiohttp import web
+from msgspec import Struct
 
-from api.inputs import IDEMPOTENCY_KEY, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX
+from api.bodies import (
+    BODIES,
+    Credentials,
+    Health,
+    Live,
+    Operation,
+    OperationFormRequest,
+    OperationPage,
+    OperationRequest,
+    Pending,
+    Problem,
+    Ready,
+    RefreshToken,
+    Tokens,
+    User,
+    Wallet,
+    WalletPage,
+)
+from api.inputs import (
+    IDEMPOTENCY_KEY,
+    KEY_PATTERN,
+    OPERATIONS_CURSOR,
+    PAGE_LIMIT_DEFAULT,
+    PAGE_LIMIT_MAX,
+    WALLETS_CURSOR,
+)
 from shared.codec import to_json
-from shared.money import MAX_AMOUNT_MINOR, format_minor
 
 REF = "#/components/schemas/"
-DECIMAL = {
-    "type": "string",
-    "pattern": r"^-?[0-9]+\.[0-9]{2}$",
-    "description": "Exact money: a decimal string with two fraction digits",
-    "examples": ["1000.00"],
-}
 UUID = {"type": "string", "format": "uuid"}
-TIME = {"type": "string", "format": "date-time"}
-OPERATION_TYPE = {"type": "string", "enum": ["DEPOSIT", "WITHDRAW"]}
-AMOUNT = {
-    "oneOf": [
-        {"type": "number", "exclusiveMinimum": 0},
-        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
-    ],
-    "description": f"More than 0, at most {format_minor(MAX_AMOUNT_MINOR)}, at most two fraction "
-    "digits; a JSON "
-    "number or a decimal string",
-    "examples": [1000, "10.25"],
-}
 
 
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": REF + name}
+def ref(body: type[Struct]) -> dict[str, str]:
+    return {"$ref": REF + body.__name__}
 
 
 def json_content(schema: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +58,7 @@ def json_content(schema: dict[str, Any]) -> dict[str, Any]:
 def problem(description: str, *, retry_after: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
-        "content": {"application/problem+json": {"schema": ref("Problem")}},
+        "content": {"application/problem+json": {"schema": ref(Problem)}},
     }
     if retry_after:
         response["headers"] = {
@@ -63,70 +72,61 @@ INVALID = problem("A parameter or field is not valid (each error names it)")
 NOT_FOUND = problem("No such wallet (a malformed id is not found either)")
 # What the one reader of JSON bodies answers, for every route that takes one.
 BODY_ERRORS = {
-    "400": problem("The body is not JSON, or not an object"),
+    "400": problem("The body is not JSON, or not an object, or has a key twice"),
     "413": problem("The body is too large"),
     "415": problem("The body is not application/json"),
     "422": INVALID,
 }
 
-PAGING = [
-    {
-        "name": "limit",
-        "in": "query",
-        "schema": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": PAGE_LIMIT_MAX,
-            "default": PAGE_LIMIT_DEFAULT,
+
+def paging(cursor: re.Pattern[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": PAGE_LIMIT_MAX,
+                "default": PAGE_LIMIT_DEFAULT,
+            },
         },
-    },
-    {
-        "name": "cursor",
-        "in": "query",
-        "schema": {"type": "string"},
-        "description": "The next_cursor of the previous page",
-    },
-]
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": {"type": "string", "pattern": cursor.pattern},
+            "description": "The next_cursor of the previous page",
+        },
+    ]
+
+
 WALLET_ID = {"name": "wallet_id", "in": "path", "required": True, "schema": UUID}
 OPERATION_ID = {"name": "operation_id", "in": "path", "required": True, "schema": UUID}
 KEY_HEADER = {
     "name": IDEMPOTENCY_KEY,
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "schema": {"type": "string", "pattern": KEY_PATTERN},
     "description": "Makes the request safe to retry: it becomes the operation's id (a UUID "
     "as it is, any other key mapped to one). The same key with the same request answers the "
     "stored outcome again, with Idempotent-Replayed: true; with another request, 422.",
 }
 
 
-def page_of(item: str) -> dict[str, Any]:
-    """A page of a cursor-paginated list."""
-    return {
-        "type": "object",
-        "required": ["items", "next_cursor"],
-        "properties": {
-            "items": {"type": "array", "items": ref(item)},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-        "additionalProperties": False,
-    }
-
-
-def operation_post(summary: str, body_schema: str) -> dict[str, Any]:
+def operation_post(summary: str, body: type[Struct]) -> dict[str, Any]:
     return {
         "summary": summary,
         "parameters": [KEY_HEADER],
-        "requestBody": {"required": True, "content": json_content(ref(body_schema))},
+        "requestBody": {"required": True, "content": json_content(ref(body))},
         "responses": {
             "200": {
                 "description": "Applied and committed; `balance` is the wallet's balance after it",
-                "content": json_content(ref("Operation")),
+                "content": json_content(ref(Operation)),
             },
             "202": {
                 "description": "Queued, but its outcome did not come in time: the Location "
                 "(and `href`) shows it once applied",
-                "content": json_content(ref("Pending")),
+                "content": json_content(ref(Pending)),
             },
             **BODY_ERRORS,
             "404": NOT_FOUND,
@@ -141,191 +141,15 @@ def operation_post(summary: str, body_schema: str) -> dict[str, Any]:
     }
 
 
-SCHEMAS: dict[str, Any] = {
-    "Wallet": {
-        "type": "object",
-        "required": ["id", "balance", "created_at", "updated_at"],
-        "properties": {"id": UUID, "balance": DECIMAL, "created_at": TIME, "updated_at": TIME},
-        "additionalProperties": False,
-    },
-    "WalletPage": page_of("Wallet"),
-    "OperationRequest": {
-        "type": "object",
-        "description": "operation_type is accepted as another spelling of operationType",
-        "properties": {
-            "operationType": OPERATION_TYPE,
-            "operation_type": OPERATION_TYPE,
-            "amount": AMOUNT,
-        },
-        "required": ["amount"],
-        "anyOf": [{"required": ["operationType"]}, {"required": ["operation_type"]}],
-        "additionalProperties": False,
-    },
-    "OperationFormRequest": {
-        "type": "object",
-        "properties": {
-            "walletId": UUID,
-            "operationType": OPERATION_TYPE,
-            "operation_type": OPERATION_TYPE,
-            "amount": AMOUNT,
-        },
-        "required": ["walletId", "amount"],
-        "anyOf": [{"required": ["operationType"]}, {"required": ["operation_type"]}],
-        "additionalProperties": False,
-    },
-    "Operation": {
-        "type": "object",
-        "required": [
-            "id",
-            "wallet_id",
-            "operation_type",
-            "amount",
-            "status",
-            "reason",
-            "balance",
-            "seq",
-            "created_at",
-        ],
-        "properties": {
-            "id": UUID,
-            "wallet_id": UUID,
-            "operation_type": OPERATION_TYPE,
-            "amount": DECIMAL,
-            "status": {"type": "string", "enum": ["applied", "rejected"]},
-            "reason": {
-                "type": ["string", "null"],
-                "enum": [None, "insufficient_funds", "balance_limit"],
-            },
-            "balance": DECIMAL,
-            "seq": {"type": "integer", "minimum": 1, "description": "Its place in the ledger"},
-            "created_at": TIME,
-        },
-        "additionalProperties": False,
-    },
-    "Pending": {
-        "type": "object",
-        "required": ["id", "wallet_id", "status", "href"],
-        "properties": {
-            "id": UUID,
-            "wallet_id": UUID,
-            "status": {"const": "pending"},
-            "href": {"type": "string"},
-        },
-        "additionalProperties": False,
-    },
-    "OperationPage": page_of("Operation"),
-    "Problem": {
-        "type": "object",
-        "description": "RFC 9457; `type` is stable per kind of error",
-        "required": ["type", "title", "status"],
-        "properties": {
-            "type": {"type": "string", "pattern": "^urn:wallet-service:problem:"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "detail": {"type": "string"},
-            "errors": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["field", "reason"],
-                    "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
-                },
-            },
-            "operation": ref("Operation"),
-            "operation_id": UUID,
-            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-    },
-    "Credentials": {
-        "type": "object",
-        "required": ["username", "password"],
-        "properties": {
-            "username": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{3,64}$"},
-            "password": {"type": "string", "minLength": 10, "maxLength": 256},
-        },
-        "additionalProperties": False,
-    },
-    "User": {
-        "type": "object",
-        "required": ["id", "username", "created_at"],
-        "properties": {"id": UUID, "username": {"type": "string"}, "created_at": TIME},
-        "additionalProperties": False,
-    },
-    "Tokens": {
-        "type": "object",
-        "required": [
-            "token_type",
-            "access_token",
-            "expires_in",
-            "refresh_token",
-            "refresh_expires_in",
-        ],
-        "properties": {
-            "token_type": {"const": "Bearer"},
-            "access_token": {"type": "string"},
-            "expires_in": {"type": "integer", "description": "Seconds"},
-            "refresh_token": {"type": "string", "description": "Use once, at token/refresh"},
-            "refresh_expires_in": {"type": "integer", "description": "Seconds"},
-        },
-        "additionalProperties": False,
-    },
-    "RefreshToken": {
-        "type": "object",
-        "required": ["refresh_token"],
-        "properties": {"refresh_token": {"type": "string"}},
-        "additionalProperties": False,
-    },
-    "Live": {
-        "type": "object",
-        "required": ["window_seconds", "shard_count", "series"],
-        "properties": {
-            "window_seconds": {"type": "integer"},
-            "shard_count": {"type": "integer"},
-            "series": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": [
-                        "t",
-                        "answered",
-                        "p50_ms",
-                        "p99_ms",
-                        "committed",
-                        "mean_batch",
-                        "queued",
-                        "queued_by_shard",
-                    ],
-                    "properties": {
-                        "t": {"type": "integer", "description": "Unix time, seconds"},
-                        "answered": {"type": "integer"},
-                        "p50_ms": {"type": ["number", "null"]},
-                        "p99_ms": {"type": ["number", "null"]},
-                        "committed": {"type": "integer"},
-                        "mean_batch": {"type": ["number", "null"]},
-                        "queued": {"type": ["integer", "null"]},
-                        "queued_by_shard": {
-                            "type": ["object", "null"],
-                            "additionalProperties": {"type": "integer"},
-                        },
-                    },
-                },
-            },
-        },
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"const": "ok"}},
-    },
-    "Ready": {
-        "type": "object",
-        "required": ["status", "checks"],
-        "properties": {
-            "status": {"const": "ready"},
-            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-    },
-}
+def components() -> dict[str, Any]:
+    """The schemas of every body, from their declarations in api/bodies.py."""
+    _, schemas = msgspec.json.schema_components(BODIES, ref_template=REF + "{name}")
+    for body in BODIES:
+        schemas[body.__name__].update(getattr(body, "schema_extra", {}))
+    return schemas
+
+
+SCHEMAS = components()
 
 PATHS: dict[str, Any] = {
     "/api/v1/wallets": {
@@ -334,7 +158,7 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "201": {
                     "description": "Created; Location names it",
-                    "content": json_content(ref("Wallet")),
+                    "content": json_content(ref(Wallet)),
                 },
                 "422": INVALID,
                 "503": UNAVAILABLE,
@@ -342,9 +166,9 @@ PATHS: dict[str, Any] = {
         },
         "get": {
             "summary": "List wallets, newest first",
-            "parameters": PAGING,
+            "parameters": paging(WALLETS_CURSOR),
             "responses": {
-                "200": {"description": "A page", "content": json_content(ref("WalletPage"))},
+                "200": {"description": "A page", "content": json_content(ref(WalletPage))},
                 "422": INVALID,
                 "503": UNAVAILABLE,
             },
@@ -355,7 +179,7 @@ PATHS: dict[str, Any] = {
             "summary": "A wallet and its balance",
             "parameters": [WALLET_ID],
             "responses": {
-                "200": {"description": "The wallet", "content": json_content(ref("Wallet"))},
+                "200": {"description": "The wallet", "content": json_content(ref(Wallet))},
                 "404": NOT_FOUND,
                 "503": UNAVAILABLE,
             },
@@ -363,22 +187,22 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}/operation": {
         "post": {
-            **operation_post("Deposit to or withdraw from the wallet", "OperationRequest"),
+            **operation_post("Deposit to or withdraw from the wallet", OperationRequest),
             "parameters": [WALLET_ID, KEY_HEADER],
         }
     },
     "/api/v1/wallet": {
         "post": operation_post(
             "The same operation, in its original form: the wallet id in the body",
-            "OperationFormRequest",
+            OperationFormRequest,
         )
     },
     "/api/v1/wallets/{wallet_id}/operations": {
         "get": {
             "summary": "The wallet's ledger, newest first",
-            "parameters": [WALLET_ID, *PAGING],
+            "parameters": [WALLET_ID, *paging(OPERATIONS_CURSOR)],
             "responses": {
-                "200": {"description": "A page", "content": json_content(ref("OperationPage"))},
+                "200": {"description": "A page", "content": json_content(ref(OperationPage))},
                 "404": NOT_FOUND,
                 "422": INVALID,
                 "503": UNAVAILABLE,
@@ -392,7 +216,7 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": {
                     "description": "Its outcome, or `pending` while it waits in the queue",
-                    "content": json_content({"oneOf": [ref("Operation"), ref("Pending")]}),
+                    "content": json_content({"oneOf": [ref(Operation), ref(Pending)]}),
                 },
                 "404": problem("No such wallet, or no such operation on it"),
                 "503": UNAVAILABLE,
@@ -402,14 +226,14 @@ PATHS: dict[str, Any] = {
     "/health": {
         "get": {
             "summary": "The process is alive",
-            "responses": {"200": {"description": "Alive", "content": json_content(ref("Health"))}},
+            "responses": {"200": {"description": "Alive", "content": json_content(ref(Health))}},
         }
     },
     "/ready": {
         "get": {
             "summary": "PostgreSQL and Redis answer and at least one worker is alive",
             "responses": {
-                "200": {"description": "Ready", "content": json_content(ref("Ready"))},
+                "200": {"description": "Ready", "content": json_content(ref(Ready))},
                 "503": problem("Not ready: `checks` says what is missing", retry_after=True),
             },
         }
@@ -444,7 +268,7 @@ PATHS: dict[str, Any] = {
                     "description": "Answered operations and their p50/p99 latency (this API "
                     "process), committed operations and mean batch size (all workers), and "
                     "queued operations per shard",
-                    "content": json_content(ref("Live")),
+                    "content": json_content(ref(Live)),
                 },
                 "503": UNAVAILABLE,
             },
@@ -500,7 +324,7 @@ PATHS: dict[str, Any] = {
 AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
 
 
-def auth_post(summary: str, body: str, answers: dict[str, Any]) -> dict[str, Any]:
+def auth_post(summary: str, body: type[Struct], answers: dict[str, Any]) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
@@ -510,19 +334,19 @@ def auth_post(summary: str, body: str, answers: dict[str, Any]) -> dict[str, Any
     }
 
 
-TOKENS = {"description": "A new pair of tokens", "content": json_content(ref("Tokens"))}
+TOKENS = {"description": "A new pair of tokens", "content": json_content(ref(Tokens))}
 PATHS |= {
     "/api/auth/users": auth_post(
         "Register a user",
-        "Credentials",
+        Credentials,
         {
-            "201": {"description": "Registered", "content": json_content(ref("User"))},
+            "201": {"description": "Registered", "content": json_content(ref(User))},
             "409": problem("The username is taken (usernames are not case-sensitive)"),
         },
     ),
     "/api/auth/token": auth_post(
         "Log in: an access token and a refresh token",
-        "Credentials",
+        Credentials,
         {
             "200": TOKENS,
             "401": problem("Wrong username or password"),
@@ -531,12 +355,12 @@ PATHS |= {
     ),
     "/api/auth/token/refresh": auth_post(
         "Spend a refresh token for a new pair; a spent one presented again revokes its family",
-        "RefreshToken",
+        RefreshToken,
         {"200": TOKENS, "401": problem("Not a valid, unspent, unrevoked refresh token")},
     ),
     "/api/auth/logout": auth_post(
         "Revoke a refresh token and its family",
-        "RefreshToken",
+        RefreshToken,
         {
             "204": {"description": "Revoked"},
             "401": problem("Not a valid refresh token"),

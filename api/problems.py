@@ -6,12 +6,14 @@ import logging
 from typing import Any
 
 import asyncpg
+import msgspec
 import redis.exceptions
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from msgspec import UNSET
 
+from api.bodies import Problem
 from shared import errors
-from shared.codec import to_json
 
 log = logging.getLogger("api")
 
@@ -74,15 +76,15 @@ def problem(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> web.Response:
-    body: dict[str, Any] = {"type": TYPE_BASE + kind, "title": title, "status": status}
-    if detail:
-        body["detail"] = detail
-    body.update(extra)
+    body = Problem(TYPE_BASE + kind, title, status, detail or UNSET, **extra)
     headers = dict(headers or {})
     if status == 503:
         headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
     return web.Response(
-        status=status, body=to_json(body), content_type=PROBLEM_JSON, headers=headers
+        status=status,
+        body=msgspec.json.encode(body),
+        content_type=PROBLEM_JSON,
+        headers=headers,
     )
 
 

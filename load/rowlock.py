@@ -19,7 +19,8 @@ import uvloop
 from aiohttp import web
 
 from api.app import LISTEN_BACKLOG
-from api.inputs import operation_fields, read_json_object
+from api.bodies import OperationRequest, decode
+from api.inputs import read_json_object
 from shared.errors import InvalidInput
 from shared.money import format_minor
 
@@ -53,9 +54,8 @@ async def get_wallet(request: web.Request) -> web.Response:
 async def operate(request: web.Request) -> web.Response:
     wallet_id = request.match_info["wallet_id"]
     try:
-        kind, amount = operation_fields(
-            await read_json_object(request), frozenset({"operationType", "amount"})
-        )
+        request_body = decode(await read_json_object(request), OperationRequest)
+        kind, amount = request_body.kind, request_body.amount
     except InvalidInput as e:
         return reply({"status": 422, "detail": e.detail}, status=422)
     async with request.app[POOL].acquire() as conn, conn.transaction():

@@ -19,7 +19,32 @@ MAX_AMOUNT_MINOR = 1_000_000_000 * MINOR_PER_MAJOR
 # A balance is a PostgreSQL BIGINT of minor units.
 MAX_BALANCE_MINOR = 2**63 - 1
 
-_DECIMAL_STRING = re.compile(r"[0-9]{1,20}(\.[0-9]{1,2})?")
+MAX_AMOUNT_MAJOR = MAX_AMOUNT_MINOR // MINOR_PER_MAJOR
+assert str(MAX_AMOUNT_MAJOR).rstrip("0") == "1", "the pattern below needs a power of ten"
+# A decimal string amount: more than 0, at most the maximum, at most two decimals. The
+# parser and the API's document both use it.
+AMOUNT_PATTERN = (
+    r"^0*(0\.(0[1-9]|[1-9][0-9]?)"
+    rf"|[1-9][0-9]{{0,{len(str(MAX_AMOUNT_MAJOR)) - 2}}}(\.[0-9]{{1,2}})?"
+    rf"|{MAX_AMOUNT_MAJOR}(\.00?)?)$"
+)
+# An amount the API answers with: two fraction digits, always.
+MONEY_PATTERN = r"^-?[0-9]+\.[0-9]{2}$"
+AMOUNT_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": MAX_AMOUNT_MAJOR,
+            "multipleOf": 1 / MINOR_PER_MAJOR,
+        },
+        {"type": "string", "pattern": AMOUNT_PATTERN},
+    ],
+    "description": f"More than 0, at most {MAX_AMOUNT_MAJOR}.00, at most {FRACTION_DIGITS} "
+    "fraction digits: a JSON number (read exactly, never as a float) or a decimal string",
+    "examples": [1000, "10.25"],
+}
+_AMOUNT_STRING = re.compile(AMOUNT_PATTERN)
 
 
 def parse_amount(value: object, field: str = "amount") -> int:
@@ -27,12 +52,14 @@ def parse_amount(value: object, field: str = "amount") -> int:
     if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
         raise InvalidInput(field, "must be a number or a decimal string")
     if isinstance(value, str):
-        if not _DECIMAL_STRING.fullmatch(value):
+        if not _AMOUNT_STRING.fullmatch(value):
             raise InvalidInput(
-                field, 'must be a decimal string like "10.25": digits, at most 2 decimals'
+                field,
+                f'must be a decimal string like "10.25": digits, at most {FRACTION_DIGITS} '
+                f"decimals, more than 0 and at most {format_minor(MAX_AMOUNT_MINOR)}",
             )
         major, _, cents = value.partition(".")
-        return _checked(field, int(major) * MINOR_PER_MAJOR + int(cents.ljust(2, "0")))
+        return int(major) * MINOR_PER_MAJOR + int(cents.ljust(2, "0"))
     amount = Decimal(value)
     if not amount.is_finite():
         raise InvalidInput(field, "must be a finite number")

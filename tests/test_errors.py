@@ -12,7 +12,6 @@ import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
-from api.inputs import encode_cursor
 from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
@@ -160,8 +159,7 @@ async def test_bad_idempotency_keys_are_422(api: Client, key: str) -> None:
     assert problem["errors"][0]["field"] == "Idempotency-Key"
 
 
-def cursor(*position: object) -> str:
-    return encode_cursor(*position)
+WALLET = "0b6f2c36-6b5f-4c39-9f7e-3c1d2a6b8e41"
 
 
 @pytest.mark.parametrize(
@@ -171,22 +169,24 @@ def cursor(*position: object) -> str:
         "limit=101",
         "limit=abc",
         "limit=%C2%B2",  # a digit to str.isdigit(), not to int()
+        "cursor=",
         "cursor=%%%",
         "cursor=WzFd",
-        f"cursor={cursor(10**400, str(uuid.uuid4()))}",
-        f"cursor={cursor(-(10**17), str(uuid.uuid4()))}",
-        f"cursor={cursor(2**62, str(uuid.uuid4()))}",
-        f"cursor={cursor(1, 'not-a-uuid')}",
-        f"cursor={cursor(True, str(uuid.uuid4()))}",
+        f"cursor={'9' * 17}_{WALLET}",  # past datetime's range
+        f"cursor=-1_{WALLET}",
+        "cursor=1_not-a-uuid",
+        f"cursor=1_{WALLET.upper()}",
+        f"cursor=1_{WALLET}_",
+        f"cursor=1.5_{WALLET}",
     ],
 )
 async def test_bad_paging_of_wallets_is_422(api: Client, query: str) -> None:
     await problem_of(await api.get(f"/api/v1/wallets?{query}"), 422, "validation-error")
 
 
-@pytest.mark.parametrize("position", [2**64, 0, -1, 1.5, "1"])
-async def test_bad_paging_of_history_is_422(api: Client, position: object) -> None:
-    url = f"/api/v1/wallets/{uuid.uuid4()}/operations?cursor={cursor(position)}"
+@pytest.mark.parametrize("position", ["", "0", "-1", "1.5", "01", "9" * 19, "%201", "1%0A"])
+async def test_bad_paging_of_history_is_422(api: Client, position: str) -> None:
+    url = f"/api/v1/wallets/{uuid.uuid4()}/operations?cursor={position}"
     await problem_of(await api.get(url), 422, "validation-error")
 
 

@@ -1,0 +1,266 @@
+"""Every request and response body of the API, declared once.
+
+Each declaration is a msgspec Struct. From it come the validation of what clients send
+(`decode`), the rendering of what the API answers (`json_response`), and the schemas of the
+OpenAPI document (api/openapi.py). A rule that JSON Schema cannot state (one of two
+spellings of a field) is checked in the declaration's `__post_init__`, and stated beside it
+in `schema_extra` for the document.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import msgspec
+from aiohttp import web
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from shared.codec import OPERATION_TYPES, Outcome, format_time, ledger_outcome
+from shared.errors import InvalidInput
+from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, format_minor, parse_amount
+
+Uuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
+Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+Money = Annotated[
+    str,
+    Meta(
+        pattern=MONEY_PATTERN,
+        description="Exact money: a decimal string with two fraction digits",
+        examples=["1000.00"],
+    ),
+]
+OperationType = Literal["DEPOSIT", "WITHDRAW"]
+assert OperationType.__args__ == OPERATION_TYPES  # type: ignore[attr-defined]
+Amount = Annotated[Any, Meta(extra_json_schema=AMOUNT_SCHEMA)]
+USERNAME_PATTERN = "^[A-Za-z0-9_.-]{3,64}$"
+PASSWORD_LENGTH = (10, 256)
+
+
+class OperationRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A deposit to or a withdrawal from the wallet."""
+
+    # After decoding, `amount` is in minor units.
+
+    operationType: OperationType | UnsetType = UNSET
+    operation_type: Annotated[
+        OperationType | UnsetType, Meta(description="Another spelling of operationType")
+    ] = UNSET
+    amount: Amount
+
+    schema_extra: ClassVar[dict[str, Any]] = {
+        "oneOf": [{"required": ["operationType"]}, {"required": ["operation_type"]}]
+    }
+
+    def __post_init__(self) -> None:
+        if self.operationType is UNSET and self.operation_type is UNSET:
+            raise InvalidInput("operationType", "is required")
+        if self.operationType is not UNSET and self.operation_type is not UNSET:
+            raise InvalidInput("operationType", "give operationType or operation_type, not both")
+        self.amount = parse_amount(self.amount)
+
+    @property
+    def kind(self) -> str:
+        kind = self.operation_type if self.operationType is UNSET else self.operationType
+        assert kind is not UNSET
+        return kind
+
+
+class OperationFormRequest(OperationRequest, kw_only=True):
+    """The original form of the operation request: the wallet id travels in the body."""
+
+    walletId: uuid.UUID
+
+
+class Credentials(Struct, forbid_unknown_fields=True):
+    username: Annotated[str, Meta(pattern=USERNAME_PATTERN)]
+    password: Annotated[str, Meta(min_length=PASSWORD_LENGTH[0], max_length=PASSWORD_LENGTH[1])]
+
+
+class RefreshToken(Struct, forbid_unknown_fields=True):
+    refresh_token: str
+
+
+class Wallet(Struct):
+    id: Uuid
+    balance: Money
+    created_at: Time
+    updated_at: Time
+
+
+class WalletPage(Struct):
+    items: list[Wallet]
+    next_cursor: Annotated[str | None, Meta(description="The cursor of the next page")]
+
+
+class Operation(Struct):
+    """An operation and its outcome, as the ledger holds it."""
+
+    id: Uuid
+    wallet_id: Uuid
+    operation_type: OperationType
+    amount: Money
+    status: Literal["applied", "rejected"]
+    reason: Literal["insufficient_funds", "balance_limit"] | None
+    balance: Annotated[Money, Meta(description="The wallet's balance after this operation")]
+    seq: Annotated[int, Meta(ge=1, description="Its place in the wallet's ledger")]
+    created_at: Time
+
+
+class OperationPage(Struct):
+    items: list[Operation]
+    next_cursor: Annotated[str | None, Meta(description="The cursor of the next page")]
+
+
+class Pending(Struct):
+    """Queued and not yet applied: `href` shows the outcome once it is."""
+
+    id: Uuid
+    wallet_id: Uuid
+    status: Literal["pending"]
+    href: str
+
+
+class FieldError(Struct):
+    field: str
+    reason: str
+
+
+class Problem(Struct, omit_defaults=True):
+    """RFC 9457; `type` is stable per kind of error."""
+
+    type: Annotated[str, Meta(pattern="^urn:wallet-service:problem:")]
+    title: str
+    status: int
+    detail: str | UnsetType = UNSET
+    errors: list[FieldError] | UnsetType = UNSET
+    operation: Operation | UnsetType = UNSET
+    operation_id: Uuid | UnsetType = UNSET
+    checks: dict[str, str] | UnsetType = UNSET
+
+
+class User(Struct):
+    id: Uuid
+    username: str
+    created_at: Time
+
+
+class Tokens(Struct, kw_only=True):
+    token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 (the scheme, not a secret)
+    access_token: str
+    expires_in: Annotated[int, Meta(description="Seconds")]
+    refresh_token: Annotated[str, Meta(description="Use once, at token/refresh")]
+    refresh_expires_in: Annotated[int, Meta(description="Seconds")]
+
+
+class LiveSecond(Struct):
+    t: Annotated[int, Meta(description="Unix time, seconds")]
+    answered: int
+    p50_ms: float | None
+    p99_ms: float | None
+    committed: int
+    mean_batch: float | None
+    queued: int | None
+    queued_by_shard: dict[str, int] | None
+
+
+class Live(Struct):
+    window_seconds: int
+    shard_count: int
+    series: list[LiveSecond]
+
+
+class Health(Struct):
+    status: Literal["ok"]
+
+
+class Ready(Struct):
+    status: Literal["ready"]
+    checks: dict[str, str]
+
+
+BODIES: tuple[type[Struct], ...] = (
+    OperationRequest,
+    OperationFormRequest,
+    Credentials,
+    RefreshToken,
+    Wallet,
+    WalletPage,
+    Operation,
+    OperationPage,
+    Pending,
+    Problem,
+    User,
+    Tokens,
+    Live,
+    Health,
+    Ready,
+)
+
+_FIELD_NAMED = re.compile(r"(unknown|missing required) field `([^`]+)`")
+_AT_FIELD = re.compile(r"^(.*) - at `\$\.([A-Za-z_]+)")
+
+
+Body = TypeVar("Body", bound=Struct)
+
+
+def decode(data: dict[str, Any], body: type[Body]) -> Body:
+    """`data` (a JSON object, numbers as Decimal) as the declared body, or InvalidInput
+    naming the first field at fault."""
+    try:
+        return msgspec.convert(data, body)
+    except msgspec.ValidationError as e:
+        raise _invalid(str(e)) from None
+
+
+def _invalid(message: str) -> InvalidInput:
+    named = _FIELD_NAMED.search(message)
+    if named:
+        reason = "is not a known field" if named[1] == "unknown" else "is required"
+        return InvalidInput(named[2], reason)
+    at = _AT_FIELD.match(message)
+    if at:
+        reason = at[1].replace("`", "").replace("Expected", "must be")
+        return InvalidInput(at[2], reason[0].lower() + reason[1:])
+    return InvalidInput("body", message)
+
+
+def json_response(
+    body: Struct, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(body),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def wallet_body(row: Any) -> Wallet:
+    return Wallet(
+        id=row["id"],
+        balance=format_minor(row["balance"]),
+        created_at=format_time(row["created_at"]),
+        updated_at=format_time(row["updated_at"]),
+    )
+
+
+def operation_body(o: Outcome) -> Operation:
+    return Operation(
+        id=o.op_id,
+        wallet_id=o.wallet_id,
+        operation_type=o.kind,  # type: ignore[arg-type]
+        amount=format_minor(o.amount),
+        status=o.status,  # type: ignore[arg-type]
+        reason=o.reason,  # type: ignore[arg-type]
+        balance=format_minor(o.balance_after),
+        seq=o.seq,
+        created_at=o.created_at,
+    )
+
+
+def outcome_from_row(row: Any) -> Outcome:
+    return ledger_outcome(
+        row, op_id=row["id"], wallet_id=row["wallet_id"], created_at=format_time(row["created_at"])
+    )

@@ -1,0 +1,47 @@
+"""Whether this process and what it depends on are up: /health and /ready."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from api.appkeys import KEYS, PG, REDIS, REPLIES
+from api.bodies import Health, Ready, json_response
+from api.problems import DEPENDENCY_ERRORS, problem
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return json_response(Health("ok"))
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Ready when PostgreSQL and Redis answer and at least one worker is alive."""
+    app = request.app
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            async with app[PG].acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except DEPENDENCY_ERRORS as e:
+        checks["postgres"] = f"unavailable: {type(e).__name__}"
+    try:
+        async with asyncio.timeout(2):
+            live = await app[REDIS].zcount(app[KEYS].workers(), int(time.time() * 1000), "+inf")
+        checks["redis"] = "ok"
+        checks["workers"] = f"{live} live" if live else "none alive"
+    except (RedisError, OSError, TimeoutError) as e:
+        checks["redis"] = f"unavailable: {type(e).__name__}"
+        checks["workers"] = "unknown"
+    if not app[REPLIES].subscribed.is_set():
+        checks["replies"] = "reply channel not subscribed"
+    if all(v == "ok" or v.endswith(" live") for v in checks.values()):
+        return json_response(Ready("ready", checks))
+    return problem(503, "not-ready", "Not ready", "A dependency is missing", checks=checks)

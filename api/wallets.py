@@ -1,0 +1,94 @@
+"""Wallets: create, list, read; and who may see which wallet."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from api import queries
+from api.appkeys import OWNERS, PG, SETTINGS
+from api.auth import USER
+from api.bodies import WalletPage, json_response, wallet_body
+from api.inputs import WALLETS_CURSOR, cursor, page_limit, read_json_object, wallet_id_from_path
+from shared import errors
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+OWNERS_REMEMBERED = 100_000  # wallet id -> owner id, per API process
+routes = web.RouteTableDef()
+
+
+@routes.post("/api/v1/wallets")
+async def create_wallet(request: web.Request) -> web.Response:
+    if request.can_read_body:
+        body = await read_json_object(request)
+        if body:
+            raise errors.InvalidInput(sorted(body)[0], "is not a known field")
+    user = request.get(USER)
+    async with request.app[PG].acquire() as conn:
+        row = await queries.create_wallet(conn, user.user_id if user else None)
+    return json_response(
+        wallet_body(row), status=201, headers={"Location": f"/api/v1/wallets/{row['id']}"}
+    )
+
+
+@routes.get("/api/v1/wallets")
+async def list_wallets(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    after = None
+    if position := cursor(request, WALLETS_CURSOR):
+        micros, _, last_id = position.partition("_")
+        after = (EPOCH + timedelta(microseconds=int(micros)), last_id)
+    async with request.app[PG].acquire() as conn:
+        rows = await queries.list_wallets(conn, limit, after, owner_filter(request))
+    next_cursor = None
+    if len(rows) == limit:
+        last = rows[-1]
+        # Exact microseconds: a float would round some and skip or repeat wallets.
+        micros = (last["created_at"] - EPOCH) // timedelta(microseconds=1)
+        next_cursor = f"{micros}_{last['id']}"
+    return json_response(WalletPage([wallet_body(r) for r in rows], next_cursor))
+
+
+@routes.get("/api/v1/wallets/{wallet_id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
+    async with request.app[PG].acquire() as conn:
+        row = await queries.get_wallet(conn, wallet_id)
+    if row is None or not may_see(request, row["owner_id"]):
+        raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
+    return json_response(wallet_body(row))
+
+
+def owner_filter(request: web.Request) -> str | None:
+    """Whose wallets the request may list: the user's, or everyone's (None)."""
+    if not request.app[SETTINGS].auth_enabled:  # request.get() costs a KeyError
+        return None
+    user = request.get(USER)
+    return None if user is None or user.admin else user.user_id
+
+
+def may_see(request: web.Request, owner_id: str | None) -> bool:
+    scope = owner_filter(request)
+    return scope is None or scope == owner_id
+
+
+async def ensure_visible(request: web.Request, wallet_id: str) -> None:
+    """With authentication on, another user's wallet does not exist for this request: 404,
+    the same answer as for no wallet at all. A wallet's owner never changes, so each API
+    process remembers the owners it has looked up."""
+    scope = owner_filter(request)
+    if scope is None:
+        return
+    owners = request.app[OWNERS]
+    owner = owners.get(wallet_id)
+    if owner is None:
+        async with request.app[PG].acquire() as conn:
+            row = await queries.get_wallet(conn, wallet_id)
+        owner = row["owner_id"] if row else None
+        if owner is not None:
+            if len(owners) >= OWNERS_REMEMBERED:
+                del owners[next(iter(owners))]
+            owners[wallet_id] = owner
+    if owner != scope:
+        raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
