@@ -1,0 +1,26 @@
+"""Schemathesis hooks for tests/test_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
+
+An Idempotency-Key sent again with another request is refused with 422 by design: that is
+state, not the validity of the request. A key the run already sent with another request is
+replaced by a fresh one, so that the positive-data check judges each request on its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import schemathesis
+
+KEY = "Idempotency-Key"
+sent: dict[str, str] = {}
+
+
+@schemathesis.hook
+def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    key = (case.headers or {}).get(KEY)
+    if key is None:
+        return
+    request = repr((case.method, case.formatted_path, case.body))
+    if sent.setdefault(key, request) != request:
+        case.headers[KEY] = str(uuid.uuid4())
