@@ -172,6 +172,7 @@ async def _issue(
     )
     return json_response(
         Tokens(
+            token_type="Bearer",  # noqa: S106 (the scheme, not a secret)
             access_token=_token(settings, ACCESS, user_id, settings.access_token_ttl, adm=admin),
             expires_in=int(settings.access_token_ttl),
             refresh_token=_token(

@@ -31,6 +31,12 @@ Money = Annotated[
         examples=["1000.00"],
     ),
 ]
+
+
+class Body(Struct, forbid_unknown_fields=True):
+    """A body of the API: a JSON object with exactly the fields declared."""
+
+
 OperationType = Literal["DEPOSIT", "WITHDRAW"]
 assert OperationType.__args__ == OPERATION_TYPES  # type: ignore[attr-defined]
 Amount = Annotated[Any, Meta(extra_json_schema=AMOUNT_SCHEMA)]
@@ -38,7 +44,7 @@ USERNAME_PATTERN = "^[A-Za-z0-9_.-]{3,64}$"
 PASSWORD_LENGTH = (10, 256)
 
 
-class OperationRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+class OperationRequest(Body, kw_only=True):
     """A deposit to or a withdrawal from the wallet."""
 
     # After decoding, `amount` is in minor units.
@@ -73,28 +79,28 @@ class OperationFormRequest(OperationRequest, kw_only=True):
     walletId: uuid.UUID
 
 
-class Credentials(Struct, forbid_unknown_fields=True):
+class Credentials(Body):
     username: Annotated[str, Meta(pattern=USERNAME_PATTERN)]
     password: Annotated[str, Meta(min_length=PASSWORD_LENGTH[0], max_length=PASSWORD_LENGTH[1])]
 
 
-class RefreshToken(Struct, forbid_unknown_fields=True):
+class RefreshToken(Body):
     refresh_token: str
 
 
-class Wallet(Struct):
+class Wallet(Body):
     id: Uuid
     balance: Money
     created_at: Time
     updated_at: Time
 
 
-class WalletPage(Struct):
+class WalletPage(Body):
     items: list[Wallet]
     next_cursor: Annotated[str | None, Meta(description="The cursor of the next page")]
 
 
-class Operation(Struct):
+class Operation(Body):
     """An operation and its outcome, as the ledger holds it."""
 
     id: Uuid
@@ -108,12 +114,12 @@ class Operation(Struct):
     created_at: Time
 
 
-class OperationPage(Struct):
+class OperationPage(Body):
     items: list[Operation]
     next_cursor: Annotated[str | None, Meta(description="The cursor of the next page")]
 
 
-class Pending(Struct):
+class Pending(Body):
     """Queued and not yet applied: `href` shows the outcome once it is."""
 
     id: Uuid
@@ -122,12 +128,12 @@ class Pending(Struct):
     href: str
 
 
-class FieldError(Struct):
+class FieldError(Body):
     field: str
     reason: str
 
 
-class Problem(Struct, omit_defaults=True):
+class Problem(Body, omit_defaults=True):
     """RFC 9457; `type` is stable per kind of error."""
 
     type: Annotated[str, Meta(pattern="^urn:wallet-service:problem:")]
@@ -140,21 +146,21 @@ class Problem(Struct, omit_defaults=True):
     checks: dict[str, str] | UnsetType = UNSET
 
 
-class User(Struct):
+class User(Body):
     id: Uuid
     username: str
     created_at: Time
 
 
-class Tokens(Struct, kw_only=True):
-    token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 (the scheme, not a secret)
+class Tokens(Body):
+    token_type: Literal["Bearer"]
     access_token: str
     expires_in: Annotated[int, Meta(description="Seconds")]
     refresh_token: Annotated[str, Meta(description="Use once, at token/refresh")]
     refresh_expires_in: Annotated[int, Meta(description="Seconds")]
 
 
-class LiveSecond(Struct):
+class LiveSecond(Body):
     t: Annotated[int, Meta(description="Unix time, seconds")]
     answered: int
     p50_ms: float | None
@@ -165,22 +171,22 @@ class LiveSecond(Struct):
     queued_by_shard: dict[str, int] | None
 
 
-class Live(Struct):
+class Live(Body):
     window_seconds: int
     shard_count: int
     series: list[LiveSecond]
 
 
-class Health(Struct):
+class Health(Body):
     status: Literal["ok"]
 
 
-class Ready(Struct):
+class Ready(Body):
     status: Literal["ready"]
     checks: dict[str, str]
 
 
-BODIES: tuple[type[Struct], ...] = (
+BODIES: tuple[type[Body], ...] = (
     OperationRequest,
     OperationFormRequest,
     Credentials,
@@ -202,10 +208,10 @@ _FIELD_NAMED = re.compile(r"(unknown|missing required) field `([^`]+)`")
 _AT_FIELD = re.compile(r"^(.*) - at `\$\.([A-Za-z_]+)")
 
 
-Body = TypeVar("Body", bound=Struct)
+Declared = TypeVar("Declared", bound=Body)
 
 
-def decode(data: dict[str, Any], body: type[Body]) -> Body:
+def decode(data: dict[str, Any], body: type[Declared]) -> Declared:
     """`data` (a JSON object, numbers as Decimal) as the declared body, or InvalidInput
     naming the first field at fault."""
     try:
@@ -227,7 +233,7 @@ def _invalid(message: str) -> InvalidInput:
 
 
 def json_response(
-    body: Struct, status: int = 200, headers: dict[str, str] | None = None
+    body: Body, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
         body=msgspec.json.encode(body),
