@@ -53,7 +53,7 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from shared.devstack import embedded_postgres, embedded_redis, migrate, spawn, with_database
+from shared.devstack import embedded_postgres, embedded_redis, with_database
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
@@ -119,8 +119,10 @@ class Target:
     design: str
     base: str
     processes: dict[str, subprocess.Popen[bytes]]
+    pg: Any  # a pool on the target's database: wallets, balances, the ledger
     # how many operations it holds queued, if it queues them
     queued: Callable[[], Awaitable[int]] | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # its processes' settings
 
 
 def cpu_seconds(pid: int) -> float:
@@ -371,7 +373,8 @@ async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def run_phase(pg: Any, target: Target, wallets: Sequence[str], phase: Phase) -> Phase:
+async def run_phase(target: Target, wallets: Sequence[str], phase: Phase) -> Phase:
+    pg = target.pg
     before = await balances(pg, wallets)
     started = await pg.fetchval("SELECT clock_timestamp()")
     cpu = {name: cpu_seconds(p.pid) for name, p in target.processes.items()}
@@ -381,7 +384,7 @@ async def run_phase(pg: Any, target: Target, wallets: Sequence[str], phase: Phas
         name: (cpu_seconds(p.pid) - cpu[name]) / phase.elapsed
         for name, p in target.processes.items()
     }
-    await until_quiet(pg, target)
+    await until_quiet(target)
     # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
     rows = await pg.fetch(
         "SELECT wallet_id::text, count(DISTINCT xmin::text) AS commits, count(*) AS operations,"
@@ -408,13 +411,13 @@ async def run_phase(pg: Any, target: Target, wallets: Sequence[str], phase: Phas
     return phase
 
 
-async def until_quiet(pg: Any, target: Target, within: float = 60) -> None:
+async def until_quiet(target: Target, within: float = 60) -> None:
     """Waits until no other session works in the database and the target has nothing
     queued: an overloaded server may still be draining requests its clients gave up on,
     and would weigh on the next phase."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        busy = await pg.fetchval(
+        busy = await target.pg.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND state = 'active' AND pid <> pg_backend_pid()"
         )
@@ -478,7 +481,7 @@ def closed_table(phases: list[Phase]) -> str:
     for p in phases:
         reference = next((r for r in phases if r.name == p.name and r.design == "row lock"), None)
         ratio = "-"
-        if p.design == "service" and reference is not None and rate(reference):
+        if p.design != "row lock" and reference is not None and rate(reference):
             ratio = f"{rate(p) / rate(reference):.2f}x"
         lines.append(
             f"| {p.name} | {p.design} | {rate(p):.0f} | {ratio} | {p.percentile(50):.2f} "
@@ -522,10 +525,12 @@ class Results:
     def all(self) -> list[Phase]:
         return self.closed + self.open
 
-    def closed_pair(self, name: str) -> tuple[Phase, Phase] | None:
+    def closed_pair(
+        self, name: str, design: str = "service", reference: str = "row lock"
+    ) -> tuple[Phase, Phase] | None:
         found = {p.design: p for p in self.closed if p.name == name}
-        if "service" in found and "row lock" in found:
-            return found["service"], found["row lock"]
+        if design in found and reference in found:
+            return found[design], found[reference]
         return None
 
 
@@ -534,10 +539,38 @@ def closed_name(connections: int, wallets: int) -> str:
     return f"{clients}, {wallets} wallet{'s' if wallets > 1 else ''}"
 
 
-def targets(results: Results, rate_name: str) -> list[tuple[str, str, bool]]:
-    """The targets of the service (issue: group commit without a timer) that this run can
-    judge: what each asks, what was measured, and whether it holds."""
+def targets(
+    results: Results, rate_name: str, baseline: str | None = None
+) -> list[tuple[str, str, bool]]:
+    """The targets of the service that this run can judge: what each asks, what was
+    measured, and whether it holds."""
     rows: list[tuple[str, str, bool]] = []
+    best = results.best
+
+    def best_ratio(what: str, design: str, reference: str, least: float) -> None:
+        if {design, reference} <= set(best):
+            ratio = best[design] / max(best[reference], 1)
+            measured = f"{ratio:.2f}x ({best[design]}/s against {best[reference]}/s)"
+            rows.append((what, measured, ratio >= least))
+
+    if baseline is not None:
+        pair = results.closed_pair(closed_name(1, 1), reference=baseline)
+        if pair:
+            ratio = rate(pair[0]) / rate(pair[1]) if rate(pair[1]) else 0.0
+            rows.append(
+                (
+                    f"1 connection: at most 5% slower than {baseline}",
+                    f"{ratio:.2f}x ({rate(pair[0]):.0f} against {rate(pair[1]):.0f} req/s)",
+                    ratio >= 0.95,
+                )
+            )
+        best_ratio(
+            f"highest rate sustained on 1 wallet: at most 5% below {baseline}'s "
+            "(in steps of the search)",
+            "service",
+            baseline,
+            0.95,
+        )
     one = results.closed_pair(closed_name(1, 1))
     if one:
         service, reference = one
@@ -576,25 +609,12 @@ def targets(results: Results, rate_name: str) -> list[tuple[str, str, bool]]:
                 constant.percentile(99) <= 25 and constant.bad == 0,
             )
         )
-    best = results.best
-    if {"service", "row lock"} <= set(best):
-        ratio = best["service"] / max(best["row lock"], 1)
-        rows.append(
-            (
-                "highest rate sustained on 1 wallet: at least 4x the row lock's",
-                f"{ratio:.1f}x ({best['service']}/s against {best['row lock']}/s)",
-                ratio >= 4,
-            )
-        )
-    if {"service", "many"} <= set(best):
-        share = best["many"] / max(best["service"], 1)
-        rows.append(
-            (
-                "highest rate over 10,000 wallets: at least 80% of 1 wallet's",
-                f"{share:.0%} ({best['many']}/s against {best['service']}/s)",
-                share >= 0.8,
-            )
-        )
+    best_ratio(
+        "highest rate sustained on 1 wallet: at least 4x the row lock's", "service", "row lock", 4
+    )
+    best_ratio(
+        "highest rate over 10,000 wallets: at least 80% of 1 wallet's", "many", "service", 0.8
+    )
     exact = all(p.balance_ok for p in results.all())
     missing = sum(p.bad for p in results.all())
     rows.append(
@@ -617,14 +637,14 @@ def targets_table(rows: list[tuple[str, str, bool]]) -> str:
 
 
 async def find_max(
-    pg: Any, target: Target, wallet_count: int, rates: list[int], args: argparse.Namespace
+    target: Target, wallet_count: int, rates: list[int], args: argparse.Namespace
 ) -> tuple[int, list[Phase]]:
     best, phases = 0, []
     for rate in rates:
-        wallets = await new_wallets(pg, wallet_count)
+        wallets = await new_wallets(target.pg, wallet_count)
         name = f"max on {'1 wallet' if wallet_count == 1 else f'{wallet_count} wallets'}"
         phase = Phase(name, target.design, rate, args.step_seconds)
-        phase = await run_phase(pg, target, wallets, phase)
+        phase = await run_phase(target, wallets, phase)
         phases.append(phase)
         print(table([phase]).splitlines()[-1], flush=True)
         if not (phase.sustained(args.p99_limit) and phase.balance_ok):
@@ -645,103 +665,155 @@ def servers(workdir: Path) -> Iterator[tuple[str, str]]:
         yield pg_url, redis_url
 
 
-async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> Results:
-    name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def checkout(ref: str, directory: Path) -> Iterator[Path]:
+    """The project at `ref`, in a git worktree of its own for the length of the run."""
+    subprocess.run(
+        ["git", "worktree", "add", "--quiet", "--detach", str(directory), ref],
+        cwd=ROOT,
+        check=True,
+    )
+    try:
+        yield directory
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(directory)], cwd=ROOT, check=False
+        )
+
+
+def start_in(root: Path, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`python -m module` as the checkout at `root` has it, its output discarded."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=root,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def bench(
+    args: argparse.Namespace, pg_server: str, redis_url: str, baseline: Path | None
+) -> Results:
     admin = await asyncpg.connect(pg_server)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    database_url = with_database(pg_server, name)
-    await asyncio.to_thread(migrate, database_url)
-    service_port, rowlock_port = free_port(), free_port()
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "REDIS_KEY_PREFIX": f"bench-{name}",
-        "WORKER_METRICS_PORT": "0",
-        "HOST": "127.0.0.1",
-    }
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    api_env = {**env, "PORT": str(service_port), "REUSE_PORT": str(args.api_processes > 1)}
-    apis = {
-        "api" if args.api_processes == 1 else f"api{n}": spawn("api", api_env, **quiet)
-        for n in range(args.api_processes)
-    }
     redis = Redis.from_url(redis_url)
-    keys = KeySpace(env["REDIS_KEY_PREFIX"], Settings.shard_count)
+    databases: list[str] = []
+    targets_run: list[Target] = []
 
-    async def service_queued() -> int:
-        counts = await redis.mget([keys.queued(s) for s in range(keys.shard_count)])
-        return sum(int(n or 0) for n in counts)
+    async def service_at(design: str, root: Path) -> Target:
+        """The service as the checkout at `root` has it, on a database and Redis key prefix
+        of its own (two sets of workers on one database would fence each other's shards)."""
+        name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        databases.append(name)
+        env = {
+            "DATABASE_URL": with_database(pg_server, name),
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": f"bench-{name}",
+            "WORKER_METRICS_PORT": "0",
+            "HOST": "127.0.0.1",
+        }
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=root,
+            env={**os.environ, **env},
+            check=True,
+        )
+        port = free_port()
+        api_env = {**env, "PORT": str(port), "REUSE_PORT": str(args.api_processes > 1)}
+        processes = {
+            "api" if args.api_processes == 1 else f"api{n}": start_in(root, "api", api_env)
+            for n in range(args.api_processes)
+        }
+        processes["worker"] = start_in(root, "worker", env)
+        keys = KeySpace(env["REDIS_KEY_PREFIX"], Settings.shard_count)
 
-    service = Target(
-        "service",
-        f"http://127.0.0.1:{service_port}",
-        {**apis, "worker": spawn("worker", env, **quiet)},
-        service_queued,
-    )
-    rowlock = Target(
-        "row lock",
-        f"http://127.0.0.1:{rowlock_port}",
-        {"rowlock": spawn("load.rowlock", {**env, "PORT": str(rowlock_port)}, **quiet)},
-    )
-    results = Results()
-    pg = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        async def queued() -> int:
+            counts = await redis.mget([keys.queued(s) for s in range(keys.shard_count)])
+            return sum(int(n or 0) for n in counts)
+
+        pg = await asyncpg.create_pool(env["DATABASE_URL"], min_size=1, max_size=2)
+        target = Target(design, f"http://127.0.0.1:{port}", processes, pg, queued, env)
+        targets_run.append(target)
+        return target
 
     async def warm_up(target: Target) -> None:
         """Connections, prepared statements, caches, a worker owning its shards; not reported."""
-        await run_phase(pg, target, await new_wallets(pg, 1), Phase("", target.design, 200, 3))
+        wallets = await new_wallets(target.pg, 1)
+        await run_phase(target, wallets, Phase("", target.design, 200, 3))
 
+    results = Results()
     try:
+        service = await service_at("service", ROOT)
+        rowlock_port = free_port()
+        rowlock_env = {**service.env, "PORT": str(rowlock_port)}
+        rowlock = Target(
+            "row lock",
+            f"http://127.0.0.1:{rowlock_port}",
+            {"rowlock": start_in(ROOT, "load.rowlock", rowlock_env)},
+            service.pg,
+        )
+        targets_run.append(rowlock)
+        compared = [service, rowlock]
+        if baseline is not None:
+            compared.insert(1, await service_at(f"service at {args.baseline}", baseline))
         async with aiohttp.ClientSession() as http:
-            await wait_ready(http, f"{service.base}/ready")
-            for target in (service, rowlock):
+            for target in compared:
+                if target.queued is not None:
+                    await wait_ready(http, f"{target.base}/ready")
                 await warm_up(target)
             for connections, wallet_count in args.closed_loops:
                 label = closed_name(connections, wallet_count)
-                for target in (service, rowlock):
-                    wallets = await new_wallets(pg, wallet_count)
+                for target in compared:
+                    wallets = await new_wallets(target.pg, wallet_count)
                     phase = Phase(label, target.design, 0, args.closed_seconds, connections)
-                    results.closed.append(await run_phase(pg, target, wallets, phase))
+                    results.closed.append(await run_phase(target, wallets, phase))
                     print(closed_table(results.closed[-1:]).splitlines()[-1], flush=True)
             if args.closed_only:
                 return results
-            for target in (service, rowlock):
-                wallets = await new_wallets(pg, 1)
+            for target in compared:
+                wallets = await new_wallets(target.pg, 1)
                 phase = Phase(f"{args.rate}/s on 1 wallet", target.design, args.rate, args.seconds)
-                results.open.append(await run_phase(pg, target, wallets, phase))
+                results.open.append(await run_phase(target, wallets, phase))
                 print(table(results.open[-1:]).splitlines()[-1], flush=True)
             if not (args.smoke or args.constant_only):
                 rates = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 7000, 8000, 10000]
-                for key, target, wallet_count, steps in (
-                    ("service", service, 1, rates),
+                searches = [(t.design, t, 1, rates) for t in compared if t is not rowlock]
+                searches += [
                     ("row lock", rowlock, 1, [250, 500, 750, 1000, 1250, 1500, 2000, 2500]),
                     ("many", service, 10_000, rates),
-                ):
-                    results.best[key], more = await find_max(pg, target, wallet_count, steps, args)
+                ]
+                for key, target, wallet_count, steps in searches:
+                    results.best[key], more = await find_max(target, wallet_count, steps, args)
                     results.open += more
             for interval in args.intervals:
                 # A worker of its own for each setting: SIGTERM hands the shards over.
                 worker = service.processes["worker"]
                 worker.terminate()
                 worker.wait(timeout=30)
-                service.processes["worker"] = spawn(
-                    "worker", {**env, "BATCH_INTERVAL": str(interval)}, **quiet
-                )
+                env = {**service.env, "BATCH_INTERVAL": str(interval)}
+                service.processes["worker"] = start_in(ROOT, "worker", env)
                 await warm_up(service)
                 label = f"{args.rate}/s, BATCH_INTERVAL={interval}"
                 phase = Phase(label, "service", args.rate, args.interval_seconds)
-                results.open.append(await run_phase(pg, service, await new_wallets(pg, 1), phase))
+                wallets = await new_wallets(service.pg, 1)
+                results.open.append(await run_phase(service, wallets, phase))
                 print(table(results.open[-1:]).splitlines()[-1], flush=True)
     finally:
-        await pg.close()
-        processes = [p for target in (service, rowlock) for p in target.processes.values()]
+        processes = [p for target in targets_run for p in target.processes.values()]
         for p in processes:
             p.terminate()
         for p in processes:
             p.wait(timeout=30)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        for target in targets_run:
+            if target.queued is not None:
+                await target.pg.close()
+        for name in databases:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            async for key in redis.scan_iter(match=f"bench-{name}:*", count=1000):
+                await redis.unlink(key)
         await admin.close()
-        async for key in redis.scan_iter(match=f"{env['REDIS_KEY_PREFIX']}:*", count=1000):
-            await redis.unlink(key)
         await redis.aclose()
     return results
 
@@ -822,6 +894,12 @@ def main(argv: list[str] | None = None) -> int:
         help="closed-loop phases as CONNECTIONSxWALLETS, comma-separated (the full run: "
         f"{','.join(f'{c}x{w}' for c, w in CLOSED_LOOPS)})",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the service as git REF has it (a commit, a branch), in the same "
+        "phases, to compare a change with what it changes",
+    )
     parser.add_argument("--update-readme", action="store_true", help="write the tables to README")
     args = parser.parse_args(argv)
     if args.intervals is None:
@@ -831,8 +909,13 @@ def main(argv: list[str] | None = None) -> int:
         args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
         args.closed_seconds = min(args.closed_seconds, 2)
     command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as (pg_server, redis_url):
-        results = uvloop.run(bench(args, pg_server, redis_url))
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        pg_server, redis_url = stack.enter_context(servers(workdir))
+        baseline_root = None
+        if args.baseline:
+            baseline_root = stack.enter_context(checkout(args.baseline, workdir / "baseline"))
+        results = uvloop.run(bench(args, pg_server, redis_url, baseline_root))
     parts = [
         f"`{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}, {machine()}; "
         f"{'configured' if os.environ.get('DATABASE_URL') else 'embedded'} PostgreSQL and "
@@ -843,7 +926,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if results.open:
         parts += ["Open model (deposits and withdrawals at a constant rate):", table(results.open)]
-    parts += ["Targets:", targets_table(targets(results, f"{args.rate}/s on 1 wallet"))]
+    rate_name = f"{args.rate}/s on 1 wallet"
+    baseline = f"service at {args.baseline}" if args.baseline else None
+    parts += ["Targets:", targets_table(targets(results, rate_name, baseline))]
     report = "\n\n".join(parts)
     print("\n" + report)
     if args.update_readme:
