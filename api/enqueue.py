@@ -12,25 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
-from shared.connections import round_trip
+from shared import connections
+from shared.errors import DependencyUnavailable
 from shared.scripts import ENQUEUE, ENQUEUE_SHA
 
+log = logging.getLogger("api.enqueue")
 _Call = tuple[tuple[Any, ...], asyncio.Future[Any]]
+RoundTrip = Callable[[AbstractConnection, Sequence[Sequence[Any]]], Awaitable[list[Any]]]
+RESTART_DELAY = 0.1  # after a failure of the enqueuer itself, not of Redis
 
 
 class Enqueuer:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, round_trip: RoundTrip = connections.round_trip) -> None:
         self.redis = redis
+        self.round_trip = round_trip
         self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._pending: list[_Call] = []
+        self._sending: list[_Call] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self.restarts = 0
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         """Runs the ENQUEUE script; returns its answer (the entry id, or None when full)."""
@@ -40,14 +50,32 @@ class Enqueuer:
         return await future
 
     async def run(self) -> None:
-        """Sends what is pending, one round trip at a time, until close()."""
+        """Sends what is pending, one round trip at a time, until close(). Supervised: if
+        sending fails in a way it does not handle (a bug), the calls it held fail with 503
+        and it starts again on a new connection, so that no request waits for ever."""
+        while not self._closing:
+            try:
+                await self._serve()
+            except Exception as e:
+                self.restarts += 1
+                log.exception("the enqueuer failed; its calls get 503, and it starts again")
+                failed, self._sending = self._sending, []
+                error = DependencyUnavailable(f"Queueing the operation failed: {e!r}")
+                for _, future in failed:
+                    if not future.done():
+                        future.set_exception(error)
+                await self._connection.disconnect(nowait=True)
+                await asyncio.sleep(RESTART_DELAY)
+        await self._connection.disconnect()
+
+    async def _serve(self) -> None:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            calls, self._pending = self._pending, []
-            if calls:
-                await self._send(calls)
-        await self._connection.disconnect()
+            self._sending, self._pending = self._pending, []
+            if self._sending:
+                await self._send(self._sending)
+            self._sending = []
 
     def close(self) -> None:
         self._closing = True
@@ -57,13 +85,13 @@ class Enqueuer:
         commands = [("EVALSHA", ENQUEUE_SHA, *args) for args, _ in calls]
         try:
             try:
-                results = await round_trip(self._connection, commands)
+                results = await self.round_trip(self._connection, commands)
             except RedisConnectionError:
                 # A connection Redis has closed (a restart, a killed client) fails when next
                 # used: once more on a new one. If only the answer was lost, the operations
                 # are queued twice, and the worker answers the second of each as a replay.
-                results = await round_trip(self._connection, commands)
-        except Exception as e:  # Redis is unreachable: every call failed
+                results = await self.round_trip(self._connection, commands)
+        except (RedisError, OSError) as e:  # Redis is unreachable: every call failed
             for _, future in calls:
                 if not future.done():
                     future.set_exception(e)

@@ -107,11 +107,10 @@ async def submit_operation(
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
+    message = encode_request(QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag))
     try:
-        message = encode_request(
-            QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag)
-        )
-        try:
+        # One bound for the whole request: queueing it and waiting for its outcome.
+        async with asyncio.timeout(settings.reply_timeout):
             entry = await app[ENQUEUE](
                 keys=keys.enqueue_keys(wallet_id),
                 args=[
@@ -121,20 +120,17 @@ async def submit_operation(
                     settings.shard_queue_limit,
                 ],
             )
-        except RedisTimeoutError:
-            # Redis may have queued it: the operation's URL will tell.
-            return pending_response(wallet_id, op_id)
-        if entry is None:
-            raise errors.QueueFull(
-                f"The queue of this wallet (at most {settings.wallet_queue_limit} operations) "
-                f"or of its shard (at most {settings.shard_queue_limit}) is full; retry later"
-            )
-        try:
-            async with asyncio.timeout(settings.reply_timeout):
-                return outcome_response(await outcome)
-        except TimeoutError:
-            app[METRICS].reply_timeouts.inc()
-            return pending_response(wallet_id, op_id)
+            if entry is None:
+                raise errors.QueueFull(
+                    f"The queue of this wallet (at most {settings.wallet_queue_limit} "
+                    f"operations) or of its shard (at most {settings.shard_queue_limit}) is "
+                    "full; retry later"
+                )
+            return outcome_response(await outcome)
+    except (TimeoutError, RedisTimeoutError):
+        # It may be queued, even applied: the operation's URL will tell.
+        app[METRICS].reply_timeouts.inc()
+        return pending_response(wallet_id, op_id)
     finally:
         replies.forget(tag)
 

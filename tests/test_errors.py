@@ -268,7 +268,7 @@ async def test_queue_over_its_bound_is_503_with_retry_after(
     aiohttp_client: AiohttpClient, settings: Settings
 ) -> None:
     """No worker runs: the wallet's queue fills up and the next operation is refused."""
-    tight = dataclasses.replace(settings, wallet_queue_limit=3, reply_timeout=0.05)
+    tight = dataclasses.replace(settings, wallet_queue_limit=3, reply_timeout=0.5)
     api = await aiohttp_client(create_app(tight))
     wallet = str(uuid.uuid4())
     for _ in range(3):

@@ -1,0 +1,110 @@
+"""The API's enqueuer: many requests to one Redis round trip, and supervised, so that a
+failure of its own never leaves a request waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from api.app import create_app
+from api.enqueue import Enqueuer
+from shared import connections
+from shared.errors import DependencyUnavailable
+from shared.keys import KeySpace
+from shared.settings import Settings
+from tests.conftest import AiohttpClient
+from tests.helpers import eventually, operate
+
+
+def call_for(settings: Settings) -> dict[str, Any]:
+    wallet = str(uuid.uuid4())
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    return {"keys": keys.enqueue_keys(wallet), "args": [wallet, b"message", 10, 10]}
+
+
+async def test_a_failing_enqueuer_fails_its_calls_with_503_and_starts_again(
+    settings: Settings, redis: Redis
+) -> None:
+    breaks = 1
+
+    async def breaking_once(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        nonlocal breaks
+        if breaks:
+            breaks -= 1
+            raise RuntimeError("a bug in the enqueuer")
+        return await connections.round_trip(connection, commands)
+
+    enqueue = Enqueuer(redis, round_trip=breaking_once)
+    running = asyncio.create_task(enqueue.run())
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(DependencyUnavailable):
+                await enqueue(**call_for(settings))
+            entry = await enqueue(**call_for(settings))
+        assert isinstance(entry, bytes)  # queued: the stream entry's id
+        assert enqueue.restarts == 1
+        assert not running.done()
+    finally:
+        enqueue.close()
+        await asyncio.wait_for(running, 5)
+
+
+async def test_calls_waiting_behind_a_failed_round_trip_are_sent_after_the_restart(
+    settings: Settings, redis: Redis
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    breaks = 1
+
+    async def stalled_then_broken(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        nonlocal breaks
+        if breaks:
+            breaks -= 1
+            started.set()
+            await release.wait()
+            raise RuntimeError("a bug in the enqueuer")
+        return await connections.round_trip(connection, commands)
+
+    enqueue = Enqueuer(redis, round_trip=stalled_then_broken)
+    running = asyncio.create_task(enqueue.run())
+    try:
+        first = asyncio.create_task(enqueue(**call_for(settings)))
+        async with asyncio.timeout(5):
+            await started.wait()  # the first round trip is under way
+            second = asyncio.create_task(enqueue(**call_for(settings)))
+            release.set()
+            with pytest.raises(DependencyUnavailable):
+                await first
+            assert isinstance(await second, bytes)
+    finally:
+        enqueue.close()
+        await asyncio.wait_for(running, 5)
+
+
+async def test_a_request_waits_no_longer_than_its_bound_when_redis_does_not_answer(
+    aiohttp_client: AiohttpClient, settings: Settings, redis: Redis, worker: Any
+) -> None:
+    """Redis holds every write for 10 s: the request is answered 202 with its URL when its
+    bound (REPLY_TIMEOUT) runs out while it is still being queued, not when Redis answers."""
+    api = await aiohttp_client(create_app(dataclasses.replace(settings, reply_timeout=0.5)))
+    r = await api.post("/api/v1/wallets")
+    wallet = (await r.json())["id"]
+    await redis.client_pause(10_000, all=False)  # writes only
+    try:
+        status, body, headers = await operate(api, wallet, "DEPOSIT", 1)
+    finally:
+        await redis.client_unpause()
+    assert status == 202
+    assert headers["Location"] == body["href"]
+
+    async def applied() -> bool:
+        r = await api.get(body["href"])
+        return r.status == 200 and (await r.json())["status"] == "applied"
+
+    # Queued after all, once Redis went on: the URL tells its outcome.
+    await eventually(applied, what="the operation queued during the pause to be applied")
