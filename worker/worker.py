@@ -40,6 +40,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from shared.backoff import backoff
 from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
 from shared.connections import (
     REDIS_SOCKET_TIMEOUT,
@@ -75,6 +76,7 @@ WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken me
 # has its backlog found by the rescan at once, and its new wake-ups read after it
 WAKE_COUNT = 1000  # wake entries one read takes of each shard
 WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims them
+RETRY_DELAY_FIRST = 0.1  # the wait after one failure; it doubles up to the most
 RETRY_DELAY_MAX = 2.0
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 # A batch that fails with these fails for what is in it (a wallet whose rows someone changed
@@ -84,6 +86,7 @@ BAD_BATCH_ERRORS = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.DataError,
 )
+PARKED_DELAY_FIRST = 2.0
 PARKED_DELAY_MAX = 60.0
 # How many wallets' states a worker keeps between batches (the most recently written).
 KNOWN_WALLETS_MAX = 100_000
@@ -230,7 +233,7 @@ class Worker:
                     continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
-                    delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
+                    delay = backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX)
                     log.warning(
                         "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
                     )
@@ -363,7 +366,7 @@ class Worker:
         for wallet in self._round:
             self.isolating.discard(wallet)
             failures = self.parked.get(wallet, (0.0, 0))[1] + 1
-            delay = min(PARKED_DELAY_MAX, 2.0**failures)
+            delay = backoff(failures, PARKED_DELAY_FIRST, PARKED_DELAY_MAX)
             self.parked[wallet] = (time.monotonic() + delay, failures)
             log.error(
                 "wallet %s cannot be applied (%s: %s); its operations wait in its stream, "
@@ -583,7 +586,7 @@ class Worker:
                 except (RedisError, OSError) as e:
                     failures += 1
                     log.warning("reading the wake-ups failed (%s)", e)
-                    await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
+                    await asyncio.sleep(backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX))
                     continue
                 failures = 0
                 for shard in due:
