@@ -33,7 +33,6 @@ import uuid
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -41,7 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.backoff import backoff
-from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
+from shared.codec import MessageError, Outcome, encode_outcomes
 from shared.connections import (
     REDIS_SOCKET_TIMEOUT,
     open_pg_pool,
@@ -68,10 +67,10 @@ from worker.apply import (
     apply_batch,
     take_shard,
 )
+from worker.backlog import START, Backlog, DeadLetter, Reading, Wake, decode_entry
 
 log = logging.getLogger("worker")
 
-START = "0-0"
 WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken meanwhile
 # has its backlog found by the rescan at once, and its new wake-ups read after it
 WAKE_COUNT = 1000  # wake entries one read takes of each shard
@@ -86,20 +85,10 @@ BAD_BATCH_ERRORS = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.DataError,
 )
-PARKED_DELAY_FIRST = 2.0
-PARKED_DELAY_MAX = 60.0
 # How many wallets' states a worker keeps between batches (the most recently written).
 KNOWN_WALLETS_MAX = 100_000
 RENEWALS_PER_LEASE = 5
 COMMITTED_KEPT_SECONDS = 600
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    wallet_id: str
-    entry_id: str
-    message: bytes
-    error: str
 
 
 def new_worker_id() -> str:
@@ -134,13 +123,22 @@ def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
-@dataclass(slots=True)
-class Reading:
-    """What was read of one wallet's stream and is not committed yet."""
-
-    entries: list[Entry]
-    dead: list[DeadLetter]
-    cursor: str  # the id of the last entry read
+def reading_of(wallet: str, found: Any) -> Reading | None:
+    """What ACKNOWLEDGE_READ answered for the wallet: its next entries, those that are no
+    operation set aside as dead letters; None if its stream is left empty."""
+    if not found:
+        return None
+    entries: list[Entry] = []
+    dead: list[DeadLetter] = []
+    for raw_id, fields in found:
+        entry_id = raw_id.decode()
+        message = entry_fields(fields).get(b"m", b"")
+        try:
+            entries.append(decode_entry(wallet, entry_id, message))
+        except MessageError as e:
+            log.error("entry %s of wallet %s goes to the dead letters: %s", entry_id, wallet, e)
+            dead.append(DeadLetter(wallet, entry_id, message, str(e)))
+    return Reading(entries, dead, found[-1][0].decode())
 
 
 class Worker:
@@ -162,24 +160,21 @@ class Worker:
         self.releasing: set[int] = set()
         self._shards_dropped = False
         self._tasks: list[asyncio.Task[None]] = []
-        # wallet id -> the id of the last entry read from its stream (committed or in
-        # `ready`); a wallet is here while its stream may hold entries not committed
-        self.active: dict[str, str] = {}
-        # wallet id -> what was read of its stream and awaits its batch
-        self.ready: dict[str, Reading] = {}
+        # the wallets with work (pure bookkeeping, worker/backlog.py)
+        self.backlog = Backlog(
+            self.keys.shard_of,
+            batch_max=settings.batch_max,
+            batch_wallets_max=settings.batch_wallets_max,
+            use_wake_entries=not settings.batch_interval,
+        )
         # (wallet id, first entry id, message) of wallets that have just become dirty, as
         # the wake listener found them; taken up by the batch loop
-        self.wakes: list[tuple[str, str, bytes]] = []
+        self.wakes: list[Wake] = []
         # shard -> the id of the last wake entry read
         self.wake_cursors: dict[int, str] = {}
-        # After a bad batch its wallets go one at a time, so the one to blame is found and
-        # parked (wallet id -> when to try it again, failures so far) while the others go on.
-        self.isolating: set[str] = set()
-        self.parked: dict[str, tuple[float, int]] = {}
         # wallet id -> (the shard's epoch, the wallet as this worker's last batch of it left
         # it): lets a batch skip reading its wallets while nobody else can have written them
         self.known: dict[str, tuple[int, WalletState]] = {}
-        self._round: list[str] = []
         self.wakeup = asyncio.Event()
         self.wakes_taken = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -196,7 +191,7 @@ class Worker:
 
     def has_work_for(self, wallet_id: str) -> bool:
         """Whether the worker knows the wallet has operations waiting."""
-        return wallet_id in self.active or any(w == wallet_id for w, _, _ in self.wakes)
+        return self.backlog.has_work(wallet_id) or any(w == wallet_id for w, _, _ in self.wakes)
 
     async def run(self) -> None:
         """Owns shards and works on them until stop()."""
@@ -220,7 +215,7 @@ class Worker:
                         await self._wait_for_work()
                         continue
                 except BAD_BATCH_ERRORS as e:
-                    self._blame(e)
+                    self.backlog.blame(e, time.monotonic())
                     continue
                 except Fenced as e:
                     self.metrics.fenced.inc()
@@ -255,133 +250,43 @@ class Worker:
         """Commits, answers and acknowledges one batch; returns how many operations it held,
         or None if no wallet had work."""
         self.wakeup.clear()  # what comes from here on is seen by this round or wakes the next
-        self._take_wakes()
-        wallets = self._pick()
-        self._round = wallets
+        backlog = self.backlog
+        wakes, self.wakes = self.wakes, []
+        self.wakes_taken.set()
+        backlog.take_wakes(wakes, self.owned)
+        wallets = backlog.pick(self.owned, time.monotonic())
         if not wallets:
             return None
         epochs = {s: self.owned[s] for s in {self.keys.shard_of(w) for w in wallets}}
-        for w in wallets:  # the next round starts with the wallets this one did not reach
-            self.active[w] = self.active.pop(w)
         try:
-            unread = [w for w in wallets if w not in self.ready]
+            unread = backlog.unread(wallets)
             if unread:
-                count = max(1, self._room(wallets) // len(unread))
-                await self._acknowledge_read([], unread, count)
-            batch = {w: self.ready.pop(w) for w in wallets if w in self.ready}
+                count = max(1, backlog.room(wallets) // len(unread))
+                backlog.took_readings(unread, await self._acknowledge_read([], unread, count))
+            batch = backlog.take_ready(wallets)
             entries = [e for reading in batch.values() for e in reading.entries]
             outcomes = await self._commit(entries, epochs) if entries else []
-            await self._answer_acknowledge_read(entries, outcomes, batch)
+            read = await self._answer_acknowledge_read(entries, outcomes, batch)
+            backlog.took_readings(batch, read)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
+            backlog.read_again(wallets)
             for w in wallets:
-                if w in self.active:
-                    self.active[w] = START
-                self.ready.pop(w, None)
                 self.known.pop(w, None)
             raise
-        self.isolating.difference_update(wallets)
-        for wallet in wallets:
-            if self.parked.pop(wallet, None) is not None:
-                log.info("wallet %s works again", wallet)
+        backlog.went_through(wallets)
         return len(entries)
-
-    def _take_wakes(self) -> None:
-        """Takes up the wallets that have just become dirty. A wallet this worker has no
-        position in starts at the first entry of its new stream, which came with the wake:
-        applied without reading the stream (unless BATCH_INTERVAL asks for fuller batches).
-        For a wallet it is still working on, the wake is one it has already seen through
-        the stream."""
-        wakes, self.wakes = self.wakes, []
-        self.wakes_taken.set()
-        for wallet, entry_id, message in wakes:
-            if wallet in self.active or self.keys.shard_of(wallet) not in self.owned:
-                continue
-            if self.settings.batch_interval:  # its batch is to take all that waits: read it
-                self.active[wallet] = START
-                continue
-            try:
-                entry = self._decode(wallet, entry_id, message)
-            except MessageError:
-                self.active[wallet] = START  # the stream's read will set it aside
-                continue
-            self.active[wallet] = entry_id
-            self.ready[wallet] = Reading([entry], [], entry_id)
 
     async def _wait_for_work(self) -> None:
         """Until a wake-up, the next parked wallet's retry, or the next rescan."""
         if self.stopping.is_set():
             return
-        now = time.monotonic()
-        due = min((d for d, _ in self.parked.values()), default=math.inf)
+        wait = min(
+            self.backlog.next_retry() - time.monotonic(), self.settings.worker_rescan_interval
+        )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                self.wakeup.wait(), max(0.0, min(due - now, self.settings.worker_rescan_interval))
-            )
-
-    def _pick(self) -> list[str]:
-        """The wallets of the next round: one alone while a bad batch is being taken apart
-        or a parked wallet is due for another try, else the active ones not parked, as many
-        as fit in a batch."""
-        now = time.monotonic()
-        self.isolating.update(w for w, (due, _) in self.parked.items() if due <= now)
-        for w in list(self.isolating):
-            if w in self.active and self.keys.shard_of(w) in self.owned:
-                return [w]
-            self.isolating.discard(w)
-        picked: list[str] = []
-        in_hand = 0
-        for w in self.active:
-            # A shard lost since the last settling: its wallets are dropped at the next.
-            if w in self.parked or self.keys.shard_of(w) not in self.owned:
-                continue
-            reading = self.ready.get(w)
-            size = len(reading.entries) if reading else 1
-            if picked and in_hand + size > self.settings.batch_max:
-                break
-            picked.append(w)
-            in_hand += size
-            if len(picked) == self.settings.batch_wallets_max:
-                break
-        return picked
-
-    def _room(self, wallets: list[str]) -> int:
-        """How many more entries a batch of `wallets` can take beyond those read already."""
-        in_hand = sum(len(self.ready[w].entries) for w in wallets if w in self.ready)
-        return max(0, self.settings.batch_max - in_hand)
-
-    def _blame(self, error: Exception) -> None:
-        """After a bad batch: take it apart, or, if it held one wallet, park that wallet
-        (its operations wait in its stream) and try it again later, less and less often."""
-        if len(self._round) > 1:
-            log.warning(
-                "a batch of %d wallets failed (%s: %s); trying them one at a time",
-                len(self._round),
-                type(error).__name__,
-                error,
-            )
-            self.isolating.update(self._round)
-            return
-        for wallet in self._round:
-            self.isolating.discard(wallet)
-            failures = self.parked.get(wallet, (0.0, 0))[1] + 1
-            delay = backoff(failures, PARKED_DELAY_FIRST, PARKED_DELAY_MAX)
-            self.parked[wallet] = (time.monotonic() + delay, failures)
-            log.error(
-                "wallet %s cannot be applied (%s: %s); its operations wait in its stream, "
-                "next try in %.0fs",
-                wallet,
-                type(error).__name__,
-                error,
-                delay,
-            )
-
-    def _decode(self, wallet: str, entry_id: str, message: bytes) -> Entry:
-        request = decode_request(message)
-        if request.wallet_id != wallet:
-            raise MessageError(f"it names wallet {request.wallet_id}")
-        return Entry(entry_id, request)
+            await asyncio.wait_for(self.wakeup.wait(), max(0.0, wait))
 
     def _acknowledge_read_command(self, wallet: str, count: int) -> tuple[Any, ...]:
         shard = self.keys.shard_of(wallet)
@@ -393,43 +298,26 @@ class Worker:
             self.keys.dirty_set(shard),
             self.keys.queued(shard),
             wallet,
-            next_entry_id(self.active[wallet]),
+            next_entry_id(self.backlog.cursors[wallet]),
             count,
         )
 
-    def _took_reading(self, wallet: str, found: Any) -> None:
-        """Records what ACKNOWLEDGE_READ answered for the wallet: its next entries, or none,
-        in which case the wallet is clean and no longer active."""
-        if not found:
-            del self.active[wallet]
-            return
-        entries: list[Entry] = []
-        dead: list[DeadLetter] = []
-        for raw_id, fields in found:
-            entry_id = raw_id.decode()
-            message = entry_fields(fields).get(b"m", b"")
-            try:
-                entries.append(self._decode(wallet, entry_id, message))
-            except MessageError as e:
-                log.error("entry %s of wallet %s goes to the dead letters: %s", entry_id, wallet, e)
-                dead.append(DeadLetter(wallet, entry_id, message, str(e)))
-        cursor = self.active[wallet] = found[-1][0].decode()
-        self.ready[wallet] = Reading(entries, dead, cursor)
-
     async def _acknowledge_read(
         self, before: list[tuple[Any, ...]], wallets: list[str], count: int
-    ) -> None:
-        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet.
-        Raises the first error any of them answered."""
+    ) -> list[Reading | None]:
+        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet;
+        what was read of each. Raises the first error any of them answered."""
         commands = [*before, *(self._acknowledge_read_command(w, count) for w in wallets)]
         if not commands:
-            return
+            return []
         answers = await round_trip(self._batch_redis, commands)
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        for wallet, found in zip(wallets, answers[len(before) :], strict=True):
-            self._took_reading(wallet, found)
+        return [
+            reading_of(wallet, found)
+            for wallet, found in zip(wallets, answers[len(before) :], strict=True)
+        ]
 
     async def _commit(self, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
         """Commits the entries if `epochs` are still the shards' epochs; their outcomes."""
@@ -452,10 +340,11 @@ class Worker:
 
     async def _answer_acknowledge_read(
         self, entries: list[Entry], outcomes: list[Outcome], batch: dict[str, Reading]
-    ) -> None:
+    ) -> list[Reading | None]:
         """One round trip after COMMIT: the outcomes to the API processes that wait for
         them, the dead letters kept, then each wallet of the batch acknowledged (its
-        committed entries trimmed) and its next entries read for the next batch."""
+        committed entries trimmed) and its next entries read for the next batch
+        (in the order of `batch`)."""
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
         for entry, outcome in zip(entries, outcomes, strict=True):
             if entry.request.reply_to:
@@ -490,7 +379,7 @@ class Worker:
                 )
         wallets = list(batch)
         count = max(1, self.settings.batch_max // max(1, len(wallets)))
-        await self._acknowledge_read(commands, wallets, count)
+        return await self._acknowledge_read(commands, wallets, count)
 
     def _known_states(
         self, entries: Iterable[Entry], epochs: dict[int, int]
@@ -543,8 +432,7 @@ class Worker:
             found = await pipe.execute()
         for shard, members in zip(shards, found, strict=True):
             if shard in self.owned:
-                for raw in members:
-                    self.active.setdefault(raw.decode(), START)
+                self.backlog.mark_active(raw.decode() for raw in members)
         self.wakeup.set()
 
     async def _listen(self) -> None:
@@ -722,14 +610,7 @@ class Worker:
             await self._release(sorted(self.releasing))
         if self._shards_dropped:
             self._shards_dropped = False
-            self.active = {
-                w: cursor
-                for w, cursor in self.active.items()
-                if self.keys.shard_of(w) in self.owned
-            }
-            self.ready = {w: r for w, r in self.ready.items() if w in self.active}
-            self.isolating.intersection_update(self.active)
-            self.parked = {w: v for w, v in self.parked.items() if w in self.active}
+            self.backlog.keep_only(self.owned)
 
     async def _release(self, shards: list[int]) -> None:
         """Stops working on the shards and gives their leases up, so that another worker
@@ -755,7 +636,7 @@ class Worker:
                 pipe.get(self.keys.queued(shard))
             counts = await pipe.execute()
         self.metrics.shards_owned.set(len(owned))
-        self.metrics.parked_wallets.set(len(self.parked))
+        self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
         for shard, count in zip(owned, counts, strict=True):
             self.metrics.queued.labels(str(shard)).set(int(count or 0))
