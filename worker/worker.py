@@ -1,11 +1,7 @@
 """The shard worker: the one writer of every wallet in the shards it owns.
 
-Ownership. Workers divide the shards among themselves through leases in Redis: a worker
-renews the leases it holds every fifth of WORKER_LEASE_TTL, counts the live workers by
-their heartbeats, and takes free shards up to its fair share or hands back what is over
-it. A lease alone does not stop a worker that was paused past it from committing; the
-shard's epoch in PostgreSQL does: taking a shard bumps it, and every batch commits only if
-its shards' epochs are still the ones its worker got (worker/apply.py).
+Ownership (worker/ownership.py): which shards this worker owns, at which epoch; leases,
+the fair share, taking and handing back, in a task of its own.
 
 Work. One listener reads the owned shards' wake streams in one blocking read: a wallet
 goes there, with the operation, when it gets one while it had none queued. The batch loop
@@ -30,7 +26,6 @@ import os
 import socket
 import time
 import uuid
-import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -53,8 +48,6 @@ from shared.metrics import WorkerMetrics
 from shared.scripts import (
     ACKNOWLEDGE_READ,
     ACKNOWLEDGE_READ_SHA,
-    RELEASE_LEASE,
-    RENEW_LEASE,
     TRIM_WAKES,
     next_entry_id,
 )
@@ -65,9 +58,9 @@ from worker.apply import (
     LedgerConflict,
     WalletState,
     apply_batch,
-    take_shard,
 )
 from worker.backlog import START, Backlog, DeadLetter, Reading, Wake, decode_entry
+from worker.ownership import PG_ERRORS, Ownership
 
 log = logging.getLogger("worker")
 
@@ -77,7 +70,6 @@ WAKE_COUNT = 1000  # wake entries one read takes of each shard
 WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims them
 RETRY_DELAY_FIRST = 0.1  # the wait after one failure; it doubles up to the most
 RETRY_DELAY_MAX = 2.0
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 # A batch that fails with these fails for what is in it (a wallet whose rows someone changed
 # by hand, say), not for a dependency: retrying the same batch would fail for ever.
 BAD_BATCH_ERRORS = (
@@ -87,7 +79,6 @@ BAD_BATCH_ERRORS = (
 )
 # How many wallets' states a worker keeps between batches (the most recently written).
 KNOWN_WALLETS_MAX = 100_000
-RENEWALS_PER_LEASE = 5
 COMMITTED_KEPT_SECONDS = 600
 
 
@@ -108,14 +99,6 @@ async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
         settings, max_size=2, server_settings=worker_pg_settings(settings, worker_id)
     )
     return redis, pool
-
-
-def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) -> int:
-    """How many shards `worker_id` should own: the shards split as evenly as they go, the
-    larger shares to the first workers in id order, so that the shares add up."""
-    workers = sorted({*live_workers, worker_id})
-    share, rest = divmod(shard_count, len(workers))
-    return share + (workers.index(worker_id) < rest)
 
 
 def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -153,12 +136,17 @@ class Worker:
         self._batch_redis = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
         self.worker_id = worker_id or new_worker_id()
-        # shard -> the epoch this worker got when it took the shard
-        self.owned: dict[int, int] = {}
+        self.metrics = WorkerMetrics()
+        self.ownership = Ownership(
+            settings,
+            redis,
+            pool,
+            self.worker_id,
+            self.metrics,
+            changed=self._shards_changed,
+            taken=self._shard_taken,
+        )
         self.owned_changed = asyncio.Event()
-        # owned shards over the fair share, handed back between two batches
-        self.releasing: set[int] = set()
-        self._shards_dropped = False
         self._tasks: list[asyncio.Task[None]] = []
         # the wallets with work (pure bookkeeping, worker/backlog.py)
         self.backlog = Backlog(
@@ -179,13 +167,13 @@ class Worker:
         self.wakes_taken = asyncio.Event()
         self.stopping = asyncio.Event()
         self.batches = 0
-        self.metrics = WorkerMetrics()
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
         from run()."""
         self.stopping.set()
         self.wakeup.set()
+        self.ownership.stop()
         self.wakes_taken.set()
         self.owned_changed.set()
 
@@ -195,7 +183,7 @@ class Worker:
 
     async def run(self) -> None:
         """Owns shards and works on them until stop()."""
-        self._tasks.append(asyncio.create_task(self._tend_shards(), name="tend-shards"))
+        self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
         self._tasks.append(asyncio.create_task(self._listen(), name="wake-listener"))
         with contextlib.suppress(RedisError, OSError):  # else loaded on meeting NOSCRIPT
             await self.redis.script_load(ACKNOWLEDGE_READ)
@@ -204,9 +192,9 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 try:
-                    await self._settle_ownership()
+                    await self._settle()
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
-                        await self._rescan(list(self.owned))
+                        await self._rescan(list(self.ownership.owned))
                         last_rescan = time.monotonic()
                     started = time.monotonic()
                     done = await self.process_round()
@@ -220,7 +208,7 @@ class Worker:
                 except Fenced as e:
                     self.metrics.fenced.inc()
                     log.warning("batch refused, these shards have a new owner: %s", e)
-                    await self._release(e.shards)
+                    await self.ownership.release(e.shards)
                     continue
                 except NoScriptError:  # Redis restarted and forgot it; if it is down, the
                     with contextlib.suppress(RedisError, OSError):  # next round backs off
@@ -250,14 +238,14 @@ class Worker:
         """Commits, answers and acknowledges one batch; returns how many operations it held,
         or None if no wallet had work."""
         self.wakeup.clear()  # what comes from here on is seen by this round or wakes the next
-        backlog = self.backlog
+        backlog, owned = self.backlog, self.ownership.owned
         wakes, self.wakes = self.wakes, []
         self.wakes_taken.set()
-        backlog.take_wakes(wakes, self.owned)
-        wallets = backlog.pick(self.owned, time.monotonic())
+        backlog.take_wakes(wakes, owned)
+        wallets = backlog.pick(owned, time.monotonic())
         if not wallets:
             return None
-        epochs = {s: self.owned[s] for s in {self.keys.shard_of(w) for w in wallets}}
+        epochs = self.ownership.epochs_of(wallets)
         try:
             unread = backlog.unread(wallets)
             if unread:
@@ -413,9 +401,7 @@ class Worker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._release_connection()
         await self._batch_redis.disconnect()
-        with contextlib.suppress(RedisError, OSError):
-            await self._release(list(self.owned))
-            await self.redis.zrem(self.keys.workers(), self.worker_id)
+        await self.ownership.close()
 
     async def _release_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -430,8 +416,9 @@ class Worker:
             for shard in shards:
                 pipe.smembers(self.keys.dirty_set(shard))
             found = await pipe.execute()
+        owned = self.ownership.owned
         for shard, members in zip(shards, found, strict=True):
-            if shard in self.owned:
+            if shard in owned:
                 self.backlog.mark_active(raw.decode() for raw in members)
         self.wakeup.set()
 
@@ -445,7 +432,7 @@ class Worker:
         failures = 0
         try:
             while not self.stopping.is_set():
-                shards = sorted(self.owned)
+                shards = sorted(self.ownership.owned)
                 if not shards:
                     self.owned_changed.clear()
                     await self.owned_changed.wait()
@@ -453,7 +440,7 @@ class Worker:
                 due = [
                     s
                     for s, n in untrimmed.items()
-                    if s in self.owned and (quiet or n >= WAKE_TRIM_AFTER)
+                    if s in self.ownership.owned and (quiet or n >= WAKE_TRIM_AFTER)
                 ]
                 read = (
                     "XREAD",
@@ -507,7 +494,7 @@ class Worker:
         shard_of = {self.keys.wake_stream(s).encode(): s for s in shards}
         for stream, items in found.items() if isinstance(found, dict) else found:
             shard = shard_of[stream]
-            if shard not in self.owned:  # handed back meanwhile: the next owner's
+            if shard not in self.ownership.owned:  # handed back meanwhile: the next owner's
                 continue
             for raw_id, fields in items:
                 wake = entry_fields(fields)
@@ -520,117 +507,27 @@ class Worker:
         if self.wakes:
             self.wakeup.set()
 
-    async def _tend_shards(self) -> None:
-        interval = self.settings.worker_lease_ttl / RENEWALS_PER_LEASE
-        while not self.stopping.is_set():
-            try:
-                await self.tend_shards()
-            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
-                log.warning("tending the shards failed (%s: %s)", type(e).__name__, e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+    async def _settle(self) -> None:
+        """Between two rounds: hands back the shards over the fair share, and forgets the
+        wallets of shards no longer owned."""
+        await self.ownership.hand_back_surplus()
+        if self.ownership.take_dropped():
+            self.backlog.keep_only(self.ownership.owned)
 
-    async def tend_shards(self) -> None:
-        """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
-        share (taking free shards, or marking some to hand back after the round)."""
-        ttl_ms = int(self.settings.worker_lease_ttl * 1000)
-        now_ms = int(time.time() * 1000)
-        held = list(self.owned)
-        workers = self.keys.workers()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(workers, {self.worker_id: now_ms + ttl_ms})
-            pipe.zremrangebyscore(workers, "-inf", now_ms)
-            pipe.zrange(workers, 0, -1)
-            for shard in held:
-                pipe.eval(RENEW_LEASE, 1, self.keys.lease(shard), self.worker_id, ttl_ms)
-            for shard in range(self.settings.shard_count):
-                pipe.exists(self.keys.lease(shard))
-            results = await pipe.execute()
-        live = [w.decode() for w in results[2]]
-        renewed = results[3 : 3 + len(held)]
-        taken = results[3 + len(held) :]
-        for shard, still_held in zip(held, renewed, strict=True):
-            if not still_held and self.owned.pop(shard, None) is not None:
-                self._shards_dropped = True
-                self.owned_changed.set()
-                self.metrics.lease_changes.labels("lost").inc()
-                log.warning("lost the lease of shard %d", shard)
-        if self.stopping.is_set():
-            return
-        share = fair_share(live, self.worker_id, self.settings.shard_count)
-        keeping = sorted(set(self.owned) - self.releasing)
-        if len(keeping) > share:
-            self.releasing.update(keeping[share:])
-            self.wakeup.set()
-            return
-        free = [shard for shard, exists in enumerate(taken) if not exists]
-        # Workers starting together try the free shards in different orders.
-        offset = zlib.crc32(self.worker_id.encode())
-        free.sort(key=lambda shard: (shard - offset) % self.settings.shard_count)
-        wanted = share - len(keeping)
-        for shard in free:
-            if wanted <= 0 or self.stopping.is_set():
-                break
-            wanted -= await self.take(shard)
+    def _shards_changed(self) -> None:
+        self.owned_changed.set()  # a listener with no shard to read looks again
+        self.wakeup.set()  # shards to hand back, or wallets to forget, at the next settling
 
-    async def take(self, shard: int) -> bool:
-        """Takes the shard if its lease is free: leases it, bumps its epoch, and starts
-        working on it. Returns whether it did."""
-        ttl_ms = int(self.settings.worker_lease_ttl * 1000)
-        lease = self.keys.lease(shard)
-        if not await self.redis.set(lease, self.worker_id, nx=True, px=ttl_ms):
-            return False
-        try:
-            async with asyncio.timeout(self.settings.worker_lease_ttl), self.pool.acquire() as conn:
-                epoch = await take_shard(conn, shard, self.worker_id)
-            # Taking the epoch can wait for a former owner's last batch; the lease must
-            # still be this worker's after it, or another worker's epoch follows this one.
-            if not await self.redis.eval(RENEW_LEASE, 1, lease, self.worker_id, ttl_ms):
-                log.warning("shard %d: the lease ran out while taking it", shard)
-                return False
-        except BaseException:
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.eval(RELEASE_LEASE, 1, lease, self.worker_id)
-            raise
+    async def _shard_taken(self, shard: int) -> None:
         # The shard's wake stream from its start: the wallets there are dirty or were, and
-        # the rescan finds the dirty ones whose wake-ups a former owner trimmed.
+        # the rescan finds the dirty ones whose wake-ups a former owner trimmed. (Set before
+        # the first await: the listener sees the shard and its cursor together.)
         self.wake_cursors[shard] = START
-        self.owned[shard] = epoch
-        self.owned_changed.set()
-        self.releasing.discard(shard)
-        self.metrics.lease_changes.labels("taken").inc()
-        log.info("took shard %d at epoch %d", shard, epoch)
         await self._rescan([shard])
-        return True
-
-    async def _settle_ownership(self) -> None:
-        """Between two rounds: hands back the shards marked for it, and forgets the wallets
-        of shards no longer owned."""
-        if self.releasing:
-            await self._release(sorted(self.releasing))
-        if self._shards_dropped:
-            self._shards_dropped = False
-            self.backlog.keep_only(self.owned)
-
-    async def _release(self, shards: list[int]) -> None:
-        """Stops working on the shards and gives their leases up, so that another worker
-        can take them at once."""
-        for shard in shards:
-            self.owned.pop(shard, None)
-            self.releasing.discard(shard)
-        self._shards_dropped = True
-        self.owned_changed.set()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.eval(RELEASE_LEASE, 1, self.keys.lease(shard), self.worker_id)
-            await pipe.execute()
-        if shards:
-            self.metrics.lease_changes.labels("handed_back").inc(len(shards))
-            log.info("handed back shards %s", shards)
 
     async def refresh_gauges(self) -> None:
         """Reads the figures that live in Redis into the metrics, before they are exposed."""
-        owned = sorted(self.owned)
+        owned = sorted(self.ownership.owned)
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
