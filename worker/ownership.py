@@ -18,7 +18,6 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -27,11 +26,11 @@ from shared.metrics import WorkerMetrics
 from shared.scripts import RELEASE_LEASE, RENEW_LEASE
 from shared.settings import Settings
 from worker.apply import take_shard
+from worker.commit import PG_ERRORS
 
 log = logging.getLogger("worker")
 
 RENEWALS_PER_LEASE = 5
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) -> int:
