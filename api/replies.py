@@ -11,6 +11,7 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.backoff import backoff
 from shared.codec import MessageError, Outcome, decode_outcomes
 
 log = logging.getLogger("api.replies")
@@ -75,7 +76,7 @@ class ReplyListener:
             if failures:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        self.closing.wait(), min(RETRY_DELAY_MAX, 0.05 * 2**failures)
+                        self.closing.wait(), backoff(failures, 0.1, RETRY_DELAY_MAX)
                     )
 
     def close(self) -> None:

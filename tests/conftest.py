@@ -117,7 +117,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 async def _owns_some(worker: Worker, task: asyncio.Task[None]) -> bool:
     if task.done():
         task.result()  # raises what stopped it
-    return bool(worker.owned)
+    return bool(worker.ownership.owned)
 
 
 @pytest.fixture

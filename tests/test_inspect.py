@@ -53,7 +53,7 @@ async def test_queued_operations_show_in_the_wallet_the_shards_and_the_stuck_lis
         await eventually(drained, what="the queue to drain")
         by_cli = {s["shard"]: s for s in await inspect_cli(settings, "shards")}
         assert by_cli[report["shard"]]["owner"] == worker.worker_id
-        assert by_cli[report["shard"]]["epoch"] == worker.owned[report["shard"]]
+        assert by_cli[report["shard"]]["epoch"] == worker.ownership.owned[report["shard"]]
         assert all(s["queued"] == 0 for s in by_cli.values())
         after = await inspect_cli(settings, "wallet", wallet)
         assert (after["balance"], after["ledger_rows"], after["queued"]) == ("0.00", 2, [])

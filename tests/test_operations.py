@@ -126,7 +126,7 @@ async def test_a_replayed_key_returns_the_stored_outcome_later_too(
 async def test_a_burst_of_1000_is_committed_in_few_transactions(
     client: Client, wallet: str, pg: Any, worker: Worker
 ) -> None:
-    batches_before = worker.batches
+    batches_before = worker.committer.batches
     results = await asyncio.gather(
         *(operate(client, wallet, "DEPOSIT", "1.00") for _ in range(1000))
     )
@@ -136,7 +136,7 @@ async def test_a_burst_of_1000_is_committed_in_few_transactions(
         "SELECT count(DISTINCT xmin::text) FROM operations WHERE wallet_id = $1", wallet
     )
     assert transactions < 100, f"{transactions} commits for 1000 operations"
-    assert worker.batches - batches_before == transactions
+    assert worker.committer.batches - batches_before == transactions
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 100_000
 
 

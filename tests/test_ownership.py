@@ -20,7 +20,8 @@ from shared.settings import Settings
 from tests.conftest import running_worker
 from tests.helpers import eventually, ledger
 from worker.apply import Fenced
-from worker.worker import Worker, connect, fair_share, new_worker_id
+from worker.ownership import fair_share
+from worker.worker import Worker, connect, new_worker_id
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 5, 7, 64, 100])
@@ -57,13 +58,13 @@ async def test_workers_divide_the_shards_evenly_and_rebalance_as_they_come_and_g
         async def divided(expected: list[int], among: list[Worker]) -> bool:
             owners = await ownership(settings, redis, pg)
             counts = Counter(owners.values())
-            held = [set(w.owned) for w in among]
+            held = [set(w.ownership.owned) for w in among]
             return (
                 sorted(counts.values()) == expected
                 and set(counts) == {w.worker_id for w in among}
                 and all(held[i].isdisjoint(held[j]) for i in range(len(held)) for j in range(i))
                 and all(
-                    set(w.owned) == {s for s, o in owners.items() if o == w.worker_id}
+                    set(w.ownership.owned) == {s for s, o in owners.items() if o == w.worker_id}
                     for w in among
                 )
             )
@@ -87,8 +88,8 @@ async def test_a_crashed_worker_s_shards_are_taken_once_its_leases_run_out(
     worker_id = new_worker_id()
     crashed_redis, crashed_pool = await connect(settings, worker_id)
     crashed = Worker(settings, crashed_redis, crashed_pool, worker_id=worker_id)
-    await crashed.tend_shards()
-    assert len(crashed.owned) == settings.shard_count
+    await crashed.ownership.tend()
+    assert len(crashed.ownership.owned) == settings.shard_count
     crashed.stop()  # it never ran: nothing renews its leases or hands them back
     await crashed_pool.close()
     await crashed_redis.aclose()
@@ -99,11 +100,13 @@ async def test_a_crashed_worker_s_shards_are_taken_once_its_leases_run_out(
             # The survivor records a shard as its own one round trip after PostgreSQL and
             # Redis show it as the owner: wait for both.
             owners = await ownership(settings, redis, pg)
-            recorded_by_survivor = set(survivor.owned) == set(owners)
+            recorded_by_survivor = set(survivor.ownership.owned) == set(owners)
             return set(owners.values()) == {survivor.worker_id} and recorded_by_survivor
 
         await eventually(all_taken, within=15, what="the survivor to own every shard")
-        assert survivor.owned == {shard: epoch + 1 for shard, epoch in crashed.owned.items()}
+        assert survivor.ownership.owned == {
+            shard: epoch + 1 for shard, epoch in crashed.ownership.owned.items()
+        }
 
 
 async def enqueue(redis: Redis, keys: KeySpace, wallet: str, minor: int) -> str:
@@ -129,12 +132,12 @@ async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit
     (a, _, _), (b, _, _) = workers
     try:
         op_id = await enqueue(redis, keys, wallet, 500)
-        assert await a.take(shard)
+        assert await a.ownership.take(shard)
         assert a.has_work_for(wallet)
 
         await redis.delete(keys.lease(shard))  # A's lease ran out while A was paused
-        assert await b.take(shard)
-        assert b.owned[shard] == a.owned[shard] + 1
+        assert await b.ownership.take(shard)
+        assert b.ownership.owned[shard] == a.ownership.owned[shard] + 1
 
         with pytest.raises(Fenced) as refused:
             await a.process_round()
@@ -171,7 +174,7 @@ async def test_a_new_owner_waits_for_the_former_owner_s_batch_in_flight(
         transaction = batch.transaction()
         await transaction.start()
         await batch.execute("SELECT 1 FROM shards WHERE shard = 0 FOR SHARE")
-        taking = asyncio.create_task(taker.take(0))
+        taking = asyncio.create_task(taker.ownership.take(0))
 
         async def taker_waits_for_the_lock() -> bool:
             return bool(
@@ -186,7 +189,7 @@ async def test_a_new_owner_waits_for_the_former_owner_s_batch_in_flight(
         assert not taking.done()
         await transaction.commit()
         assert await asyncio.wait_for(taking, 10)
-        assert taker.owned == {0: former + 1}
+        assert taker.ownership.owned == {0: former + 1}
     finally:
         await pg.release(batch)
         await taker.close()

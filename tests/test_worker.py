@@ -82,11 +82,11 @@ async def test_a_wallet_whose_batches_fail_is_set_aside_and_the_others_go_on(
         await pg.execute("UPDATE wallets SET op_seq = 1, balance = 100 WHERE id = $1", broken)
         status, body, _ = await asyncio.wait_for(stuck, 30)
         assert (status, body["balance"]) == (200, "6.00")  # 1.00 written by hand, then 5.00
-        assert broken not in worker.parked
+        assert not worker.backlog.is_parked(broken)
 
 
 async def _parked(worker: Worker, wallet: str) -> bool:
-    return wallet in worker.parked
+    return worker.backlog.is_parked(wallet)
 
 
 class StatementLog:

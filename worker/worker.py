@@ -1,23 +1,24 @@
 """The shard worker: the one writer of every wallet in the shards it owns.
 
-Ownership. Workers divide the shards among themselves through leases in Redis: a worker
-renews the leases it holds every fifth of WORKER_LEASE_TTL, counts the live workers by
-their heartbeats, and takes free shards up to its fair share or hands back what is over
-it. A lease alone does not stop a worker that was paused past it from committing; the
-shard's epoch in PostgreSQL does: taking a shard bumps it, and every batch commits only if
-its shards' epochs are still the ones its worker got (worker/apply.py).
+It ties four parts together, each with one job:
 
-Work. One listener reads the owned shards' wake streams in one blocking read: a wallet
-goes there, with the operation, when it gets one while it had none queued. The batch loop
-takes those operations as they are and reads the streams of the wallets it is already
-working on; commits everything in hand in one transaction; then, in one Redis round trip,
-publishes the outcomes to the API processes that wait for them, acknowledges (trims the
-committed entries; a wallet whose stream is left empty is no longer dirty) and reads each
-wallet's next entries for the next batch. There is no timer: the next batch is whatever
-arrived while this one committed, so batches are one operation when a wallet is quiet and
-grow with the load. A crash anywhere before the acknowledgement leaves the entries in
-place; whoever owns the shard next reads them again from the start of the stream, and the
-operation ids, unique in PostgreSQL, keep them from being applied twice.
+- ownership (worker/ownership.py): which shards this worker owns, at which epoch: leases,
+  the fair share, taking and handing back, in a task of its own;
+- the wake listener (worker/streams.py): one blocking read of the owned shards' wake
+  streams, in a task of its own. A wallet goes there, with the operation, when it gets one
+  while it had none queued;
+- the backlog (worker/backlog.py): which wallets have work and which go in the next round;
+- the round (here): takes the wake-ups and reads the streams of the wallets it is already
+  working on (worker/streams.py), commits everything in hand in one transaction
+  (worker/commit.py), then, in one Redis round trip, publishes the outcomes to the API
+  processes that wait for them, acknowledges (trims the committed entries; a wallet whose
+  stream is left empty is no longer dirty) and reads each wallet's next entries.
+
+There is no timer: the next batch is whatever arrived while this one committed, so batches
+are one operation when a wallet is quiet and grow with the load. A crash anywhere before
+the acknowledgement leaves the entries in place; whoever owns the shard next reads them
+again from the start of the stream, and the operation ids, unique in PostgreSQL, keep them
+from being applied twice.
 """
 
 from __future__ import annotations
@@ -30,53 +31,31 @@ import os
 import socket
 import time
 import uuid
-import zlib
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from shared.codec import MessageError, Outcome, decode_request, encode_outcomes
-from shared.connections import (
-    REDIS_SOCKET_TIMEOUT,
-    open_pg_pool,
-    open_redis,
-    round_trip,
-    worker_pg_settings,
-)
+from shared.backoff import backoff
+from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis, worker_pg_settings
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
-from shared.scripts import (
-    ACKNOWLEDGE_READ,
-    ACKNOWLEDGE_READ_SHA,
-    RELEASE_LEASE,
-    RENEW_LEASE,
-    TRIM_WAKES,
-    next_entry_id,
-)
 from shared.settings import Settings
-from worker.apply import (
-    Entry,
-    Fenced,
-    LedgerConflict,
-    WalletState,
-    apply_batch,
-    take_shard,
+from worker.apply import Fenced, LedgerConflict
+from worker.backlog import Backlog
+from worker.commit import PG_ERRORS, Committer
+from worker.ownership import Ownership
+from worker.streams import (
+    RETRY_DELAY_FIRST,
+    RETRY_DELAY_MAX,
+    WAKE_WAIT,
+    WakeListener,
+    WalletStreams,
 )
 
 log = logging.getLogger("worker")
 
-START = "0-0"
-WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken meanwhile
-# has its backlog found by the rescan at once, and its new wake-ups read after it
-WAKE_COUNT = 1000  # wake entries one read takes of each shard
-WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims them
-RETRY_DELAY_MAX = 2.0
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
 # A batch that fails with these fails for what is in it (a wallet whose rows someone changed
 # by hand, say), not for a dependency: retrying the same batch would fail for ever.
 BAD_BATCH_ERRORS = (
@@ -84,19 +63,6 @@ BAD_BATCH_ERRORS = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.DataError,
 )
-PARKED_DELAY_MAX = 60.0
-# How many wallets' states a worker keeps between batches (the most recently written).
-KNOWN_WALLETS_MAX = 100_000
-RENEWALS_PER_LEASE = 5
-COMMITTED_KEPT_SECONDS = 600
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    wallet_id: str
-    entry_id: str
-    message: bytes
-    error: str
 
 
 def new_worker_id() -> str:
@@ -105,7 +71,7 @@ def new_worker_id() -> str:
 
 async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
     """A worker's Redis client and PostgreSQL pool."""
-    # The wake listener's blocking read, the ownership task's, the batch loop's own.
+    # The wake listener's blocking read, the ownership task's, the round's own.
     redis = open_redis(
         settings,
         max_connections=8,
@@ -118,97 +84,64 @@ async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
     return redis, pool
 
 
-def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) -> int:
-    """How many shards `worker_id` should own: the shards split as evenly as they go, the
-    larger shares to the first workers in id order, so that the shares add up."""
-    workers = sorted({*live_workers, worker_id})
-    share, rest = divmod(shard_count, len(workers))
-    return share + (workers.index(worker_id) < rest)
-
-
-def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
-    """A stream entry's fields as Redis sends them ([name, value, name, value, ...])."""
-    return dict(zip(flat[::2], flat[1::2], strict=False))
-
-
-@dataclass(slots=True)
-class Reading:
-    """What was read of one wallet's stream and is not committed yet."""
-
-    entries: list[Entry]
-    dead: list[DeadLetter]
-    cursor: str  # the id of the last entry read
-
-
 class Worker:
     def __init__(
         self, settings: Settings, redis: Redis, pool: Any, *, worker_id: str | None = None
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.pool = pool
-        self._conn: Any = None
-        # The batch loop's own Redis connection: one round trip per batch, nobody else's.
-        self._batch_redis = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
         self.worker_id = worker_id or new_worker_id()
-        # shard -> the epoch this worker got when it took the shard
-        self.owned: dict[int, int] = {}
-        self.owned_changed = asyncio.Event()
-        # owned shards over the fair share, handed back between two batches
-        self.releasing: set[int] = set()
-        self._shards_dropped = False
-        self._tasks: list[asyncio.Task[None]] = []
-        # wallet id -> the id of the last entry read from its stream (committed or in
-        # `ready`); a wallet is here while its stream may hold entries not committed
-        self.active: dict[str, str] = {}
-        # wallet id -> what was read of its stream and awaits its batch
-        self.ready: dict[str, Reading] = {}
-        # (wallet id, first entry id, message) of wallets that have just become dirty, as
-        # the wake listener found them; taken up by the batch loop
-        self.wakes: list[tuple[str, str, bytes]] = []
-        # shard -> the id of the last wake entry read
-        self.wake_cursors: dict[int, str] = {}
-        # After a bad batch its wallets go one at a time, so the one to blame is found and
-        # parked (wallet id -> when to try it again, failures so far) while the others go on.
-        self.isolating: set[str] = set()
-        self.parked: dict[str, tuple[float, int]] = {}
-        # wallet id -> (the shard's epoch, the wallet as this worker's last batch of it left
-        # it): lets a batch skip reading its wallets while nobody else can have written them
-        self.known: dict[str, tuple[int, WalletState]] = {}
-        self._round: list[str] = []
-        self.wakeup = asyncio.Event()
-        self.wakes_taken = asyncio.Event()
-        self.stopping = asyncio.Event()
-        self.batches = 0
         self.metrics = WorkerMetrics()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wakeup = asyncio.Event()  # work may be waiting: the round loop looks
+        self._stopping = asyncio.Event()
+        self.ownership = Ownership(
+            settings,
+            redis,
+            pool,
+            self.worker_id,
+            self.metrics,
+            changed=self._shards_changed,
+            taken=self._shard_taken,
+        )
+        self.listener = WakeListener(
+            redis, self.keys, self.worker_id, self.ownership.owned, self._wakeup.set
+        )
+        self.backlog = Backlog(
+            self.keys.shard_of,
+            batch_max=settings.batch_max,
+            batch_wallets_max=settings.batch_wallets_max,
+            use_wake_entries=not settings.batch_interval,
+        )
+        self.streams = WalletStreams(redis, self.keys, settings.batch_max)
+        self.committer = Committer(pool, self.keys.shard_of, self.metrics)
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
         from run()."""
-        self.stopping.set()
-        self.wakeup.set()
-        self.wakes_taken.set()
-        self.owned_changed.set()
+        self._stopping.set()
+        self._wakeup.set()
+        self.ownership.stop()
+        self.listener.stop()
 
     def has_work_for(self, wallet_id: str) -> bool:
         """Whether the worker knows the wallet has operations waiting."""
-        return wallet_id in self.active or any(w == wallet_id for w, _, _ in self.wakes)
+        return self.backlog.has_work(wallet_id) or self.listener.has_wake_for(wallet_id)
 
     async def run(self) -> None:
         """Owns shards and works on them until stop()."""
-        self._tasks.append(asyncio.create_task(self._tend_shards(), name="tend-shards"))
-        self._tasks.append(asyncio.create_task(self._listen(), name="wake-listener"))
-        with contextlib.suppress(RedisError, OSError):  # else loaded on meeting NOSCRIPT
-            await self.redis.script_load(ACKNOWLEDGE_READ)
+        self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
+        self._tasks.append(asyncio.create_task(self.listener.run(), name="wake-listener"))
+        await self.streams.load_script()  # else loaded on meeting NOSCRIPT
         last_rescan = -math.inf
         failures = 0
         try:
-            while not self.stopping.is_set():
+            while not self._stopping.is_set():
                 try:
-                    await self._settle_ownership()
+                    await self._settle()
                     if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
-                        await self._rescan(list(self.owned))
+                        await self._rescan(list(self.ownership.owned))
                         last_rescan = time.monotonic()
                     started = time.monotonic()
                     done = await self.process_round()
@@ -217,20 +150,19 @@ class Worker:
                         await self._wait_for_work()
                         continue
                 except BAD_BATCH_ERRORS as e:
-                    self._blame(e)
+                    self.backlog.blame(e, time.monotonic())
                     continue
                 except Fenced as e:
                     self.metrics.fenced.inc()
                     log.warning("batch refused, these shards have a new owner: %s", e)
-                    await self._release(e.shards)
+                    await self.ownership.release(e.shards)
                     continue
-                except NoScriptError:  # Redis restarted and forgot it; if it is down, the
-                    with contextlib.suppress(RedisError, OSError):  # next round backs off
-                        await self.redis.script_load(ACKNOWLEDGE_READ)
+                except NoScriptError:  # Redis restarted and forgot it
+                    await self.streams.load_script()
                     continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
-                    delay = min(RETRY_DELAY_MAX, 0.05 * 2**failures)
+                    delay = backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX)
                     log.warning(
                         "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
                     )
@@ -251,267 +183,72 @@ class Worker:
     async def process_round(self) -> int | None:
         """Commits, answers and acknowledges one batch; returns how many operations it held,
         or None if no wallet had work."""
-        self.wakeup.clear()  # what comes from here on is seen by this round or wakes the next
-        self._take_wakes()
-        wallets = self._pick()
-        self._round = wallets
+        self._wakeup.clear()  # what comes from here on is seen by this round or wakes the next
+        backlog, streams, owned = self.backlog, self.streams, self.ownership.owned
+        backlog.take_wakes(self.listener.take(), owned)
+        wallets = backlog.pick(owned, time.monotonic())
         if not wallets:
             return None
-        epochs = {s: self.owned[s] for s in {self.keys.shard_of(w) for w in wallets}}
-        for w in wallets:  # the next round starts with the wallets this one did not reach
-            self.active[w] = self.active.pop(w)
+        epochs = self.ownership.epochs_of(wallets)
         try:
-            unread = [w for w in wallets if w not in self.ready]
+            unread = backlog.unread(wallets)
             if unread:
-                count = max(1, self._room(wallets) // len(unread))
-                await self._acknowledge_read([], unread, count)
-            batch = {w: self.ready.pop(w) for w in wallets if w in self.ready}
+                count = max(1, backlog.room(wallets) // len(unread))
+                backlog.took_readings(unread, await streams.read(unread, backlog.cursors, count))
+            batch = backlog.take_ready(wallets)
             entries = [e for reading in batch.values() for e in reading.entries]
-            outcomes = await self._commit(entries, epochs) if entries else []
-            await self._answer_acknowledge_read(entries, outcomes, batch)
+            outcomes = await self.committer.commit(entries, epochs) if entries else []
+            # Only after COMMIT: the replies, then the trims and the next entries.
+            read = await streams.answer(entries, outcomes, batch, backlog.cursors)
+            backlog.took_readings(batch, read)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
-            for w in wallets:
-                if w in self.active:
-                    self.active[w] = START
-                self.ready.pop(w, None)
-                self.known.pop(w, None)
+            backlog.read_again(wallets)
+            self.committer.forget(wallets)
             raise
-        self.isolating.difference_update(wallets)
-        for wallet in wallets:
-            if self.parked.pop(wallet, None) is not None:
-                log.info("wallet %s works again", wallet)
+        backlog.went_through(wallets)
         return len(entries)
 
-    def _take_wakes(self) -> None:
-        """Takes up the wallets that have just become dirty. A wallet this worker has no
-        position in starts at the first entry of its new stream, which came with the wake:
-        applied without reading the stream (unless BATCH_INTERVAL asks for fuller batches).
-        For a wallet it is still working on, the wake is one it has already seen through
-        the stream."""
-        wakes, self.wakes = self.wakes, []
-        self.wakes_taken.set()
-        for wallet, entry_id, message in wakes:
-            if wallet in self.active or self.keys.shard_of(wallet) not in self.owned:
-                continue
-            if self.settings.batch_interval:  # its batch is to take all that waits: read it
-                self.active[wallet] = START
-                continue
-            try:
-                entry = self._decode(wallet, entry_id, message)
-            except MessageError:
-                self.active[wallet] = START  # the stream's read will set it aside
-                continue
-            self.active[wallet] = entry_id
-            self.ready[wallet] = Reading([entry], [], entry_id)
+    async def _settle(self) -> None:
+        """Between two rounds: hands back the shards over the fair share, and forgets the
+        wallets of shards no longer owned."""
+        await self.ownership.hand_back_surplus()
+        if self.ownership.take_dropped():
+            self.backlog.keep_only(self.ownership.owned)
 
     async def _wait_for_work(self) -> None:
         """Until a wake-up, the next parked wallet's retry, or the next rescan."""
-        if self.stopping.is_set():
+        if self._stopping.is_set():
             return
-        now = time.monotonic()
-        due = min((d for d, _ in self.parked.values()), default=math.inf)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                self.wakeup.wait(), max(0.0, min(due - now, self.settings.worker_rescan_interval))
-            )
-
-    def _pick(self) -> list[str]:
-        """The wallets of the next round: one alone while a bad batch is being taken apart
-        or a parked wallet is due for another try, else the active ones not parked, as many
-        as fit in a batch."""
-        now = time.monotonic()
-        self.isolating.update(w for w, (due, _) in self.parked.items() if due <= now)
-        for w in list(self.isolating):
-            if w in self.active and self.keys.shard_of(w) in self.owned:
-                return [w]
-            self.isolating.discard(w)
-        picked: list[str] = []
-        in_hand = 0
-        for w in self.active:
-            # A shard lost since the last settling: its wallets are dropped at the next.
-            if w in self.parked or self.keys.shard_of(w) not in self.owned:
-                continue
-            reading = self.ready.get(w)
-            size = len(reading.entries) if reading else 1
-            if picked and in_hand + size > self.settings.batch_max:
-                break
-            picked.append(w)
-            in_hand += size
-            if len(picked) == self.settings.batch_wallets_max:
-                break
-        return picked
-
-    def _room(self, wallets: list[str]) -> int:
-        """How many more entries a batch of `wallets` can take beyond those read already."""
-        in_hand = sum(len(self.ready[w].entries) for w in wallets if w in self.ready)
-        return max(0, self.settings.batch_max - in_hand)
-
-    def _blame(self, error: Exception) -> None:
-        """After a bad batch: take it apart, or, if it held one wallet, park that wallet
-        (its operations wait in its stream) and try it again later, less and less often."""
-        if len(self._round) > 1:
-            log.warning(
-                "a batch of %d wallets failed (%s: %s); trying them one at a time",
-                len(self._round),
-                type(error).__name__,
-                error,
-            )
-            self.isolating.update(self._round)
-            return
-        for wallet in self._round:
-            self.isolating.discard(wallet)
-            failures = self.parked.get(wallet, (0.0, 0))[1] + 1
-            delay = min(PARKED_DELAY_MAX, 2.0**failures)
-            self.parked[wallet] = (time.monotonic() + delay, failures)
-            log.error(
-                "wallet %s cannot be applied (%s: %s); its operations wait in its stream, "
-                "next try in %.0fs",
-                wallet,
-                type(error).__name__,
-                error,
-                delay,
-            )
-
-    def _decode(self, wallet: str, entry_id: str, message: bytes) -> Entry:
-        request = decode_request(message)
-        if request.wallet_id != wallet:
-            raise MessageError(f"it names wallet {request.wallet_id}")
-        return Entry(entry_id, request)
-
-    def _acknowledge_read_command(self, wallet: str, count: int) -> tuple[Any, ...]:
-        shard = self.keys.shard_of(wallet)
-        return (
-            "EVALSHA",
-            ACKNOWLEDGE_READ_SHA,
-            3,
-            self.keys.wallet_stream(wallet, shard),
-            self.keys.dirty_set(shard),
-            self.keys.queued(shard),
-            wallet,
-            next_entry_id(self.active[wallet]),
-            count,
+        wait = min(
+            self.backlog.next_retry() - time.monotonic(), self.settings.worker_rescan_interval
         )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), max(0.0, wait))
 
-    def _took_reading(self, wallet: str, found: Any) -> None:
-        """Records what ACKNOWLEDGE_READ answered for the wallet: its next entries, or none,
-        in which case the wallet is clean and no longer active."""
-        if not found:
-            del self.active[wallet]
-            return
-        entries: list[Entry] = []
-        dead: list[DeadLetter] = []
-        for raw_id, fields in found:
-            entry_id = raw_id.decode()
-            message = entry_fields(fields).get(b"m", b"")
-            try:
-                entries.append(self._decode(wallet, entry_id, message))
-            except MessageError as e:
-                log.error("entry %s of wallet %s goes to the dead letters: %s", entry_id, wallet, e)
-                dead.append(DeadLetter(wallet, entry_id, message, str(e)))
-        cursor = self.active[wallet] = found[-1][0].decode()
-        self.ready[wallet] = Reading(entries, dead, cursor)
+    async def _rescan(self, shards: list[int]) -> None:
+        """Marks the shards' dirty wallets active: on taking a shard, and now and then in
+        case a wake-up was lost."""
+        found = await self.streams.dirty_wallets(shards)
+        owned = self.ownership.owned
+        for shard, wallets in zip(shards, found, strict=True):
+            if shard in owned:
+                self.backlog.mark_active(wallets)
+        self._wakeup.set()
 
-    async def _acknowledge_read(
-        self, before: list[tuple[Any, ...]], wallets: list[str], count: int
-    ) -> None:
-        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet.
-        Raises the first error any of them answered."""
-        commands = [*before, *(self._acknowledge_read_command(w, count) for w in wallets)]
-        if not commands:
-            return
-        answers = await round_trip(self._batch_redis, commands)
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-        for wallet, found in zip(wallets, answers[len(before) :], strict=True):
-            self._took_reading(wallet, found)
+    def _shards_changed(self) -> None:
+        self.listener.shards_changed()
+        self._wakeup.set()  # shards to hand back, or wallets to forget, at the next settling
 
-    async def _commit(self, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
-        """Commits the entries if `epochs` are still the shards' epochs; their outcomes."""
-        if self._conn is None:
-            # Held across batches: releasing to the pool costs a reset round trip.
-            self._conn = await self.pool.acquire()
-        started = time.perf_counter()
-        try:
-            outcomes, states = await apply_batch(
-                self._conn, entries, epochs, self._known_states(entries, epochs)
-            )
-        except BaseException:
-            await self._release_connection()
-            raise
-        self._remember(states, epochs)
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(entries))
-        self.batches += 1
-        return outcomes
-
-    async def _answer_acknowledge_read(
-        self, entries: list[Entry], outcomes: list[Outcome], batch: dict[str, Reading]
-    ) -> None:
-        """One round trip after COMMIT: the outcomes to the API processes that wait for
-        them, the dead letters kept, then each wallet of the batch acknowledged (its
-        committed entries trimmed) and its next entries read for the next batch."""
-        by_channel: dict[str, list[Outcome]] = defaultdict(list)
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            if entry.request.reply_to:
-                by_channel[entry.request.reply_to].append(outcome)
-        commands: list[tuple[Any, ...]] = [
-            ("PUBLISH", channel, encode_outcomes(replies))
-            for channel, replies in by_channel.items()
-        ]
-        if entries:  # for the live view; after the replies, as it matters less
-            second = self.keys.committed(int(time.time()))
-            commands += [
-                ("HINCRBY", second, "batches", 1),
-                ("HINCRBY", second, "operations", len(entries)),
-                ("EXPIRE", second, COMMITTED_KEPT_SECONDS),
-            ]
-        for reading in batch.values():
-            for letter in reading.dead:
-                commands.append(
-                    (
-                        "XADD",
-                        self.keys.dead_letters(self.keys.shard_of(letter.wallet_id)),
-                        "*",
-                        "wallet",
-                        letter.wallet_id,
-                        "entry",
-                        letter.entry_id,
-                        "m",
-                        letter.message,
-                        "error",
-                        letter.error,
-                    )
-                )
-        wallets = list(batch)
-        count = max(1, self.settings.batch_max // max(1, len(wallets)))
-        await self._acknowledge_read(commands, wallets, count)
-
-    def _known_states(
-        self, entries: Iterable[Entry], epochs: dict[int, int]
-    ) -> dict[str, WalletState]:
-        known = {}
-        for e in entries:
-            w = e.request.wallet_id
-            cached = self.known.get(w)
-            if cached is not None and cached[0] == epochs.get(self.keys.shard_of(w)):
-                known[w] = cached[1]
-        return known
-
-    def _remember(self, states: dict[str, WalletState], epochs: dict[int, int]) -> None:
-        for w, state in states.items():
-            self.known.pop(w, None)  # to the end: the least recently written go first
-            self.known[w] = (epochs[self.keys.shard_of(w)], state)
-        while len(self.known) > KNOWN_WALLETS_MAX:
-            del self.known[next(iter(self.known))]
+    async def _shard_taken(self, shard: int) -> None:
+        await self._rescan([shard])
 
     async def close(self) -> None:
         """Stops the worker's tasks and gives back what it holds: its connections, its
         shards, its place among the live workers. run() ends with it."""
         self.stop()
-        # They see `stopping` within a wake read's wait or a lease renewal; cancelling one
+        # They see the stop within a wake read's wait or a lease renewal; cancelling one
         # inside a Redis call can leave redis-py's connection hanging, so that is the last
         # resort.
         if self._tasks:
@@ -519,240 +256,19 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._release_connection()
-        await self._batch_redis.disconnect()
-        with contextlib.suppress(RedisError, OSError):
-            await self._release(list(self.owned))
-            await self.redis.zrem(self.keys.workers(), self.worker_id)
-
-    async def _release_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(*PG_ERRORS, OSError):
-                await self.pool.release(conn)
-
-    async def _rescan(self, shards: list[int]) -> None:
-        """Marks the shards' dirty wallets active: on taking a shard, and now and then in
-        case a wake-up was lost."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.smembers(self.keys.dirty_set(shard))
-            found = await pipe.execute()
-        for shard, members in zip(shards, found, strict=True):
-            if shard in self.owned:
-                for raw in members:
-                    self.active.setdefault(raw.decode(), START)
-        self.wakeup.set()
-
-    async def _listen(self) -> None:
-        """Reads the owned shards' wake streams, all in one blocking read, and hands the
-        wallets found there to the batch loop. Trims what it has read, a shard's at a time
-        once WAKE_TRIM_AFTER entries have piled up or when nothing came."""
-        connection = self.redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        untrimmed: dict[int, int] = {}
-        quiet = False  # the last read found nothing: a good time to trim
-        failures = 0
-        try:
-            while not self.stopping.is_set():
-                shards = sorted(self.owned)
-                if not shards:
-                    self.owned_changed.clear()
-                    await self.owned_changed.wait()
-                    continue
-                due = [
-                    s
-                    for s, n in untrimmed.items()
-                    if s in self.owned and (quiet or n >= WAKE_TRIM_AFTER)
-                ]
-                read = (
-                    "XREAD",
-                    "COUNT",
-                    WAKE_COUNT,
-                    "BLOCK",
-                    int(WAKE_WAIT * 1000),
-                    "STREAMS",
-                    *(self.keys.wake_stream(s) for s in shards),
-                    *(self.wake_cursors.get(s, START) for s in shards),
-                )
-                try:
-                    answers = await round_trip(
-                        connection, [*(self._trim_wakes_command(s) for s in due), read]
-                    )
-                    if isinstance(answers[-1], Exception):
-                        raise answers[-1]
-                except (RedisError, OSError) as e:
-                    failures += 1
-                    log.warning("reading the wake-ups failed (%s)", e)
-                    await asyncio.sleep(min(RETRY_DELAY_MAX, 0.05 * 2**failures))
-                    continue
-                failures = 0
-                for shard in due:
-                    del untrimmed[shard]
-                quiet = answers[-1] is None
-                self._take_wake_entries(shards, answers[-1] or [], untrimmed)
-                if self.wakes:
-                    # Reading again before the batch loop has taken these would mostly fetch
-                    # one or two at a time while it commits: what comes meanwhile is read in
-                    # one go when it starts its next batch.
-                    self.wakes_taken.clear()
-                    await self.wakes_taken.wait()
-        finally:
-            await connection.disconnect()
-
-    def _trim_wakes_command(self, shard: int) -> tuple[Any, ...]:
-        """Drops the shard's wake entries read so far, if the shard is still this worker's."""
-        keys = (self.keys.lease(shard), self.keys.wake_stream(shard))
-        return (
-            "EVAL",
-            TRIM_WAKES,
-            2,
-            *keys,
-            self.worker_id,
-            next_entry_id(self.wake_cursors[shard]),
-        )
-
-    def _take_wake_entries(self, shards: list[int], found: Any, untrimmed: dict[int, int]) -> None:
-        """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2)."""
-        shard_of = {self.keys.wake_stream(s).encode(): s for s in shards}
-        for stream, items in found.items() if isinstance(found, dict) else found:
-            shard = shard_of[stream]
-            if shard not in self.owned:  # handed back meanwhile: the next owner's
-                continue
-            for raw_id, fields in items:
-                wake = entry_fields(fields)
-                try:
-                    self.wakes.append((wake[b"w"].decode(), wake[b"e"].decode(), wake[b"m"]))
-                except (KeyError, UnicodeDecodeError):  # the rescan finds its wallet
-                    log.error("wake entry %s of shard %d is not one", raw_id, shard)
-            self.wake_cursors[shard] = items[-1][0].decode()
-            untrimmed[shard] = untrimmed.get(shard, 0) + len(items)
-        if self.wakes:
-            self.wakeup.set()
-
-    async def _tend_shards(self) -> None:
-        interval = self.settings.worker_lease_ttl / RENEWALS_PER_LEASE
-        while not self.stopping.is_set():
-            try:
-                await self.tend_shards()
-            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
-                log.warning("tending the shards failed (%s: %s)", type(e).__name__, e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
-
-    async def tend_shards(self) -> None:
-        """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
-        share (taking free shards, or marking some to hand back after the round)."""
-        ttl_ms = int(self.settings.worker_lease_ttl * 1000)
-        now_ms = int(time.time() * 1000)
-        held = list(self.owned)
-        workers = self.keys.workers()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(workers, {self.worker_id: now_ms + ttl_ms})
-            pipe.zremrangebyscore(workers, "-inf", now_ms)
-            pipe.zrange(workers, 0, -1)
-            for shard in held:
-                pipe.eval(RENEW_LEASE, 1, self.keys.lease(shard), self.worker_id, ttl_ms)
-            for shard in range(self.settings.shard_count):
-                pipe.exists(self.keys.lease(shard))
-            results = await pipe.execute()
-        live = [w.decode() for w in results[2]]
-        renewed = results[3 : 3 + len(held)]
-        taken = results[3 + len(held) :]
-        for shard, still_held in zip(held, renewed, strict=True):
-            if not still_held and self.owned.pop(shard, None) is not None:
-                self._shards_dropped = True
-                self.owned_changed.set()
-                self.metrics.lease_changes.labels("lost").inc()
-                log.warning("lost the lease of shard %d", shard)
-        if self.stopping.is_set():
-            return
-        share = fair_share(live, self.worker_id, self.settings.shard_count)
-        keeping = sorted(set(self.owned) - self.releasing)
-        if len(keeping) > share:
-            self.releasing.update(keeping[share:])
-            self.wakeup.set()
-            return
-        free = [shard for shard, exists in enumerate(taken) if not exists]
-        # Workers starting together try the free shards in different orders.
-        offset = zlib.crc32(self.worker_id.encode())
-        free.sort(key=lambda shard: (shard - offset) % self.settings.shard_count)
-        wanted = share - len(keeping)
-        for shard in free:
-            if wanted <= 0 or self.stopping.is_set():
-                break
-            wanted -= await self.take(shard)
-
-    async def take(self, shard: int) -> bool:
-        """Takes the shard if its lease is free: leases it, bumps its epoch, and starts
-        working on it. Returns whether it did."""
-        ttl_ms = int(self.settings.worker_lease_ttl * 1000)
-        lease = self.keys.lease(shard)
-        if not await self.redis.set(lease, self.worker_id, nx=True, px=ttl_ms):
-            return False
-        try:
-            async with asyncio.timeout(self.settings.worker_lease_ttl), self.pool.acquire() as conn:
-                epoch = await take_shard(conn, shard, self.worker_id)
-            # Taking the epoch can wait for a former owner's last batch; the lease must
-            # still be this worker's after it, or another worker's epoch follows this one.
-            if not await self.redis.eval(RENEW_LEASE, 1, lease, self.worker_id, ttl_ms):
-                log.warning("shard %d: the lease ran out while taking it", shard)
-                return False
-        except BaseException:
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.eval(RELEASE_LEASE, 1, lease, self.worker_id)
-            raise
-        # The shard's wake stream from its start: the wallets there are dirty or were, and
-        # the rescan finds the dirty ones whose wake-ups a former owner trimmed.
-        self.wake_cursors[shard] = START
-        self.owned[shard] = epoch
-        self.owned_changed.set()
-        self.releasing.discard(shard)
-        self.metrics.lease_changes.labels("taken").inc()
-        log.info("took shard %d at epoch %d", shard, epoch)
-        await self._rescan([shard])
-        return True
-
-    async def _settle_ownership(self) -> None:
-        """Between two rounds: hands back the shards marked for it, and forgets the wallets
-        of shards no longer owned."""
-        if self.releasing:
-            await self._release(sorted(self.releasing))
-        if self._shards_dropped:
-            self._shards_dropped = False
-            self.active = {
-                w: cursor
-                for w, cursor in self.active.items()
-                if self.keys.shard_of(w) in self.owned
-            }
-            self.ready = {w: r for w, r in self.ready.items() if w in self.active}
-            self.isolating.intersection_update(self.active)
-            self.parked = {w: v for w, v in self.parked.items() if w in self.active}
-
-    async def _release(self, shards: list[int]) -> None:
-        """Stops working on the shards and gives their leases up, so that another worker
-        can take them at once."""
-        for shard in shards:
-            self.owned.pop(shard, None)
-            self.releasing.discard(shard)
-        self._shards_dropped = True
-        self.owned_changed.set()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.eval(RELEASE_LEASE, 1, self.keys.lease(shard), self.worker_id)
-            await pipe.execute()
-        if shards:
-            self.metrics.lease_changes.labels("handed_back").inc(len(shards))
-            log.info("handed back shards %s", shards)
+        await self.committer.close()
+        await self.streams.close()
+        await self.ownership.close()
 
     async def refresh_gauges(self) -> None:
         """Reads the figures that live in Redis into the metrics, before they are exposed."""
-        owned = sorted(self.owned)
+        owned = sorted(self.ownership.owned)
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
             counts = await pipe.execute()
         self.metrics.shards_owned.set(len(owned))
-        self.metrics.parked_wallets.set(len(self.parked))
+        self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
         for shard, count in zip(owned, counts, strict=True):
             self.metrics.queued.labels(str(shard)).set(int(count or 0))

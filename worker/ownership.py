@@ -1,0 +1,212 @@
+"""Shard ownership: which shards this worker owns, and at which epoch.
+
+Workers divide the shards among themselves through leases in Redis: a worker renews the
+leases it holds every fifth of WORKER_LEASE_TTL, counts the live workers by their
+heartbeats, and takes free shards up to its fair share or hands back what is over it. A
+lease alone does not stop a worker that was paused past it from committing; the shard's
+epoch in PostgreSQL does: taking a shard bumps it, and every batch commits only if its
+shards' epochs are still the ones its worker got (worker/apply.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.keys import KeySpace
+from shared.metrics import WorkerMetrics
+from shared.scripts import RELEASE_LEASE, RENEW_LEASE
+from shared.settings import Settings
+from worker.apply import take_shard
+from worker.commit import PG_ERRORS
+
+log = logging.getLogger("worker")
+
+RENEWALS_PER_LEASE = 5
+
+
+def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) -> int:
+    """How many shards `worker_id` should own: the shards split as evenly as they go, the
+    larger shares to the first workers in id order, so that the shares add up."""
+    workers = sorted({*live_workers, worker_id})
+    share, rest = divmod(shard_count, len(workers))
+    return share + (workers.index(worker_id) < rest)
+
+
+async def _nothing(shard: int) -> None:
+    return None
+
+
+class Ownership:
+    """The shards this worker owns (shard -> the epoch it got when it took the shard).
+
+    It tells the rest of the worker what changes through two callbacks: `changed()`
+    whenever the owned shards or those to hand back change, and `taken(shard)`, awaited
+    once a shard is taken, before take() returns. The shards it lost or handed back are
+    collected until the round asks for them (take_dropped()).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: Any,
+        worker_id: str,
+        metrics: WorkerMetrics,
+        *,
+        changed: Callable[[], None] = lambda: None,
+        taken: Callable[[int], Awaitable[None]] = _nothing,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._pool = pool
+        self._keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+        self._worker_id = worker_id
+        self._metrics = metrics
+        self._changed = changed
+        self._taken = taken
+        self._owned: dict[int, int] = {}
+        # owned shards over the fair share, handed back between two rounds
+        self._surplus: set[int] = set()
+        # shards lost or handed back since the round last asked
+        self._dropped: set[int] = set()
+        self._stopping = asyncio.Event()
+
+    @property
+    def owned(self) -> Mapping[int, int]:
+        """Shard -> the epoch this worker got when it took the shard (a live view)."""
+        return self._owned
+
+    def epochs_of(self, wallets: Iterable[str]) -> dict[int, int]:
+        """The epochs of the wallets' shards: what a batch of them commits under."""
+        shard_of, owned = self._keys.shard_of, self._owned
+        return {s: owned[s] for s in {shard_of(w) for w in wallets}}
+
+    def take_dropped(self) -> set[int]:
+        """The shards lost or handed back since the last call."""
+        dropped, self._dropped = self._dropped, set()
+        return dropped
+
+    def stop(self) -> None:
+        """run() returns within a renewal's wait; tend() takes no more shards."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Tends the shards (tend()) every fifth of the lease time, until stop()."""
+        interval = self._settings.worker_lease_ttl / RENEWALS_PER_LEASE
+        while not self._stopping.is_set():
+            try:
+                await self.tend()
+            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
+                log.warning("tending the shards failed (%s: %s)", type(e).__name__, e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def tend(self) -> None:
+        """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
+        share (taking free shards, or marking some to hand back after the round)."""
+        ttl_ms = int(self._settings.worker_lease_ttl * 1000)
+        now_ms = int(time.time() * 1000)
+        held = list(self._owned)
+        workers = self._keys.workers()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(workers, {self._worker_id: now_ms + ttl_ms})
+            pipe.zremrangebyscore(workers, "-inf", now_ms)
+            pipe.zrange(workers, 0, -1)
+            for shard in held:
+                pipe.eval(RENEW_LEASE, 1, self._keys.lease(shard), self._worker_id, ttl_ms)
+            for shard in range(self._settings.shard_count):
+                pipe.exists(self._keys.lease(shard))
+            results = await pipe.execute()
+        live = [w.decode() for w in results[2]]
+        renewed = results[3 : 3 + len(held)]
+        taken = results[3 + len(held) :]
+        for shard, still_held in zip(held, renewed, strict=True):
+            if not still_held and self._owned.pop(shard, None) is not None:
+                self._dropped.add(shard)
+                self._changed()
+                self._metrics.lease_changes.labels("lost").inc()
+                log.warning("lost the lease of shard %d", shard)
+        if self._stopping.is_set():
+            return
+        share = fair_share(live, self._worker_id, self._settings.shard_count)
+        keeping = sorted(set(self._owned) - self._surplus)
+        if len(keeping) > share:
+            self._surplus.update(keeping[share:])
+            self._changed()
+            return
+        free = [shard for shard, exists in enumerate(taken) if not exists]
+        # Workers starting together try the free shards in different orders.
+        offset = zlib.crc32(self._worker_id.encode())
+        free.sort(key=lambda shard: (shard - offset) % self._settings.shard_count)
+        wanted = share - len(keeping)
+        for shard in free:
+            if wanted <= 0 or self._stopping.is_set():
+                break
+            wanted -= await self.take(shard)
+
+    async def take(self, shard: int) -> bool:
+        """Takes the shard if its lease is free: leases it, bumps its epoch, and starts
+        working on it. Returns whether it did."""
+        ttl_ms = int(self._settings.worker_lease_ttl * 1000)
+        lease = self._keys.lease(shard)
+        if not await self._redis.set(lease, self._worker_id, nx=True, px=ttl_ms):
+            return False
+        try:
+            async with (
+                asyncio.timeout(self._settings.worker_lease_ttl),
+                self._pool.acquire() as conn,
+            ):
+                epoch = await take_shard(conn, shard, self._worker_id)
+            # Taking the epoch can wait for a former owner's last batch; the lease must
+            # still be this worker's after it, or another worker's epoch follows this one.
+            if not await self._redis.eval(RENEW_LEASE, 1, lease, self._worker_id, ttl_ms):
+                log.warning("shard %d: the lease ran out while taking it", shard)
+                return False
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.eval(RELEASE_LEASE, 1, lease, self._worker_id)
+            raise
+        self._owned[shard] = epoch
+        self._surplus.discard(shard)
+        self._changed()
+        self._metrics.lease_changes.labels("taken").inc()
+        log.info("took shard %d at epoch %d", shard, epoch)
+        await self._taken(shard)
+        return True
+
+    async def hand_back_surplus(self) -> None:
+        """Hands back the shards over the fair share (between two rounds)."""
+        if self._surplus:
+            await self.release(sorted(self._surplus))
+
+    async def release(self, shards: list[int]) -> None:
+        """Stops working on the shards and gives their leases up, so that another worker
+        can take them at once."""
+        for shard in shards:
+            self._owned.pop(shard, None)
+            self._surplus.discard(shard)
+        self._dropped.update(shards)
+        self._changed()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.eval(RELEASE_LEASE, 1, self._keys.lease(shard), self._worker_id)
+            await pipe.execute()
+        if shards:
+            self._metrics.lease_changes.labels("handed_back").inc(len(shards))
+            log.info("handed back shards %s", shards)
+
+    async def close(self) -> None:
+        """Hands every shard back and leaves the live workers (best effort: an owner that
+        cannot reach Redis leaves its leases to run out)."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.release(list(self._owned))
+            await self._redis.zrem(self._keys.workers(), self._worker_id)

@@ -1,0 +1,308 @@
+"""The worker's Redis I/O on its shards' streams: the wake listener, which reads every owned
+shard's wake stream in one blocking read, and the wallets' streams, read and acknowledged
+(ACKNOWLEDGE_READ) over a connection of the round's own, one round trip at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.backoff import backoff
+from shared.codec import MessageError, Outcome, encode_outcomes
+from shared.connections import round_trip
+from shared.keys import KeySpace
+from shared.scripts import ACKNOWLEDGE_READ, ACKNOWLEDGE_READ_SHA, TRIM_WAKES, next_entry_id
+from worker.apply import Entry
+from worker.backlog import START, DeadLetter, Reading, Wake, decode_entry
+
+log = logging.getLogger("worker")
+
+WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken meanwhile
+# has its backlog found by the rescan at once, and its new wake-ups read after it
+WAKE_COUNT = 1000  # wake entries one read takes of each shard
+WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims them
+RETRY_DELAY_FIRST = 0.1  # the wait after one failure; it doubles up to the most
+RETRY_DELAY_MAX = 2.0
+COMMITTED_KEPT_SECONDS = 600
+
+
+def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Redis sends them ([name, value, name, value, ...])."""
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
+def reading_of(wallet: str, found: Any) -> Reading | None:
+    """What ACKNOWLEDGE_READ answered for the wallet: its next entries, those that are no
+    operation set aside as dead letters; None if its stream is left empty."""
+    if not found:
+        return None
+    entries: list[Entry] = []
+    dead: list[DeadLetter] = []
+    for raw_id, fields in found:
+        entry_id = raw_id.decode()
+        message = entry_fields(fields).get(b"m", b"")
+        try:
+            entries.append(decode_entry(wallet, entry_id, message))
+        except MessageError as e:
+            log.error("entry %s of wallet %s goes to the dead letters: %s", entry_id, wallet, e)
+            dead.append(DeadLetter(wallet, entry_id, message, str(e)))
+    return Reading(entries, dead, found[-1][0].decode())
+
+
+class WakeListener:
+    """Reads the owned shards' wake streams, all in one blocking read, and holds the wake-ups
+    found there until the round takes them. Trims what it has read, a shard's at a time
+    once WAKE_TRIM_AFTER entries have piled up or when nothing came.
+
+    A shard's wake stream is read from its start each time the worker takes the shard (a
+    new epoch): the wallets there are dirty or were, and the rescan finds the dirty ones
+    whose wake-ups a former owner trimmed."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        worker_id: str,
+        owned: Mapping[int, int],
+        woke: Callable[[], None],
+    ) -> None:
+        """`owned`: shard -> epoch, the shards to read (read, never changed, here); `woke`
+        is called when wake-ups are waiting to be taken."""
+        self._redis = redis
+        self._keys = keys
+        self._worker_id = worker_id
+        self._owned = owned
+        self._woke = woke
+        self._wakes: list[Wake] = []
+        # shard -> (the epoch it was read under, the id of the last wake entry read)
+        self._cursors: dict[int, tuple[int, str]] = {}
+        self._taken = asyncio.Event()
+        self._shards_changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    def take(self) -> list[Wake]:
+        """The wake-ups found since the last call, oldest first; lets the listener read on."""
+        wakes, self._wakes = self._wakes, []
+        self._taken.set()
+        return wakes
+
+    def has_wake_for(self, wallet: str) -> bool:
+        return any(w == wallet for w, _, _ in self._wakes)
+
+    def shards_changed(self) -> None:
+        """The owned shards changed: a listener that had none to read looks again."""
+        self._shards_changed.set()
+
+    def stop(self) -> None:
+        """run() returns within one read's wait."""
+        self._stopping.set()
+        self._taken.set()
+        self._shards_changed.set()
+
+    def _cursor(self, shard: int, epoch: int) -> str:
+        cursor = self._cursors.get(shard)
+        return cursor[1] if cursor is not None and cursor[0] == epoch else START
+
+    async def run(self) -> None:
+        connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        untrimmed: dict[int, int] = {}
+        quiet = False  # the last read found nothing: a good time to trim
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                shards = sorted(self._owned.items())
+                if not shards:
+                    self._shards_changed.clear()
+                    await self._shards_changed.wait()
+                    continue
+                due = [
+                    s
+                    for s, n in untrimmed.items()
+                    if s in self._owned and (quiet or n >= WAKE_TRIM_AFTER)
+                ]
+                read = (
+                    "XREAD",
+                    "COUNT",
+                    WAKE_COUNT,
+                    "BLOCK",
+                    int(WAKE_WAIT * 1000),
+                    "STREAMS",
+                    *(self._keys.wake_stream(s) for s, _ in shards),
+                    *(self._cursor(s, epoch) for s, epoch in shards),
+                )
+                try:
+                    answers = await round_trip(
+                        connection, [*(self._trim_command(s) for s in due), read]
+                    )
+                    if isinstance(answers[-1], Exception):
+                        raise answers[-1]
+                except (RedisError, OSError) as e:
+                    failures += 1
+                    log.warning("reading the wake-ups failed (%s)", e)
+                    await asyncio.sleep(backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX))
+                    continue
+                failures = 0
+                for shard in due:
+                    del untrimmed[shard]
+                quiet = answers[-1] is None
+                self._note(shards, answers[-1] or [], untrimmed)
+                if self._wakes:
+                    # Reading again before the round has taken these would mostly fetch one
+                    # or two at a time while it commits: what comes meanwhile is read in one
+                    # go when it starts its next batch.
+                    self._taken.clear()
+                    await self._taken.wait()
+        finally:
+            await connection.disconnect()
+
+    def _trim_command(self, shard: int) -> tuple[Any, ...]:
+        """Drops the shard's wake entries read so far, if the shard is still this worker's."""
+        keys = (self._keys.lease(shard), self._keys.wake_stream(shard))
+        cursor = self._cursor(shard, self._owned[shard])
+        return ("EVAL", TRIM_WAKES, 2, *keys, self._worker_id, next_entry_id(cursor))
+
+    def _note(self, shards: list[tuple[int, int]], found: Any, untrimmed: dict[int, int]) -> None:
+        """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2)."""
+        read_as = {self._keys.wake_stream(s).encode(): (s, epoch) for s, epoch in shards}
+        for stream, items in found.items() if isinstance(found, dict) else found:
+            shard, epoch = read_as[stream]
+            if self._owned.get(shard) != epoch:  # handed back meanwhile: the next owner's
+                continue
+            for raw_id, fields in items:
+                wake = entry_fields(fields)
+                try:
+                    self._wakes.append((wake[b"w"].decode(), wake[b"e"].decode(), wake[b"m"]))
+                except (KeyError, UnicodeDecodeError):  # the rescan finds its wallet
+                    log.error("wake entry %s of shard %d is not one", raw_id, shard)
+            self._cursors[shard] = (epoch, items[-1][0].decode())
+            untrimmed[shard] = untrimmed.get(shard, 0) + len(items)
+        if self._wakes:
+            self._woke()
+
+
+class WalletStreams:
+    """The wallets' streams, read and acknowledged by the round over a Redis connection of
+    its own: one round trip per call, nobody else's commands in between."""
+
+    def __init__(self, redis: Redis, keys: KeySpace, batch_max: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._batch_max = batch_max
+        self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+
+    async def load_script(self) -> None:
+        """Loads ACKNOWLEDGE_READ, which the reads call by its hash. If Redis is down, the
+        next round backs off and Redis answers NOSCRIPT until this is called again."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.script_load(ACKNOWLEDGE_READ)
+
+    async def dirty_wallets(self, shards: list[int]) -> list[list[str]]:
+        """Each shard's wallets with something queued, as its dirty set has them."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.smembers(self._keys.dirty_set(shard))
+            found = await pipe.execute()
+        return [[raw.decode() for raw in members] for members in found]
+
+    async def read(
+        self, wallets: list[str], cursors: Mapping[str, str], count: int
+    ) -> list[Reading | None]:
+        """Up to `count` entries of each wallet's stream after its cursor (those up to it
+        are committed: trimmed on the way)."""
+        return await self._acknowledge_read([], wallets, cursors, count)
+
+    async def answer(
+        self,
+        entries: list[Entry],
+        outcomes: list[Outcome],
+        batch: dict[str, Reading],
+        cursors: Mapping[str, str],
+    ) -> list[Reading | None]:
+        """One round trip after COMMIT: the outcomes to the API processes that wait for
+        them, the dead letters kept, then each wallet of the batch acknowledged (its
+        committed entries trimmed) and its next entries read for the next batch (in the
+        order of `batch`)."""
+        by_channel: dict[str, list[Outcome]] = defaultdict(list)
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            if entry.request.reply_to:
+                by_channel[entry.request.reply_to].append(outcome)
+        commands: list[tuple[Any, ...]] = [
+            ("PUBLISH", channel, encode_outcomes(replies))
+            for channel, replies in by_channel.items()
+        ]
+        if entries:  # for the live view; after the replies, as it matters less
+            second = self._keys.committed(int(time.time()))
+            commands += [
+                ("HINCRBY", second, "batches", 1),
+                ("HINCRBY", second, "operations", len(entries)),
+                ("EXPIRE", second, COMMITTED_KEPT_SECONDS),
+            ]
+        for reading in batch.values():
+            for letter in reading.dead:
+                commands.append(
+                    (
+                        "XADD",
+                        self._keys.dead_letters(self._keys.shard_of(letter.wallet_id)),
+                        "*",
+                        "wallet",
+                        letter.wallet_id,
+                        "entry",
+                        letter.entry_id,
+                        "m",
+                        letter.message,
+                        "error",
+                        letter.error,
+                    )
+                )
+        wallets = list(batch)
+        count = max(1, self._batch_max // max(1, len(wallets)))
+        return await self._acknowledge_read(commands, wallets, cursors, count)
+
+    async def _acknowledge_read(
+        self,
+        before: list[tuple[Any, ...]],
+        wallets: list[str],
+        cursors: Mapping[str, str],
+        count: int,
+    ) -> list[Reading | None]:
+        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet.
+        Raises the first error any of them answered."""
+        commands = [
+            *before,
+            *(self._acknowledge_read_command(w, cursors[w], count) for w in wallets),
+        ]
+        if not commands:
+            return []
+        answers = await round_trip(self._connection, commands)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return [
+            reading_of(wallet, found)
+            for wallet, found in zip(wallets, answers[len(before) :], strict=True)
+        ]
+
+    def _acknowledge_read_command(self, wallet: str, cursor: str, count: int) -> tuple[Any, ...]:
+        shard = self._keys.shard_of(wallet)
+        return (
+            "EVALSHA",
+            ACKNOWLEDGE_READ_SHA,
+            3,
+            self._keys.wallet_stream(wallet, shard),
+            self._keys.dirty_set(shard),
+            self._keys.queued(shard),
+            wallet,
+            next_entry_id(cursor),
+            count,
+        )
+
+    async def close(self) -> None:
+        await self._connection.disconnect()
