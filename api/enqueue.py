@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,13 +24,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from shared import connections
+from shared.backoff import backoff
 from shared.errors import DependencyUnavailable
 from shared.scripts import ENQUEUE, ENQUEUE_SHA
 
 log = logging.getLogger("api.enqueue")
 _Call = tuple[tuple[Any, ...], asyncio.Future[Any]]
 RoundTrip = Callable[[AbstractConnection, Sequence[Sequence[Any]]], Awaitable[list[Any]]]
-RESTART_DELAY = 0.1  # after a failure of the enqueuer itself, not of Redis
+RESTART_DELAY_FIRST, RESTART_DELAY_MAX = 0.05, 2.0  # after failures of its own, not Redis's
 
 
 class Enqueuer:
@@ -53,11 +56,15 @@ class Enqueuer:
         """Sends what is pending, one round trip at a time, until close(). Supervised: if
         sending fails in a way it does not handle (a bug), the calls it held fail with 503
         and it starts again on a new connection, so that no request waits for ever."""
+        failures, last_failure = 0, -math.inf
         while not self._closing:
             try:
                 await self._serve()
             except Exception as e:
                 self.restarts += 1
+                # Failures in a row back off; one after a quiet minute starts again at once.
+                failures = failures + 1 if time.monotonic() - last_failure < 60 else 1
+                last_failure = time.monotonic()
                 log.exception("the enqueuer failed; its calls get 503, and it starts again")
                 failed, self._sending = self._sending, []
                 error = DependencyUnavailable(f"Queueing the operation failed: {e!r}")
@@ -65,7 +72,7 @@ class Enqueuer:
                     if not future.done():
                         future.set_exception(error)
                 await self._connection.disconnect(nowait=True)
-                await asyncio.sleep(RESTART_DELAY)
+                await asyncio.sleep(backoff(failures, RESTART_DELAY_FIRST, RESTART_DELAY_MAX))
         await self._connection.disconnect()
 
     async def _serve(self) -> None:
