@@ -62,9 +62,13 @@ class WakeListener:
     found there until the round takes them. Trims what it has read, a shard's at a time
     once WAKE_TRIM_AFTER entries have piled up or when nothing came.
 
-    A shard's wake stream is read from its start each time the worker takes the shard (a
-    new epoch): the wallets there are dirty or were, and the rescan finds the dirty ones
-    whose wake-ups a former owner trimmed."""
+    A shard's wake stream is read only once a rescan has said where to start (`start_after`),
+    anew for each epoch of the shard: after the last wake entry there was when the rescan
+    read the shard's dirty set, in the same transaction. The wallets dirty then are the
+    rescan's; a wake-up before that point is one of theirs, or of a wallet done since, and
+    reading it would apply a committed operation again. After a lost connection (Redis
+    may have restarted empty, its entry ids starting again lower) every shard waits for a
+    new rescan, which `lost` asks for."""
 
     def __init__(
         self,
@@ -73,14 +77,17 @@ class WakeListener:
         worker_id: str,
         owned: Mapping[int, int],
         woke: Callable[[], None],
+        lost: Callable[[], None],
     ) -> None:
         """`owned`: shard -> epoch, the shards to read (read, never changed, here); `woke`
-        is called when wake-ups are waiting to be taken."""
+        is called when wake-ups are waiting to be taken, `lost` when the positions were
+        dropped and the shards need a rescan."""
         self._redis = redis
         self._keys = keys
         self._worker_id = worker_id
         self._owned = owned
         self._woke = woke
+        self._lost = lost
         self._wakes: list[Wake] = []
         # shard -> (the epoch it was read under, the id of the last wake entry read)
         self._cursors: dict[int, tuple[int, str]] = {}
@@ -107,9 +114,15 @@ class WakeListener:
         self._taken.set()
         self._shards_changed.set()
 
-    def _cursor(self, shard: int, epoch: int) -> str:
+    def start_after(self, shard: int, epoch: int, entry_id: str) -> None:
+        """Where the shard's wake stream is read from under `epoch`, unless it is already."""
+        if self._cursor(shard, epoch) is None:
+            self._cursors[shard] = (epoch, entry_id)
+            self._shards_changed.set()
+
+    def _cursor(self, shard: int, epoch: int) -> str | None:
         cursor = self._cursors.get(shard)
-        return cursor[1] if cursor is not None and cursor[0] == epoch else START
+        return cursor[1] if cursor is not None and cursor[0] == epoch else None
 
     async def run(self) -> None:
         connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
@@ -118,15 +131,20 @@ class WakeListener:
         failures = 0
         try:
             while not self._stopping.is_set():
-                shards = sorted(self._owned.items())
+                shards = [
+                    (s, epoch)
+                    for s, epoch in sorted(self._owned.items())
+                    if self._cursor(s, epoch) is not None
+                ]
                 if not shards:
                     self._shards_changed.clear()
                     await self._shards_changed.wait()
                     continue
+                reading = dict(shards)
                 due = [
                     s
                     for s, n in untrimmed.items()
-                    if s in self._owned and (quiet or n >= WAKE_TRIM_AFTER)
+                    if s in reading and (quiet or n >= WAKE_TRIM_AFTER)
                 ]
                 read = (
                     "XREAD",
@@ -136,7 +154,7 @@ class WakeListener:
                     int(WAKE_WAIT * 1000),
                     "STREAMS",
                     *(self._keys.wake_stream(s) for s, _ in shards),
-                    *(self._cursor(s, epoch) for s, epoch in shards),
+                    *(self._cursors[s][1] for s, _ in shards),
                 )
                 try:
                     answers = await round_trip(
@@ -147,6 +165,9 @@ class WakeListener:
                 except (RedisError, OSError) as e:
                     failures += 1
                     log.warning("reading the wake-ups failed (%s)", e)
+                    self._cursors.clear()
+                    untrimmed.clear()
+                    self._lost()
                     await asyncio.sleep(backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX))
                     continue
                 failures = 0
@@ -166,7 +187,7 @@ class WakeListener:
     def _trim_command(self, shard: int) -> tuple[Any, ...]:
         """Drops the shard's wake entries read so far, if the shard is still this worker's."""
         keys = (self._keys.lease(shard), self._keys.wake_stream(shard))
-        cursor = self._cursor(shard, self._owned[shard])
+        cursor = self._cursors[shard][1]
         return ("EVAL", TRIM_WAKES, 2, *keys, self._worker_id, next_entry_id(cursor))
 
     def _note(self, shards: list[tuple[int, int]], found: Any, untrimmed: dict[int, int]) -> None:
@@ -204,13 +225,19 @@ class WalletStreams:
         with contextlib.suppress(RedisError, OSError):
             await self._redis.script_load(ACKNOWLEDGE_READ)
 
-    async def dirty_wallets(self, shards: list[int]) -> list[list[str]]:
-        """Each shard's wallets with something queued, as its dirty set has them."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+    async def dirty_wallets(self, shards: list[int]) -> list[tuple[list[str], str]]:
+        """Each shard's wallets with something queued, as its dirty set has them, and the id
+        of the last entry of its wake stream at that moment (one transaction): the wake-ups
+        after it are of wallets that became dirty since."""
+        async with self._redis.pipeline(transaction=True) as pipe:
             for shard in shards:
                 pipe.smembers(self._keys.dirty_set(shard))
+                pipe.xrevrange(self._keys.wake_stream(shard), count=1)
             found = await pipe.execute()
-        return [[raw.decode() for raw in members] for members in found]
+        return [
+            ([raw.decode() for raw in members], last[0][0].decode() if last else START)
+            for members, last in zip(found[::2], found[1::2], strict=True)
+        ]
 
     async def read(
         self, wallets: list[str], cursors: Mapping[str, str], count: int

@@ -105,8 +105,10 @@ class Worker:
             changed=self._shards_changed,
             taken=self._shard_taken,
         )
+        self._rescan_due = True
+        self._positions_lost = False
         self.listener = WakeListener(
-            redis, self.keys, self.worker_id, self.ownership.owned, self._wakeup.set
+            redis, self.keys, self.worker_id, self.ownership.owned, self._wakeup.set, self._lost
         )
         self.backlog = Backlog(
             self.keys.shard_of,
@@ -140,7 +142,11 @@ class Worker:
             while not self._stopping.is_set():
                 try:
                     await self._settle()
-                    if time.monotonic() - last_rescan > self.settings.worker_rescan_interval:
+                    if (
+                        self._rescan_due
+                        or time.monotonic() - last_rescan > self.settings.worker_rescan_interval
+                    ):
+                        self._rescan_due = False
                         await self._rescan(list(self.ownership.owned))
                         last_rescan = time.monotonic()
                     started = time.monotonic()
@@ -216,6 +222,10 @@ class Worker:
         await self.ownership.hand_back_surplus()
         if self.ownership.take_dropped():
             self.backlog.keep_only(self.ownership.owned)
+        if self._positions_lost:
+            self._positions_lost = False
+            self.backlog.read_again(list(self.backlog.cursors))
+            self._rescan_due = True
 
     async def _wait_for_work(self) -> None:
         """Until a wake-up, the next parked wallet's retry, or the next rescan."""
@@ -228,13 +238,28 @@ class Worker:
             await asyncio.wait_for(self._wakeup.wait(), max(0.0, wait))
 
     async def _rescan(self, shards: list[int]) -> None:
-        """Marks the shards' dirty wallets active: on taking a shard, and now and then in
-        case a wake-up was lost."""
-        found = await self.streams.dirty_wallets(shards)
+        """Marks the shards' dirty wallets active, and tells the wake listener where to start
+        reading a shard it has no position for: on taking a shard, after a lost connection,
+        and now and then in case a wake-up was lost."""
         owned = self.ownership.owned
-        for shard, wallets in zip(shards, found, strict=True):
-            if shard in owned:
+        epochs = {shard: owned.get(shard) for shard in shards}
+        try:
+            found = await self.streams.dirty_wallets(shards)
+        except BaseException:
+            self._rescan_due = True
+            raise
+        for shard, (wallets, last_wake) in zip(shards, found, strict=True):
+            epoch = epochs[shard]
+            if epoch is not None and owned.get(shard) == epoch:
                 self.backlog.mark_active(wallets)
+                self.listener.start_after(shard, epoch, last_wake)
+        self._wakeup.set()
+
+    def _lost(self) -> None:
+        """Redis was lost, and may have come back empty, its entry ids starting lower: at
+        the next settling, every position is dropped and the shards rescanned (operation
+        ids keep what is read twice from being applied twice)."""
+        self._positions_lost = True
         self._wakeup.set()
 
     def _shards_changed(self) -> None:

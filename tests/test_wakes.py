@@ -1,0 +1,108 @@
+"""The wake listener: which wake-ups a worker acts on when it takes a shard, and what it
+does when its connection to Redis is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.keys import KeySpace
+from shared.scripts import ENQUEUE
+from shared.settings import Settings
+from tests.helpers import eventually
+from worker.streams import WakeListener, WalletStreams
+
+SHARD, EPOCH = 3, 7
+
+
+def wallet_in(keys: KeySpace, shard: int) -> str:
+    while True:
+        wallet = str(uuid.uuid4())
+        if keys.shard_of(wallet) == shard:
+            return wallet
+
+
+async def enqueue(redis: Redis, keys: KeySpace, wallet: str) -> None:
+    await redis.eval(ENQUEUE, 4, *keys.enqueue_keys(wallet), wallet, b"an operation", 10, 10)
+
+
+class Listening:
+    def __init__(self, redis: Redis, keys: KeySpace) -> None:
+        self.owned = {SHARD: EPOCH}
+        self.lost = asyncio.Event()
+        self.listener = WakeListener(
+            redis, keys, "a-worker", self.owned, lambda: None, self.lost.set
+        )
+        self.streams = WalletStreams(redis, keys, batch_max=100)
+
+    async def rescan(self) -> list[str]:
+        """What the worker does on taking the shard: its dirty wallets, and where the
+        listener starts."""
+        [(dirty, last_wake)] = await self.streams.dirty_wallets([SHARD])
+        self.listener.start_after(SHARD, EPOCH, last_wake)
+        return dirty
+
+
+@pytest.fixture
+async def listening(settings: Settings, redis: Redis) -> AsyncIterator[tuple[Listening, KeySpace]]:
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    listening = Listening(redis, keys)
+    task = asyncio.create_task(listening.listener.run())
+    yield listening, keys
+    listening.listener.stop()
+    await asyncio.wait_for(task, 5)
+    await listening.streams.close()
+
+
+async def test_a_taken_shard_is_woken_only_by_wallets_dirty_since_its_rescan(
+    listening: tuple[Listening, KeySpace], redis: Redis
+) -> None:
+    """A wake-up from before the rescan is of a wallet the rescan found (or one done since):
+    acting on it again would apply a committed operation again, in a batch of its own."""
+    it, keys = listening
+    before, after = wallet_in(keys, SHARD), wallet_in(keys, SHARD)
+    await enqueue(redis, keys, before)
+    assert await it.rescan() == [before]
+    await enqueue(redis, keys, after)
+
+    async def woken_by_the_later() -> bool:
+        return it.listener.has_wake_for(after)
+
+    await eventually(woken_by_the_later, what="the later wallet's wake-up")
+    assert [wallet for wallet, _, _ in it.listener.take()] == [after]
+
+
+async def test_a_lost_connection_drops_the_positions_until_the_next_rescan(
+    listening: tuple[Listening, KeySpace], redis: Redis
+) -> None:
+    it, keys = listening
+    await it.rescan()
+    clients: Any = await redis.client_list()
+
+    async def reading() -> bool:
+        nonlocal clients
+        clients = await redis.client_list()
+        return any(c["cmd"] == "xread" for c in clients)
+
+    await eventually(reading, what="the listener's blocking read")
+    for client in clients:
+        if client["cmd"] == "xread":
+            await redis.client_kill_filter(_id=client["id"])
+    async with asyncio.timeout(10):
+        await it.lost.wait()
+    wallet = wallet_in(keys, SHARD)
+    await enqueue(redis, keys, wallet)
+    assert await it.rescan() == [wallet]  # the worker rescans: the wallet is its to find
+    later = wallet_in(keys, SHARD)
+    await enqueue(redis, keys, later)
+
+    async def woken() -> bool:
+        return it.listener.has_wake_for(later)
+
+    await eventually(woken, what="a wake-up read after the new rescan")
+    assert [w for w, _, _ in it.listener.take()] == [later]
