@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -11,6 +10,7 @@ from redis.exceptions import RedisError
 from api.appkeys import KEYS, PG, REDIS, REPLIES
 from api.bodies import Health, Ready, json_response
 from api.problems import DEPENDENCY_ERRORS, problem
+from shared.scripts import live_workers
 
 routes = web.RouteTableDef()
 
@@ -34,7 +34,7 @@ async def ready(request: web.Request) -> web.Response:
         checks["postgres"] = f"unavailable: {type(e).__name__}"
     try:
         async with asyncio.timeout(2):
-            live = await app[REDIS].zcount(app[KEYS].workers(), int(time.time() * 1000), "+inf")
+            live = len(await live_workers(app[REDIS], app[KEYS]))
         checks["redis"] = "ok"
         checks["workers"] = f"{live} live" if live else "none alive"
     except (RedisError, OSError, TimeoutError) as e:

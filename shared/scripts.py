@@ -5,6 +5,11 @@ consistent. Each touches keys of one shard only (one hash tag), so it runs on Re
 from __future__ import annotations
 
 import hashlib
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.keys import KeySpace
 
 # KEYS: wallet stream, shard dirty set, shard wake stream, shard queued count
 # ARGV: wallet id, encoded operation, wallet queue limit, shard queue limit
@@ -76,6 +81,39 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+# Liveness is judged by Redis's clock alone, never by comparing hosts' clocks: a host whose
+# clock ran ahead would keep a dead worker "live", and its shards unowned, for the skew.
+_REDIS_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: the live workers (a sorted set: worker id -> when its heartbeat runs out, in ms).
+# ARGV: worker id, heartbeat time in ms.
+# The worker's heartbeat; drops the workers whose heartbeat ran out. Returns the live ones.
+HEARTBEAT = (
+    _REDIS_NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+)
+
+# KEYS: the live workers. Returns the ids of the workers whose heartbeat has not run out.
+LIVE_WORKERS = (
+    _REDIS_NOW_MS
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+"""
+)
+
+
+async def live_workers(redis: Redis, keys: KeySpace) -> list[str]:
+    """The ids of the workers alive now, by Redis's clock."""
+    found: Any = await redis.eval(LIVE_WORKERS, 1, keys.workers())
+    return [w.decode() for w in found]
 
 
 def sha(script: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from shared.codec import OperationRequest, encode_request
 from shared.keys import KeySpace
-from shared.scripts import ENQUEUE
+from shared.scripts import ENQUEUE, live_workers
 from shared.settings import Settings
 from tests.conftest import running_worker
 from tests.helpers import eventually, ledger
@@ -195,3 +196,31 @@ async def test_a_new_owner_waits_for_the_former_owner_s_batch_in_flight(
         await taker.close()
         await pool.close()
         await r.aclose()
+
+
+async def test_liveness_is_judged_by_redis_s_clock_not_the_hosts(
+    settings: Settings, redis: Redis, pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This host's clock runs an hour ahead: the heartbeat a worker writes still runs out
+    one lease after Redis's now; and with the clock an hour behind, a heartbeat that ran
+    out by Redis's clock is not counted live."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    worker_redis, worker_pool = await connect(settings, "skewed")
+    try:
+        worker = Worker(settings, worker_redis, worker_pool, worker_id="skewed")
+        await worker.ownership.tend()
+        seconds, micros = await redis.time()
+        redis_now_ms = seconds * 1000 + micros // 1000
+        expires_ms = await redis.zscore(keys.workers(), "skewed")
+        assert expires_ms is not None
+        assert abs(expires_ms - (redis_now_ms + settings.worker_lease_ttl * 1000)) < 1000
+        await worker.close()
+    finally:
+        await worker_redis.aclose()
+        await worker_pool.close()
+
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
+    await redis.zadd(keys.workers(), {"gone": redis_now_ms - 1000})
+    assert "gone" not in await live_workers(redis, keys)

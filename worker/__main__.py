@@ -15,8 +15,6 @@ import logging
 import signal
 import socket
 import sys
-import time
-from typing import Any
 
 import uvloop
 from aiohttp import web
@@ -26,6 +24,7 @@ from shared import logs
 from shared.connections import open_redis
 from shared.keys import KeySpace
 from shared.metrics import CONTENT_TYPE, exposition
+from shared.scripts import live_workers
 from shared.settings import Settings
 from worker.worker import Worker, connect, new_worker_id
 
@@ -120,17 +119,13 @@ async def check() -> int:
     settings = Settings.from_env()
     redis = open_redis(settings)
     try:
-        live: Any = await redis.zrangebyscore(
-            KeySpace(settings.redis_key_prefix, settings.shard_count).workers(),
-            int(time.time() * 1000),
-            "+inf",
-        )
+        live = await live_workers(redis, KeySpace(settings.redis_key_prefix, settings.shard_count))
     except (RedisError, OSError) as e:
         print(f"unhealthy: Redis unreachable ({e})")
         return 1
     finally:
         await redis.aclose()
-    ours = [w.decode() for w in live if w.decode().startswith(f"{socket.gethostname()}-")]
+    ours = [w for w in live if w.startswith(f"{socket.gethostname()}-")]
     print(f"healthy: {', '.join(ours)}" if ours else "unhealthy: no live worker on this host")
     return 0 if ours else 1
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from typing import Any
 
 import asyncpg
@@ -46,11 +45,17 @@ async def oldest_entries(redis: Redis, keys: KeySpace, shard: int) -> dict[str, 
     return {w: first[0][0] for w, first in zip(wallets, firsts, strict=True) if first}
 
 
+async def redis_now_ms(redis: Redis) -> int:
+    """Redis's clock, which stamped the entry ids (this host's may differ)."""
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
 async def shards_report(settings: Settings, redis: Redis, pg: Any) -> list[dict[str, Any]]:
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
     ttl_ms = settings.worker_lease_ttl * 1000
     epochs = {r["shard"]: r["epoch"] for r in await pg.fetch("SELECT shard, epoch FROM shards")}
-    now_ms = int(time.time() * 1000)
+    now_ms = await redis_now_ms(redis)
     report = []
     for shard in range(settings.shard_count):
         async with redis.pipeline(transaction=False) as pipe:
@@ -77,7 +82,7 @@ async def wallet_report(settings: Settings, redis: Redis, pg: Any, wallet: str) 
     row = await pg.fetchrow(
         "SELECT balance, op_seq, applied_entry FROM wallets WHERE id::text = $1", wallet
     )
-    now_ms = int(time.time() * 1000)
+    now_ms = await redis_now_ms(redis)
     queued = []
     stream: Any = await redis.xrange(keys.wallet_stream(wallet))
     for entry_id, fields in stream:
@@ -104,7 +109,7 @@ async def wallet_report(settings: Settings, redis: Redis, pg: Any, wallet: str) 
 
 async def stuck_report(settings: Settings, redis: Redis, older_than: float) -> list[dict[str, Any]]:
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-    now_ms = int(time.time() * 1000)
+    now_ms = await redis_now_ms(redis)
     stuck = []
     for shard in range(settings.shard_count):
         for wallet, entry in (await oldest_entries(redis, keys, shard)).items():

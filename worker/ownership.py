@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -23,7 +22,7 @@ from redis.exceptions import RedisError
 
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
-from shared.scripts import RELEASE_LEASE, RENEW_LEASE
+from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE
 from shared.settings import Settings
 from worker.apply import take_shard
 from worker.commit import PG_ERRORS
@@ -114,21 +113,17 @@ class Ownership:
         """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
         share (taking free shards, or marking some to hand back after the round)."""
         ttl_ms = int(self._settings.worker_lease_ttl * 1000)
-        now_ms = int(time.time() * 1000)
         held = list(self._owned)
-        workers = self._keys.workers()
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(workers, {self._worker_id: now_ms + ttl_ms})
-            pipe.zremrangebyscore(workers, "-inf", now_ms)
-            pipe.zrange(workers, 0, -1)
+            pipe.eval(HEARTBEAT, 1, self._keys.workers(), self._worker_id, ttl_ms)
             for shard in held:
                 pipe.eval(RENEW_LEASE, 1, self._keys.lease(shard), self._worker_id, ttl_ms)
             for shard in range(self._settings.shard_count):
                 pipe.exists(self._keys.lease(shard))
             results = await pipe.execute()
-        live = [w.decode() for w in results[2]]
-        renewed = results[3 : 3 + len(held)]
-        taken = results[3 + len(held) :]
+        live = [w.decode() for w in results[0]]
+        renewed = results[1 : 1 + len(held)]
+        taken = results[1 + len(held) :]
         for shard, still_held in zip(held, renewed, strict=True):
             if not still_held and self._owned.pop(shard, None) is not None:
                 self._dropped.add(shard)
