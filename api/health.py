@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from api.appkeys import KEYS, PG, REDIS, REPLIES
 from api.bodies import Health, Ready, json_response
 from api.problems import DEPENDENCY_ERRORS, problem
-from shared.scripts import live_workers
+from shared.scripts import live_workers, sidelined_workers
 
 routes = web.RouteTableDef()
 
@@ -22,9 +22,11 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
-    """Ready when PostgreSQL and Redis answer and at least one worker is alive."""
+    """Ready when PostgreSQL and Redis answer and at least one worker is alive; `checks`
+    says what is missing, and which workers gave their shards up and why."""
     app = request.app
     checks: dict[str, str] = {}
+    live = 0
     try:
         async with asyncio.timeout(2):
             async with app[PG].acquire() as conn:
@@ -35,13 +37,17 @@ async def ready(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(2):
             live = len(await live_workers(app[REDIS], app[KEYS]))
+            sidelined = await sidelined_workers(app[REDIS], app[KEYS])
         checks["redis"] = "ok"
         checks["workers"] = f"{live} live" if live else "none alive"
+        for worker_id, why in sidelined.items():
+            checks[f"worker {worker_id}"] = f"gave its shards up: {why}"
     except (RedisError, OSError, TimeoutError) as e:
         checks["redis"] = f"unavailable: {type(e).__name__}"
         checks["workers"] = "unknown"
     if not app[REPLIES].subscribed.is_set():
         checks["replies"] = "reply channel not subscribed"
-    if all(v == "ok" or v.endswith(" live") for v in checks.values()):
+    ready = live and checks["postgres"] == checks["redis"] == "ok" and "replies" not in checks
+    if ready:
         return json_response(Ready("ready", checks))
     return problem(503, "not-ready", "Not ready", "A dependency is missing", checks=checks)

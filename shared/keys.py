@@ -67,6 +67,11 @@ class KeySpace:
         Outside every shard's slot: only whole-key commands touch it."""
         return f"{self.prefix}:workers"
 
+    def sidelined(self) -> str:
+        """Hash of the workers that gave their shards up because they cannot commit: worker
+        id -> "<when it runs out, ms> <why>"."""
+        return f"{self.prefix}:sidelined"
+
     def committed(self, second: int) -> str:
         """Hash of the batches and operations all workers committed in one second (unix
         time), for the live view; it expires after a few minutes."""

@@ -110,10 +110,46 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 )
 
 
+# KEYS: the sidelined workers. ARGV: worker id, how long the note holds in ms, why.
+# A worker that gave its shards up says why, until it can commit again (or dies).
+SIDELINE = (
+    _REDIS_NOW_MS
+    + """
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ' ' .. ARGV[3])
+"""
+)
+
+# KEYS: the sidelined workers. Returns [id, why, id, why, ...] of the notes that hold;
+# drops those that ran out (their workers died).
+SIDELINED = (
+    _REDIS_NOW_MS
+    + """
+local found = {}
+local notes = redis.call('HGETALL', KEYS[1])
+for i = 1, #notes, 2 do
+  local until_ms, why = string.match(notes[i + 1], '^(%d+) (.*)$')
+  if until_ms and tonumber(until_ms) >= now then
+    table.insert(found, notes[i])
+    table.insert(found, why)
+  else
+    redis.call('HDEL', KEYS[1], notes[i])
+  end
+end
+return found
+"""
+)
+
+
 async def live_workers(redis: Redis, keys: KeySpace) -> list[str]:
     """The ids of the workers alive now, by Redis's clock."""
     found: Any = await redis.eval(LIVE_WORKERS, 1, keys.workers())
     return [w.decode() for w in found]
+
+
+async def sidelined_workers(redis: Redis, keys: KeySpace) -> dict[str, str]:
+    """The workers alive but without shards because they cannot commit: id -> why."""
+    found: Any = await redis.eval(SIDELINED, 1, keys.sidelined())
+    return {found[i].decode(): found[i + 1].decode() for i in range(0, len(found), 2)}
 
 
 def sha(script: str) -> str:

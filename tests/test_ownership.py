@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from api.app import create_app
+from devtools.blackhole import BlackHole
 from shared.codec import OperationRequest, encode_request
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE, live_workers
 from shared.settings import Settings
-from tests.conftest import running_worker
-from tests.helpers import eventually, ledger
+from tests.conftest import AiohttpClient, running_worker
+from tests.helpers import eventually, ledger, operate, run_module
 from worker.apply import Fenced
 from worker.ownership import fair_share
 from worker.worker import Worker, connect, new_worker_id
@@ -224,3 +226,53 @@ async def test_liveness_is_judged_by_redis_s_clock_not_the_hosts(
     monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
     await redis.zadd(keys.workers(), {"gone": redis_now_ms - 1000})
     assert "gone" not in await live_workers(redis, keys)
+
+
+async def test_a_worker_cut_off_from_postgresql_gives_its_shards_up_until_it_can_write(
+    fast_leases: Settings, aiohttp_client: AiohttpClient, pg: Any, redis: Redis
+) -> None:
+    """One of two workers reaches PostgreSQL through a network that is then cut, while it
+    keeps Redis: its wallets are served by the other within 2 x WORKER_LEASE_TTL, it says
+    why it has no shards, and it takes shards again once the network is back."""
+    settings = fast_leases
+    network = await BlackHole(settings.database_url).start()
+    cut_settings = dataclasses.replace(settings, database_url=network.url)
+    api = await aiohttp_client(create_app(settings))
+    try:
+        async with running_worker(cut_settings) as cut, running_worker(settings) as other:
+
+            async def shared() -> bool:
+                return bool(cut.ownership.owned) and bool(other.ownership.owned)
+
+            await eventually(shared, what="both workers to own shards")
+            keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+            shard = next(iter(cut.ownership.owned))
+            wallet = next(
+                w for w in (str(uuid.uuid4()) for _ in range(10_000)) if keys.shard_of(w) == shard
+            )
+            await pg.execute("INSERT INTO wallets (id) VALUES ($1)", wallet)
+
+            network.cut()
+            started = time.monotonic()
+            status, body, _ = await operate(api, wallet, "DEPOSIT", "1.00")
+            served_after = time.monotonic() - started
+            assert status == 200, body
+            assert served_after < 2 * settings.worker_lease_ttl + 1.0, served_after
+            assert cut.ownership.sidelined is not None
+            assert "PostgreSQL" in cut.ownership.sidelined
+            assert not cut.ownership.owned
+            r = await api.get("/ready")
+            checks = (await r.json())["checks"]
+            assert checks[f"worker {cut.worker_id}"].startswith("gave its shards up")
+            health = await run_module(settings, "worker", "--check")
+            assert health.returncode == 1
+            assert f"{cut.worker_id} gave its shards up: cannot commit" in health.stdout
+
+            network.restore()
+
+            async def back() -> bool:
+                return cut.ownership.sidelined is None and bool(cut.ownership.owned)
+
+            await eventually(back, within=15, what="the worker to take shards again")
+    finally:
+        await network.close()

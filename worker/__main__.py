@@ -24,7 +24,7 @@ from shared import logs
 from shared.connections import open_redis
 from shared.keys import KeySpace
 from shared.metrics import CONTENT_TYPE, exposition
-from shared.scripts import live_workers
+from shared.scripts import live_workers, sidelined_workers
 from shared.settings import Settings
 from worker.worker import Worker, connect, new_worker_id
 
@@ -119,13 +119,20 @@ async def check() -> int:
     settings = Settings.from_env()
     redis = open_redis(settings)
     try:
-        live = await live_workers(redis, KeySpace(settings.redis_key_prefix, settings.shard_count))
+        keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+        live = await live_workers(redis, keys)
+        sidelined = await sidelined_workers(redis, keys)
     except (RedisError, OSError) as e:
         print(f"unhealthy: Redis unreachable ({e})")
         return 1
     finally:
         await redis.aclose()
-    ours = [w for w in live if w.startswith(f"{socket.gethostname()}-")]
+    host = f"{socket.gethostname()}-"
+    ours = [w for w in live if w.startswith(host)]
+    for worker_id, why in sidelined.items():
+        if worker_id.startswith(host):
+            print(f"unhealthy: {worker_id} gave its shards up: {why}")
+            return 1
     print(f"healthy: {', '.join(ours)}" if ours else "unhealthy: no live worker on this host")
     return 0 if ours else 1
 

@@ -4,6 +4,7 @@ written since (worker/apply.py checks that they are as remembered)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +17,15 @@ from shared.metrics import WorkerMetrics
 from worker.apply import Entry, WalletState, apply_batch
 
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
+UNWRITABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
+    asyncpg.ReadOnlySQLTransactionError,  # a standby
+    OSError,
+    TimeoutError,
+)
 # How many wallets' states a worker keeps between batches (the most recently written).
 KNOWN_WALLETS_MAX = 100_000
 
@@ -23,8 +33,18 @@ KNOWN_WALLETS_MAX = 100_000
 class Committer:
     """Commits the rounds' batches: one at a time, over a connection held across them."""
 
-    def __init__(self, pool: Any, shard_of: Callable[[str], int], metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        shard_of: Callable[[str], int],
+        metrics: WorkerMetrics,
+        *,
+        timeout: float,
+    ) -> None:
+        """`timeout`: the longest a batch may take before it counts as failed."""
         self._pool = pool
+        self._timeout = timeout
+        self._failing_since: float | None = None
         self._shard_of = shard_of
         self._metrics = metrics
         self._conn: Any = None
@@ -38,24 +58,43 @@ class Committer:
         """How many batches this worker has committed."""
         return self._batches
 
+    def failing_for(self) -> float:
+        """Seconds since the batches started failing to reach PostgreSQL (0: they do not)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
     async def commit(self, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
         """Commits the entries if `epochs` are still the shards' epochs; their outcomes."""
-        if self._conn is None:
-            # Held across batches: releasing to the pool costs a reset round trip.
-            self._conn = await self._pool.acquire()
         started = time.perf_counter()
         try:
-            outcomes, states = await apply_batch(
-                self._conn, entries, epochs, self._known_states(entries, epochs)
-            )
-        except BaseException:
-            await self.close()
+            # A PostgreSQL that stopped answering (a cut network) shows as this timeout,
+            # not as an error minutes later.
+            async with asyncio.timeout(self._timeout):
+                if self._conn is None:
+                    # Held across batches: releasing to the pool costs a reset round trip.
+                    self._conn = await self._pool.acquire()
+                outcomes, states = await apply_batch(
+                    self._conn, entries, epochs, self._known_states(entries, epochs)
+                )
+        except UNWRITABLE:
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            await self.close(broken=True)
             raise
+        except BaseException:
+            await self.close(broken=True)
+            raise
+        self._failing_since = None
         self._remember(states, epochs)
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(entries))
         self._batches += 1
         return outcomes
+
+    def forget_failures(self) -> None:
+        """Counts the failing time afresh from the next failure."""
+        self._failing_since = None
 
     def forget(self, wallets: Iterable[str]) -> None:
         """How the wallets were left is no longer known (their round failed part way)."""
@@ -80,9 +119,12 @@ class Committer:
         while len(self._known) > KNOWN_WALLETS_MAX:
             del self._known[next(iter(self._known))]
 
-    async def close(self) -> None:
-        """Gives the connection back to the pool (the next commit takes one again)."""
+    async def close(self, *, broken: bool = False) -> None:
+        """Gives the connection back to the pool (the next commit takes one again); a
+        `broken` one is closed first, as resetting it could wait on a dead network."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            if broken:
+                conn.terminate()
             with contextlib.suppress(*PG_ERRORS, OSError):
                 await self._pool.release(conn)

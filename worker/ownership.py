@@ -22,10 +22,10 @@ from redis.exceptions import RedisError
 
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
-from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE
+from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
 from shared.settings import Settings
 from worker.apply import take_shard
-from worker.commit import PG_ERRORS
+from worker.commit import PG_ERRORS, UNWRITABLE
 
 log = logging.getLogger("worker")
 
@@ -78,6 +78,7 @@ class Ownership:
         # shards lost or handed back since the round last asked
         self._dropped: set[int] = set()
         self._stopping = asyncio.Event()
+        self._sidelined: str | None = None
 
     @property
     def owned(self) -> Mapping[int, int]:
@@ -88,6 +89,37 @@ class Ownership:
         """The epochs of the wallets' shards: what a batch of them commits under."""
         shard_of, owned = self._keys.shard_of, self._owned
         return {s: owned[s] for s in {shard_of(w) for w in wallets}}
+
+    @property
+    def sidelined(self) -> str | None:
+        """Why this worker gave its shards up and takes none (it cannot commit), or None."""
+        return self._sidelined
+
+    async def step_aside(self, why: str) -> None:
+        """Gives every shard up and leaves the live workers, so that the others take its
+        shards at once; takes none until PostgreSQL can be written to again (tend())."""
+        log.error("giving every shard up: %s", why)
+        self._sidelined = why
+        await self.release(list(self._owned))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._keys.workers(), self._worker_id)
+            self._note_sidelined(pipe)
+            await pipe.execute()
+
+    def _note_sidelined(self, pipe: Any) -> None:
+        ttl_ms = int(self._settings.worker_lease_ttl * 1000)
+        pipe.eval(SIDELINE, 1, self._keys.sidelined(), self._worker_id, ttl_ms, self._sidelined)
+
+    async def _can_write(self) -> bool:
+        """Whether PostgreSQL takes writes from here: it answers, and not as a standby."""
+        try:
+            async with (
+                asyncio.timeout(self._settings.worker_lease_ttl / RENEWALS_PER_LEASE),
+                self._pool.acquire() as conn,
+            ):
+                return bool(await conn.fetchval("SELECT NOT pg_is_in_recovery()"))
+        except (*UNWRITABLE, *PG_ERRORS):
+            return False
 
     def take_dropped(self) -> set[int]:
         """The shards lost or handed back since the last call."""
@@ -111,7 +143,17 @@ class Ownership:
 
     async def tend(self) -> None:
         """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
-        share (taking free shards, or marking some to hand back after the round)."""
+        share (taking free shards, or marking some to hand back after the round). A
+        sidelined worker only says why, until it can write again."""
+        if self._sidelined is not None:
+            if not await self._can_write():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    self._note_sidelined(pipe)
+                    await pipe.execute()
+                return
+            log.info("PostgreSQL takes writes again: taking shards")
+            self._sidelined = None
+            await self._redis.hdel(self._keys.sidelined(), self._worker_id)
         ttl_ms = int(self._settings.worker_lease_ttl * 1000)
         held = list(self._owned)
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -153,6 +195,8 @@ class Ownership:
         working on it. Returns whether it did."""
         ttl_ms = int(self._settings.worker_lease_ttl * 1000)
         lease = self._keys.lease(shard)
+        if self._sidelined is not None:
+            return False
         if not await self._redis.set(lease, self._worker_id, nx=True, px=ttl_ms):
             return False
         try:
@@ -205,3 +249,4 @@ class Ownership:
         with contextlib.suppress(RedisError, OSError):
             await self.release(list(self._owned))
             await self._redis.zrem(self._keys.workers(), self._worker_id)
+            await self._redis.hdel(self._keys.sidelined(), self._worker_id)

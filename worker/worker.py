@@ -117,7 +117,9 @@ class Worker:
             use_wake_entries=not settings.batch_interval,
         )
         self.streams = WalletStreams(redis, self.keys, settings.batch_max)
-        self.committer = Committer(pool, self.keys.shard_of, self.metrics)
+        self.committer = Committer(
+            pool, self.keys.shard_of, self.metrics, timeout=settings.worker_lease_ttl
+        )
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
@@ -168,6 +170,16 @@ class Worker:
                     continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
+                    if self.committer.failing_for() >= self.settings.worker_lease_ttl:
+                        # Cut off from PostgreSQL for a lease: its wallets would wait as
+                        # long as the cut lasts. Another worker can serve them.
+                        self.committer.forget_failures()
+                        why = (
+                            f"cannot commit to PostgreSQL ({type(e).__name__}: {e or 'no answer'})"
+                        )
+                        with contextlib.suppress(RedisError, OSError):  # leases lapse anyway
+                            await self.ownership.step_aside(why)
+                        continue
                     delay = backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX)
                     log.warning(
                         "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
