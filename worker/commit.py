@@ -4,7 +4,6 @@ written since (worker/apply.py checks that they are as remembered)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
@@ -33,18 +32,12 @@ KNOWN_WALLETS_MAX = 100_000
 class Committer:
     """Commits the rounds' batches: one at a time, over a connection held across them."""
 
-    def __init__(
-        self,
-        pool: Any,
-        shard_of: Callable[[str], int],
-        metrics: WorkerMetrics,
-        *,
-        timeout: float,
-    ) -> None:
-        """`timeout`: the longest a batch may take before it counts as failed."""
+    def __init__(self, pool: Any, shard_of: Callable[[str], int], metrics: WorkerMetrics) -> None:
         self._pool = pool
-        self._timeout = timeout
+        # since when the batches have failed to reach PostgreSQL, and since when the batch
+        # in hand has been under way
         self._failing_since: float | None = None
+        self._in_flight_since: float | None = None
         self._shard_of = shard_of
         self._metrics = metrics
         self._conn: Any = None
@@ -59,42 +52,39 @@ class Committer:
         return self._batches
 
     def failing_for(self) -> float:
-        """Seconds since the batches started failing to reach PostgreSQL (0: they do not)."""
-        if self._failing_since is None:
-            return 0.0
-        return time.monotonic() - self._failing_since
+        """For how long no batch has gone through: since the first of the failures to reach
+        PostgreSQL in a row, or since the batch under way started (a cut network shows as
+        a batch that never ends, not as an error); 0 if the last one went through."""
+        since = self._failing_since if self._failing_since is not None else self._in_flight_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def commit(self, entries: list[Entry], epochs: dict[int, int]) -> list[Outcome]:
         """Commits the entries if `epochs` are still the shards' epochs; their outcomes."""
         started = time.perf_counter()
+        self._in_flight_since = time.monotonic()
         try:
-            # A PostgreSQL that stopped answering (a cut network) shows as this timeout,
-            # not as an error minutes later.
-            async with asyncio.timeout(self._timeout):
-                if self._conn is None:
-                    # Held across batches: releasing to the pool costs a reset round trip.
-                    self._conn = await self._pool.acquire()
-                outcomes, states = await apply_batch(
-                    self._conn, entries, epochs, self._known_states(entries, epochs)
-                )
+            if self._conn is None:
+                # Held across batches: releasing to the pool costs a reset round trip.
+                self._conn = await self._pool.acquire()
+            outcomes, states = await apply_batch(
+                self._conn, entries, epochs, self._known_states(entries, epochs)
+            )
         except UNWRITABLE:
             if self._failing_since is None:
-                self._failing_since = time.monotonic()
+                self._failing_since = self._in_flight_since
             await self.close(broken=True)
             raise
         except BaseException:
             await self.close(broken=True)
             raise
+        finally:
+            self._in_flight_since = None
         self._failing_since = None
         self._remember(states, epochs)
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(entries))
         self._batches += 1
         return outcomes
-
-    def forget_failures(self) -> None:
-        """Counts the failing time afresh from the next failure."""
-        self._failing_since = None
 
     def forget(self, wallets: Iterable[str]) -> None:
         """How the wallets were left is no longer known (their round failed part way)."""
@@ -125,6 +115,7 @@ class Committer:
         conn, self._conn = self._conn, None
         if conn is not None:
             if broken:
-                conn.terminate()
+                with contextlib.suppress(*PG_ERRORS):
+                    conn.terminate()
             with contextlib.suppress(*PG_ERRORS, OSError):
                 await self._pool.release(conn)

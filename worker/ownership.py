@@ -44,13 +44,18 @@ async def _nothing(shard: int) -> None:
     return None
 
 
+def _can_commit() -> str | None:
+    return None
+
+
 class Ownership:
     """The shards this worker owns (shard -> the epoch it got when it took the shard).
 
     It tells the rest of the worker what changes through two callbacks: `changed()`
     whenever the owned shards or those to hand back change, and `taken(shard)`, awaited
-    once a shard is taken, before take() returns. The shards it lost or handed back are
-    collected until the round asks for them (take_dropped()).
+    once a shard is taken, before take() returns; it asks `cannot_commit()` at each
+    renewal why the batches do not go through, if they do not. The shards it lost or
+    handed back are collected until the round asks for them (take_dropped()).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class Ownership:
         *,
         changed: Callable[[], None] = lambda: None,
         taken: Callable[[int], Awaitable[None]] = _nothing,
+        cannot_commit: Callable[[], str | None] = _can_commit,
     ) -> None:
         self._settings = settings
         self._redis = redis
@@ -72,6 +78,7 @@ class Ownership:
         self._metrics = metrics
         self._changed = changed
         self._taken = taken
+        self._cannot_commit = cannot_commit
         self._owned: dict[int, int] = {}
         # owned shards over the fair share, handed back between two rounds
         self._surplus: set[int] = set()
@@ -144,7 +151,14 @@ class Ownership:
     async def tend(self) -> None:
         """Once: the heartbeat, the renewal of the leases held, and a step towards the fair
         share (taking free shards, or marking some to hand back after the round). A
-        sidelined worker only says why, until it can write again."""
+        sidelined worker only says why, until it can write again. A worker whose batches
+        do not go through, and that cannot reach PostgreSQL either, gives its shards up."""
+        # Batches stuck while PostgreSQL answers (it is slow, or this process was paused)
+        # are no reason: every worker would step aside.
+        why = self._cannot_commit() if self._sidelined is None else None
+        if why and not await self._can_write():
+            await self.step_aside(why)
+            return
         if self._sidelined is not None:
             if not await self._can_write():
                 async with self._redis.pipeline(transaction=False) as pipe:

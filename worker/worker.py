@@ -104,6 +104,7 @@ class Worker:
             self.metrics,
             changed=self._shards_changed,
             taken=self._shard_taken,
+            cannot_commit=self._cannot_commit,
         )
         self._rescan_due = True
         self._positions_lost = False
@@ -117,9 +118,7 @@ class Worker:
             use_wake_entries=not settings.batch_interval,
         )
         self.streams = WalletStreams(redis, self.keys, settings.batch_max)
-        self.committer = Committer(
-            pool, self.keys.shard_of, self.metrics, timeout=settings.worker_lease_ttl
-        )
+        self.committer = Committer(pool, self.keys.shard_of, self.metrics)
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
@@ -170,16 +169,6 @@ class Worker:
                     continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
-                    if self.committer.failing_for() >= self.settings.worker_lease_ttl:
-                        # Cut off from PostgreSQL for a lease: its wallets would wait as
-                        # long as the cut lasts. Another worker can serve them.
-                        self.committer.forget_failures()
-                        why = (
-                            f"cannot commit to PostgreSQL ({type(e).__name__}: {e or 'no answer'})"
-                        )
-                        with contextlib.suppress(RedisError, OSError):  # leases lapse anyway
-                            await self.ownership.step_aside(why)
-                        continue
                     delay = backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX)
                     log.warning(
                         "round failed (%s: %s); retrying in %.2fs", type(e).__name__, e, delay
@@ -273,6 +262,13 @@ class Worker:
         ids keep what is read twice from being applied twice)."""
         self._positions_lost = True
         self._wakeup.set()
+
+    def _cannot_commit(self) -> str | None:
+        """Why this worker cannot commit, if no batch has gone through for a lease."""
+        stuck = self.committer.failing_for()
+        if stuck < self.settings.worker_lease_ttl:
+            return None
+        return f"cannot commit to PostgreSQL: no batch has gone through for {stuck:.1f}s"
 
     def _shards_changed(self) -> None:
         self.listener.shards_changed()
