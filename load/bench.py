@@ -37,7 +37,6 @@ import gc
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,13 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from shared.devstack import embedded_postgres, embedded_redis, migrate, spawn, with_database
+from devtools.processes import ROOT, free_port, spawn
+from devtools.servers import migrate, servers_from_env, with_database
+from devtools.waiting import wait_ready
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
@@ -423,23 +423,6 @@ async def until_quiet(pg: Any, target: Target, within: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_ready(http: aiohttp.ClientSession, url: str, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(url) as r:
-                if r.status == 200:
-                    return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready within {within}s")
-
-
 async def new_wallets(pg: Any, count: int) -> list[str]:
     rows = await pg.fetch(
         "INSERT INTO wallets (balance) SELECT $1 FROM generate_series(1, $2) RETURNING id::text",
@@ -633,18 +616,6 @@ async def find_max(
     return best, phases
 
 
-@contextlib.contextmanager
-def servers(workdir: Path) -> Iterator[tuple[str, str]]:
-    with contextlib.ExitStack() as stack:
-        pg_url = os.environ.get("DATABASE_URL") or stack.enter_context(
-            embedded_postgres(workdir / "postgres")
-        )
-        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(
-            embedded_redis(workdir / "redis")
-        )
-        yield pg_url, redis_url
-
-
 async def bench(args: argparse.Namespace, pg_server: str, redis_url: str) -> Results:
     name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(pg_server)
@@ -831,7 +802,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
         args.closed_seconds = min(args.closed_seconds, 2)
     command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as (pg_server, redis_url):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        servers_from_env(Path(tmp)) as (pg_server, redis_url),
+    ):
         results = uvloop.run(bench(args, pg_server, redis_url))
     parts = [
         f"`{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}, {machine()}; "

@@ -32,7 +32,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,10 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from load.bench import free_port, servers, wait_ready
-from shared.devstack import migrate, spawn, with_database
+from devtools.ledger import replay_ledger
+from devtools.processes import Cluster, free_port
+from devtools.servers import migrate, servers_from_env, with_database
+from devtools.waiting import until, wait_ready
 from shared.keys import KeySpace
 from shared.money import format_minor
 
@@ -109,82 +110,6 @@ class Report:
             lines += ["PROBLEMS:", *(f"  {p}" for p in self.problems)]
             lines.append(f"replay with: python -m load.chaos --seed {self.seed}")
         return "\n".join(lines)
-
-
-def ledger_problems(rows: list[Any]) -> tuple[int, list[str]]:
-    """Replays a wallet's ledger serially from zero, checking every decision it recorded;
-    returns the final balance and what did not follow."""
-    balance, problems = 0, []
-    for row in rows:
-        if row["kind"] == "DEPOSIT":
-            expected = "applied"
-            balance += row["amount"]
-        elif balance >= row["amount"]:
-            expected = "applied"
-            balance -= row["amount"]
-        else:
-            expected = "rejected"
-        reason = "insufficient_funds" if expected == "rejected" else None
-        if (row["status"], row["reason"], row["balance_after"]) != (expected, reason, balance):
-            problems.append(f"ledger row {dict(row)} does not follow (balance {balance})")
-    return balance, problems
-
-
-class Cluster:
-    """The service's processes, their logs, and the faults done to them."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.api: subprocess.Popen[bytes] | None = None
-        self._log_paths: dict[int, Path] = {}
-
-    def start(self, module: str) -> subprocess.Popen[bytes]:
-        path = self.logs / f"{len(self._log_paths)}-{module}.log"
-        with path.open("wb") as log:
-            process = spawn(module, self.env, stdout=log, stderr=subprocess.STDOUT)
-        self._log_paths[process.pid] = path
-        if module == "worker":
-            self.workers.append(process)
-        else:
-            self.api = process
-        return process
-
-    def log_of(self, process: subprocess.Popen[bytes]) -> str:
-        return self._log_paths[process.pid].read_text(errors="replace")
-
-    def live_workers(self) -> list[subprocess.Popen[bytes]]:
-        return [w for w in self.workers if w.poll() is None]
-
-    def worker_named(self, worker_id: str) -> subprocess.Popen[bytes] | None:
-        # A worker's id is host-pid-suffix.
-        pid = worker_id.rsplit("-", 2)[-2]
-        return next((w for w in self.workers if str(w.pid) == pid), None)
-
-    def stop(self) -> None:
-        everyone = [*self.workers, *([self.api] if self.api else [])]
-        for p in everyone:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        for p in everyone:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-async def until(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.05
-) -> None:
-    """Waits until `check()` is true, polling every `every` seconds; raises TimeoutError
-    after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {within}s waiting for {what}")
-        await asyncio.sleep(every)
 
 
 class Chaos:
@@ -427,7 +352,7 @@ class Chaos:
             )
         )
         for wallet in self.wallets:
-            final, problems = ledger_problems([r for r in rows if r["wallet_id"] == wallet])
+            final, problems = replay_ledger([r for r in rows if r["wallet_id"] == wallet])
             self.report.problems += problems
             if balances[wallet] != final:
                 self.problem(f"wallet {wallet}: balance {balances[wallet]}, ledger says {final}")
@@ -500,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is None:
         args.seed = random.randrange(2**32)
     print(f"chaos seed {args.seed}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as (pg_server, redis_url):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        servers_from_env(Path(tmp)) as (pg_server, redis_url),
+    ):
         report = asyncio.run(chaos(args, pg_server, redis_url, Path(tmp)))
     print(report.summary())
     return 1 if report.problems else 0

@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from api.app import create_app
+from devtools.servers import migrate, servers_or_embedded, with_database
 from shared.connections import open_pg_pool, open_redis
-from shared.devstack import embedded_postgres, embedded_redis, migrate, with_database
 from shared.settings import Settings
 from tests.helpers import eventually
 from worker.worker import Worker, connect, new_worker_id
@@ -33,14 +33,12 @@ _namespaces = itertools.count(1)
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(PostgreSQL server URL, Redis URL)."""
-    with contextlib.ExitStack() as stack:
-        pg_url = os.environ.get("TEST_DATABASE_URL") or stack.enter_context(
-            embedded_postgres(tmp_path_factory.mktemp("postgres"))
-        )
-        redis_url = os.environ.get("TEST_REDIS_URL") or stack.enter_context(
-            embedded_redis(tmp_path_factory.mktemp("redis"))
-        )
-        yield pg_url, redis_url
+    with servers_or_embedded(
+        tmp_path_factory.mktemp("servers"),
+        os.environ.get("TEST_DATABASE_URL"),
+        os.environ.get("TEST_REDIS_URL"),
+    ) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from load.bench import free_port, wait_ready
-from load.chaos import FAULTS, Cluster, chaos, parser, schedule
+from devtools.processes import Cluster, free_port
+from devtools.waiting import wait_ready
+from load.chaos import FAULTS, chaos, parser, schedule
 from shared.keys import KeySpace
 from shared.settings import Settings
 from tests.helpers import eventually

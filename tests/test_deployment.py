@@ -17,8 +17,8 @@ import orjson
 import pytest
 import yaml
 
+from devtools.processes import ROOT
 from shared.settings import Settings
-from tests.helpers import ROOT
 
 # `make install` extracts it from a PyPI release that ships it (see the Makefile).
 COMPOSE_SCHEMA = ROOT / ".venv" / "schemas" / "compose" / "config" / "compose_spec.json"
