@@ -15,8 +15,9 @@ is not applied, nothing is in the ledger that no client sent, every balance foll
 ledger and is never negative, every shard has exactly one owner among the live workers, the
 stopped worker's late batch was refused by its fence, and no answer was a 500.
 
-A failing run prints its seed; `--seed` replays the same schedule. Traffic goes to loopback
-only; the run stops by itself.
+A failing run prints its seed and exits 1; `--seed` replays the same schedule, and
+`--schedule-only` prints it without running. `--report` writes the report as JSON (what
+tests/test_chaos.py reads). Traffic goes to loopback only; the run stops by itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import random
 import signal
 import subprocess
@@ -110,6 +112,12 @@ class Report:
             lines += ["PROBLEMS:", *(f"  {p}" for p in self.problems)]
             lines.append(f"replay with: python -m load.chaos --seed {self.seed}")
         return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """The report for a program (`--report`): answers keyed by status as text."""
+        fields = dataclasses.asdict(self)
+        fields["answers"] = {str(status): n for status, n in sorted(self.answers.items())}
+        return json.dumps(fields, indent=2)
 
 
 class Chaos:
@@ -417,6 +425,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     p.add_argument("--wallets", type=int, default=50, help="wallets beside the hot one (50)")
     p.add_argument("--think", type=float, default=0.02, help="a client's pause, s (0.02)")
+    p.add_argument("--report", type=Path, help="also writes the report to this file, as JSON")
+    p.add_argument(
+        "--schedule-only",
+        action="store_true",
+        help="prints the seed's schedule of faults as JSON and exits, starting nothing",
+    )
     return p
 
 
@@ -424,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(2**32)
+    if args.schedule_only:
+        print(json.dumps([dataclasses.asdict(f) for f in schedule(args.seed, args.seconds)]))
+        return 0
     print(f"chaos seed {args.seed}", flush=True)
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -431,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         report = asyncio.run(chaos(args, pg_server, redis_url, Path(tmp)))
     print(report.summary())
+    if args.report:
+        args.report.write_text(report.to_json())
     return 1 if report.problems else 0
 
 
