@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,13 +33,21 @@ _namespaces = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(PostgreSQL server URL, Redis URL)."""
-    with servers_or_embedded(
-        tmp_path_factory.mktemp("servers"),
-        os.environ.get("TEST_DATABASE_URL"),
-        os.environ.get("TEST_REDIS_URL"),
-    ) as urls:
+def servers() -> Iterator[tuple[str, str]]:
+    """(PostgreSQL server URL, Redis URL).
+
+    Embedded servers keep their data in a directory of their own, not under pytest's
+    basetemp: any pytest session that starts on the machine meanwhile closes the basetemp's
+    parent to its owner again (0700), which cuts an embedded PostgreSQL running as a user of
+    its own (when the tests run as root) off from its data, and it stops."""
+    with (
+        tempfile.TemporaryDirectory(
+            prefix="wallet-test-servers-", ignore_cleanup_errors=True
+        ) as workdir,
+        servers_or_embedded(
+            Path(workdir), os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
+        ) as urls,
+    ):
         yield urls
 
 
