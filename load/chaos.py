@@ -427,6 +427,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--think", type=float, default=0.02, help="a client's pause, s (0.02)")
     p.add_argument("--report", type=Path, help="also writes the report to this file, as JSON")
     p.add_argument(
+        "--logs", type=Path, help="keeps the processes' logs in this directory (default: dropped)"
+    )
+    p.add_argument(
         "--schedule-only",
         action="store_true",
         help="prints the seed's schedule of faults as JSON and exits, starting nothing",
@@ -446,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory() as tmp,
         servers_from_env(Path(tmp)) as (pg_server, redis_url),
     ):
-        report = asyncio.run(chaos(args, pg_server, redis_url, Path(tmp)))
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        report = asyncio.run(chaos(args, pg_server, redis_url, logs))
     print(report.summary())
     if args.report:
         args.report.write_text(report.to_json())

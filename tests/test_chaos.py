@@ -73,7 +73,8 @@ def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
     report_file = tmp_path / "report.json"
     status, output = chaos(
-        *("--seed", str(seed), "--seconds", "20", "--report", str(report_file)),
+        *("--seed", str(seed), "--seconds", "20"),
+        *("--report", str(report_file), "--logs", str(tmp_path / "logs")),
         env={"DATABASE_URL": servers[0], "REDIS_URL": servers[1]},
         timeout=270,
     )
