@@ -19,7 +19,7 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 run: $(INSTALLED)
-	$(BIN)/python -m shared.devstack
+	$(BIN)/python -m devtools.stack
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

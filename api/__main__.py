@@ -14,7 +14,7 @@ from shared.settings import Settings
 
 def main() -> None:
     logs.configure()
-    settings = Settings.from_env()
+    settings = Settings.from_env_or_exit("api")
     logging.getLogger("api").info("starting with %r", settings)
     web.run_app(
         create_app(settings),

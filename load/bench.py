@@ -37,7 +37,6 @@ import gc
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,16 +52,18 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from shared.devstack import embedded_postgres, embedded_redis, with_database
+from devtools.processes import ROOT, free_port, spawn
+from devtools.servers import migrate, servers_from_env, with_database
+from devtools.waiting import wait_ready
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 CLIENT_TIMEOUT = 10.0
+QUIET: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
 OPEN_POOL = 64  # connections the open-model generator opens before it starts
 # (connections, wallets) of the closed-loop phases
 CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000)]
@@ -426,23 +427,6 @@ async def until_quiet(target: Target, within: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_ready(http: aiohttp.ClientSession, url: str, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(url) as r:
-                if r.status == 200:
-                    return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready within {within}s")
-
-
 async def new_wallets(pg: Any, count: int) -> list[str]:
     rows = await pg.fetch(
         "INSERT INTO wallets (balance) SELECT $1 FROM generate_series(1, $2) RETURNING id::text",
@@ -654,18 +638,6 @@ async def find_max(
 
 
 @contextlib.contextmanager
-def servers(workdir: Path) -> Iterator[tuple[str, str]]:
-    with contextlib.ExitStack() as stack:
-        pg_url = os.environ.get("DATABASE_URL") or stack.enter_context(
-            embedded_postgres(workdir / "postgres")
-        )
-        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(
-            embedded_redis(workdir / "redis")
-        )
-        yield pg_url, redis_url
-
-
-@contextlib.contextmanager
 def checkout(ref: str, directory: Path) -> Iterator[Path]:
     """The project at `ref`, in a git worktree of its own for the length of the run."""
     subprocess.run(
@@ -679,17 +651,6 @@ def checkout(ref: str, directory: Path) -> Iterator[Path]:
         subprocess.run(
             ["git", "worktree", "remove", "--force", str(directory)], cwd=ROOT, check=False
         )
-
-
-def start_in(root: Path, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`python -m module` as the checkout at `root` has it, its output discarded."""
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=root,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 async def bench(
@@ -713,20 +674,14 @@ async def bench(
             "WORKER_METRICS_PORT": "0",
             "HOST": "127.0.0.1",
         }
-        await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=root,
-            env={**os.environ, **env},
-            check=True,
-        )
+        await asyncio.to_thread(migrate, env["DATABASE_URL"], root)
         port = free_port()
         api_env = {**env, "PORT": str(port), "REUSE_PORT": str(args.api_processes > 1)}
         processes = {
-            "api" if args.api_processes == 1 else f"api{n}": start_in(root, "api", api_env)
+            "api" if args.api_processes == 1 else f"api{n}": spawn("api", api_env, root, **QUIET)
             for n in range(args.api_processes)
         }
-        processes["worker"] = start_in(root, "worker", env)
+        processes["worker"] = spawn("worker", env, root, **QUIET)
         keys = KeySpace(env["REDIS_KEY_PREFIX"], Settings.shard_count)
 
         async def queued() -> int:
@@ -751,7 +706,7 @@ async def bench(
         rowlock = Target(
             "row lock",
             f"http://127.0.0.1:{rowlock_port}",
-            {"rowlock": start_in(ROOT, "load.rowlock", rowlock_env)},
+            {"rowlock": spawn("load.rowlock", rowlock_env, **QUIET)},
             service.pg,
         )
         targets_run.append(rowlock)
@@ -793,7 +748,7 @@ async def bench(
                 worker.terminate()
                 worker.wait(timeout=30)
                 env = {**service.env, "BATCH_INTERVAL": str(interval)}
-                service.processes["worker"] = start_in(ROOT, "worker", env)
+                service.processes["worker"] = spawn("worker", env, **QUIET)
                 await warm_up(service)
                 label = f"{args.rate}/s, BATCH_INTERVAL={interval}"
                 phase = Phase(label, "service", args.rate, args.interval_seconds)
@@ -911,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        pg_server, redis_url = stack.enter_context(servers(workdir))
+        pg_server, redis_url = stack.enter_context(servers_from_env(workdir))
         baseline_root = None
         if args.baseline:
             baseline_root = stack.enter_context(checkout(args.baseline, workdir / "baseline"))

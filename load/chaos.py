@@ -15,8 +15,9 @@ is not applied, nothing is in the ledger that no client sent, every balance foll
 ledger and is never negative, every shard has exactly one owner among the live workers, the
 stopped worker's late batch was refused by its fence, and no answer was a 500.
 
-A failing run prints its seed; `--seed` replays the same schedule. Traffic goes to loopback
-only; the run stops by itself.
+A failing run prints its seed and exits 1; `--seed` replays the same schedule, and
+`--schedule-only` prints it without running. `--report` writes the report as JSON (what
+tests/test_chaos.py reads). Traffic goes to loopback only; the run stops by itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import random
 import signal
 import subprocess
@@ -32,7 +34,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from load.bench import free_port, servers, wait_ready
-from shared.devstack import migrate, spawn, with_database
+from devtools.ledger import replay_ledger
+from devtools.processes import Cluster, free_port
+from devtools.servers import migrate, servers_from_env, with_database
+from devtools.waiting import until, wait_ready
 from shared.keys import KeySpace
 from shared.money import format_minor
 
@@ -110,81 +113,11 @@ class Report:
             lines.append(f"replay with: python -m load.chaos --seed {self.seed}")
         return "\n".join(lines)
 
-
-def ledger_problems(rows: list[Any]) -> tuple[int, list[str]]:
-    """Replays a wallet's ledger serially from zero, checking every decision it recorded;
-    returns the final balance and what did not follow."""
-    balance, problems = 0, []
-    for row in rows:
-        if row["kind"] == "DEPOSIT":
-            expected = "applied"
-            balance += row["amount"]
-        elif balance >= row["amount"]:
-            expected = "applied"
-            balance -= row["amount"]
-        else:
-            expected = "rejected"
-        reason = "insufficient_funds" if expected == "rejected" else None
-        if (row["status"], row["reason"], row["balance_after"]) != (expected, reason, balance):
-            problems.append(f"ledger row {dict(row)} does not follow (balance {balance})")
-    return balance, problems
-
-
-class Cluster:
-    """The service's processes, their logs, and the faults done to them."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.api: subprocess.Popen[bytes] | None = None
-        self._log_paths: dict[int, Path] = {}
-
-    def start(self, module: str) -> subprocess.Popen[bytes]:
-        path = self.logs / f"{len(self._log_paths)}-{module}.log"
-        with path.open("wb") as log:
-            process = spawn(module, self.env, stdout=log, stderr=subprocess.STDOUT)
-        self._log_paths[process.pid] = path
-        if module == "worker":
-            self.workers.append(process)
-        else:
-            self.api = process
-        return process
-
-    def log_of(self, process: subprocess.Popen[bytes]) -> str:
-        return self._log_paths[process.pid].read_text(errors="replace")
-
-    def live_workers(self) -> list[subprocess.Popen[bytes]]:
-        return [w for w in self.workers if w.poll() is None]
-
-    def worker_named(self, worker_id: str) -> subprocess.Popen[bytes] | None:
-        # A worker's id is host-pid-suffix.
-        pid = worker_id.rsplit("-", 2)[-2]
-        return next((w for w in self.workers if str(w.pid) == pid), None)
-
-    def stop(self) -> None:
-        everyone = [*self.workers, *([self.api] if self.api else [])]
-        for p in everyone:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        for p in everyone:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-async def until(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.05
-) -> None:
-    """Waits until `check()` is true, polling every `every` seconds; raises TimeoutError
-    after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {within}s waiting for {what}")
-        await asyncio.sleep(every)
+    def to_json(self) -> str:
+        """The report for a program (`--report`): answers keyed by status as text."""
+        fields = dataclasses.asdict(self)
+        fields["answers"] = {str(status): n for status, n in sorted(self.answers.items())}
+        return json.dumps(fields, indent=2)
 
 
 class Chaos:
@@ -427,7 +360,7 @@ class Chaos:
             )
         )
         for wallet in self.wallets:
-            final, problems = ledger_problems([r for r in rows if r["wallet_id"] == wallet])
+            final, problems = replay_ledger([r for r in rows if r["wallet_id"] == wallet])
             self.report.problems += problems
             if balances[wallet] != final:
                 self.problem(f"wallet {wallet}: balance {balances[wallet]}, ledger says {final}")
@@ -492,6 +425,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     p.add_argument("--wallets", type=int, default=50, help="wallets beside the hot one (50)")
     p.add_argument("--think", type=float, default=0.02, help="a client's pause, s (0.02)")
+    p.add_argument("--report", type=Path, help="also writes the report to this file, as JSON")
+    p.add_argument(
+        "--logs", type=Path, help="keeps the processes' logs in this directory (default: dropped)"
+    )
+    p.add_argument(
+        "--schedule-only",
+        action="store_true",
+        help="prints the seed's schedule of faults as JSON and exits, starting nothing",
+    )
     return p
 
 
@@ -499,10 +441,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(2**32)
+    if args.schedule_only:
+        print(json.dumps([dataclasses.asdict(f) for f in schedule(args.seed, args.seconds)]))
+        return 0
     print(f"chaos seed {args.seed}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp)) as (pg_server, redis_url):
-        report = asyncio.run(chaos(args, pg_server, redis_url, Path(tmp)))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        servers_from_env(Path(tmp)) as (pg_server, redis_url),
+    ):
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        report = asyncio.run(chaos(args, pg_server, redis_url, logs))
     print(report.summary())
+    if args.report:
+        args.report.write_text(report.to_json())
     return 1 if report.problems else 0
 
 

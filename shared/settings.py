@@ -1,16 +1,42 @@
-"""All configuration, read from the environment in one place."""
+"""All configuration, read from the environment in one place.
+
+Each variable is converted by its field's type (int, float, bool, str, or one of them
+`| None`); a value of the wrong type, a setting out of range or an annotation with no
+converter is a SettingsError naming the variable and what it expected, which the
+processes print as one line before they exit 1 (`Settings.from_env_or_exit`). An empty
+variable counts as unset: the field keeps its default.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple, Self
+
+
+class SettingsError(ValueError):
+    """The environment does not make valid settings: a variable missing, of the wrong type
+    or out of range, or a field whose annotation no converter reads."""
 
 
 def _masked(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def _integer(raw: str) -> int:
+    return int(raw.strip())
+
+
+def _number(raw: str) -> float:
+    value = float(raw.strip())
+    if not math.isfinite(value):  # nan passes every comparison check() makes
+        raise ValueError(raw)
+    return value
 
 
 def _flag(raw: str) -> bool:
@@ -22,7 +48,43 @@ def _flag(raw: str) -> bool:
     raise ValueError(raw)
 
 
-_CONVERTERS: dict[str, Any] = {"int": int, "float": float, "bool": _flag}
+class _Converter(NamedTuple):
+    convert: Callable[[str], Any]
+    expected: str  # for the error message: "expected <this>"
+
+
+_CONVERTERS: dict[type, _Converter] = {
+    int: _Converter(_integer, "an integer"),
+    float: _Converter(_number, "a finite number"),
+    bool: _Converter(_flag, "true or false (or 1/0, yes/no, on/off)"),
+    str: _Converter(str, "text"),
+}
+
+
+def _converters(cls: type) -> dict[str, _Converter]:
+    """Each field's converter, from its resolved annotation (`X | None` read as X)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as e:
+        raise SettingsError(f"{cls.__name__}: an annotation does not resolve ({e})") from e
+    found = {}
+    for f in fields(cls):
+        annotation = hints[f.name]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(inner) == 1:  # X | None: empty or unset keeps the default
+                annotation = inner[0]
+        converter = _CONVERTERS.get(annotation)
+        if converter is None:
+            supported = ", ".join(t.__name__ for t in _CONVERTERS)
+            given = hints[f.name]
+            shown = given.__qualname__ if isinstance(given, type) else repr(given)
+            raise SettingsError(
+                f"{f.name.upper()}: no converter for its annotation {shown}"
+                f" (supported: {supported}, and each of them | None)"
+            )
+        found[f.name] = converter
+    return found
 
 
 @dataclass(frozen=True)
@@ -92,29 +154,45 @@ class Settings:
         )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """The settings in `environ` (os.environ by default), each converted by its field's
+        type, then `overrides`; raises SettingsError."""
         env = os.environ if environ is None else environ
+        converters = _converters(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f.name.upper())
+            name, raw = f.name.upper(), env.get(f.name.upper())
             if raw is None or raw == "":
                 continue
-            convert = _CONVERTERS.get(str(f.type), str)
+            converter = converters[f.name]
             try:
-                values[f.name] = convert(raw)
-            except ValueError as e:
-                raise ValueError(f"{f.name.upper()}={raw!r} is not a valid {f.type}") from e
+                values[f.name] = converter.convert(raw)
+            except ValueError:
+                shown = repr(raw) if f.repr else "(hidden)"
+                raise SettingsError(f"{name}={shown}: expected {converter.expected}") from None
         values.update(overrides)
         missing = [n for n in ("database_url", "redis_url") if not values.get(n)]
         if missing:
-            raise ValueError(f"set {', '.join(n.upper() for n in missing)} in the environment")
+            raise SettingsError(f"set {', '.join(n.upper() for n in missing)} in the environment")
         settings = cls(**values)
         settings.check()
         return settings
 
+    @classmethod
+    def from_env_or_exit(cls, program: str) -> Self:
+        """from_env() for a process's start: settings that are not valid end the process with
+        one line on stderr and exit status 1 (for a health check: unhealthy)."""
+        try:
+            return cls.from_env()
+        except SettingsError as e:
+            raise SystemExit(f"{program}: invalid settings: {e}") from None
+
     def to_env(self) -> dict[str, str]:
         """The environment that from_env() reads back as these settings."""
-        return {f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+        return {
+            f.name.upper(): "" if getattr(self, f.name) is None else str(getattr(self, f.name))
+            for f in fields(self)
+        }
 
     def check(self) -> None:
         positive = (
@@ -138,12 +216,12 @@ class Settings:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name.upper()} must be greater than 0")
+                raise SettingsError(f"{name.upper()} must be greater than 0")
         if self.auth_enabled and len(self.jwt_secret.encode()) < 32:
-            raise ValueError("AUTH_ENABLED needs JWT_SECRET of at least 32 bytes")
+            raise SettingsError("AUTH_ENABLED needs JWT_SECRET of at least 32 bytes")
         if not 0 <= self.worker_metrics_port < 65536:
-            raise ValueError("WORKER_METRICS_PORT must be from 0 to 65535")
+            raise SettingsError("WORKER_METRICS_PORT must be from 0 to 65535")
         if self.batch_interval < 0:
-            raise ValueError("BATCH_INTERVAL must not be negative")
+            raise SettingsError("BATCH_INTERVAL must not be negative")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_key_prefix):
-            raise ValueError("REDIS_KEY_PREFIX may hold only letters, digits, '_', '.', '-'")
+            raise SettingsError("REDIS_KEY_PREFIX may hold only letters, digits, '_', '.', '-'")

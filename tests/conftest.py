@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,8 +22,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from api.app import create_app
+from devtools.servers import migrate, servers_or_embedded, with_database
 from shared.connections import open_pg_pool, open_redis
-from shared.devstack import embedded_postgres, embedded_redis, migrate, with_database
 from shared.settings import Settings
 from tests.helpers import eventually
 from worker.worker import Worker, connect, new_worker_id
@@ -31,16 +33,22 @@ _namespaces = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(PostgreSQL server URL, Redis URL)."""
-    with contextlib.ExitStack() as stack:
-        pg_url = os.environ.get("TEST_DATABASE_URL") or stack.enter_context(
-            embedded_postgres(tmp_path_factory.mktemp("postgres"))
-        )
-        redis_url = os.environ.get("TEST_REDIS_URL") or stack.enter_context(
-            embedded_redis(tmp_path_factory.mktemp("redis"))
-        )
-        yield pg_url, redis_url
+def servers() -> Iterator[tuple[str, str]]:
+    """(PostgreSQL server URL, Redis URL).
+
+    Embedded servers keep their data in a directory of their own, not under pytest's
+    basetemp: any pytest session that starts on the machine meanwhile closes the basetemp's
+    parent to its owner again (0700), which cuts an embedded PostgreSQL running as a user of
+    its own (when the tests run as root) off from its data, and it stops."""
+    with (
+        tempfile.TemporaryDirectory(
+            prefix="wallet-test-servers-", ignore_cleanup_errors=True
+        ) as workdir,
+        servers_or_embedded(
+            Path(workdir), os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
+        ) as urls,
+    ):
+        yield urls
 
 
 @pytest.fixture(scope="session")

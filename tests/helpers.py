@@ -8,18 +8,14 @@ import dataclasses
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from load.bench import free_port, wait_ready
-from load.chaos import ledger_problems, until
-from shared.devstack import spawn
+from devtools.processes import ROOT, free_port, spawn
+from devtools.waiting import until, wait_ready
 from shared.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 Client = TestClient[Any, Any]
 
@@ -53,14 +49,6 @@ async def ledger(pg: Any, wallet: str) -> list[Any]:
         " WHERE wallet_id = $1 ORDER BY seq",
         wallet,
     )
-
-
-def replay_ledger(rows: list[Any]) -> int:
-    """Replays the ledger serially from a zero balance, checking every decision it recorded;
-    returns the final balance."""
-    balance, problems = ledger_problems(rows)
-    assert problems == []
-    return balance
 
 
 @contextlib.asynccontextmanager

@@ -1,14 +1,19 @@
 """Faults on real processes: the bank-style chaos run, and a worker drained under load.
 
-CHAOS_SEED replays a failing run's schedule; `python -m load.chaos` runs longer ones.
+The chaos run is driven as a program, `python -m load.chaos`, through its options, exit
+status and JSON report. CHAOS_SEED replays a failing run's schedule; `python -m load.chaos`
+on its own runs longer ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,32 +21,71 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from load.bench import free_port, wait_ready
-from load.chaos import FAULTS, Cluster, chaos, parser, schedule
+from devtools.processes import ROOT, Cluster, free_port
+from devtools.waiting import wait_ready
 from shared.keys import KeySpace
 from shared.settings import Settings
 from tests.helpers import eventually
 
+# Every fault the chaos run must strike, each once a run.
+FAULTS = ("kill", "pause", "start", "terminate_postgres_sessions", "drop_redis_connections")
+
+
+def chaos(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str]:
+    """`python -m load.chaos <args>`: its exit status and its output (stdout and stderr).
+    Past `timeout` it is interrupted (SIGINT), so that it stops the processes it started."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "load.chaos", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as run:
+        try:
+            output, _ = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGINT)
+            output, _ = run.communicate(timeout=60)
+            raise AssertionError(f"load.chaos ran past {timeout}s:\n{output[-5000:]}") from None
+    return run.returncode, output
+
+
+def schedule(seed: int, seconds: float) -> list[dict[str, Any]]:
+    status, output = chaos("--seed", str(seed), "--seconds", str(seconds), "--schedule-only")
+    assert status == 0, output
+    faults: list[dict[str, Any]] = json.loads(output)
+    return faults
+
 
 def test_a_seed_replays_the_same_schedule_and_every_fault_is_in_it() -> None:
-    assert schedule(42, 30) == schedule(42, 30)
-    assert schedule(42, 30) != schedule(43, 30)
     faults = schedule(42, 30)
-    assert sorted(f.kind for f in faults) == sorted(FAULTS)
-    assert all(0 < f.at < 30 * 0.75 for f in faults)
-    assert [f.at for f in faults] == sorted(f.at for f in faults)
+    assert schedule(42, 30) == faults
+    assert schedule(43, 30) != faults
+    assert sorted(f["kind"] for f in faults) == sorted(FAULTS)
+    assert all(0 < f["at"] < 30 * 0.75 for f in faults)
+    assert [f["at"] for f in faults] == sorted(f["at"] for f in faults)
 
 
-async def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(
+def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(
     servers: tuple[str, str], tmp_path: Path
 ) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
-    args = parser().parse_args(["--seed", str(seed), "--seconds", "20"])
-    report = await chaos(args, *servers, tmp_path)
-    print(report.summary())  # pytest shows it with a failure
-    assert report.problems == [], report.summary()
-    assert report.answers[200] > 1000, report.summary()
-    assert report.fenced_refusals >= 1, report.summary()
+    report_file = tmp_path / "report.json"
+    status, output = chaos(
+        *("--seed", str(seed), "--seconds", "20"),
+        *("--report", str(report_file), "--logs", str(tmp_path / "logs")),
+        env={"DATABASE_URL": servers[0], "REDIS_URL": servers[1]},
+        timeout=270,
+    )
+    print(output)  # pytest shows it with a failure
+    assert report_file.exists(), output[-5000:]
+    report = json.loads(report_file.read_text())
+    assert report["seed"] == seed
+    assert report["problems"] == [], output[-5000:]
+    assert status == 0, output[-5000:]
+    assert report["answers"].get("200", 0) > 1000, output[-5000:]
+    assert report["fenced_refusals"] >= 1, output[-5000:]
 
 
 async def test_a_worker_stopped_by_sigterm_under_load_answers_every_request(

@@ -17,8 +17,8 @@ import orjson
 import pytest
 import yaml
 
+from devtools.processes import ROOT
 from shared.settings import Settings
-from tests.helpers import ROOT
 
 # `make install` extracts it from a PyPI release that ships it (see the Makefile).
 COMPOSE_SCHEMA = ROOT / ".venv" / "schemas" / "compose" / "config" / "compose_spec.json"
@@ -98,6 +98,17 @@ def test_the_images_run_as_a_user_and_keep_compilers_out() -> None:
         assert "slim" in final_stage.splitlines()[0]
         assert not re.search(r"apt-get|gcc|build-essential", final_stage)
         assert "--require-hashes -r requirements.lock" in text
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.worker"])
+def test_the_images_hold_only_what_runs(dockerfile: str) -> None:
+    """The runtime packages, the migrations and what installing them needs: never
+    devtools/, load/ or tests/."""
+    copies = re.findall(r"^COPY (?!--from)(.+)$", (ROOT / dockerfile).read_text(), re.M)
+    sources = {source.rstrip("/") for line in copies for source in line.split()[:-1]}
+    assert {"api", "worker", "shared", "requirements.lock"} <= sources
+    allowed = {"api", "worker", "shared", "alembic", "alembic.ini", "requirements.lock"}
+    assert sources <= allowed | {"pyproject.toml", "README.md"}, sources
 
 
 def test_the_lock_file_pins_every_runtime_dependency() -> None:

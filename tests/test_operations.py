@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from devtools.ledger import replay_ledger
 from shared.money import format_minor
 from shared.settings import Settings
 from tests.conftest import running_worker
-from tests.helpers import Client, ledger, operate, replay_ledger
+from tests.helpers import Client, ledger, operate
 from worker.worker import Worker, connect, new_worker_id
 
 
@@ -36,7 +37,9 @@ async def test_2000_concurrent_operations_on_one_wallet_are_serializable(
 
     rows = await ledger(pg, wallet)
     assert len(rows) == 2001
-    final = replay_ledger(rows)  # every recorded decision follows from one serial order
+    # every recorded decision follows from one serial order
+    final, problems = replay_ledger(rows)
+    assert problems == []
     by_id = {row["id"]: row for row in rows}
     statuses = [status for status, _, _ in results]
     assert set(statuses) <= {200, 409}, [r for r in results if r[0] not in (200, 409)][:3]

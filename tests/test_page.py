@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
+from devtools.processes import ROOT
 from shared.settings import Settings
-from tests.helpers import ROOT, serving
+from tests.helpers import serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = ROOT / ".run" / "screenshots"

@@ -20,12 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from load.bench import free_port
+from devtools.processes import ROOT, free_port, spawn
 from shared import logs
-from shared.devstack import spawn
 from shared.keys import KeySpace
 from shared.settings import Settings
-from tests.helpers import ROOT, eventually, ledger, operate
+from tests.helpers import eventually, ledger, operate
 
 
 async def until_ready(url: str) -> None:

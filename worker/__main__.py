@@ -33,8 +33,7 @@ log = logging.getLogger("worker")
 METRICS_PORTS_TRIED = 100  # WORKER_METRICS_PORT and the next ones, for workers sharing a host
 
 
-async def main() -> None:
-    settings = Settings.from_env()
+async def main(settings: Settings) -> None:
     worker_id = new_worker_id()
     redis, pool = await connect(settings, worker_id)
     worker = Worker(settings, redis, pool, worker_id=worker_id)
@@ -115,8 +114,7 @@ async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
     return None
 
 
-async def check() -> int:
-    settings = Settings.from_env()
+async def check(settings: Settings) -> int:
     redis = open_redis(settings)
     try:
         keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
@@ -138,7 +136,9 @@ async def check() -> int:
 
 
 if __name__ == "__main__":
+    # Settings that are not valid end it here with one line, for the health check too.
+    settings = Settings.from_env_or_exit("worker")
     if sys.argv[1:] == ["--check"]:
-        sys.exit(asyncio.run(check()))
+        sys.exit(asyncio.run(check(settings)))
     logs.configure()
-    uvloop.run(main())
+    uvloop.run(main(settings))

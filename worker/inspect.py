@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     stuck = commands.add_parser("stuck", help="queued operations older than a threshold")
     stuck.add_argument("--older-than", type=float, default=10.0, help="seconds (10)")
     args = parser.parse_args(argv)
-    report = asyncio.run(inspect(args, Settings.from_env()))
+    report = asyncio.run(inspect(args, Settings.from_env_or_exit("worker.inspect")))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:

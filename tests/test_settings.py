@@ -1,0 +1,155 @@
+"""Settings from the environment: each variable converted by its field's type, and a wrong
+value or an unreadable annotation refused at start-up with a message naming the variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import subprocess
+import sys
+
+import pytest
+
+from devtools.processes import ROOT
+from shared.settings import Settings, SettingsError
+
+REQUIRED = {"DATABASE_URL": "postgresql://app:pw@db.example/wallet", "REDIS_URL": "redis://r/0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WithOptional(Settings):
+    drain_deadline: float | None = None
+    pin: int = dataclasses.field(default=0, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithList(Settings):
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+def from_env(**variables: str) -> Settings:
+    return Settings.from_env({**REQUIRED, **variables})
+
+
+def test_each_value_is_converted_by_its_fields_type() -> None:
+    settings = from_env(
+        SHARD_COUNT="8", REPLY_TIMEOUT="2.5", AUTH_ENABLED="yes", JWT_SECRET="s" * 32
+    )
+    assert settings.shard_count == 8
+    assert settings.reply_timeout == 2.5
+    assert settings.auth_enabled is True
+    assert settings.jwt_secret == "s" * 32
+    assert from_env(REPLY_TIMEOUT="3").reply_timeout == 3.0
+    assert isinstance(from_env(REPLY_TIMEOUT="3").reply_timeout, float)
+    assert from_env(SHARD_COUNT="").shard_count == 64  # empty counts as unset
+
+
+def test_settings_read_back_from_their_environment() -> None:
+    settings = from_env(SHARD_COUNT="8", BATCH_INTERVAL="0.005", REUSE_PORT="true")
+    assert Settings.from_env(settings.to_env()) == settings
+    optional = WithOptional.from_env({**REQUIRED, "DRAIN_DEADLINE": "1.5"})
+    assert WithOptional.from_env(optional.to_env()) == optional
+    assert WithOptional.from_env(WithOptional.from_env(REQUIRED).to_env()).drain_deadline is None
+
+
+@pytest.mark.parametrize("raw", ["8.5", "eight", "0x10", "1e3", "-"])
+def test_a_wrong_integer_is_refused(raw: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env(SHARD_COUNT=raw)
+    assert str(caught.value) == f"SHARD_COUNT={raw!r}: expected an integer"
+
+
+@pytest.mark.parametrize("raw", ["5s", "five", "nan", "inf", "-inf", "1,5"])
+def test_a_wrong_float_is_refused(raw: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env(REPLY_TIMEOUT=raw)
+    assert str(caught.value) == f"REPLY_TIMEOUT={raw!r}: expected a finite number"
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "enabled", "tru"])
+def test_a_wrong_bool_is_refused(raw: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env(AUTH_ENABLED=raw)
+    assert str(caught.value) == (
+        f"AUTH_ENABLED={raw!r}: expected true or false (or 1/0, yes/no, on/off)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        *[("true", True), ("TRUE", True), ("1", True), ("on", True), ("yes", True)],
+        *[("false", False), ("0", False), ("Off", False), ("no", False)],
+    ],
+)
+def test_a_bool_takes_explicit_words(raw: str, value: bool) -> None:
+    assert from_env(REUSE_PORT=raw).reuse_port is value
+
+
+def test_an_optional_float_given_empty_or_absent() -> None:
+    assert WithOptional.from_env({**REQUIRED, "DRAIN_DEADLINE": "2.5"}).drain_deadline == 2.5
+    assert WithOptional.from_env({**REQUIRED, "DRAIN_DEADLINE": ""}).drain_deadline is None
+    assert WithOptional.from_env(REQUIRED).drain_deadline is None
+    # Not read as text, which is what a lookup by the annotation's string made of it.
+    with pytest.raises(SettingsError, match=r"^DRAIN_DEADLINE='soon': expected a finite number$"):
+        WithOptional.from_env({**REQUIRED, "DRAIN_DEADLINE": "soon"})
+
+
+def test_a_hidden_fields_value_stays_out_of_the_message() -> None:
+    with pytest.raises(SettingsError) as caught:
+        WithOptional.from_env({**REQUIRED, "PIN": "hunter2"})
+    assert str(caught.value) == "PIN=(hidden): expected an integer"
+
+
+def test_a_field_whose_annotation_has_no_converter_is_refused_even_unset() -> None:
+    for environ in (REQUIRED, {**REQUIRED, "TAGS": "a,b"}):
+        with pytest.raises(SettingsError) as caught:
+            WithList.from_env(environ)
+        message = str(caught.value)
+        assert message.startswith("TAGS: no converter for its annotation list[str]"), message
+        assert "supported: int, float, bool, str" in message
+
+
+def test_missing_and_out_of_range_values_are_settings_errors() -> None:
+    with pytest.raises(SettingsError, match="set DATABASE_URL in the environment"):
+        Settings.from_env({"REDIS_URL": "redis://r/0"})
+    with pytest.raises(SettingsError, match="SHARD_COUNT must be greater than 0"):
+        from_env(SHARD_COUNT="0")
+    with pytest.raises(SettingsError, match="BATCH_INTERVAL must not be negative"):
+        from_env(BATCH_INTERVAL="-1")
+
+
+def test_the_repr_masks_secrets() -> None:
+    settings = from_env(JWT_SECRET="k" * 32)
+    shown = repr(settings)
+    assert "pw" not in shown
+    assert "app:***@db.example" in shown
+    assert "k" * 32 not in shown
+
+
+@pytest.mark.parametrize(
+    ("command", "program"), [(["worker", "--check"], "worker"), (["api"], "api")]
+)
+def test_a_process_refuses_a_wrong_value_with_one_line(command: list[str], program: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=ROOT,
+        env={**REQUIRED, "SHARD_COUNT": "eight"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stderr == (
+        f"{program}: invalid settings: SHARD_COUNT='eight': expected an integer\n"
+    ), run.stderr
+    assert run.stdout == ""
+
+
+def test_an_unsupported_class_is_named_plainly() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class WithDecimal(Settings):
+        limit: decimal.Decimal = decimal.Decimal(1)
+
+    with pytest.raises(SettingsError, match=r"^LIMIT: no converter for its annotation Decimal "):
+        WithDecimal.from_env(REQUIRED)
