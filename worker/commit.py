@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import asyncpg
@@ -27,6 +27,24 @@ UNWRITABLE = (
 )
 # How many wallets' states a worker keeps between batches (the most recently written).
 KNOWN_WALLETS_MAX = 100_000
+
+
+@contextlib.asynccontextmanager
+async def connection_from(pool: Any) -> AsyncIterator[Any]:
+    """A connection of the pool, closed instead of given back if its user fails: a query cut
+    short (a timeout, a cancelled task) leaves the connection busy until PostgreSQL confirms
+    the cancel, and the next user of it would fail with 'another operation is in
+    progress'."""
+    conn = await pool.acquire()
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(*PG_ERRORS):
+            conn.terminate()
+        raise
+    finally:
+        with contextlib.suppress(*PG_ERRORS, OSError):
+            await pool.release(conn)
 
 
 class Committer:

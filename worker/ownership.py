@@ -25,7 +25,7 @@ from shared.metrics import WorkerMetrics
 from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
 from shared.settings import Settings
 from worker.apply import take_shard
-from worker.commit import PG_ERRORS, UNWRITABLE
+from worker.commit import PG_ERRORS, UNWRITABLE, connection_from
 
 log = logging.getLogger("worker")
 
@@ -122,7 +122,7 @@ class Ownership:
         try:
             async with (
                 asyncio.timeout(self._settings.worker_lease_ttl / RENEWALS_PER_LEASE),
-                self._pool.acquire() as conn,
+                connection_from(self._pool) as conn,
             ):
                 return bool(await conn.fetchval("SELECT NOT pg_is_in_recovery()"))
         except (*UNWRITABLE, *PG_ERRORS):
@@ -216,7 +216,7 @@ class Ownership:
         try:
             async with (
                 asyncio.timeout(self._settings.worker_lease_ttl),
-                self._pool.acquire() as conn,
+                connection_from(self._pool) as conn,
             ):
                 epoch = await take_shard(conn, shard, self._worker_id)
             # Taking the epoch can wait for a former owner's last batch; the lease must
