@@ -105,6 +105,28 @@ class Phase:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
 
+    @classmethod
+    def merged(cls, phases: list[Phase]) -> Phase:
+        """Repeats of one closed-loop phase as one: their requests, time and CPU together."""
+        first = phases[0]
+        merged = cls(first.name, first.design, 0, sum(p.seconds for p in phases), first.connections)
+        for p in phases:
+            merged.latencies += p.latencies
+            for status, n in p.statuses.items():
+                merged.statuses[status] = merged.statuses.get(status, 0) + n
+            merged.errors += p.errors
+            merged.sent += p.sent
+            merged.elapsed += p.elapsed
+            merged.commits = (merged.commits or 0) + (p.commits or 0)
+            merged.operations = (merged.operations or 0) + (p.operations or 0)
+        merged.generator_cpu = sum(p.generator_cpu * p.elapsed for p in phases) / merged.elapsed
+        merged.server_cpu = {
+            name: sum(p.server_cpu.get(name, 0.0) * p.elapsed for p in phases) / merged.elapsed
+            for name in first.server_cpu
+        }
+        merged.balance_ok = all(p.balance_ok for p in phases)
+        return merged
+
     def sustained(self, p99_limit_ms: float) -> bool:
         return (
             self.completed >= 0.95 * self.target_rate * self.seconds
@@ -509,10 +531,17 @@ class Results:
     def all(self) -> list[Phase]:
         return self.closed + self.open
 
+    def closed_summary(self) -> list[Phase]:
+        """The closed-loop phases, the repeats of each (--repeat) merged into one."""
+        by_phase: dict[tuple[str, str], list[Phase]] = {}
+        for p in self.closed:
+            by_phase.setdefault((p.name, p.design), []).append(p)
+        return [Phase.merged(repeats) for repeats in by_phase.values()]
+
     def closed_pair(
         self, name: str, design: str = "service", reference: str = "row lock"
     ) -> tuple[Phase, Phase] | None:
-        found = {p.design: p for p in self.closed if p.name == name}
+        found = {p.design: p for p in self.closed_summary() if p.name == name}
         if design in found and reference in found:
             return found[design], found[reference]
         return None
@@ -718,9 +747,14 @@ async def bench(
                 if target.queued is not None:
                     await wait_ready(http, f"{target.base}/ready")
                 await warm_up(target)
-            for connections, wallet_count in args.closed_loops:
+            loops = [loop for _ in range(args.repeat) for loop in args.closed_loops]
+            for index, (connections, wallet_count) in enumerate(loops):
                 label = closed_name(connections, wallet_count)
-                for target in compared:
+                # Who goes first changes from phase to phase: the one after another's phase
+                # meets its leftovers (autovacuum, a warm or a cold cache).
+                per_round = len(args.closed_loops)
+                first = (index % per_round + index // per_round) % len(compared)
+                for target in compared[first:] + compared[:first]:
                     wallets = await new_wallets(target.pg, wallet_count)
                     phase = Phase(label, target.design, 0, args.closed_seconds, connections)
                     results.closed.append(await run_phase(target, wallets, phase))
@@ -850,6 +884,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{','.join(f'{c}x{w}' for c, w in CLOSED_LOOPS)})",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="each closed-loop phase N times, the order of the designs turning each time; "
+        "the report merges the repeats (1)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REF",
         help="also run the service as git REF has it (a commit, a branch), in the same "
@@ -877,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Redis, load generator, service and reference all on this machine.",
         "Closed loop (deposits of 0.01; each connection sends its next request when the "
         "answer to the last is in):",
-        closed_table(results.closed),
+        closed_table(results.closed_summary()),
     ]
     if results.open:
         parts += ["Open model (deposits and withdrawals at a constant rate):", table(results.open)]
