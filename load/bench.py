@@ -536,7 +536,12 @@ class Results:
         by_phase: dict[tuple[str, str], list[Phase]] = {}
         for p in self.closed:
             by_phase.setdefault((p.name, p.design), []).append(p)
-        return [Phase.merged(repeats) for repeats in by_phase.values()]
+        names = list(dict.fromkeys(name for name, _ in by_phase))
+        # Each phase's designs in one order, whichever ran first: the service, the
+        # baseline, the row lock.
+        rank = {"service": 0, "row lock": 2}
+        order = sorted(by_phase, key=lambda key: (names.index(key[0]), rank.get(key[1], 1)))
+        return [Phase.merged(by_phase[key]) for key in order]
 
     def closed_pair(
         self, name: str, design: str = "service", reference: str = "row lock"
