@@ -2,9 +2,9 @@
 
 Each declaration is a msgspec Struct. From it come the validation of what clients send
 (`decode`), the rendering of what the API answers (`json_response`), and the schemas of the
-OpenAPI document (api/openapi.py). A rule that JSON Schema cannot state (one of two
-spellings of a field) is checked in the declaration's `__post_init__`, and stated beside it
-in `schema_extra` for the document.
+OpenAPI document (api/openapi.py). A rule msgspec's types cannot hold (exactly one of two
+spellings of a field, an amount's exactness) is checked in the declaration's
+`__post_init__`, and stated beside it for the document (`schema_extra`, `AMOUNT_SCHEMA`).
 """
 
 from __future__ import annotations
@@ -32,16 +32,15 @@ Money = Annotated[
     ),
 ]
 
-
-class Body(Struct, forbid_unknown_fields=True):
-    """A body of the API: a JSON object with exactly the fields declared."""
-
-
 OperationType = Literal["DEPOSIT", "WITHDRAW"]
 assert OperationType.__args__ == OPERATION_TYPES  # type: ignore[attr-defined]
 Amount = Annotated[Any, Meta(extra_json_schema=AMOUNT_SCHEMA)]
 USERNAME_PATTERN = "^[A-Za-z0-9_.-]{3,64}$"
 PASSWORD_LENGTH = (10, 256)
+
+
+class Body(Struct, forbid_unknown_fields=True):
+    """A body of the API: a JSON object with exactly the fields declared."""
 
 
 class OperationRequest(Body, kw_only=True):
