@@ -107,8 +107,10 @@ async def submit_operation(
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
-    message = encode_request(QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag))
     try:
+        message = encode_request(
+            QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag)
+        )
         # One bound for the whole request: queueing it and waiting for its outcome.
         async with asyncio.timeout(settings.reply_timeout):
             entry = await app[ENQUEUE](
