@@ -92,8 +92,10 @@ class Committer:
                 self._failing_since = self._in_flight_since
             await self.close(broken=True)
             raise
-        except BaseException:
-            await self.close(broken=True)
+        except BaseException as e:
+            # A batch cut short (cancelled) leaves its connection busy: close it. One that
+            # PostgreSQL refused (a fence, a bad batch) left it usable: give it back.
+            await self.close(broken=not isinstance(e, Exception))
             raise
         finally:
             self._in_flight_since = None

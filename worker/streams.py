@@ -140,11 +140,11 @@ class WakeListener:
                     self._shards_changed.clear()
                     await self._shards_changed.wait()
                     continue
-                reading = dict(shards)
+                read_now = dict(shards)
                 due = [
                     s
                     for s, n in untrimmed.items()
-                    if s in reading and (quiet or n >= WAKE_TRIM_AFTER)
+                    if s in read_now and (quiet or n >= WAKE_TRIM_AFTER)
                 ]
                 read = (
                     "XREAD",
