@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from devtools.processes import ROOT, free_port, spawn
 from devtools.waiting import until, wait_ready
+from shared.keys import KeySpace
 from shared.settings import Settings
 
 Client = TestClient[Any, Any]
@@ -80,3 +82,11 @@ async def run_module(settings: Settings, *args: str) -> subprocess.CompletedProc
         text=True,
         timeout=60,
     )
+
+
+def wallet_in(keys: KeySpace, shard: int) -> str:
+    """A new wallet id that falls in `shard`."""
+    while True:
+        wallet = str(uuid.uuid4())
+        if keys.shard_of(wallet) == shard:
+            return wallet

@@ -21,7 +21,7 @@ from shared.keys import KeySpace
 from shared.scripts import ENQUEUE, live_workers
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import eventually, ledger, operate, run_module
+from tests.helpers import eventually, ledger, operate, run_module, wallet_in
 from worker.apply import Fenced
 from worker.ownership import fair_share
 from worker.worker import Worker, connect, new_worker_id
@@ -246,10 +246,7 @@ async def test_a_worker_cut_off_from_postgresql_gives_its_shards_up_until_it_can
 
             await eventually(shared, what="both workers to own shards")
             keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-            shard = next(iter(cut.ownership.owned))
-            wallet = next(
-                w for w in (str(uuid.uuid4()) for _ in range(10_000)) if keys.shard_of(w) == shard
-            )
+            wallet = wallet_in(keys, next(iter(cut.ownership.owned)))
             await pg.execute("INSERT INTO wallets (id) VALUES ($1)", wallet)
 
             network.cut()

@@ -4,7 +4,6 @@ does when its connection to Redis is lost."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,17 +13,10 @@ from redis.asyncio import Redis
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
-from tests.helpers import eventually
+from tests.helpers import eventually, wallet_in
 from worker.streams import WakeListener, WalletStreams
 
 SHARD, EPOCH = 3, 7
-
-
-def wallet_in(keys: KeySpace, shard: int) -> str:
-    while True:
-        wallet = str(uuid.uuid4())
-        if keys.shard_of(wallet) == shard:
-            return wallet
 
 
 async def enqueue(redis: Redis, keys: KeySpace, wallet: str) -> None:
