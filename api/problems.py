@@ -14,6 +14,7 @@ from msgspec import UNSET
 
 from api.bodies import Problem
 from shared import errors
+from shared.connections import PG_CONNECTION_LOST
 
 log = logging.getLogger("api")
 
@@ -58,6 +59,7 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ReadOnlyError,  # a replica after a failover
     redis.exceptions.OutOfMemoryError,  # maxmemory reached under noeviction
     asyncpg.PostgresConnectionError,
+    *PG_CONNECTION_LOST,
     asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.TooManyConnectionsError,
     asyncpg.ReadOnlySQLTransactionError,  # a standby

@@ -12,6 +12,12 @@ from redis.exceptions import ResponseError
 
 from shared.settings import Settings
 
+# What a query on a pooled connection fails with when the connection was lost under it (the
+# server ended the session, the network broke): an InterfaceError (closed in the middle of
+# the query, or its proxy detached once asyncpg noticed), or, when the server's goodbye
+# reached an idle connection just before the next query, an InternalClientError ("another
+# operation is in progress"). Either way a fresh connection would do.
+PG_CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.InternalClientError)
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 
 

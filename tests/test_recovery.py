@@ -18,6 +18,7 @@ from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
 from tests.helpers import Client, eventually, ledger, operate
 from worker.apply import Entry, apply_batch, take_shard
+from worker.worker import Worker
 
 
 def keyspace(settings: Settings) -> KeySpace:
@@ -180,3 +181,18 @@ async def test_a_redelivered_entry_is_answered_as_before_and_a_client_retry_as_a
     assert (redelivered.seq, redelivered.replayed) == (applied.seq, False)
     assert (retried.seq, retried.replayed) == (applied.seq, True)
     assert len(await ledger(pg, wallet)) == 1
+
+
+async def test_a_worker_whose_sessions_postgresql_ends_goes_on_committing(
+    client: Client, wallet: str, worker: Worker, pg: Any
+) -> None:
+    """PostgreSQL ends the worker's sessions between two batches, twenty times: each next
+    batch meets a connection that is gone (asyncpg says so in more than one way), and the
+    worker takes a new one and goes on, without stepping aside for a moment's loss."""
+    for i in range(20):
+        await pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            worker.worker_id,
+        )
+        status, body, _ = await operate(client, wallet, "DEPOSIT", 1)
+        assert (status, body["balance"]) == (200, f"{i + 1}.00"), body

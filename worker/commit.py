@@ -12,14 +12,15 @@ from typing import Any
 import asyncpg
 
 from shared.codec import Outcome
+from shared.connections import PG_CONNECTION_LOST
 from shared.metrics import WorkerMetrics
 from worker.apply import Entry, WalletState, apply_batch
 
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
+PG_ERRORS = (asyncpg.PostgresError, *PG_CONNECTION_LOST)
 # What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
 UNWRITABLE = (
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
+    *PG_CONNECTION_LOST,
     asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.ReadOnlySQLTransactionError,  # a standby
     OSError,
