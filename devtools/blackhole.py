@@ -63,6 +63,8 @@ class BlackHole:
             )
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # close() ends the pipes; asyncio would report a cancelled handler as an error
         finally:
             writer.close()
             self._pipes.discard(task)

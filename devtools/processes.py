@@ -40,10 +40,11 @@ class Cluster:
         self.api: subprocess.Popen[bytes] | None = None
         self._log_paths: dict[int, Path] = {}
 
-    def start(self, module: str) -> subprocess.Popen[bytes]:
+    def start(self, module: str, **env: str) -> subprocess.Popen[bytes]:
+        """`python -m module` on the cluster's environment, with `env` over it."""
         path = self.logs / f"{len(self._log_paths)}-{module}.log"
         with path.open("wb") as log:
-            process = spawn(module, self.env, stdout=log, stderr=subprocess.STDOUT)
+            process = spawn(module, {**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
         self._log_paths[process.pid] = path
         if module == "worker":
             self.workers.append(process)

@@ -1,19 +1,34 @@
 """The bank-style chaos run: `python -m load.chaos --help`.
 
-Real processes on one machine: an API and three workers on a database and Redis namespace
-of their own (beside DATABASE_URL's database and on REDIS_URL, or on embedded servers).
-Clients send deposits and withdrawals with Idempotency-Keys to one hot wallet and 50 others
-and record every answer: 200 (applied), 409 (refused), anything else or nothing (unknown).
-Meanwhile a schedule drawn from the seed strikes: a worker is killed with SIGKILL; the owner
-of the hot wallet is stopped (SIGSTOP) inside a batch until its lease has run out and
-another worker has taken its shards, then continued; a fourth worker starts; PostgreSQL
-terminates every session of the database; Redis drops every connection of the service.
+Real processes on one machine: an API and three workers, on a PostgreSQL and a Redis that
+the run starts for itself (embedded ones, so that it can crash and restart them). Clients
+send deposits and withdrawals with Idempotency-Keys to one hot wallet and 50 others and
+record every answer: 200 (applied), 409 (refused), anything else or nothing (unknown).
+Meanwhile a schedule drawn from the seed strikes each fault once:
+- kill: a worker is killed with SIGKILL;
+- pause: the owner of the hot wallet is stopped (SIGSTOP) inside a batch until its lease
+  has run out and another worker has taken its shards, then continued;
+- start: one more worker starts;
+- terminate_postgres_sessions: PostgreSQL terminates every session of the service;
+- drop_redis_connections: Redis drops every connection of the service;
+- restart_postgres: PostgreSQL crashes (an immediate stop), stays down 2 s, and starts,
+  recovering from its WAL;
+- restart_redis_empty: Redis is killed and started again with nothing (no persistence):
+  streams, leases and heartbeats are gone;
+- cut_worker_from_postgres: a worker that reaches PostgreSQL through a proxy is cut off
+  from it (packets dropped, connections kept) while it keeps Redis, until its shards have
+  been served by others; then the network comes back and it takes shards again;
+- poison_entry: an entry no batch could apply (an amount past BIGINT) is put on the hot
+  wallet's stream, as a broken writer would.
+After each fault every wallet is sent a deposit until it answers 200; the time from the
+fault to the last wallet's 200 is that fault's recovery, and must stay within its bound.
 
 Then the faults are healed and every unknown is sent again with its key until it has an
 answer, and the run checks: every 200 is in the ledger exactly once and applied, every 409
 is not applied, nothing is in the ledger that no client sent, every balance follows from its
 ledger and is never negative, every shard has exactly one owner among the live workers, the
-stopped worker's late batch was refused by its fence, and no answer was a 500.
+stopped worker's late batch was refused by its fence, the poison entry is in the dead
+letters, every fault's recovery stayed within its bound, and no answer was a 500.
 
 A failing run prints its seed and exits 1; `--seed` replays the same schedule, and
 `--schedule-only` prints it without running. `--report` writes the report as JSON (what
@@ -42,12 +57,22 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from devtools.blackhole import BlackHole
 from devtools.ledger import replay_ledger
 from devtools.processes import Cluster, free_port
-from devtools.servers import migrate, servers_from_env, with_database
+from devtools.servers import (
+    EmbeddedPostgres,
+    RedisProcess,
+    embedded_postgres,
+    embedded_redis,
+    migrate,
+    with_database,
+)
 from devtools.waiting import until, wait_ready
+from shared.codec import OperationRequest, encode_request
 from shared.keys import KeySpace
 from shared.money import format_minor
+from shared.scripts import ENQUEUE
 
 SHARDS = 16
 LEASE_TTL = 2.0
@@ -55,7 +80,23 @@ REPLY_TIMEOUT = 5.0
 FUNDING_MINOR = 50_000  # 500.00 for each wallet, so that withdrawals are refused now and then
 REFUSED = "batch refused"  # what a worker logs when the fence refuses its batch
 CHAOS_APPLICATION = "chaos-runner"  # spared when the sessions are terminated
-FAULTS = ("kill", "pause", "start", "terminate_postgres_sessions", "drop_redis_connections")
+PROBE_MINOR = 100  # each recovery probe deposits 1.00
+DOWN = 2.0  # how long a crashed PostgreSQL stays down
+# Each fault, and how soon after it every wallet must answer 200 again (seconds). A worker
+# killed, stopped or cut off holds its shards until its lease runs out (LEASE_TTL), or until
+# it has failed to commit for a lease (cut off); then the others take them at their next
+# tend. A request sent meanwhile waits at most REPLY_TIMEOUT before it is answered 202.
+FAULTS = {
+    "kill": 2 * LEASE_TTL + 2,
+    "pause": 2 * LEASE_TTL + 2,
+    "start": 3.0,
+    "terminate_postgres_sessions": 3.0,
+    "drop_redis_connections": 3.0,
+    "restart_postgres": DOWN + 3,
+    "restart_redis_empty": 3.0,
+    "cut_worker_from_postgres": 2 * LEASE_TTL + 1,
+    "poison_entry": 3.0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +139,7 @@ class Report:
     answers: Counter[int] = dataclasses.field(default_factory=Counter)
     resolved: int = 0
     fenced_refusals: int = 0
+    recovery: dict[str, float] = dataclasses.field(default_factory=dict)  # fault -> seconds
     events: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -122,9 +164,15 @@ class Report:
 
 class Chaos:
     def __init__(
-        self, args: argparse.Namespace, database_url: str, redis_url: str, logs: Path
+        self,
+        args: argparse.Namespace,
+        postgres: EmbeddedPostgres,
+        redis_server: RedisProcess,
+        database_url: str,
+        logs: Path,
     ) -> None:
         self.args = args
+        self.postgres, self.redis_server = postgres, redis_server
         self.database_url = database_url
         self.prefix = f"chaos-{uuid.uuid4().hex[:10]}"
         self.keys = KeySpace(self.prefix, SHARDS)
@@ -133,7 +181,7 @@ class Chaos:
         self.cluster = Cluster(
             {
                 "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
+                "REDIS_URL": redis_server.url,
                 "REDIS_KEY_PREFIX": self.prefix,
                 "SHARD_COUNT": str(SHARDS),
                 "WORKER_LEASE_TTL": str(LEASE_TTL),
@@ -144,12 +192,14 @@ class Chaos:
             },
             logs,
         )
-        self.redis = Redis.from_url(redis_url)
+        self.redis = Redis.from_url(redis_server.url)
         self.report = Report(args.seed)
         self.sent: list[Sent] = []
         self.paused: subprocess.Popen[bytes] | None = None
+        self.killed: set[int] = set()
         self.hot = ""
         self.wallets: list[str] = []
+        self.load_over = False
 
     # --- the clients ---
 
@@ -166,8 +216,8 @@ class Chaos:
             op.statuses.append(0)
         self.report.answers[op.statuses[-1]] += 1
 
-    async def client(self, http: aiohttp.ClientSession, rng: random.Random, until: float) -> None:
-        while time.monotonic() < until:
+    async def client(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        while not self.load_over:
             wallet = self.hot if rng.random() < 0.5 else rng.choice(self.wallets[1:])
             kind = "DEPOSIT" if rng.random() < 0.45 else "WITHDRAW"
             op = Sent(str(uuid.uuid4()), wallet, kind, rng.randrange(1, 200) * 100, [])
@@ -175,36 +225,117 @@ class Chaos:
             await self.operate(http, op)
             await asyncio.sleep(self.args.think)
 
-    # --- the faults ---
+    async def recovered(self, http: aiohttp.ClientSession, fault: str, since: float) -> None:
+        """Sends every wallet a deposit, and again while it is not answered 200; records the
+        time from `since` (the fault) to the last wallet's 200 as the fault's recovery."""
+        bound = FAULTS[fault]
 
-    async def strike(self, fault: Fault, pg: Any) -> None:
+        async def served(wallet: str) -> float:
+            while time.monotonic() - since < bound + REPLY_TIMEOUT:
+                probe = Sent(str(uuid.uuid4()), wallet, "DEPOSIT", PROBE_MINOR, [])
+                self.sent.append(probe)
+                await self.operate(http, probe)
+                if probe.final == 200:
+                    return time.monotonic() - since
+                await asyncio.sleep(0.05)
+            return float("inf")
+
+        slowest = max(await asyncio.gather(*(served(w) for w in self.wallets)))
+        self.report.recovery[fault] = round(slowest, 2)
+        self.event(f"{fault}: every wallet answered 200 again {slowest:.2f} s after the fault")
+        if slowest > bound:
+            self.problem(f"{fault}: a wallet went unserved {slowest:.2f} s, beyond {bound} s")
+
+    # --- the faults: each strikes, then waits until every wallet is served again ---
+
+    async def kill(self, http: aiohttp.ClientSession, fault: Fault) -> None:
         live = self.cluster.live_workers()
-        if fault.kind == "kill":
-            victim = live[fault.pick % len(live)]
-            victim.kill()
-            self.event(f"killed worker pid {victim.pid} with SIGKILL")
-        elif fault.kind == "pause":
-            await self.pause_hot_owner(pg)
-        elif fault.kind == "start":
-            self.event(f"started worker pid {self.cluster.start('worker').pid}")
-        elif fault.kind == "terminate_postgres_sessions":
-            ended = await pg.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name <> $1",
-                CHAOS_APPLICATION,
-            )
-            self.event(f"PostgreSQL terminated {ended} sessions")
-        elif fault.kind == "drop_redis_connections":
-            clients: Any = await self.redis.client_list()
-            ours = [c["id"] for c in clients if c.get("name", "").startswith(f"{self.prefix}:")]
-            for client_id in ours:
-                await self.redis.client_kill_filter(_id=client_id)
-            self.event(f"Redis dropped {len(ours)} connections of the service")
+        victim = live[fault.pick % len(live)]
+        victim.kill()
+        self.killed.add(victim.pid)
+        since = time.monotonic()
+        self.event(f"killed worker pid {victim.pid} with SIGKILL")
+        await self.recovered(http, fault.kind, since)
 
-    async def pause_hot_owner(self, pg: Any) -> None:
+    async def start(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        since = time.monotonic()
+        self.event(f"started worker pid {self.cluster.start('worker').pid}")
+        await self.recovered(http, fault.kind, since)
+
+    async def terminate_postgres_sessions(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        ended = await self.pg.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name <> $1",
+            CHAOS_APPLICATION,
+        )
+        since = time.monotonic()
+        self.event(f"PostgreSQL terminated {ended} sessions")
+        await self.recovered(http, fault.kind, since)
+
+    async def drop_redis_connections(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        clients: Any = await self.redis.client_list()
+        ours = [c["id"] for c in clients if c.get("name", "").startswith(f"{self.prefix}:")]
+        for client_id in ours:
+            await self.redis.client_kill_filter(_id=client_id)
+        since = time.monotonic()
+        self.event(f"Redis dropped {len(ours)} connections of the service")
+        await self.recovered(http, fault.kind, since)
+
+    async def restart_postgres(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        await asyncio.to_thread(self.postgres.crash)
+        since = time.monotonic()
+        await asyncio.sleep(DOWN)
+        await asyncio.to_thread(self.postgres.start)
+        await self.pg.expire_connections()
+        self.event(f"PostgreSQL crashed, stayed down {DOWN} s and started again")
+        await self.recovered(http, fault.kind, since)
+
+    async def restart_redis_empty(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        await asyncio.to_thread(self.redis_server.kill)
+        since = time.monotonic()
+        await asyncio.to_thread(self.redis_server.start)
+        self.event("Redis was killed and started again empty")
+        await self.recovered(http, fault.kind, since)
+
+    async def cut_worker_from_postgres(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        """A worker reaching PostgreSQL through a network that is cut while it keeps Redis:
+        its shards must be served by others; once the network is back it takes some again."""
+        worker = self.cluster.start("worker", DATABASE_URL=self.network.url)
+
+        async def owns_shards() -> bool:
+            return str(worker.pid) in await self.shard_owner_pids()
+
+        await until(owns_shards, LEASE_TTL * 10, "the worker behind the proxy to own shards")
+        self.network.cut()
+        since = time.monotonic()
+        self.event(f"cut worker pid {worker.pid} off from PostgreSQL")
+        await self.recovered(http, fault.kind, since)
+        self.network.restore()
+        back = time.monotonic()
+        await until(owns_shards, LEASE_TTL * 10, "the worker to take shards again")
+        self.event(f"it took shards again {time.monotonic() - back:.2f} s after the cut ended")
+
+    async def poison_entry(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        shard = self.keys.shard_of(self.hot)
+        op = OperationRequest(str(uuid.uuid4()), self.hot, "DEPOSIT", 2**63, "", 0)
+        poison = encode_request(op)
+        enqueue = self.redis.register_script(ENQUEUE)
+        await enqueue(keys=self.keys.enqueue_keys(self.hot), args=[self.hot, poison, 10**6, 10**6])
+        since = time.monotonic()
+
+        async def dead_lettered() -> bool:
+            letters: Any = await self.redis.xrange(self.keys.dead_letters(shard))
+            return any(fields[b"m"] == poison for _, fields in letters)
+
+        await until(dead_lettered, 10, "the poison entry to go to the dead letters")
+        self.event("a poison entry on the hot wallet went to the dead letters")
+        await self.recovered(http, fault.kind, since)
+
+    async def pause(self, http: aiohttp.ClientSession, fault: Fault) -> None:
         """Stops the hot wallet's writer in the middle of a batch, and continues it once
         another worker has taken its shard: its batch must then be refused. The batch is
         caught in flight by holding the hot wallet's row, which it waits for."""
+        pg = self.pg
         shard = self.keys.shard_of(self.hot)
         owner = ""
 
@@ -236,6 +367,7 @@ class Chaos:
 
             await until(victim_waits, 10, "the hot wallet's writer to wait in a batch")
             victim.send_signal(signal.SIGSTOP)
+            since = time.monotonic()
             self.paused = victim
 
             async def taken_over() -> bool:
@@ -255,16 +387,22 @@ class Chaos:
             f"stopped worker pid {victim.pid} inside a batch past its lease; continued it after "
             f"shard {shard} changed hands"
         )
+        await self.recovered(http, fault.kind, since)
+
+    async def shard_owner_pids(self) -> set[str]:
+        leases: list[Any] = [await self.redis.get(self.keys.lease(s)) for s in range(SHARDS)]
+        return {lease.decode().rsplit("-", 2)[-2] for lease in leases if lease}
 
     # --- the run ---
 
     async def run(self) -> Report:
-        pg = await asyncpg.create_pool(
+        self.pg = await asyncpg.create_pool(
             self.database_url,
             min_size=2,
             max_size=4,
             server_settings={"application_name": CHAOS_APPLICATION},
         )
+        self.network = await BlackHole(self.database_url).start()
         timeout = aiohttp.ClientTimeout(total=REPLY_TIMEOUT + 5)
         connector = aiohttp.TCPConnector(limit=self.args.clients + 4)
         try:
@@ -276,12 +414,14 @@ class Chaos:
                     self.cluster.start("worker")
                 await wait_ready(http, f"{self.base}/ready")
                 await self.set_up_wallets(http)
-                await self.load_with_faults(http, pg)
+                await self.load_with_faults(http)
                 await self.heal_and_resolve(http)
-                await self.check(pg)
+                await self.check(self.pg)
         finally:
+            self.network.restore()  # a worker still behind it can then stop as asked
             self.cluster.stop()
-            await pg.close()
+            await self.network.close()
+            await self.pg.close()
         return self.report
 
     async def set_up_wallets(self, http: aiohttp.ClientSession) -> None:
@@ -293,22 +433,25 @@ class Chaos:
         self.sent += funding
         await asyncio.gather(*(self.operate(http, op) for op in funding))
 
-    async def load_with_faults(self, http: aiohttp.ClientSession, pg: Any) -> None:
+    async def load_with_faults(self, http: aiohttp.ClientSession) -> None:
+        """The load runs `--seconds`, or until the last fault has played out if later."""
         rng = random.Random(self.args.seed)
         start = time.monotonic()
-        end = start + self.args.seconds
         clients = [
-            asyncio.create_task(self.client(http, random.Random(rng.random()), end))
+            asyncio.create_task(self.client(http, random.Random(rng.random())))
             for _ in range(self.args.clients)
         ]
         try:
             for fault in schedule(self.args.seed, self.args.seconds):
                 await asyncio.sleep(max(0.0, start + fault.at - time.monotonic()))
+                strike = getattr(self, fault.kind)
                 try:
-                    await self.strike(fault, pg)
+                    await strike(http, fault)
                 except (TimeoutError, OSError, asyncpg.PostgresError, RedisError) as e:
                     self.problem(f"{fault.kind} at {fault.at}s failed: {e}")
+            await asyncio.sleep(max(0.0, start + self.args.seconds - time.monotonic()))
         finally:
+            self.load_over = True
             if self.paused is not None:
                 self.paused.send_signal(signal.SIGCONT)
             await asyncio.gather(*clients)
@@ -365,6 +508,7 @@ class Chaos:
             if balances[wallet] != final:
                 self.problem(f"wallet {wallet}: balance {balances[wallet]}, ledger says {final}")
         await self.check_ownership(pg)
+        self.check_processes()
         if self.paused is not None:
             log = self.cluster.log_of(self.paused)
             self.report.fenced_refusals = log.count(REFUSED)
@@ -373,6 +517,19 @@ class Chaos:
                     f"the paused worker (pid {self.paused.pid}) had no batch refused; its log "
                     f"ends:\n{log[-3000:]}"
                 )
+
+    def check_processes(self) -> None:
+        """Every process the run did not kill is still running, and none hit an error it
+        did not handle."""
+        for process in [*self.cluster.workers, self.cluster.api]:
+            if process is None or process.pid in self.killed:
+                continue
+            log = self.cluster.log_of(process)
+            if process.poll() is not None:
+                self.problem(f"pid {process.pid} exited ({process.returncode}):\n{log[-3000:]}")
+            elif "Traceback" in log:
+                at = log.index("Traceback")
+                self.problem(f"pid {process.pid} logged a traceback:\n{log[at : at + 3000]}")
 
     async def check_ownership(self, pg: Any) -> None:
         async def settled() -> bool:
@@ -400,21 +557,19 @@ class Chaos:
         self.report.problems.append(text)
 
 
-async def chaos(args: argparse.Namespace, pg_server: str, redis_url: str, logs: Path) -> Report:
-    """One run on a database of its own, dropped after, and a Redis namespace of its own."""
-    name = f"wallet_chaos_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_server)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    database_url = with_database(pg_server, name)
-    run = Chaos(args, database_url, redis_url, logs)
+async def chaos(
+    args: argparse.Namespace, postgres: EmbeddedPostgres, redis_server: RedisProcess, logs: Path
+) -> Report:
+    """One run on servers of its own, stopped after it."""
+    database_url = with_database(postgres.url, "chaos")
+    admin = await asyncpg.connect(postgres.url)
+    await admin.execute('CREATE DATABASE "chaos"')
+    await admin.close()
+    await asyncio.to_thread(migrate, database_url)
+    run = Chaos(args, postgres, redis_server, database_url, logs)
     try:
-        await asyncio.to_thread(migrate, database_url)
         return await run.run()
     finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
-        async for key in run.redis.scan_iter(match=run.keys.pattern(), count=1000):
-            await run.redis.unlink(key)
         await run.redis.aclose()
 
 
@@ -446,12 +601,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"chaos seed {args.seed}", flush=True)
     with (
-        tempfile.TemporaryDirectory() as tmp,
-        servers_from_env(Path(tmp)) as (pg_server, redis_url),
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp,
+        embedded_postgres(Path(tmp) / "postgres") as postgres,
+        embedded_redis(Path(tmp) / "redis", keep_data=False) as redis_server,
     ):
-        logs = args.logs or Path(tmp)
+        logs = args.logs or Path(tmp) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        report = asyncio.run(chaos(args, pg_server, redis_url, logs))
+        report = asyncio.run(chaos(args, postgres, redis_server, logs))
     print(report.summary())
     if args.report:
         args.report.write_text(report.to_json())
