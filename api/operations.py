@@ -30,6 +30,7 @@ from api.inputs import (
     wallet_id_from_path,
 )
 from api.problems import error_response
+from api.replies import RepliesMissed
 from api.wallets import ensure_visible
 from shared import errors, logs
 from shared.codec import (
@@ -108,9 +109,8 @@ async def submit_operation(
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
     try:
-        message = encode_request(
-            QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag)
-        )
+        queued = QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag)
+        message = encode_request(queued)
         # One bound for the whole request: queueing it and waiting for its outcome.
         async with asyncio.timeout(settings.reply_timeout):
             entry = await app[ENQUEUE](
@@ -128,13 +128,34 @@ async def submit_operation(
                     f"operations) or of its shard (at most {settings.shard_queue_limit}) is "
                     "full; retry later"
                 )
-            return outcome_response(await outcome)
+            return outcome_response(await awaited_outcome(app, queued, outcome))
     except (TimeoutError, RedisTimeoutError):
         # It may be queued, even applied: the operation's URL will tell.
         app[METRICS].reply_timeouts.inc()
         return pending_response(wallet_id, op_id)
     finally:
         replies.forget(tag)
+
+
+async def awaited_outcome(
+    app: web.Application, queued: QueuedOperation, outcome: asyncio.Future[Outcome]
+) -> Outcome:
+    """The writer's reply; or, if the reply channel was lost while it was awaited, what the
+    ledger holds, or else the reply still to come."""
+    while True:
+        try:
+            return await outcome
+        except RepliesMissed:
+            # Waiting again before looking: a reply arriving meanwhile is not dropped.
+            outcome = app[REPLIES].expect_again(queued.tag)
+            async with app[PG].acquire() as conn:
+                row = await queries.get_operation(conn, queued.wallet_id, queued.op_id)
+            if row is None:
+                continue
+            if (row["kind"], row["amount"]) != (queued.kind, queued.amount):
+                q = queued
+                return Outcome(q.tag, q.op_id, q.wallet_id, KEY_REUSED, row["kind"], row["amount"])
+            return outcome_from_row(row)
 
 
 @routes.post("/api/v1/wallets/{wallet_id}/operation")

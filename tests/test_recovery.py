@@ -196,3 +196,53 @@ async def test_a_worker_whose_sessions_postgresql_ends_goes_on_committing(
         )
         status, body, _ = await operate(client, wallet, "DEPOSIT", 1)
         assert (status, body["balance"]) == (200, f"{i + 1}.00"), body
+
+
+@pytest.mark.parametrize(
+    ("committed_minor", "status", "balance"),
+    [(500, 200, "5.00"), (700, 422, None)],  # the request's own, or another under its key
+)
+async def test_a_reply_published_while_the_api_subscribed_again_is_found_in_the_ledger(
+    api: Client,
+    settings: Settings,
+    pg: Any,
+    redis: Redis,
+    committed_minor: int,
+    status: int,
+    balance: str | None,
+) -> None:
+    """The API's reply channel drops while a request waits; its operation is committed and
+    its reply goes out before the API has subscribed again (here: never published at all,
+    the commit done by hand). Pub/sub does not keep it; once subscribed again the API looks
+    in the ledger and answers as the reply would have, instead of a 202 after
+    REPLY_TIMEOUT: the outcome, or, if the ledger holds another operation under the
+    request's key, that the key was reused."""
+    keys = keyspace(settings)
+    wallet = await new_wallet(pg)
+    shard = keys.shard_of(wallet)
+    stream = keys.wallet_stream(wallet)
+    request = asyncio.create_task(operate(api, wallet, "DEPOSIT", 5))
+    await eventually(lambda: _queued(redis, stream), what="the operation to be queued")
+    raw: Any = await redis.xrange(stream)
+    [(entry_id, fields)] = raw
+    committed = dataclasses.replace(decode_request(fields[b"m"]), amount=committed_minor)
+    async with pg.acquire() as conn:
+        epoch = await take_shard(conn, shard, "a worker whose reply is lost")
+        await apply_batch(conn, [Entry(entry_id.decode(), committed)], {shard: epoch})
+    clients = await redis.client_list()
+    [subscriber] = [
+        c["id"]
+        for c in clients
+        if c["name"].startswith(f"{settings.redis_key_prefix}:api:") and c["cmd"] == "subscribe"
+    ]
+    started = asyncio.get_running_loop().time()
+    await redis.client_kill_filter(_id=subscriber)
+    answered, body, _ = await request
+    assert (answered, body.get("balance")) == (status, balance), body
+    if status == 422:
+        assert body["type"].endswith("idempotency-key-reused")
+    assert asyncio.get_running_loop().time() - started < settings.reply_timeout
+
+
+async def _queued(redis: Redis, key: str) -> bool:
+    return bool(await redis.xlen(key))
