@@ -398,7 +398,7 @@ class Chaos:
     async def run(self) -> Report:
         self.pg = await asyncpg.create_pool(
             self.database_url,
-            min_size=2,
+            min_size=0,  # no floor to restore, and to log about, while PostgreSQL is down
             max_size=4,
             server_settings={"application_name": CHAOS_APPLICATION},
         )
