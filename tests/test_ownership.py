@@ -273,3 +273,41 @@ async def test_a_worker_cut_off_from_postgresql_gives_its_shards_up_until_it_can
             await eventually(back, within=15, what="the worker to take shards again")
     finally:
         await network.close()
+
+
+async def test_a_worker_cut_off_from_postgresql_while_taking_shards_leaves_them_to_others(
+    fast_leases: Settings, aiohttp_client: AiohttpClient, pg: Any, redis: Redis
+) -> None:
+    """A worker joins and is cut off from PostgreSQL before it has taken a shard: its
+    takes hang. It must not go on leasing the free shards it cannot take (their wallets
+    would wait); it steps aside, and every shard is served by the other worker."""
+    settings = fast_leases
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    network = await BlackHole(settings.database_url).start()
+    cut_settings = dataclasses.replace(settings, database_url=network.url)
+    api = await aiohttp_client(create_app(settings))
+    async with running_worker(settings):
+        worker_id = new_worker_id()
+        cut_redis, cut_pool = await connect(cut_settings, worker_id)
+        cut = Worker(cut_settings, cut_redis, cut_pool, worker_id=worker_id)
+        network.cut()
+        task = asyncio.create_task(cut.run())
+        try:
+
+            async def sidelined() -> bool:
+                return cut.ownership.sidelined is not None
+
+            await eventually(sidelined, within=5, what="the cut-off worker to step aside")
+            assert "cannot take shard" in str(cut.ownership.sidelined)
+            for shard in range(settings.shard_count):
+                wallet = wallet_in(keys, shard)
+                await pg.execute("INSERT INTO wallets (id) VALUES ($1)", wallet)
+                status, body, _ = await operate(api, wallet, "DEPOSIT", "1.00")
+                assert status == 200, (shard, body)
+        finally:
+            network.restore()
+            cut.stop()
+            await asyncio.wait_for(task, timeout=10)
+            await cut_pool.close()
+            await cut_redis.aclose()
+            await network.close()

@@ -214,8 +214,10 @@ class Ownership:
         if not await self._redis.set(lease, self._worker_id, nx=True, px=ttl_ms):
             return False
         try:
+            # At most half a lease, so that the next renewal of the shards held comes in
+            # time even after a take that hangs.
             async with (
-                asyncio.timeout(self._settings.worker_lease_ttl),
+                asyncio.timeout(self._settings.worker_lease_ttl / 2),
                 connection_from(self._pool) as conn,
             ):
                 epoch = await take_shard(conn, shard, self._worker_id)
@@ -224,9 +226,14 @@ class Ownership:
             if not await self._redis.eval(RENEW_LEASE, 1, lease, self._worker_id, ttl_ms):
                 log.warning("shard %d: the lease ran out while taking it", shard)
                 return False
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.eval(RELEASE_LEASE, 1, lease, self._worker_id)
+            # Cut off from PostgreSQL, it would lease a free shard again at every renewal
+            # and hold it for the take's timeout: the shard's wallets would wait.
+            if isinstance(e, UNWRITABLE) and not await self._can_write():
+                await self.step_aside(f"cannot take shard {shard}: PostgreSQL does not answer")
+                return False
             raise
         self._owned[shard] = epoch
         self._surplus.discard(shard)
