@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from msgspec import UNSET
 
+from api.appkeys import PG
 from api.bodies import Problem
 from shared import errors
 from shared.connections import PG_CONNECTION_LOST
@@ -58,7 +59,6 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica after a failover
     redis.exceptions.OutOfMemoryError,  # maxmemory reached under noeviction
-    asyncpg.PostgresConnectionError,
     *PG_CONNECTION_LOST,
     asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.TooManyConnectionsError,
@@ -104,6 +104,23 @@ class MalformedRequest(web.HTTPBadRequest):
 
 def malformed(detail: str) -> web.HTTPException:
     return MalformedRequest(text=detail)
+
+
+@web.middleware
+async def read_again_on_fresh_connections(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """A read that met a pooled connection PostgreSQL had already ended (it restarted, an
+    operator ended the sessions, a failover) runs once more. The pool's other idle
+    connections are then likely gone too, so they are all replaced first. Only reads: a
+    write may have been done before the connection was lost."""
+    try:
+        return await handler(request)
+    except PG_CONNECTION_LOST:
+        if request.method not in ("GET", "HEAD"):
+            raise
+        await request.app[PG].expire_connections()
+        return await handler(request)
 
 
 @web.middleware

@@ -13,11 +13,18 @@ from redis.exceptions import ResponseError
 from shared.settings import Settings
 
 # What a query on a pooled connection fails with when the connection was lost under it (the
-# server ended the session, the network broke): an InterfaceError (closed in the middle of
-# the query, or its proxy detached once asyncpg noticed), or, when the server's goodbye
-# reached an idle connection just before the next query, an InternalClientError ("another
-# operation is in progress"). Either way a fresh connection would do.
-PG_CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.InternalClientError)
+# server ended the session or shut down, the network broke), depending on when asyncpg
+# noticed: the server's own error (57P01, 57P02), a connection error (class 08, e.g.
+# "closed in the middle of operation"), an InterfaceError (its proxy detached once asyncpg
+# noticed), or an InternalClientError ("another operation is in progress", when the goodbye
+# reached an idle connection just before the next query). A fresh connection may do.
+PG_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 
 

@@ -19,7 +19,6 @@ from worker.apply import Entry, WalletState, apply_batch
 PG_ERRORS = (asyncpg.PostgresError, *PG_CONNECTION_LOST)
 # What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
 UNWRITABLE = (
-    asyncpg.PostgresConnectionError,
     *PG_CONNECTION_LOST,
     asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.ReadOnlySQLTransactionError,  # a standby
