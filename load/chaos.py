@@ -19,7 +19,9 @@ Meanwhile a schedule drawn from the seed strikes each fault once:
   from it (packets dropped, connections kept) while it keeps Redis, until its shards have
   been served by others; then the network comes back and it takes shards again;
 - poison_entry: an entry no batch could apply (an amount past BIGINT) is put on the hot
-  wallet's stream, as a broken writer would.
+  wallet's stream, as a broken writer would;
+- kill_api: the API process is killed with SIGKILL, and a new one started;
+- pause_api: the API process is stopped (SIGSTOP) for 2 s, then continued.
 After each fault every wallet is sent a deposit until it answers 200; the time from the
 fault to the last wallet's 200 is that fault's recovery, and must stay within its bound.
 
@@ -81,7 +83,8 @@ FUNDING_MINOR = 50_000  # 500.00 for each wallet, so that withdrawals are refuse
 REFUSED = "batch refused"  # what a worker logs when the fence refuses its batch
 CHAOS_APPLICATION = "chaos-runner"  # spared when the sessions are terminated
 PROBE_MINOR = 100  # each recovery probe deposits 1.00
-DOWN = 2.0  # how long a crashed PostgreSQL stays down
+DOWN = 2.0  # how long a crashed PostgreSQL stays down, and a paused API process
+API_START = 3.0  # time enough for a new API process to start serving
 # Each fault, and how soon after it every wallet must answer 200 again (seconds). A worker
 # killed, stopped or cut off holds its shards until its lease runs out (LEASE_TTL), or until
 # it has failed to commit for a lease (cut off); then the others take them at their next
@@ -96,6 +99,8 @@ FAULTS = {
     "restart_redis_empty": 3.0,
     "cut_worker_from_postgres": 2 * LEASE_TTL + 1,
     "poison_entry": 3.0,
+    "kill_api": API_START + 2,
+    "pause_api": DOWN + 3,
 }
 
 
@@ -329,6 +334,28 @@ class Chaos:
 
         await until(dead_lettered, 10, "the poison entry to go to the dead letters")
         self.event("a poison entry on the hot wallet went to the dead letters")
+        await self.recovered(http, fault.kind, since)
+
+    async def kill_api(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        """Its requests in flight are lost to their clients (unknowns, resolved by their
+        keys); what it had queued is applied by the workers all the same."""
+        api = self.cluster.api
+        assert api is not None
+        api.kill()
+        await asyncio.to_thread(api.wait)
+        since = time.monotonic()
+        self.event(f"killed the API process pid {api.pid} with SIGKILL; started another")
+        self.cluster.start("api")
+        await self.recovered(http, fault.kind, since)
+
+    async def pause_api(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        api = self.cluster.api
+        assert api is not None
+        api.send_signal(signal.SIGSTOP)
+        since = time.monotonic()
+        await asyncio.sleep(DOWN)
+        api.send_signal(signal.SIGCONT)
+        self.event(f"stopped the API process for {DOWN} s, then continued it")
         await self.recovered(http, fault.kind, since)
 
     async def pause(self, http: aiohttp.ClientSession, fault: Fault) -> None:

@@ -38,6 +38,8 @@ FAULTS = (
     "restart_redis_empty",
     "cut_worker_from_postgres",
     "poison_entry",
+    "kill_api",
+    "pause_api",
 )
 
 
