@@ -18,7 +18,7 @@ from api.live import LiveStats
 from api.observe import live_view, metrics, observe_middleware
 from api.openapi import docs, openapi_json
 from api.page import page, page_asset
-from api.problems import problem_middleware, read_again_on_fresh_connections
+from api.problems import bounded_reads, problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
 from shared.keys import KeySpace
@@ -68,7 +68,7 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares = [observe_middleware, problem_middleware, read_again_on_fresh_connections]
+    middlewares = [observe_middleware, problem_middleware, bounded_reads]
     if settings.auth_enabled:  # else it would pass every request through unchanged
         middlewares.append(auth_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)

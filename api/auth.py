@@ -30,6 +30,7 @@ from api.bodies import Credentials, RefreshToken, Tokens, User, decode, json_res
 from api.inputs import read_json_object
 from shared import errors
 from shared.codec import format_time
+from shared.connections import connection_from
 from shared.settings import Settings
 
 ALGORITHM = "HS256"
@@ -123,7 +124,7 @@ async def register(request: web.Request) -> web.Response:
     body = decode(await read_json_object(request), Credentials)
     username = body.username.lower()
     password_hash = await asyncio.to_thread(passwords.hash, body.password)
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         row = await conn.fetchrow(
             "INSERT INTO users (username, password_hash) VALUES ($1, $2)"
             " ON CONFLICT (username) DO NOTHING RETURNING id::text, username, created_at",
@@ -189,7 +190,7 @@ async def login(request: web.Request) -> web.Response:
     body = decode(await read_json_object(request), Credentials)
     username, password = body.username.lower(), body.password
     await _count_attempt(request, username)
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         user = await conn.fetchrow(
             "SELECT id::text, password_hash, is_admin FROM users WHERE username = $1", username
         )
@@ -201,7 +202,7 @@ async def login(request: web.Request) -> web.Response:
         user = None
     if user is None:
         raise errors.InvalidCredentials("The username or the password is wrong")
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         return await _issue(conn, settings, user["id"], user["is_admin"], str(uuid.uuid4()))
 
 
@@ -217,7 +218,7 @@ async def _refresh_claims(request: web.Request) -> tuple[Settings, dict[str, Any
 @auth_routes.post("/api/auth/token/refresh")
 async def refresh(request: web.Request) -> web.Response:
     settings, claims = await _refresh_claims(request)
-    async with request.app[PG].acquire() as conn, conn.transaction():
+    async with connection_from(request.app[PG]) as conn, conn.transaction():
         row = await conn.fetchrow(
             "UPDATE refresh_tokens SET used_at = now() WHERE id = $1::uuid"
             " AND used_at IS NULL AND revoked_at IS NULL AND expires_at > now()"
@@ -233,7 +234,7 @@ async def refresh(request: web.Request) -> web.Response:
 
 
 async def _revoke_family(request: web.Request, family: str) -> None:
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         await conn.execute(
             "UPDATE refresh_tokens SET revoked_at = now()"
             " WHERE family = $1::uuid AND revoked_at IS NULL",

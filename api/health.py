@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 from api.appkeys import KEYS, PG, REDIS, REPLIES
 from api.bodies import Health, Ready, json_response
 from api.problems import DEPENDENCY_ERRORS, problem
+from shared.connections import connection_from
 from shared.scripts import live_workers, sidelined_workers
 
 routes = web.RouteTableDef()
@@ -29,7 +30,7 @@ async def ready(request: web.Request) -> web.Response:
     live = 0
     try:
         async with asyncio.timeout(2):
-            async with app[PG].acquire() as conn:
+            async with connection_from(app[PG]) as conn:
                 await conn.fetchval("SELECT 1")
         checks["postgres"] = "ok"
     except DEPENDENCY_ERRORS as e:

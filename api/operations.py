@@ -46,6 +46,7 @@ from shared.codec import (
 from shared.codec import (
     OperationRequest as QueuedOperation,
 )
+from shared.connections import connection_from
 from shared.money import format_minor
 
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -148,7 +149,7 @@ async def awaited_outcome(
         except RepliesMissed:
             # Waiting again before looking: a reply arriving meanwhile is not dropped.
             outcome = app[REPLIES].expect_again(queued.tag)
-            async with app[PG].acquire() as conn:
+            async with connection_from(app[PG]) as conn:
                 row = await queries.get_operation(conn, queued.wallet_id, queued.op_id)
             if row is None:
                 continue
@@ -178,7 +179,7 @@ async def list_operations(request: web.Request) -> web.Response:
     limit = page_limit(request)
     before = cursor(request, OPERATIONS_CURSOR)
     await ensure_visible(request, wallet_id)
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         rows = await queries.list_operations(
             conn, wallet_id, limit, int(before) if before else None
         )
@@ -203,7 +204,7 @@ async def get_operation(request: web.Request) -> web.Response:
     # The stream first: an entry leaves it only after its COMMIT, so in this order an
     # operation is always found in one place or the other.
     queued = await is_queued(request.app, wallet_id, op_id)
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         row = await queries.get_operation(conn, wallet_id, op_id)
         if row is None and not queued and await queries.get_wallet(conn, wallet_id) is None:
             raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -12,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from msgspec import UNSET
 
-from api.appkeys import PG
+from api.appkeys import PG, SETTINGS
 from api.bodies import Problem
 from shared import errors
 from shared.connections import PG_CONNECTION_LOST
@@ -107,20 +108,22 @@ def malformed(detail: str) -> web.HTTPException:
 
 
 @web.middleware
-async def read_again_on_fresh_connections(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """A read that met a pooled connection PostgreSQL had already ended (it restarted, an
-    operator ended the sessions, a failover) runs once more. The pool's other idle
-    connections are then likely gone too, so they are all replaced first. Only reads: a
-    write may have been done before the connection was lost."""
-    try:
+async def bounded_reads(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A read (GET, HEAD) takes at most REPLY_TIMEOUT, as an operation does: a PostgreSQL
+    that does not answer (a network that drops packets) costs a 503, not a request hanging
+    on its query or on a new connection for a minute. A read that met a pooled connection
+    PostgreSQL had already ended (it restarted, an operator ended the sessions, a failover)
+    runs once more, within the same bound; the pool's other idle connections are then
+    likely gone too, so they are all replaced first. Writes are not run again: one may
+    have been done before the connection was lost."""
+    if request.method not in ("GET", "HEAD"):
         return await handler(request)
-    except PG_CONNECTION_LOST:
-        if request.method not in ("GET", "HEAD"):
-            raise
-        await request.app[PG].expire_connections()
-        return await handler(request)
+    async with asyncio.timeout(request.app[SETTINGS].reply_timeout):
+        try:
+            return await handler(request)
+        except PG_CONNECTION_LOST:
+            await request.app[PG].expire_connections()
+            return await handler(request)
 
 
 @web.middleware

@@ -12,6 +12,7 @@ from api.auth import USER
 from api.bodies import WalletPage, json_response, wallet_body
 from api.inputs import WALLETS_CURSOR, cursor, page_limit, read_json_object, wallet_id_from_path
 from shared import errors
+from shared.connections import connection_from
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 OWNERS_REMEMBERED = 100_000  # wallet id -> owner id, per API process
@@ -25,7 +26,7 @@ async def create_wallet(request: web.Request) -> web.Response:
         if body:
             raise errors.InvalidInput(sorted(body)[0], "is not a known field")
     user = request.get(USER)
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         row = await queries.create_wallet(conn, user.user_id if user else None)
     return json_response(
         wallet_body(row), status=201, headers={"Location": f"/api/v1/wallets/{row['id']}"}
@@ -39,7 +40,7 @@ async def list_wallets(request: web.Request) -> web.Response:
     if position := cursor(request, WALLETS_CURSOR):
         micros, _, last_id = position.partition("_")
         after = (EPOCH + timedelta(microseconds=int(micros)), last_id)
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         rows = await queries.list_wallets(conn, limit, after, owner_filter(request))
     next_cursor = None
     if len(rows) == limit:
@@ -53,7 +54,7 @@ async def list_wallets(request: web.Request) -> web.Response:
 @routes.get("/api/v1/wallets/{wallet_id}")
 async def get_wallet(request: web.Request) -> web.Response:
     wallet_id = wallet_id_from_path(request.match_info["wallet_id"])
-    async with request.app[PG].acquire() as conn:
+    async with connection_from(request.app[PG]) as conn:
         row = await queries.get_wallet(conn, wallet_id)
     if row is None or not may_see(request, row["owner_id"]):
         raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
@@ -83,7 +84,7 @@ async def ensure_visible(request: web.Request, wallet_id: str) -> None:
     owners = request.app[OWNERS]
     owner = owners.get(wallet_id)
     if owner is None:
-        async with request.app[PG].acquire() as conn:
+        async with connection_from(request.app[PG]) as conn:
             row = await queries.get_wallet(conn, wallet_id)
         owner = row["owner_id"] if row else None
         if owner is not None:

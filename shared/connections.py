@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,28 @@ PG_CONNECTION_LOST = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
+PG_ERRORS = (asyncpg.PostgresError, *PG_CONNECTION_LOST)
+
+
+@contextlib.asynccontextmanager
+async def connection_from(pool: Any) -> AsyncIterator[Any]:
+    """A connection of the pool, closed instead of given back if its user fails: a query cut
+    short (a timeout, a cancelled task) leaves the connection busy until PostgreSQL confirms
+    the cancel. Given back, the pool would wait for that confirmation, which over a network
+    that drops packets does not come, and the next user of it would fail with 'another
+    operation is in progress'."""
+    conn = await pool.acquire()
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(*PG_ERRORS):
+            conn.terminate()
+        raise
+    finally:
+        with contextlib.suppress(*PG_ERRORS, OSError):
+            await pool.release(conn)
+
+
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 
 

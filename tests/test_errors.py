@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
+from devtools.blackhole import BlackHole
 from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
@@ -359,6 +361,32 @@ async def test_sessions_ended_by_postgresql_are_read_again_or_503_never_500(
         if r.status == 503:
             await problem_of(r, 503, "dependency-unavailable")
     assert set(statuses) <= ({200} if method == "GET" else {200, 503}), statuses
+
+
+async def test_postgresql_cut_off_from_the_api_is_503_within_the_reply_timeout(
+    aiohttp_client: AiohttpClient, settings: Settings, pg: Any
+) -> None:
+    """A network that drops the API's packets to PostgreSQL (a partition, a firewall): a
+    read waits no longer than an operation would (REPLY_TIMEOUT), then gets a 503 with
+    Retry-After, instead of hanging for minutes on its query or on a new connection."""
+    bounded = dataclasses.replace(settings, reply_timeout=1.0)
+    network = await BlackHole(settings.database_url).start()
+    try:
+        api = await aiohttp_client(
+            create_app(dataclasses.replace(bounded, database_url=network.url))
+        )
+        wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
+        assert (await api.get(f"/api/v1/wallets/{wallet}")).status == 200
+        network.cut()
+        for path in (f"/api/v1/wallets/{wallet}", f"/api/v1/wallets/{wallet}/operations"):
+            started = time.monotonic()
+            r = await api.get(path)
+            await problem_of(r, 503, "dependency-unavailable")
+            assert r.headers["Retry-After"]
+            assert time.monotonic() - started < bounded.reply_timeout + 1.0
+    finally:
+        network.restore()
+        await network.close()
 
 
 async def test_operations_go_on_after_redis_drops_the_api_connection_and_forgets_scripts(

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import asyncpg
 
 from shared.codec import Outcome
-from shared.connections import PG_CONNECTION_LOST
+from shared.connections import PG_CONNECTION_LOST, PG_ERRORS
 from shared.metrics import WorkerMetrics
 from worker.apply import Entry, WalletState, apply_batch
 
-PG_ERRORS = (asyncpg.PostgresError, *PG_CONNECTION_LOST)
 # What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
 UNWRITABLE = (
     *PG_CONNECTION_LOST,
@@ -27,24 +26,6 @@ UNWRITABLE = (
 )
 # How many wallets' states a worker keeps between batches (the most recently written).
 KNOWN_WALLETS_MAX = 100_000
-
-
-@contextlib.asynccontextmanager
-async def connection_from(pool: Any) -> AsyncIterator[Any]:
-    """A connection of the pool, closed instead of given back if its user fails: a query cut
-    short (a timeout, a cancelled task) leaves the connection busy until PostgreSQL confirms
-    the cancel, and the next user of it would fail with 'another operation is in
-    progress'."""
-    conn = await pool.acquire()
-    try:
-        yield conn
-    except BaseException:
-        with contextlib.suppress(*PG_ERRORS):
-            conn.terminate()
-        raise
-    finally:
-        with contextlib.suppress(*PG_ERRORS, OSError):
-            await pool.release(conn)
 
 
 class Committer:

@@ -20,12 +20,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.connections import PG_ERRORS, connection_from
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
 from shared.settings import Settings
 from worker.apply import take_shard
-from worker.commit import PG_ERRORS, UNWRITABLE, connection_from
+from worker.commit import UNWRITABLE
 
 log = logging.getLogger("worker")
 

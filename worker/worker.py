@@ -38,13 +38,19 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.backoff import backoff
-from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis, worker_pg_settings
+from shared.connections import (
+    PG_ERRORS,
+    REDIS_SOCKET_TIMEOUT,
+    open_pg_pool,
+    open_redis,
+    worker_pg_settings,
+)
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.settings import Settings
 from worker.apply import Fenced, LedgerConflict
 from worker.backlog import Backlog
-from worker.commit import PG_ERRORS, Committer
+from worker.commit import Committer
 from worker.ownership import Ownership
 from worker.streams import (
     RETRY_DELAY_FIRST,
