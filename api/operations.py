@@ -154,8 +154,14 @@ async def awaited_outcome(
             if row is None:
                 continue
             if (row["kind"], row["amount"]) != (queued.kind, queued.amount):
-                q = queued
-                return Outcome(q.tag, q.op_id, q.wallet_id, KEY_REUSED, row["kind"], row["amount"])
+                return Outcome(
+                    queued.tag,
+                    queued.op_id,
+                    queued.wallet_id,
+                    KEY_REUSED,
+                    kind=row["kind"],
+                    amount=row["amount"],
+                )
             return outcome_from_row(row)
 
 

@@ -31,17 +31,19 @@ PG_ERRORS = (asyncpg.PostgresError, *PG_CONNECTION_LOST)
 
 @contextlib.asynccontextmanager
 async def connection_from(pool: Any) -> AsyncIterator[Any]:
-    """A connection of the pool, closed instead of given back if its user fails: a query cut
-    short (a timeout, a cancelled task) leaves the connection busy until PostgreSQL confirms
-    the cancel. Given back, the pool would wait for that confirmation, which over a network
-    that drops packets does not come, and the next user of it would fail with 'another
-    operation is in progress'."""
+    """A connection of the pool, closed instead of given back if its use was cut short (a
+    cancelled task, a timeout) or the connection lost. A query cut short leaves the
+    connection busy until PostgreSQL confirms the cancel: given back, the pool would wait
+    for that confirmation, which over a network that drops packets does not come, and the
+    next user of it would fail with 'another operation is in progress'. Any other error
+    (PostgreSQL refusing a statement, a 404 raised inside) leaves it fit to be given back."""
     conn = await pool.acquire()
     try:
         yield conn
-    except BaseException:
-        with contextlib.suppress(*PG_ERRORS):
-            conn.terminate()
+    except BaseException as e:
+        if not isinstance(e, Exception) or isinstance(e, (TimeoutError, *PG_CONNECTION_LOST)):
+            with contextlib.suppress(*PG_ERRORS):
+                conn.terminate()
         raise
     finally:
         with contextlib.suppress(*PG_ERRORS, OSError):

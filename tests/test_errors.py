@@ -53,6 +53,32 @@ async def test_unknown_or_malformed_wallet_ids_are_404(api: Client, path: str, w
     await problem_of(await api.get(path.format(wallet)), 404, "wallet-not-found")
 
 
+async def test_a_404_found_in_postgresql_keeps_the_api_connection(
+    api: Client, settings: Settings, pg: Any
+) -> None:
+    """A request that fails for what it asks (here an unknown wallet's history, found out
+    on a PostgreSQL connection) gives its connection back: only a query cut short or a
+    connection lost closes one."""
+
+    async def api_sessions() -> set[int]:
+        rows = await pg.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            f"{settings.redis_key_prefix}-api",
+        )
+        return {r["pid"] for r in rows}
+
+    async def unknown_history() -> None:
+        r = await api.get(f"/api/v1/wallets/{uuid.uuid4()}/operations")
+        assert r.status == 404
+
+    await unknown_history()
+    first = await api_sessions()
+    assert len(first) == 1
+    for _ in range(4):
+        await unknown_history()
+    assert await api_sessions() == first
+
+
 async def test_unknown_operation_is_404(client: Client, wallet: str) -> None:
     for op in (str(uuid.uuid4()), "nope"):
         r = await client.get(f"/api/v1/wallets/{wallet}/operations/{op}")
