@@ -36,8 +36,11 @@ LISTEN_BACKLOG = 1024
 
 async def postgres(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # A client waits no longer on PostgreSQL than on an operation's outcome: past that, 503.
     app[PG] = await open_pg_pool(
-        settings, server_settings={"application_name": f"{settings.redis_key_prefix}-api"}
+        settings,
+        server_settings={"application_name": f"{settings.redis_key_prefix}-api"},
+        wait_at_most=settings.reply_timeout,
     )
     yield
     await app[PG].close()

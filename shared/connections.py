@@ -114,13 +114,16 @@ async def open_pg_pool(
     *,
     max_size: int | None = None,
     server_settings: dict[str, str] | None = None,
+    wait_at_most: float = 30,
 ) -> Any:
+    """`wait_at_most` (seconds) bounds each statement and each new connection."""
     max_size = max_size or settings.pg_pool_max
     return await asyncpg.create_pool(
         settings.database_url,
         min_size=min(settings.pg_pool_min, max_size),
         max_size=max_size,
-        command_timeout=30,
+        command_timeout=wait_at_most,
+        timeout=wait_at_most,
         server_settings=server_settings,
     )
 

@@ -104,7 +104,8 @@ class Settings:
     pg_pool_max: int = 10
     redis_pool_max: int = 64
     # How long a request waits for the writer before it answers 202 with the operation's URL,
-    # and the most a read waits on PostgreSQL before it answers 503.
+    # and the most a request waits on PostgreSQL (a statement, a new connection) before it
+    # answers 503.
     reply_timeout: float = 5.0
     # Operations queued on one wallet beyond which new ones get 503 with Retry-After.
     wallet_queue_limit: int = 10_000
