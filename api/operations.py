@@ -42,6 +42,7 @@ from shared.codec import (
     Outcome,
     decode_request,
     encode_request,
+    key_reused,
 )
 from shared.codec import (
     OperationRequest as QueuedOperation,
@@ -153,16 +154,7 @@ async def awaited_outcome(
                 row = await queries.get_operation(conn, queued.wallet_id, queued.op_id)
             if row is None:
                 continue
-            if (row["kind"], row["amount"]) != (queued.kind, queued.amount):
-                return Outcome(
-                    queued.tag,
-                    queued.op_id,
-                    queued.wallet_id,
-                    KEY_REUSED,
-                    kind=row["kind"],
-                    amount=row["amount"],
-                )
-            return outcome_from_row(row)
+            return key_reused(queued, row) or outcome_from_row(row)
 
 
 @routes.post("/api/v1/wallets/{wallet_id}/operation")

@@ -91,6 +91,16 @@ def ledger_outcome(
     )
 
 
+def key_reused(r: OperationRequest, earlier: Mapping[str, Any]) -> Outcome | None:
+    """If the ledger row `earlier`, recorded under the request's operation id (its
+    Idempotency-Key), is another operation than `r`, the answer that the key was reused."""
+    if (earlier["kind"], earlier["amount"]) == (r.kind, r.amount):
+        return None
+    return Outcome(
+        r.tag, r.op_id, r.wallet_id, KEY_REUSED, kind=earlier["kind"], amount=earlier["amount"]
+    )
+
+
 def encode_request(r: OperationRequest) -> bytes:
     return orjson.dumps(
         {

@@ -29,12 +29,12 @@ from shared.codec import (
     BALANCE_LIMIT,
     DEPOSIT,
     INSUFFICIENT_FUNDS,
-    KEY_REUSED,
     REJECTED,
     WALLET_NOT_FOUND,
     OperationRequest,
     Outcome,
     format_time,
+    key_reused,
     ledger_outcome,
 )
 from shared.money import MAX_BALANCE_MINOR
@@ -254,17 +254,9 @@ def _decide(
             wallet.entry = e.entry_id
         earlier = recorded.get((r.wallet_id, r.op_id))
         if earlier is not None:
-            if earlier["kind"] != r.kind or earlier["amount"] != r.amount:
-                decisions.append(
-                    Outcome(
-                        r.tag,
-                        r.op_id,
-                        r.wallet_id,
-                        KEY_REUSED,
-                        kind=earlier["kind"],
-                        amount=earlier["amount"],
-                    )
-                )
+            reused = key_reused(r, earlier)
+            if reused is not None:
+                decisions.append(reused)
             else:
                 # Not a client's retry if the entry was applied before: the same entry read
                 # anew after its first delivery died between COMMIT and acknowledgement.
