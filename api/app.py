@@ -10,8 +10,19 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import health, operations, wallets
-from api.appkeys import ENQUEUE, KEYS, LIVE, METRICS, OWNERS, PG, REDIS, REPLIES, SETTINGS
+from api import health, operations, transfers, wallets
+from api.appkeys import (
+    ENQUEUE,
+    KEYS,
+    KNOWN_WALLETS,
+    LIVE,
+    METRICS,
+    OWNERS,
+    PG,
+    REDIS,
+    REPLIES,
+    SETTINGS,
+)
 from api.auth import auth_middleware, auth_routes
 from api.enqueue import Enqueuer
 from api.live import LiveStats
@@ -79,9 +90,10 @@ def create_app(settings: Settings) -> web.Application:
     app[KEYS] = KeySpace(settings.redis_key_prefix, settings.shard_count)
     app[METRICS] = ApiMetrics()
     app[OWNERS] = {}
+    app[KNOWN_WALLETS] = {}
     app[LIVE] = LiveStats()
     app.cleanup_ctx.extend([postgres, redis_and_replies])
-    for resource in (wallets, operations, health):
+    for resource in (wallets, operations, transfers, health):
         app.add_routes(resource.routes)
     app.add_routes(auth_routes)
     app.router.add_get("/metrics", metrics)

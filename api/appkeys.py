@@ -23,3 +23,5 @@ METRICS = web.AppKey("metrics", ApiMetrics)
 LIVE = web.AppKey("live", LiveStats)
 # wallet id -> owner's user id, as far as this process has looked them up
 OWNERS = web.AppKey("owners", dict[str, str])
+# ids of wallets this process has found to exist (wallets are never deleted)
+KNOWN_WALLETS = web.AppKey("known_wallets", dict[str, None])

@@ -17,7 +17,17 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from shared.codec import OPERATION_TYPES, Outcome, format_time, ledger_outcome
+from shared.codec import (
+    COMPLETED,
+    IN_FLIGHT,
+    OPERATION_TYPES,
+    REJECTED,
+    RETURNING,
+    TRANSFER_LEGS,
+    Outcome,
+    format_time,
+    ledger_outcome,
+)
 from shared.errors import InvalidInput
 from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, format_minor, parse_amount
 
@@ -34,6 +44,8 @@ Money = Annotated[
 
 OperationType = Literal["DEPOSIT", "WITHDRAW"]
 assert OperationType.__args__ == OPERATION_TYPES  # type: ignore[attr-defined]
+TransferLeg = Literal["TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_RETURN"]
+assert TransferLeg.__args__ == TRANSFER_LEGS  # type: ignore[attr-defined]
 Amount = Annotated[Any, Meta(extra_json_schema=AMOUNT_SCHEMA)]
 USERNAME_PATTERN = "^[A-Za-z0-9_.-]{3,64}$"
 PASSWORD_LENGTH = (10, 256)
@@ -100,17 +112,59 @@ class WalletPage(Body):
 
 
 class Operation(Body):
-    """An operation and its outcome, as the ledger holds it."""
+    """An operation and its outcome, as the ledger holds it. A transfer's leg names the
+    transfer and the other wallet: TRANSFER_OUT debits the source, TRANSFER_IN credits the
+    destination, TRANSFER_RETURN credits the source back when the destination could not
+    take it."""
 
     id: Uuid
     wallet_id: Uuid
-    operation_type: OperationType
+    operation_type: OperationType | TransferLeg
     amount: Money
     status: Literal["applied", "rejected"]
     reason: Literal["insufficient_funds", "balance_limit"] | None
     balance: Annotated[Money, Meta(description="The wallet's balance after this operation")]
     seq: Annotated[int, Meta(ge=1, description="Its place in the wallet's ledger")]
     created_at: Time
+    transfer_id: Annotated[Uuid | None, Meta(description="The transfer of a leg")] = None
+    counterparty: Annotated[
+        Uuid | None, Meta(description="A leg's other wallet: the destination of a debit")
+    ] = None
+
+
+class TransferRequest(Body):
+    """Moves an amount from one wallet to another."""
+
+    from_: Annotated[uuid.UUID, Meta(description="The wallet debited")] = msgspec.field(name="from")
+    to: Annotated[uuid.UUID, Meta(description="The wallet credited")]
+    amount: Amount
+
+    def __post_init__(self) -> None:
+        self.amount = parse_amount(self.amount)
+        if self.from_ == self.to:
+            raise InvalidInput("to", "must be another wallet than from")
+
+
+TransferStatus = Literal["pending", "in_flight", "completed", "rejected"]
+
+
+class Transfer(Body):
+    """A transfer and where it stands: `pending` (queued, nothing moved), `in_flight`
+    (debited from the source, not yet credited to the destination), `completed`, or
+    `rejected` (nothing moved: refused, or credited back to the source)."""
+
+    id: Uuid
+    from_: Uuid = msgspec.field(name="from")
+    to: Uuid
+    amount: Money
+    status: TransferStatus
+    reason: Literal["insufficient_funds", "balance_limit", "wallet_not_found"] | None
+    balance: Annotated[
+        Money | None,
+        Meta(description="The source's balance after the transfer (null while pending)"),
+    ]
+    created_at: Annotated[Time | None, Meta(description="When the source was debited")]
+    href: str
 
 
 class OperationPage(Body):
@@ -142,6 +196,8 @@ class Problem(Body, omit_defaults=True):
     errors: list[FieldError] | UnsetType = UNSET
     operation: Operation | UnsetType = UNSET
     operation_id: Uuid | UnsetType = UNSET
+    transfer: Transfer | UnsetType = UNSET
+    transfer_id: Uuid | UnsetType = UNSET
     checks: dict[str, str] | UnsetType = UNSET
 
 
@@ -195,6 +251,8 @@ BODIES: tuple[type[Body], ...] = (
     Operation,
     OperationPage,
     Pending,
+    TransferRequest,
+    Transfer,
     Problem,
     User,
     Tokens,
@@ -262,6 +320,54 @@ def operation_body(o: Outcome) -> Operation:
         balance=format_minor(o.balance_after),
         seq=o.seq,
         created_at=o.created_at,
+        transfer_id=o.transfer_id or None,
+        counterparty=o.counterparty or None,
+    )
+
+
+def transfer_body(
+    transfer_id: str,
+    source: str,
+    destination: str,
+    amount: int,
+    status: TransferStatus,
+    reason: str | None = None,
+    balance: int | None = None,
+    created_at: str | None = None,
+) -> Transfer:
+    return Transfer(
+        id=transfer_id,
+        from_=source,
+        to=destination,
+        amount=format_minor(amount),
+        status=status,
+        reason=reason,  # type: ignore[arg-type]
+        balance=None if balance is None else format_minor(balance),
+        created_at=created_at,
+        href=f"/api/v1/transfers/{transfer_id}",
+    )
+
+
+# A transfer's state as the client sees it: returning is still in flight.
+CLIENT_STATUS: dict[str, TransferStatus] = {
+    IN_FLIGHT: "in_flight",
+    RETURNING: "in_flight",
+    COMPLETED: "completed",
+    REJECTED: "rejected",
+}
+
+
+def transfer_from_row(row: Any) -> Transfer:
+    status = CLIENT_STATUS[row["status"]]
+    return transfer_body(
+        row["id"],
+        row["source_id"],
+        row["destination_id"],
+        row["amount"],
+        status,
+        row["reason"] if status == "rejected" else None,
+        row["source_balance_after"],
+        format_time(row["created_at"]),
     )
 
 

@@ -98,14 +98,19 @@ def wallet_id_from_path(raw: str) -> str:
         raise WalletNotFound(f"No wallet has the id {raw!r}") from None
 
 
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is not None and not _KEY.fullmatch(key):
+        raise InvalidInput(IDEMPOTENCY_KEY, "must be 1 to 255 printable ASCII characters")
+    return key
+
+
 def operation_id(request: web.Request) -> str:
     """The Idempotency-Key is the operation id (a UUID key as it is, any other key mapped to
     a UUID); without one the operation gets a fresh id."""
-    key = request.headers.get(IDEMPOTENCY_KEY)
+    key = idempotency_key(request)
     if key is None:
         return random_uuid()
-    if not _KEY.fullmatch(key):
-        raise InvalidInput(IDEMPOTENCY_KEY, "must be 1 to 255 printable ASCII characters")
     try:
         return str(uuid.UUID(key))
     except ValueError:

@@ -29,6 +29,8 @@ from api.bodies import (
     Ready,
     RefreshToken,
     Tokens,
+    Transfer,
+    TransferRequest,
     User,
     Wallet,
     WalletPage,
@@ -219,6 +221,59 @@ PATHS: dict[str, Any] = {
                     "content": json_content({"oneOf": [ref(Operation), ref(Pending)]}),
                 },
                 "404": problem("No such wallet, or no such operation on it"),
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/v1/transfers": {
+        "post": {
+            "summary": "Move an amount from one wallet to another",
+            "parameters": [
+                {
+                    **KEY_HEADER,
+                    "description": "Makes the request safe to retry, scoped to the source "
+                    "wallet: the same key from the same wallet is the same transfer. The "
+                    "same key with the same request answers its outcome again, with "
+                    "Idempotent-Replayed: true; with another request, 422.",
+                }
+            ],
+            "requestBody": {"required": True, "content": json_content(ref(TransferRequest))},
+            "responses": {
+                "200": {
+                    "description": "Completed: both wallets committed; `balance` is the "
+                    "source's balance after it",
+                    "content": json_content(ref(Transfer)),
+                },
+                "202": {
+                    "description": "Its outcome did not come in time: the Location (and "
+                    "`href`) tells where it stands",
+                    "content": json_content(ref(Transfer)),
+                },
+                **BODY_ERRORS,
+                "404": problem("No such source (`from`) or destination (`to`) wallet"),
+                "409": problem(
+                    "Rejected, nothing moved: insufficient funds in the source, or the "
+                    "destination's balance limit (the amount went back to the source); the "
+                    "problem's `transfer` holds it"
+                ),
+                "422": problem(
+                    "A field is not valid, `to` is `from`, or the Idempotency-Key was used "
+                    "for another transfer"
+                ),
+                "503": problem(
+                    "The source's or its shard's queue is full, or a dependency is down",
+                    retry_after=True,
+                ),
+            },
+        }
+    },
+    "/api/v1/transfers/{transfer_id}": {
+        "get": {
+            "summary": "Where a transfer stands: pending, in_flight, completed or rejected",
+            "parameters": [{"name": "transfer_id", "in": "path", "required": True, "schema": UUID}],
+            "responses": {
+                "200": {"description": "The transfer", "content": json_content(ref(Transfer))},
+                "404": problem("No such transfer"),
                 "503": UNAVAILABLE,
             },
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -102,23 +103,40 @@ async def submit_operation(
 ) -> web.Response:
     """Queues the operation on the wallet's stream and answers with the writer's outcome, or
     202 with the operation's URL when it does not come within the reply timeout."""
-    app = request.app
-    settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
     await ensure_visible(request, wallet_id)
     op_id = operation_id(request)
-    logs.OPERATION_ID.set(op_id)  # on every log line about this request from here on
+    outcome = await queue_and_await(
+        request.app,
+        lambda channel, tag: QueuedOperation(op_id, wallet_id, kind, amount, channel, tag),
+        recorded_outcome,
+    )
+    return pending_response(wallet_id, op_id) if outcome is None else outcome_response(outcome)
+
+
+# What PostgreSQL holds of a queued operation, if it decides it: its outcome.
+LookUp = Callable[[Any, QueuedOperation], Awaitable[Outcome | None]]
+
+
+async def queue_and_await(
+    app: web.Application, make: Callable[[str, int], QueuedOperation], look_up: LookUp
+) -> Outcome | None:
+    """Queues the operation `make` gives (for this process's reply channel and the tag its
+    reply will carry) on its wallet's stream, and returns the outcome the writer replies;
+    None when none comes within the reply timeout (it may be queued, even applied)."""
+    settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
     try:
-        queued = QueuedOperation(op_id, wallet_id, kind, amount, replies.channel, tag)
+        queued = make(replies.channel, tag)
+        logs.OPERATION_ID.set(queued.op_id)  # on every log line about this request from here
         message = encode_request(queued)
         # One bound for the whole request: queueing it and waiting for its outcome.
         async with asyncio.timeout(settings.reply_timeout):
             entry = await app[ENQUEUE](
-                keys=keys.enqueue_keys(wallet_id),
+                keys=keys.enqueue_keys(queued.wallet_id),
                 args=[
-                    wallet_id,
+                    queued.wallet_id,
                     message,
                     settings.wallet_queue_limit,
                     settings.shard_queue_limit,
@@ -130,20 +148,22 @@ async def submit_operation(
                     f"operations) or of its shard (at most {settings.shard_queue_limit}) is "
                     "full; retry later"
                 )
-            return outcome_response(await awaited_outcome(app, queued, outcome))
+            return await awaited_outcome(app, queued, outcome, look_up)
     except (TimeoutError, RedisTimeoutError):
-        # It may be queued, even applied: the operation's URL will tell.
         app[METRICS].reply_timeouts.inc()
-        return pending_response(wallet_id, op_id)
+        return None
     finally:
         replies.forget(tag)
 
 
 async def awaited_outcome(
-    app: web.Application, queued: QueuedOperation, outcome: asyncio.Future[Outcome]
+    app: web.Application,
+    queued: QueuedOperation,
+    outcome: asyncio.Future[Outcome],
+    look_up: LookUp,
 ) -> Outcome:
-    """The writer's reply; or, if the reply channel was lost while it was awaited, what the
-    ledger holds, or else the reply still to come."""
+    """The writer's reply; or, if the reply channel was lost while it was awaited, what
+    PostgreSQL holds, or else the reply still to come."""
     while True:
         try:
             return await outcome
@@ -151,10 +171,16 @@ async def awaited_outcome(
             # Waiting again before looking: a reply arriving meanwhile is not dropped.
             outcome = app[REPLIES].expect_again(queued.tag)
             async with connection_from(app[PG]) as conn:
-                row = await queries.get_operation(conn, queued.wallet_id, queued.op_id)
-            if row is None:
-                continue
-            return key_reused(queued, row) or outcome_from_row(row)
+                found = await look_up(conn, queued)
+            if found is not None:
+                return found
+
+
+async def recorded_outcome(conn: Any, queued: QueuedOperation) -> Outcome | None:
+    row = await queries.get_operation(conn, queued.wallet_id, queued.op_id)
+    if row is None:
+        return None
+    return key_reused(queued, row) or outcome_from_row(row)
 
 
 @routes.post("/api/v1/wallets/{wallet_id}/operation")
@@ -216,8 +242,12 @@ async def get_operation(request: web.Request) -> web.Response:
 
 
 async def is_queued(app: web.Application, wallet_id: str, op_id: str) -> bool:
-    """Whether the wallet's stream holds the operation. Reads it in chunks and decodes only
-    the messages that hold the id's bytes."""
+    return await find_queued(app, wallet_id, op_id) is not None
+
+
+async def find_queued(app: web.Application, wallet_id: str, op_id: str) -> QueuedOperation | None:
+    """The operation, if the wallet's stream holds it. Reads the stream in chunks and
+    decodes only the messages that hold the id's bytes."""
     stream, needle, start = app[KEYS].wallet_stream(wallet_id), op_id.encode(), "-"
     while True:
         chunk: Any = await app[REDIS].xrange(stream, min=start, count=QUEUE_SCAN_CHUNK)
@@ -225,8 +255,9 @@ async def is_queued(app: web.Application, wallet_id: str, op_id: str) -> bool:
             message = fields.get(b"m", b"")
             if needle in message:
                 with contextlib.suppress(MessageError):
-                    if decode_request(message).op_id == op_id:
-                        return True
+                    queued = decode_request(message)
+                    if queued.op_id == op_id:
+                        return queued
         if len(chunk) < QUEUE_SCAN_CHUNK:
-            return False
+            return None
         start = "(" + chunk[-1][0].decode()

@@ -7,7 +7,12 @@ from typing import Any
 
 WALLET_COLUMNS = "id::text, balance, created_at, updated_at, owner_id::text"
 OPERATION_COLUMNS = (
-    "wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after, created_at"
+    "wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after, created_at,"
+    " transfer_id::text, counterparty::text"
+)
+TRANSFER_COLUMNS = (
+    "id::text, source_id::text, destination_id::text, amount, status, reason,"
+    " source_balance_after, created_at"
 )
 
 
@@ -59,3 +64,13 @@ async def get_operation(conn: Any, wallet_id: str, op_id: str) -> Any:
         wallet_id,
         op_id,
     )
+
+
+async def get_transfer(conn: Any, transfer_id: str) -> Any:
+    return await conn.fetchrow(
+        f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1", transfer_id
+    )
+
+
+async def wallet_exists(conn: Any, wallet_id: str) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM wallets WHERE id = $1)", wallet_id))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
 
 from api import queries
-from api.appkeys import OWNERS, PG, SETTINGS
+from api.appkeys import KNOWN_WALLETS, OWNERS, PG, SETTINGS
 from api.auth import USER
 from api.bodies import WalletPage, json_response, wallet_body
 from api.inputs import WALLETS_CURSOR, cursor, page_limit, read_json_object, wallet_id_from_path
@@ -15,7 +16,7 @@ from shared import errors
 from shared.connections import connection_from
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-OWNERS_REMEMBERED = 100_000  # wallet id -> owner id, per API process
+REMEMBERED = 100_000  # wallets per cache of an API process
 routes = web.RouteTableDef()
 
 
@@ -74,10 +75,11 @@ def may_see(request: web.Request, owner_id: str | None) -> bool:
     return scope is None or scope == owner_id
 
 
-async def ensure_visible(request: web.Request, wallet_id: str) -> None:
+async def ensure_visible(request: web.Request, wallet_id: str, named: str = "") -> None:
     """With authentication on, another user's wallet does not exist for this request: 404,
     the same answer as for no wallet at all. A wallet's owner never changes, so each API
-    process remembers the owners it has looked up."""
+    process remembers the owners it has looked up. `named`: which wallet of the request it
+    is, for the problem's detail."""
     scope = owner_filter(request)
     if scope is None:
         return
@@ -88,8 +90,25 @@ async def ensure_visible(request: web.Request, wallet_id: str) -> None:
             row = await queries.get_wallet(conn, wallet_id)
         owner = row["owner_id"] if row else None
         if owner is not None:
-            if len(owners) >= OWNERS_REMEMBERED:
-                del owners[next(iter(owners))]
-            owners[wallet_id] = owner
+            remember(owners, wallet_id, owner)
     if owner != scope:
-        raise errors.WalletNotFound(f"No wallet has the id {wallet_id}")
+        raise errors.WalletNotFound(f"No wallet has the id {wallet_id}{named}")
+
+
+async def ensure_exists(request: web.Request, wallet_id: str, named: str = "") -> None:
+    """404 unless the wallet exists, whoever owns it. Wallets are never deleted, so each API
+    process remembers those it has found."""
+    known = request.app[KNOWN_WALLETS]
+    if wallet_id in known:
+        return
+    async with connection_from(request.app[PG]) as conn:
+        if not await queries.wallet_exists(conn, wallet_id):
+            raise errors.WalletNotFound(f"No wallet has the id {wallet_id}{named}")
+    remember(known, wallet_id, None)
+
+
+def remember(cache: dict[str, Any], key: str, value: Any) -> None:
+    """Into a cache of at most REMEMBERED entries, the oldest going first."""
+    if len(cache) >= REMEMBERED:
+        del cache[next(iter(cache))]
+    cache[key] = value

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shared.codec import DEBITS
+
 
 def replay_ledger(rows: Sequence[Mapping[str, Any]]) -> tuple[int, list[str]]:
     """Replays a wallet's ledger rows (in `seq` order: kind, amount, status, reason,
@@ -12,7 +14,7 @@ def replay_ledger(rows: Sequence[Mapping[str, Any]]) -> tuple[int, list[str]]:
     final balance and what did not follow."""
     balance, problems = 0, []
     for row in rows:
-        if row["kind"] == "DEPOSIT":
+        if row["kind"] not in DEBITS:  # a credit: deposits and transfers' credits
             expected = "applied"
             balance += row["amount"]
         elif balance >= row["amount"]:

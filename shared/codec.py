@@ -7,6 +7,7 @@ each API process one message per batch.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,12 +22,26 @@ VERSION = 1
 DEPOSIT = "DEPOSIT"
 WITHDRAW = "WITHDRAW"
 OPERATION_TYPES = (DEPOSIT, WITHDRAW)
+# A transfer's legs in the ledger: the debit of the source, the credit of the destination,
+# and, when the destination cannot take it, the amount credited back to the source.
+TRANSFER_OUT = "TRANSFER_OUT"
+TRANSFER_IN = "TRANSFER_IN"
+TRANSFER_RETURN = "TRANSFER_RETURN"
+TRANSFER_LEGS = (TRANSFER_OUT, TRANSFER_IN, TRANSFER_RETURN)
+DEBITS = (WITHDRAW, TRANSFER_OUT)
+# The kind of a transfer's outcome as its client gets it (never a ledger row's).
+TRANSFER = "TRANSFER"
 
 # Outcome statuses. The first two are ledger states; the others never reach the ledger.
 APPLIED = "applied"
 REJECTED = "rejected"
 WALLET_NOT_FOUND = "wallet_not_found"
 KEY_REUSED = "key_reused"
+# A transfer's states (transfers.status); REJECTED is one too. `returning`: the destination
+# could not take it, and the amount is on its way back to the source.
+IN_FLIGHT = "in_flight"
+RETURNING = "returning"
+COMPLETED = "completed"
 
 # Reasons for a rejected operation.
 INSUFFICIENT_FUNDS = "insufficient_funds"
@@ -43,12 +58,21 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class OperationRequest:
+    """One entry of a wallet's stream. A transfer's leg also names the transfer and the
+    other wallet; a credit carries what the source's debit left (for the answer), and a
+    return why the destination did not take the amount."""
+
     op_id: str
     wallet_id: str
     kind: str
     amount: int
     reply_to: str
     tag: int
+    transfer_id: str = ""
+    counterparty: str = ""
+    source_balance: int = 0
+    transfer_time: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +88,8 @@ class Outcome:
     created_at: str = ""
     seq: int = 0
     replayed: bool = False
+    transfer_id: str = ""
+    counterparty: str = ""
 
 
 def ledger_outcome(
@@ -88,31 +114,69 @@ def ledger_outcome(
         created_at,
         row["seq"],
         replayed,
+        str(row.get("transfer_id") or ""),
+        str(row.get("counterparty") or ""),
     )
 
 
 def key_reused(r: OperationRequest, earlier: Mapping[str, Any]) -> Outcome | None:
     """If the ledger row `earlier`, recorded under the request's operation id (its
     Idempotency-Key), is another operation than `r`, the answer that the key was reused."""
-    if (earlier["kind"], earlier["amount"]) == (r.kind, r.amount):
+    counterparty = str(earlier.get("counterparty") or "")
+    if (earlier["kind"], earlier["amount"], counterparty) == (r.kind, r.amount, r.counterparty):
         return None
     return Outcome(
-        r.tag, r.op_id, r.wallet_id, KEY_REUSED, kind=earlier["kind"], amount=earlier["amount"]
+        r.tag,
+        r.op_id,
+        r.wallet_id,
+        KEY_REUSED,
+        kind=earlier["kind"],
+        amount=earlier["amount"],
+        transfer_id=r.transfer_id,
+        counterparty=counterparty,
     )
+
+
+# A transfer's ids: the debit and the credit are recorded under the transfer's id (on two
+# wallets), the return under an id derived from it.
+TRANSFER_IDS = uuid.UUID("5f0c3e0e-6a3b-4d52-9d8f-2f4f7a1c0b21")
+RETURN_IDS = uuid.UUID("0b7d1c64-0f55-4f0e-8a7e-6f3d2a9c5e10")
+
+
+def transfer_id_for(source_id: str, idempotency_key: str | None) -> str:
+    """A new transfer's id: derived from the source and the client's Idempotency-Key, so a
+    retry is the same transfer and two wallets' keys never meet; else a fresh one."""
+    if idempotency_key is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(TRANSFER_IDS, f"{source_id}/{idempotency_key}"))
+
+
+def return_op_id(transfer_id: str) -> str:
+    return str(uuid.uuid5(RETURN_IDS, transfer_id))
+
+
+_TRANSFER_FIELDS = (
+    ("x", "transfer_id"),
+    ("c", "counterparty"),
+    ("sb", "source_balance"),
+    ("tt", "transfer_time"),
+    ("n", "reason"),
+)
 
 
 def encode_request(r: OperationRequest) -> bytes:
-    return orjson.dumps(
-        {
-            "v": VERSION,
-            "op": r.op_id,
-            "w": r.wallet_id,
-            "k": r.kind,
-            "a": r.amount,
-            "r": r.reply_to,
-            "t": r.tag,
-        }
-    )
+    m = {
+        "v": VERSION,
+        "op": r.op_id,
+        "w": r.wallet_id,
+        "k": r.kind,
+        "a": r.amount,
+        "r": r.reply_to,
+        "t": r.tag,
+    }
+    if r.transfer_id:
+        m.update({key: getattr(r, name) for key, name in _TRANSFER_FIELDS})
+    return orjson.dumps(m)
 
 
 def decode_request(data: bytes | str) -> OperationRequest:
@@ -120,13 +184,14 @@ def decode_request(data: bytes | str) -> OperationRequest:
         m = orjson.loads(data)
         if m["v"] != VERSION:
             raise MessageError(f"unknown message version {m['v']!r}")
-        r = OperationRequest(m["op"], m["w"], m["k"], m["a"], m["r"], m["t"])
+        transfer = {name: m[key] for key, name in _TRANSFER_FIELDS if key in m}
+        r = OperationRequest(m["op"], m["w"], m["k"], m["a"], m["r"], m["t"], **transfer)
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise MessageError(f"undecodable operation message: {e}") from e
     # In full: an entry PostgreSQL would refuse (a malformed id, an amount past BIGINT) would
     # fail its wallet's every batch; refused here, it goes to the dead letters instead.
     if not (
-        r.kind in OPERATION_TYPES
+        (r.kind in OPERATION_TYPES or (r.kind in TRANSFER_LEGS and _transfer_valid(r)))
         and type(r.amount) is int
         and 0 < r.amount <= MAX_AMOUNT_MINOR
         and isinstance(r.op_id, str)
@@ -138,6 +203,19 @@ def decode_request(data: bytes | str) -> OperationRequest:
     ):
         raise MessageError(f"invalid operation message {m!r}")
     return r
+
+
+def _transfer_valid(r: OperationRequest) -> bool:
+    return (
+        isinstance(r.transfer_id, str)
+        and CANONICAL_UUID.fullmatch(r.transfer_id) is not None
+        and isinstance(r.counterparty, str)
+        and CANONICAL_UUID.fullmatch(r.counterparty) is not None
+        and r.counterparty != r.wallet_id
+        and type(r.source_balance) is int
+        and isinstance(r.transfer_time, str)
+        and isinstance(r.reason, str)
+    )
 
 
 # A reply: {"v": REPLY_VERSION, "o": [outcome, ...]}, each outcome an object under these
@@ -159,13 +237,18 @@ _OUTCOME_NAMES = (
     ("q", "seq"),
     ("p", "replayed"),
 )
+# Added since: a reply from a writer before them lacks them.
+_OUTCOME_NAMES_ADDED = (("x", "transfer_id"), ("cp", "counterparty"))
 
 
 def encode_outcomes(outcomes: list[Outcome]) -> bytes:
     return orjson.dumps(
         {
             "v": REPLY_VERSION,
-            "o": [{key: getattr(o, name) for key, name in _OUTCOME_NAMES} for o in outcomes],
+            "o": [
+                {key: getattr(o, name) for key, name in _OUTCOME_NAMES + _OUTCOME_NAMES_ADDED}
+                for o in outcomes
+            ],
         }
     )
 
@@ -177,7 +260,13 @@ def decode_outcomes(data: bytes | str) -> list[Outcome]:
             return [Outcome(*fields) for fields in reply]
         if reply["v"] != REPLY_VERSION:
             raise MessageError(f"unknown reply version {reply['v']!r}")
-        return [Outcome(**{name: o[key] for key, name in _OUTCOME_NAMES}) for o in reply["o"]]
+        return [
+            Outcome(
+                **{name: o[key] for key, name in _OUTCOME_NAMES},
+                **{name: o[key] for key, name in _OUTCOME_NAMES_ADDED if key in o},
+            )
+            for o in reply["o"]
+        ]
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise MessageError(f"undecodable reply: {e}") from e
 

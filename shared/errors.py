@@ -32,6 +32,10 @@ class OperationNotFound(WalletError):
     pass
 
 
+class TransferNotFound(WalletError):
+    pass
+
+
 class InsufficientFunds(WalletError):
     pass
 

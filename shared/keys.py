@@ -50,6 +50,11 @@ class KeySpace:
             self.queued(shard),
         ]
 
+    def pending_transfer(self, transfer_id: str) -> str:
+        """The source wallet of a transfer queued and not yet committed, so that its URL
+        can tell it is pending; the source's writer deletes it once it is committed."""
+        return f"{self.prefix}:transfer:{transfer_id}"
+
     def lease(self, shard: int) -> str:
         """The id of the worker that owns the shard; expires unless the owner renews it."""
         return f"{self.prefix}:lease:{{{shard}}}"

@@ -92,15 +92,62 @@ operations = Table(
     Column("reason", Text),
     Column("balance_after", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # A transfer's leg: the transfer and the other wallet. No foreign key to that wallet: its
+    # check would lock the other writer's wallet row.
+    Column("transfer_id", Uuid),
+    Column("counterparty", Uuid),
     PrimaryKeyConstraint("wallet_id", "seq"),
     # An operation id is unique per wallet. The id leads, so the writer's lookup by id has
     # an index of its own, apart from the primary key's wallet_id prefix.
     UniqueConstraint("id", "wallet_id"),
-    CheckConstraint("kind IN ('DEPOSIT', 'WITHDRAW')", name="kind_known"),
+    CheckConstraint(
+        "kind IN ('DEPOSIT', 'WITHDRAW', 'TRANSFER_OUT', 'TRANSFER_IN', 'TRANSFER_RETURN')",
+        name="kind_known",
+    ),
+    CheckConstraint(
+        "(kind LIKE 'TRANSFER_%') = (transfer_id IS NOT NULL AND counterparty IS NOT NULL)",
+        name="transfer_legs",
+    ),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("status IN ('applied', 'rejected')", name="status_known"),
     CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
     CheckConstraint("(status = 'applied') = (reason IS NULL)", name="reason_only_when_rejected"),
+)
+
+# One row per transfer, written by the source's writer with the debit (or the refusal), and
+# moved on by the destination's writer with the credit (completed) or its refusal
+# (returning), then by the source's again when the amount is back (rejected). The source's
+# writer resends what is in flight or returning until it is settled (worker/transfers.py).
+# Keyed by the source wallet first, like the other tables; no foreign keys to the wallets:
+# a check would lock the other writer's wallet row.
+transfers = Table(
+    "transfers",
+    metadata,
+    Column("source_id", Uuid, nullable=False),
+    Column("id", Uuid, nullable=False),
+    Column("destination_id", Uuid, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("reason", Text),
+    # The source's balance after the debit, or when it was refused: the answer's `balance`.
+    Column("source_balance_after", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("source_id", "id"),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint(
+        "status IN ('in_flight', 'returning', 'completed', 'rejected')", name="status_known"
+    ),
+    CheckConstraint(
+        "(status IN ('in_flight', 'completed')) = (reason IS NULL)", name="reason_when_not_moved"
+    ),
+    CheckConstraint("source_id <> destination_id", name="two_wallets"),
+    Index("transfers_id_idx", "id"),
+    Index(
+        "transfers_unsettled_idx",
+        "updated_at",
+        postgresql_where=text("status IN ('in_flight', 'returning')"),
+    ),
 )
 
 # One row per shard that has ever had an owner. A worker that takes a shard over bumps its

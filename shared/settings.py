@@ -130,6 +130,10 @@ class Settings:
     # How often a worker reads its shards' dirty sets again, in case a wake-up was lost with a
     # worker that died holding it.
     worker_rescan_interval: float = 10.0
+    # A transfer still unsettled (in flight, or on its way back) this many seconds after its
+    # last step has its next step sent again by the owner of its source's shard, at that
+    # owner's next rescan: for a step lost with Redis.
+    transfer_resend_after: float = 5.0
     # Where a worker serves GET /metrics (Prometheus); 0 turns it off.
     worker_metrics_port: int = 9100
     # Bearer tokens on every /api/v1 route, and wallets that belong to their creator. Off by
@@ -215,6 +219,7 @@ class Settings:
             "login_address_limit",
             "login_window",
             "worker_rescan_interval",
+            "transfer_resend_after",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -141,6 +141,19 @@ async def test_answers_match_the_documented_schemas(
     await check("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{applied['id']}")
     await check("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{uuid.uuid4()}")
 
+    transfers, one_transfer = "/api/v1/transfers", "/api/v1/transfers/{transfer_id}"
+    payee = (await check("POST", "/api/v1/wallets", "/api/v1/wallets"))["id"]
+    sent = await check(
+        "POST", transfers, transfers, json={"from": wallet, "to": payee, "amount": "1.00"}
+    )
+    await check("GET", one_transfer, sent["href"])
+    await check("GET", one_transfer, f"/api/v1/transfers/{uuid.uuid4()}")
+    refused = {"from": wallet, "to": payee, "amount": "1000.00"}
+    await check("POST", transfers, transfers, json=refused)
+    unknown_payee = {"from": wallet, "to": str(uuid.uuid4()), "amount": "1.00"}
+    await check("POST", transfers, transfers, json=unknown_payee)
+    await check("POST", transfers, transfers, json={"from": wallet, "to": wallet, "amount": 1})
+
     for path in ("/health", "/ready", "/metrics", "/api/openapi.json", "/docs", "/", "/api/live"):
         await check("GET", path, path)
     for asset in ("app.js", "style.css", "nothing.js"):
@@ -161,6 +174,10 @@ async def test_answers_match_the_documented_schemas(
     pending = await lonely("POST", op, url, json={"operationType": "DEPOSIT", "amount": 1})
     await lonely("GET", lookup, pending["href"])
     await lonely("POST", op, url, json={"operationType": "DEPOSIT", "amount": 1})
+    waiting = await lonely(
+        "POST", transfers, transfers, json={"from": payee, "to": wallet, "amount": "1.00"}
+    )
+    await lonely("GET", one_transfer, waiting["href"])
 
     # With PostgreSQL and Redis both unreachable, everything that needs them is a 503.
     down: TestClient[Any, Any] = await aiohttp_client(
@@ -183,6 +200,8 @@ async def test_answers_match_the_documented_schemas(
     await cut_off("GET", lookup, f"/api/v1/wallets/{wallet}/operations/{applied['id']}")
     await cut_off("GET", "/ready", "/ready")
     await cut_off("GET", "/api/live", "/api/live")
+    await cut_off("POST", transfers, transfers, json={"from": wallet, "to": payee, "amount": 1})
+    await cut_off("GET", one_transfer, sent["href"])
 
     # Authentication: its routes are 404 while it is off, and with it on ...
     for path in AUTH_ROUTES:
@@ -210,7 +229,9 @@ async def test_answers_match_the_documented_schemas(
     for path, methods in PATHS.items():  # ... every /api/v1 route wants a token
         for method in methods:
             if path.startswith("/api/v1/"):
-                concrete = path.replace("{wallet_id}", wallet).replace("{operation_id}", wallet)
+                concrete = path
+                for name in ("{wallet_id}", "{operation_id}", "{transfer_id}"):
+                    concrete = concrete.replace(name, wallet)
                 await secured(method.upper(), path, concrete, json=body)
     limited = Checked(
         await aiohttp_client(create_app(dataclasses.replace(auth_on, login_user_limit=1)))
@@ -243,7 +264,9 @@ async def test_answers_match_the_documented_schemas(
     # Body-level errors come from one reader of JSON bodies, shown on the operation route;
     # the form's outcomes are the operation's own, sent through the same code.
     shared_code = {
-        (path, "post", status) for path in (form, *AUTH_ROUTES) for status in ("400", "413", "415")
+        (path, "post", status)
+        for path in (form, transfers, *AUTH_ROUTES)
+        for status in ("400", "413", "415")
     } | {(form, "post", s) for s in ("202", "409")}
     walks = (check, lonely, cut_off, secured, limited, cut_off_secured)
     exercised = set().union(*(walk.seen for walk in walks))

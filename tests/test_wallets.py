@@ -63,6 +63,8 @@ async def test_history_is_newest_first_and_pages(client: Client, wallet: str) ->
         "balance": "1.00",
         "seq": 1,
         "created_at": rest["items"][-1]["created_at"],
+        "transfer_id": None,
+        "counterparty": None,
     }
 
 

@@ -30,6 +30,7 @@ from worker.apply import (
     apply_batch,
     take_shard,
 )
+from worker.transfers import UNSETTLED
 from worker.worker import Worker, connect
 
 
@@ -199,7 +200,7 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
     must stay a lookup by key: on fresh copies of the tables, before and after ANALYZE."""
     schema = f"plans_{uuid.uuid4().hex[:8]}"
     await pg.execute(f"CREATE SCHEMA {schema}")
-    for table in ("wallets", "operations", "shards"):
+    for table in ("wallets", "operations", "shards", "transfers"):
         await pg.execute(f"CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)")
     redis, pool = await connect(settings, "plan-check")  # a worker's pool, its settings
     conn = await pool.acquire()
@@ -212,11 +213,12 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                         "INSERT INTO wallets (id)"
                         " SELECT gen_random_uuid() FROM generate_series(1, 20)"
                     )
-                await conn.execute("ANALYZE wallets, operations, shards")
+                await conn.execute("ANALYZE wallets, operations, shards, transfers")
             for name, statement in {
                 "read_wallets": READ_WALLETS,
                 "record_batch": RECORD_BATCH,
                 "epochs": EPOCHS,
+                "unsettled": UNSETTLED,
             }.items():
                 await conn.execute(f"PREPARE {name}_{step} AS {statement}")
                 params = max(int(n) for n in re.findall(r"\$(\d+)", statement))

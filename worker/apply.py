@@ -27,9 +27,15 @@ import asyncpg
 from shared.codec import (
     APPLIED,
     BALANCE_LIMIT,
-    DEPOSIT,
+    COMPLETED,
+    DEBITS,
+    IN_FLIGHT,
     INSUFFICIENT_FUNDS,
     REJECTED,
+    RETURNING,
+    TRANSFER_IN,
+    TRANSFER_OUT,
+    TRANSFER_RETURN,
     WALLET_NOT_FOUND,
     OperationRequest,
     Outcome,
@@ -50,24 +56,27 @@ WITH found AS (
 -- with the wallets, the planner may instead read a wallet's whole ledger through the
 -- primary key's wallet_id prefix (it did, before statistics existed).
 earlier AS MATERIALIZED (
-    SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at
+    SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at,
+           transfer_id, counterparty
     FROM operations WHERE id = any($2::uuid[])
 )
 SELECT f.id::text AS wallet_id, f.balance AS wallet_balance, f.op_seq, f.applied_entry,
        e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason, e.balance_after,
-       e.created_at
+       e.created_at, e.transfer_id::text, e.counterparty::text
 FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 """
 
-# One statement: the new ledger rows, then every wallet's balance, ledger length and applied
-# stream position. Nothing is written, and nothing returned, unless every wallet still has
-# the balance and ledger length the decision started from and every shard of the batch still
-# has the caller's epoch. Both are locked until COMMIT: the wallets against another writer
-# (there should be none), the shard rows so that a new owner's epoch bump waits for it.
-# The wallets first (CASE keeps the order): a batch waiting for a wallet's row then holds no
-# shard row, so a takeover need not wait for it, and the batch meets the fence once it has
-# the row. Both are checked before the ledger insert, so that such a batch is refused rather
-# than failing on a duplicate key. Every read of a table also names its keys with
+# One statement: the new ledger rows, the transfers the batch starts or moves on, then every
+# wallet's balance, ledger length and applied stream position. Nothing is written, and
+# nothing returned, unless every wallet still has the balance and ledger length the decision
+# started from and every shard of the batch still has the caller's epoch. Both are locked
+# until COMMIT: the wallets against another writer (there should be none), the shard rows so
+# that a new owner's epoch bump waits for it. The wallets first (CASE keeps the order): a
+# batch waiting for a wallet's row then holds no shard row, so a takeover need not wait for
+# it, and the batch meets the fence once it has the row. Both are checked before the ledger
+# insert, so that such a batch is refused rather than failing on a duplicate key. A transfer
+# moves on only from the state its step follows (a credit or its refusal from in_flight, the
+# return from in_flight or returning). Every read of a table also names its keys with
 # `= any(...)`, so that it finds its rows by the primary key whatever the plan: joined with
 # unnest alone, a batch of many wallets was planned as a scan of the whole table (11 ms of
 # 19 for 80 wallets among 30,000), and the plan the worker keeps, made once small tables
@@ -75,43 +84,83 @@ FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 RECORD_BATCH = """
 WITH unchanged AS (
     SELECT w.id FROM wallets w
-    JOIN unnest($9::uuid[], $10::bigint[], $11::bigint[]) AS was(id, balance, op_seq)
+    JOIN unnest($11::uuid[], $12::bigint[], $13::bigint[]) AS was(id, balance, op_seq)
       ON w.id = was.id AND w.balance = was.balance AND w.op_seq = was.op_seq
-    WHERE w.id = any($9::uuid[])
+    WHERE w.id = any($11::uuid[])
     ORDER BY w.id FOR UPDATE OF w
 ),
 fence AS (
     SELECT s.shard FROM shards s
-    JOIN unnest($15::int[], $16::bigint[]) AS held(shard, epoch)
+    JOIN unnest($17::int[], $18::bigint[]) AS held(shard, epoch)
       ON s.shard = held.shard AND s.epoch = held.epoch
-    WHERE s.shard = any($15::int[])
+    WHERE s.shard = any($17::int[])
     FOR SHARE OF s
 ),
 allowed AS (
-    SELECT CASE WHEN (SELECT count(*) FROM unchanged) = cardinality($9::uuid[])
-                THEN (SELECT count(*) FROM fence) = cardinality($15::int[])
+    SELECT CASE WHEN (SELECT count(*) FROM unchanged) = cardinality($11::uuid[])
+                THEN (SELECT count(*) FROM fence) = cardinality($17::int[])
                 ELSE false END AS ok
 ),
 recorded AS (
-    INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after)
+    INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after,
+                            transfer_id, counterparty)
     SELECT r.* FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
-                           $6::text[], $7::text[], $8::bigint[]) AS r, allowed
+                           $6::text[], $7::text[], $8::bigint[], $9::uuid[], $10::uuid[]) AS r,
+                    allowed
     WHERE allowed.ok
+),
+started AS (
+    INSERT INTO transfers (source_id, id, destination_id, amount, status, reason,
+                           source_balance_after)
+    SELECT t.* FROM unnest($19::uuid[], $20::uuid[], $21::uuid[], $22::bigint[], $23::text[],
+                           $24::text[], $25::bigint[]) AS t,
+                    allowed
+    WHERE allowed.ok
+),
+moved AS (
+    UPDATE transfers AS t
+    SET status = m.status, reason = coalesce(t.reason, m.reason),
+        source_balance_after = coalesce(m.balance, t.source_balance_after), updated_at = now()
+    FROM unnest($26::uuid[], $27::uuid[], $28::text[], $29::text[], $30::bigint[])
+           AS m(source_id, id, status, reason, balance),
+         allowed
+    WHERE t.source_id = any($26::uuid[]) AND t.id = any($27::uuid[])
+      AND t.source_id = m.source_id AND t.id = m.id
+      AND allowed.ok
+      -- A CASE, so that the planner does not take it for the unsettled index's predicate
+      -- and scan all of that index for these few rows.
+      AND CASE WHEN m.status = 'rejected' THEN t.status IN ('in_flight', 'returning')
+               ELSE t.status = 'in_flight' END
 )
 UPDATE wallets AS w
 SET balance = v.balance, op_seq = v.op_seq, applied_entry = coalesce(v.entry, w.applied_entry),
     updated_at = now()
-FROM unnest($9::uuid[], $12::bigint[], $13::bigint[], $14::text[]) AS v(id, balance, op_seq, entry),
+FROM unnest($11::uuid[], $14::bigint[], $15::bigint[], $16::text[])
+       AS v(id, balance, op_seq, entry),
      allowed
-WHERE w.id = any($9::uuid[]) AND w.id = v.id AND allowed.ok
+WHERE w.id = any($11::uuid[]) AND w.id = v.id AND allowed.ok
 RETURNING now() AS now
 """
 
 EPOCHS = "SELECT shard, epoch FROM shards WHERE shard = any($1::int[])"
 
 
-# The ledger columns RECORD_BATCH takes, in its order.
-ROW_FIELDS = ("wallet_id", "seq", "id", "kind", "amount", "status", "reason", "balance_after")
+# The columns RECORD_BATCH takes, in its order: of the ledger, of a transfer started, of a
+# transfer moved on.
+ROW_FIELDS = (
+    "wallet_id",
+    "seq",
+    "id",
+    "kind",
+    "amount",
+    "status",
+    "reason",
+    "balance_after",
+    "transfer_id",
+    "counterparty",
+)
+TRANSFER_FIELDS = 7
+MOVE_FIELDS = 5
 
 
 class LedgerConflict(RuntimeError):
@@ -170,7 +219,22 @@ def entry_order(entry_id: str | None) -> tuple[int, int]:
 # What became of one entry: an answer already, or the ledger row that answers it and
 # whether the entry repeats an operation recorded earlier.
 Decision = Outcome | tuple[Mapping[str, Any], bool]
-Row = tuple[str, int, str, str, int, str, str | None, int]
+Row = tuple[str, int, str, str, int, str, str | None, int, str | None, str | None]
+# A transfer started: source, id, destination, amount, status, reason, source balance after.
+Started = tuple[str, str, str, int, str, str | None, int]
+# A transfer moved on: source, id, new status, reason, the source's balance after a return.
+Move = tuple[str, str, str, str | None, int | None]
+
+
+@dataclass(slots=True)
+class Decided:
+    """What a batch writes: the ledger rows, the transfers started and moved on; and each
+    entry's decision, in the entries' order."""
+
+    rows: list[Row] = field(default_factory=list)
+    started: list[Started] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
 
 
 async def apply_batch(
@@ -222,33 +286,44 @@ async def _read_decide_record(
                     **r,
                     "created_at": format_time(r["created_at"]),
                 }
-    rows, decisions = _decide(entries, wallets, recorded)
+    decided = _decide(entries, wallets, recorded)
     if not wallets:
-        return _applied(entries, decisions, wallets, "")
+        return _applied(entries, decided.decisions, wallets, "")
     try:
-        now = await _record(conn, rows, wallets, epochs)
+        now = await _record(conn, decided, wallets, epochs)
     except asyncpg.UniqueViolationError:
         if not cached:
             raise
         return None  # a cached wallet's operation was recorded before
     if now is None:
         return None
-    return _applied(entries, decisions, wallets, now)
+    return _applied(entries, decided.decisions, wallets, now)
 
 
 def _decide(
     entries: list[Entry],
     wallets: dict[str, _Wallet],
     recorded: dict[tuple[str, str], Mapping[str, Any]],
-) -> tuple[list[Row], list[Decision]]:
-    """Each entry's fate, in order, moving the wallets' balances; the new ledger rows."""
-    rows: list[Row] = []
-    decisions: list[Decision] = []
+) -> Decided:
+    """Each entry's fate, in order, moving the wallets' balances; what the batch writes."""
+    decided = Decided()
+    decisions = decided.decisions
     for e in entries:
         r = e.request
         wallet = wallets.get(r.wallet_id)
         if wallet is None:
-            decisions.append(Outcome(r.tag, r.op_id, r.wallet_id, WALLET_NOT_FOUND))
+            decisions.append(
+                Outcome(
+                    r.tag,
+                    r.op_id,
+                    r.wallet_id,
+                    WALLET_NOT_FOUND,
+                    kind=r.kind,
+                    amount=r.amount,
+                    transfer_id=r.transfer_id,
+                    counterparty=r.counterparty,
+                )
+            )
             continue
         if entry_order(e.entry_id) > wallet.applied_before:  # else a redelivery
             wallet.entry = e.entry_id
@@ -263,35 +338,72 @@ def _decide(
                 decisions.append((earlier, entry_order(e.entry_id) > wallet.applied_before))
             continue
         reason = None
-        if r.kind == DEPOSIT:
-            if wallet.balance + r.amount > MAX_BALANCE_MINOR:
-                reason = BALANCE_LIMIT
+        if r.kind in DEBITS:
+            if wallet.balance < r.amount:
+                reason = INSUFFICIENT_FUNDS
             else:
-                wallet.balance += r.amount
-        elif wallet.balance < r.amount:
-            reason = INSUFFICIENT_FUNDS
+                wallet.balance -= r.amount
+        elif wallet.balance + r.amount > MAX_BALANCE_MINOR:
+            reason = BALANCE_LIMIT
         else:
-            wallet.balance -= r.amount
+            wallet.balance += r.amount
         wallet.op_seq += 1
         status = APPLIED if reason is None else REJECTED
-        rows.append(
-            (r.wallet_id, wallet.op_seq, r.op_id, r.kind, r.amount, status, reason, wallet.balance)
+        transfer = r.transfer_id or None
+        counterparty = r.counterparty or None
+        decided.rows.append(
+            (
+                r.wallet_id,
+                wallet.op_seq,
+                r.op_id,
+                r.kind,
+                r.amount,
+                status,
+                reason,
+                wallet.balance,
+                transfer,
+                counterparty,
+            )
         )
-        row = dict(zip(ROW_FIELDS, rows[-1], strict=True))
+        row = dict(zip(ROW_FIELDS, decided.rows[-1], strict=True))
         recorded[(r.wallet_id, r.op_id)] = row
         decisions.append((row, False))
-    return rows, decisions
+        if r.kind == TRANSFER_OUT:
+            decided.started.append(
+                (
+                    r.wallet_id,
+                    r.transfer_id,
+                    r.counterparty,
+                    r.amount,
+                    IN_FLIGHT if reason is None else REJECTED,
+                    reason,
+                    wallet.balance,
+                )
+            )
+        elif r.kind == TRANSFER_IN:
+            move = COMPLETED if reason is None else RETURNING
+            decided.moves.append((r.counterparty, r.transfer_id, move, reason, None))
+        elif r.kind == TRANSFER_RETURN and reason is None:
+            decided.moves.append(
+                (r.wallet_id, r.transfer_id, REJECTED, r.reason or None, wallet.balance)
+            )
+    return decided
+
+
+def _columns(tuples: list[Any], width: int) -> list[Any]:
+    """Rows as the columns unnest() takes."""
+    return list(zip(*tuples, strict=True)) if tuples else [()] * width
 
 
 async def _record(
-    conn: Any, rows: list[Row], wallets: dict[str, _Wallet], epochs: dict[int, int]
+    conn: Any, decided: Decided, wallets: dict[str, _Wallet], epochs: dict[int, int]
 ) -> str | None:
     """Writes the batch (RECORD_BATCH); returns the time it was written, or None if a wallet
     was not as the decision found it. Raises Fenced if a shard has a new owner."""
     ids = list(wallets)
     written = await conn.fetch(
         RECORD_BATCH,
-        *(zip(*rows, strict=True) if rows else [()] * len(ROW_FIELDS)),
+        *_columns(decided.rows, len(ROW_FIELDS)),
         ids,
         [wallets[i].start.balance for i in ids],
         [wallets[i].start.op_seq for i in ids],
@@ -300,6 +412,8 @@ async def _record(
         [wallets[i].entry or None for i in ids],
         list(epochs),
         list(epochs.values()),
+        *_columns(decided.started, TRANSFER_FIELDS),
+        *_columns(decided.moves, MOVE_FIELDS),
     )
     if written:
         return format_time(written[0]["now"])

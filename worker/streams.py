@@ -16,10 +16,24 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.backoff import backoff
-from shared.codec import MessageError, Outcome, encode_outcomes
+from shared.codec import (
+    TRANSFER_OUT,
+    MessageError,
+    OperationRequest,
+    Outcome,
+    encode_outcomes,
+    encode_request,
+)
 from shared.connections import round_trip
 from shared.keys import KeySpace
-from shared.scripts import ACKNOWLEDGE_READ, ACKNOWLEDGE_READ_SHA, TRIM_WAKES, next_entry_id
+from shared.scripts import (
+    ACKNOWLEDGE_READ,
+    ACKNOWLEDGE_READ_SHA,
+    ENQUEUE,
+    ENQUEUE_SHA,
+    TRIM_WAKES,
+    next_entry_id,
+)
 from worker.apply import Entry
 from worker.backlog import START, DeadLetter, Reading, Wake, decode_entry
 
@@ -32,6 +46,7 @@ WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims 
 RETRY_DELAY_FIRST = 0.1  # the wait after one failure; it doubles up to the most
 RETRY_DELAY_MAX = 2.0
 COMMITTED_KEPT_SECONDS = 600
+UNLIMITED = 2**62  # a queue limit that never refuses
 
 
 def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -219,11 +234,13 @@ class WalletStreams:
         self._batch_max = batch_max
         self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
 
-    async def load_script(self) -> None:
-        """Loads ACKNOWLEDGE_READ, which the reads call by its hash. If Redis is down, the
-        next round backs off and Redis answers NOSCRIPT until this is called again."""
+    async def load_scripts(self) -> None:
+        """Loads ACKNOWLEDGE_READ and ENQUEUE, which the rounds call by their hashes. If
+        Redis is down, the next round backs off and Redis answers NOSCRIPT until this is
+        called again."""
         with contextlib.suppress(RedisError, OSError):
             await self._redis.script_load(ACKNOWLEDGE_READ)
+            await self._redis.script_load(ENQUEUE)
 
     async def dirty_wallets(self, shards: list[int]) -> list[tuple[list[str], str]]:
         """Each shard's wallets with something queued, as its dirty set has them, and the id
@@ -249,21 +266,27 @@ class WalletStreams:
     async def answer(
         self,
         entries: list[Entry],
-        outcomes: list[Outcome],
+        replies: list[tuple[str, Outcome]],
+        steps: list[OperationRequest],
         batch: dict[str, Reading],
         cursors: Mapping[str, str],
     ) -> list[Reading | None]:
-        """One round trip after COMMIT: the outcomes to the API processes that wait for
-        them, the dead letters kept, then each wallet of the batch acknowledged (its
-        committed entries trimmed) and its next entries read for the next batch (in the
-        order of `batch`)."""
+        """One round trip after COMMIT: the answers to the API processes that wait for them
+        (channel, outcome), the transfers' next steps queued on their wallets' streams, the
+        dead letters kept, then each wallet of the batch acknowledged (its committed entries
+        trimmed) and its next entries read for the next batch (in the order of `batch`)."""
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            if entry.request.reply_to:
-                by_channel[entry.request.reply_to].append(outcome)
+        for channel, outcome in replies:
+            by_channel[channel].append(outcome)
         commands: list[tuple[Any, ...]] = [
-            ("PUBLISH", channel, encode_outcomes(replies))
-            for channel, replies in by_channel.items()
+            ("PUBLISH", channel, encode_outcomes(outcomes))
+            for channel, outcomes in by_channel.items()
+        ]
+        commands += [self.enqueue_command(step) for step in steps]
+        commands += [
+            ("DEL", self._keys.pending_transfer(e.request.transfer_id))
+            for e in entries
+            if e.request.kind == TRANSFER_OUT
         ]
         if entries:  # for the live view; after the replies, as it matters less
             second = self._keys.committed(int(time.time()))
@@ -316,6 +339,29 @@ class WalletStreams:
             reading_of(wallet, found)
             for wallet, found in zip(wallets, answers[len(before) :], strict=True)
         ]
+
+    def enqueue_command(self, request: OperationRequest) -> tuple[Any, ...]:
+        """ENQUEUE of a transfer's step on its wallet's stream, whatever the queue limits:
+        refused, it would wait for the resending, long after its client gave up."""
+        return (
+            "EVALSHA",
+            ENQUEUE_SHA,
+            4,
+            *self._keys.enqueue_keys(request.wallet_id),
+            request.wallet_id,
+            encode_request(request),
+            UNLIMITED,
+            UNLIMITED,
+        )
+
+    async def send(self, steps: list[OperationRequest]) -> None:
+        """Queues transfers' steps (found by the resending) in one round trip."""
+        if steps:
+            for answer in await round_trip(
+                self._connection, [self.enqueue_command(s) for s in steps]
+            ):
+                if isinstance(answer, Exception):
+                    raise answer
 
     def _acknowledge_read_command(self, wallet: str, cursor: str, count: int) -> tuple[Any, ...]:
         shard = self._keys.shard_of(wallet)

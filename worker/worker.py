@@ -41,6 +41,7 @@ from shared.backoff import backoff
 from shared.connections import (
     PG_ERRORS,
     REDIS_SOCKET_TIMEOUT,
+    connection_from,
     open_pg_pool,
     open_redis,
     worker_pg_settings,
@@ -59,6 +60,7 @@ from worker.streams import (
     WakeListener,
     WalletStreams,
 )
+from worker.transfers import follow_ups, resends
 
 log = logging.getLogger("worker")
 
@@ -83,9 +85,9 @@ async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
         max_connections=8,
         name=f"{settings.redis_key_prefix}:worker:{worker_id}",
     )
-    # One connection for the batches, one for taking shards over.
+    # One connection for the batches, one for taking shards over, one for the resending.
     pool = await open_pg_pool(
-        settings, max_size=2, server_settings=worker_pg_settings(settings, worker_id)
+        settings, max_size=3, server_settings=worker_pg_settings(settings, worker_id)
     )
     return redis, pool
 
@@ -99,6 +101,7 @@ class Worker:
         self.keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
         self.worker_id = worker_id or new_worker_id()
         self.metrics = WorkerMetrics()
+        self.pool = pool
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()  # work may be waiting: the round loop looks
         self._stopping = asyncio.Event()
@@ -142,7 +145,7 @@ class Worker:
         """Owns shards and works on them until stop()."""
         self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
         self._tasks.append(asyncio.create_task(self.listener.run(), name="wake-listener"))
-        await self.streams.load_script()  # else loaded on meeting NOSCRIPT
+        await self.streams.load_scripts()  # else loaded on meeting NOSCRIPT
         last_rescan = -math.inf
         failures = 0
         try:
@@ -156,6 +159,7 @@ class Worker:
                         self._rescan_due = False
                         await self._rescan(list(self.ownership.owned))
                         last_rescan = time.monotonic()
+                        await self._resend_transfers()
                     started = time.monotonic()
                     done = await self.process_round()
                     failures = 0
@@ -171,7 +175,7 @@ class Worker:
                     await self.ownership.release(e.shards)
                     continue
                 except NoScriptError:  # Redis restarted and forgot it
-                    await self.streams.load_script()
+                    await self.streams.load_scripts()
                     continue
                 except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
@@ -211,8 +215,10 @@ class Worker:
             batch = backlog.take_ready(wallets)
             entries = [e for reading in batch.values() for e in reading.entries]
             outcomes = await self.committer.commit(entries, epochs) if entries else []
-            # Only after COMMIT: the replies, then the trims and the next entries.
-            read = await streams.answer(entries, outcomes, batch, backlog.cursors)
+            # Only after COMMIT: the replies and the transfers' next steps, then the trims
+            # and the next entries.
+            replies, steps = follow_ups(entries, outcomes)
+            read = await streams.answer(entries, replies, steps, batch, backlog.cursors)
             backlog.took_readings(batch, read)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
@@ -261,6 +267,20 @@ class Worker:
                 self.backlog.mark_active(wallets)
                 self.listener.start_after(shard, epoch, last_wake)
         self._wakeup.set()
+
+    async def _resend_transfers(self) -> None:
+        """Sends again the next step of the owned wallets' transfers that have stayed
+        unsettled too long (worker/transfers.py)."""
+        async with connection_from(self.pool) as conn:
+            steps = await resends(
+                conn,
+                self.ownership.owned,
+                self.keys.shard_of,
+                self.settings.transfer_resend_after,
+            )
+        if steps:
+            log.warning("sending again the next step of %d unsettled transfers", len(steps))
+            await self.streams.send(steps)
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at

@@ -1,0 +1,241 @@
+"""What a committed transfer leg sets off, and the resending of transfers not yet settled.
+
+A transfer is three steps, each applied by one wallet's writer in its own batch, each
+recorded in the ledger under an id that makes a second delivery a replay:
+
+1. the source's writer debits the source (TRANSFER_OUT, under the transfer's id) and
+   records the transfer `in_flight`; or refuses it (insufficient funds: `rejected`, and the
+   client is answered);
+2. the destination's writer credits the destination (TRANSFER_IN, under the transfer's id)
+   and records the transfer `completed`, and the client is answered; or, if the credit
+   cannot be taken (the balance limit), records the refusal and the transfer `returning`;
+3. then the source's writer credits the amount back (TRANSFER_RETURN, under an id derived
+   from the transfer's) and records the transfer `rejected`, and the client is answered.
+
+Each step's writer queues the next step on the other wallet's stream after its COMMIT and
+before it acknowledges its own entry: a crash in between leaves the entry, which is read
+again, found recorded, and sends the next step again. Whatever is lost beyond that (Redis
+wiped) the owner of the source's shard finds among the transfers `in_flight` or
+`returning` for a while, and sends again (`resends`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+from shared.codec import (
+    APPLIED,
+    COMPLETED,
+    IN_FLIGHT,
+    REJECTED,
+    TRANSFER,
+    TRANSFER_IN,
+    TRANSFER_OUT,
+    TRANSFER_RETURN,
+    WALLET_NOT_FOUND,
+    OperationRequest,
+    Outcome,
+    format_time,
+    return_op_id,
+)
+from worker.apply import Entry
+
+RESEND_BATCH = 1000  # transfers resent at most per rescan
+
+UNSETTLED = """
+SELECT source_id::text, id::text, destination_id::text, amount, status, reason,
+       source_balance_after, created_at
+FROM transfers
+WHERE status IN ('in_flight', 'returning') AND updated_at < now() - make_interval(secs => $1)
+ORDER BY updated_at
+LIMIT $2
+"""
+
+
+def transfer_outcome(
+    request: OperationRequest, source: str, destination: str, status: str, **fields: Any
+) -> Outcome:
+    """The answer to the client who asked for the transfer."""
+    return Outcome(
+        request.tag,
+        request.transfer_id,
+        source,
+        status,
+        TRANSFER,
+        request.amount,
+        transfer_id=request.transfer_id,
+        counterparty=destination,
+        **fields,
+    )
+
+
+def follow_ups(
+    entries: list[Entry], outcomes: list[Outcome]
+) -> tuple[list[tuple[str, Outcome]], list[OperationRequest]]:
+    """For a committed batch: the answers to publish (reply channel, outcome), and the next
+    steps of its transfers, to queue on their wallets' streams."""
+    replies: list[tuple[str, Outcome]] = []
+    steps: list[OperationRequest] = []
+    for entry, outcome in zip(entries, outcomes, strict=True):
+        r = entry.request
+        answer: Outcome | None = outcome
+        if r.kind == TRANSFER_OUT:
+            answer, step = _after_debit(r, outcome)
+        elif r.kind == TRANSFER_IN:
+            answer, step = _after_credit(r, outcome)
+        elif r.kind == TRANSFER_RETURN:
+            answer, step = _after_return(r, outcome)
+        else:
+            step = None
+        if answer is not None and r.reply_to:
+            replies.append((r.reply_to, answer))
+        if step is not None:
+            steps.append(step)
+    return replies, steps
+
+
+def _after_debit(r: OperationRequest, o: Outcome) -> tuple[Outcome | None, OperationRequest | None]:
+    if o.status != APPLIED:  # refused, unknown source, key reused: the client is told
+        return (
+            transfer_outcome(
+                r,
+                r.wallet_id,
+                r.counterparty,
+                o.status,
+                balance_after=o.balance_after,
+                reason=o.reason,
+                created_at=o.created_at,
+                seq=o.seq,
+                replayed=o.replayed,
+            ),
+            None,
+        )
+    return None, credit(
+        r.transfer_id, r.wallet_id, r.counterparty, r.amount, o.balance_after, o.created_at, r
+    )
+
+
+def _after_credit(
+    r: OperationRequest, o: Outcome
+) -> tuple[Outcome | None, OperationRequest | None]:
+    if o.status == APPLIED:
+        return (
+            transfer_outcome(
+                r,
+                r.counterparty,
+                r.wallet_id,
+                COMPLETED,
+                balance_after=r.source_balance,
+                created_at=r.transfer_time,
+                replayed=o.replayed,
+            ),
+            None,
+        )
+    reason = o.reason if o.status == REJECTED else WALLET_NOT_FOUND
+    return None, refund(r.transfer_id, r.counterparty, r.wallet_id, r.amount, reason, r)
+
+
+def _after_return(
+    r: OperationRequest, o: Outcome
+) -> tuple[Outcome | None, OperationRequest | None]:
+    if o.status != APPLIED:  # past the largest balance: it stays returning, resent
+        return None, None
+    answer = transfer_outcome(
+        r,
+        r.wallet_id,
+        r.counterparty,
+        REJECTED,
+        balance_after=o.balance_after,
+        reason=r.reason,
+        created_at=r.transfer_time,
+        replayed=o.replayed,
+    )
+    return answer, None
+
+
+def credit(
+    transfer_id: str,
+    source: str,
+    destination: str,
+    amount: int,
+    source_balance: int,
+    created_at: str,
+    route: OperationRequest | None = None,
+) -> OperationRequest:
+    """Step 2, for the destination's stream; answered on `route`'s channel, if any."""
+    return OperationRequest(
+        transfer_id,
+        destination,
+        TRANSFER_IN,
+        amount,
+        route.reply_to if route else "",
+        route.tag if route else 0,
+        transfer_id=transfer_id,
+        counterparty=source,
+        source_balance=source_balance,
+        transfer_time=created_at,
+    )
+
+
+def refund(
+    transfer_id: str,
+    source: str,
+    destination: str,
+    amount: int,
+    reason: str | None,
+    route: OperationRequest | None = None,
+    created_at: str = "",
+) -> OperationRequest:
+    """Step 3, for the source's stream."""
+    return OperationRequest(
+        return_op_id(transfer_id),
+        source,
+        TRANSFER_RETURN,
+        amount,
+        route.reply_to if route else "",
+        route.tag if route else 0,
+        transfer_id=transfer_id,
+        counterparty=destination,
+        transfer_time=route.transfer_time if route else created_at,
+        reason=reason or "",
+    )
+
+
+async def resends(
+    conn: Any, owned: Collection[int], shard_of: Callable[[str], int], after: float
+) -> list[OperationRequest]:
+    """The next steps of the transfers from the owned shards' wallets that have been
+    unsettled for `after` seconds (a transfer settles in milliseconds; one still unsettled
+    that long after its last step lost the message of its next one): the credit of those in
+    flight, the return of those returning. A step sent again that was applied already is a
+    replay, answered as it was."""
+    rows = await conn.fetch(UNSETTLED, after, RESEND_BATCH)
+    steps = []
+    for row in rows:
+        if shard_of(row["source_id"]) not in owned:
+            continue
+        created_at = format_time(row["created_at"])
+        if row["status"] == IN_FLIGHT:
+            steps.append(
+                credit(
+                    row["id"],
+                    row["source_id"],
+                    row["destination_id"],
+                    row["amount"],
+                    row["source_balance_after"],
+                    created_at,
+                )
+            )
+        else:
+            steps.append(
+                refund(
+                    row["id"],
+                    row["source_id"],
+                    row["destination_id"],
+                    row["amount"],
+                    row["reason"],
+                    created_at=created_at,
+                )
+            )
+    return steps
