@@ -87,6 +87,18 @@ class WorkerMetrics:
         self.shards_owned = Gauge(
             "wallet_shards_owned", "Shards this worker owns", registry=self.registry
         )
+        self.transfers = Counter(
+            "wallet_transfers_settled",
+            "Transfers settled by this worker: completed (credited), refused (insufficient "
+            "funds) or returned (credited back to the source)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.transfers_unsettled = Gauge(
+            "wallet_transfers_unsettled",
+            "Transfers debited and not yet credited or returned, from the shards this worker owns",
+            registry=self.registry,
+        )
         self.queued = Gauge(
             "wallet_queued_operations",
             "Operations waiting in the shard's streams, for the shards this worker owns",

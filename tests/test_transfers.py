@@ -18,6 +18,7 @@ from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
 from tests.helpers import Client, eventually, ledger, operate
+from tests.test_inspect import inspect_cli
 from worker.apply import Entry, Fenced, apply_batch, take_shard
 from worker.transfers import credit
 from worker.worker import Worker, connect, new_worker_id
@@ -457,3 +458,48 @@ async def test_transfer_messages_keep_their_fields() -> None:
         transfer_out(str(uuid.uuid4()), str(uuid.uuid4()), 5), reply_to="r", tag=7
     )
     assert decode_request(encode_request(request)) == request
+
+
+async def test_a_transfer_in_flight_shows_in_inspect_and_the_metrics_until_settled(
+    settings: Settings, pg: Any
+) -> None:
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    source, destination = await funded_wallet(pg, 1000), await funded_wallet(pg, 0)
+    request = transfer_out(source, destination, 300)
+    await debit_by_hand(pg, keys, Entry("1-1", request))
+
+    report = await inspect_cli(settings, "transfers")
+    [mine] = [t for t in report["transfers"] if t["transfer"] == request.transfer_id]
+    assert (mine["source"], mine["destination"], mine["amount"], mine["status"]) == (
+        source,
+        destination,
+        "3.00",
+        "in_flight",
+    )
+    assert report["unsettled"] >= 1
+    assert report["oldest_age_seconds"] >= mine["age_seconds"] >= 0
+
+    patient = dataclasses.replace(settings, worker_rescan_interval=0.2, transfer_resend_after=5)
+    async with running_worker(patient) as worker:
+        registry = worker.metrics.registry
+
+        async def owns_source() -> bool:
+            return keys.shard_of(source) in worker.ownership.owned
+
+        await eventually(owns_source, what="the worker to own the source's shard")
+        await worker.refresh_gauges()
+        before = registry.get_sample_value("wallet_transfers_unsettled")
+        assert before is not None
+        assert before >= 1
+        await eventually(lambda: settled(pg, request.transfer_id), what="the resent credit")
+        await worker.refresh_gauges()
+        after = registry.get_sample_value("wallet_transfers_unsettled")
+        assert after is not None
+        assert after < before
+        completed = registry.get_sample_value(
+            "wallet_transfers_settled_total", {"outcome": "completed"}
+        )
+        assert completed is not None
+        assert completed >= 1
+    report = await inspect_cli(settings, "transfers")
+    assert request.transfer_id not in {t["transfer"] for t in report["transfers"]}

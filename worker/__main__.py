@@ -21,7 +21,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from shared import logs
-from shared.connections import open_redis
+from shared.connections import PG_ERRORS, open_redis
 from shared.keys import KeySpace
 from shared.metrics import CONTENT_TYPE, exposition
 from shared.scripts import live_workers, sidelined_workers
@@ -85,7 +85,8 @@ async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
         return None
 
     async def expose(request: web.Request) -> web.Response:
-        with contextlib.suppress(RedisError, OSError):  # the rest is still worth reading
+        # The rest is still worth reading.
+        with contextlib.suppress(RedisError, OSError, *PG_ERRORS):
             await worker.refresh_gauges()
         response = web.Response(body=exposition(worker.metrics.registry))
         response.headers["Content-Type"] = CONTENT_TYPE

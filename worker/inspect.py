@@ -1,10 +1,12 @@
-"""Looking into the write path: `python -m worker.inspect {shards,wallet,stuck} [--json]`.
+"""Looking into the write path: `python -m worker.inspect {shards,wallet,stuck,transfers}`.
 
     shards          each shard: its owner, how long ago the owner last renewed its lease,
                     its epoch, how many operations wait in it and how old the oldest is
     wallet <id>     one wallet's queued operations, straight from its stream, beside its
                     last applied position and balance in PostgreSQL
     stuck           queued operations older than --older-than seconds (default 10)
+    transfers       transfers debited and not yet credited or returned, oldest first, with
+                    their age; how many and the oldest one's age
 
 Plain text for people, --json for scripts. Reads DATABASE_URL, REDIS_URL and the other
 settings from the environment like the service; changes nothing.
@@ -127,7 +129,31 @@ async def stuck_report(settings: Settings, redis: Redis, older_than: float) -> l
     return stuck
 
 
+async def transfers_report(pg: Any) -> dict[str, Any]:
+    rows = await pg.fetch(
+        "SELECT id::text AS transfer, source_id::text AS source,"
+        " destination_id::text AS destination, amount, status,"
+        " extract(epoch FROM now() - created_at)::float8 AS age_seconds,"
+        " extract(epoch FROM now() - updated_at)::float8 AS since_last_step_seconds"
+        " FROM transfers WHERE status IN ('in_flight', 'returning') ORDER BY created_at"
+    )
+    unsettled = [{**r, "amount": format_minor(r["amount"])} for r in rows]
+    return {
+        "unsettled": len(unsettled),
+        "oldest_age_seconds": unsettled[0]["age_seconds"] if unsettled else None,
+        "transfers": unsettled,
+    }
+
+
 def as_text(command: str, report: Any) -> str:
+    if command == "transfers":
+        if not report["unsettled"]:
+            return "no transfer in flight"
+        head = (
+            f"{report['unsettled']} transfers in flight, the oldest "
+            f"{report['oldest_age_seconds']:.3f}s old"
+        )
+        return head + "\n" + as_text("", report["transfers"])
     if command == "wallet":
         head = (
             f"wallet {report['wallet']} (shard {report['shard']}): "
@@ -168,6 +194,8 @@ async def inspect(args: argparse.Namespace, settings: Settings) -> Any:
             return await shards_report(settings, redis, pg)
         if args.command == "wallet":
             return await wallet_report(settings, redis, pg, args.wallet_id.lower())
+        if args.command == "transfers":
+            return await transfers_report(pg)
         return await stuck_report(settings, redis, args.older_than)
     finally:
         await pg.close()
@@ -185,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     wallet.add_argument("wallet_id")
     stuck = commands.add_parser("stuck", help="queued operations older than a threshold")
     stuck.add_argument("--older-than", type=float, default=10.0, help="seconds (10)")
+    commands.add_parser("transfers", help="transfers in flight, oldest first")
     args = parser.parse_args(argv)
     report = asyncio.run(inspect(args, Settings.from_env_or_exit("worker.inspect")))
     if args.json:

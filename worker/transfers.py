@@ -52,6 +52,10 @@ ORDER BY updated_at
 LIMIT $2
 """
 
+UNSETTLED_SOURCES = """
+SELECT source_id::text FROM transfers WHERE status IN ('in_flight', 'returning')
+"""
+
 
 def transfer_outcome(
     request: OperationRequest, source: str, destination: str, status: str, **fields: Any
@@ -68,6 +72,29 @@ def transfer_outcome(
         counterparty=destination,
         **fields,
     )
+
+
+def settlements(entries: list[Entry], outcomes: list[Outcome]) -> list[str]:
+    """How the batch's transfers settled, for the metrics: completed, refused or returned
+    (a replay settles nothing)."""
+    settled = []
+    for entry, o in zip(entries, outcomes, strict=True):
+        kind = entry.request.kind
+        if o.replayed or kind not in (TRANSFER_OUT, TRANSFER_IN, TRANSFER_RETURN):
+            continue
+        if kind == TRANSFER_IN and o.status == APPLIED:
+            settled.append("completed")
+        elif kind == TRANSFER_OUT and o.status == REJECTED:
+            settled.append("refused")
+        elif kind == TRANSFER_RETURN and o.status == APPLIED:
+            settled.append("returned")
+    return settled
+
+
+async def unsettled_count(conn: Any, owned: Collection[int], shard_of: Callable[[str], int]) -> int:
+    """How many transfers from the owned shards' wallets are unsettled."""
+    rows = await conn.fetch(UNSETTLED_SOURCES)
+    return sum(1 for r in rows if shard_of(r["source_id"]) in owned)
 
 
 def follow_ups(

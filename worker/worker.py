@@ -60,7 +60,7 @@ from worker.streams import (
     WakeListener,
     WalletStreams,
 )
-from worker.transfers import follow_ups, resends
+from worker.transfers import follow_ups, resends, settlements, unsettled_count
 
 log = logging.getLogger("worker")
 
@@ -219,6 +219,8 @@ class Worker:
             # and the next entries.
             replies, steps = follow_ups(entries, outcomes)
             read = await streams.answer(entries, replies, steps, batch, backlog.cursors)
+            for outcome in settlements(entries, outcomes):
+                self.metrics.transfers.labels(outcome).inc()
             backlog.took_readings(batch, read)
         except BaseException:
             # How far the round got is unknown: read these wallets again from the start;
@@ -320,12 +322,16 @@ class Worker:
         await self.ownership.close()
 
     async def refresh_gauges(self) -> None:
-        """Reads the figures that live in Redis into the metrics, before they are exposed."""
+        """Reads the figures that live in Redis and PostgreSQL into the metrics, before they
+        are exposed."""
         owned = sorted(self.ownership.owned)
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
             counts = await pipe.execute()
+        async with connection_from(self.pool) as conn:
+            unsettled = await unsettled_count(conn, owned, self.keys.shard_of)
+        self.metrics.transfers_unsettled.set(unsettled)
         self.metrics.shards_owned.set(len(owned))
         self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
