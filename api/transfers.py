@@ -3,6 +3,7 @@ both sides are committed (the steps: worker/transfers.py)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from aiohttp import web
 from api import queries
 from api.appkeys import KEYS, PG, REDIS
 from api.bodies import (
+    Transfer,
     TransferRequest,
     decode,
     json_response,
@@ -171,17 +173,22 @@ async def get_transfer(request: web.Request) -> web.Response:
     queued = await find_queued(app, source.decode(), transfer_id) if source else None
     async with connection_from(app[PG]) as conn:
         row = await queries.get_transfer(conn, transfer_id)
-    not_found = errors.TransferNotFound(f"No transfer has the id {transfer_id}")
-    try:
-        if row is not None:
-            await ensure_visible(request, row["source_id"])
-            return json_response(transfer_from_row(row))
-        if queued is not None:
-            await ensure_visible(request, queued.wallet_id)
-            pending = transfer_body(
-                transfer_id, queued.wallet_id, queued.counterparty, queued.amount, "pending"
-            )
-            return json_response(pending)
-    except errors.WalletNotFound:
-        raise not_found from None
-    raise not_found
+    if row is not None:
+        body = transfer_from_row(row)
+    elif queued is not None:
+        body = transfer_body(
+            transfer_id, queued.wallet_id, queued.counterparty, queued.amount, "pending"
+        )
+    else:
+        raise errors.TransferNotFound(f"No transfer has the id {transfer_id}")
+    await ensure_party(request, body)
+    return json_response(body)
+
+
+async def ensure_party(request: web.Request, transfer: Transfer) -> None:
+    """With authentication on, a transfer exists only for the owners of its two wallets."""
+    for wallet in (transfer.from_, transfer.to):
+        with contextlib.suppress(errors.WalletNotFound):
+            await ensure_visible(request, wallet)
+            return
+    raise errors.TransferNotFound(f"No transfer has the id {transfer.id}")

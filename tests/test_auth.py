@@ -281,3 +281,53 @@ def test_auth_needs_a_long_enough_key(settings: Settings) -> None:
     with pytest.raises(ValueError, match="JWT_SECRET"):
         Settings.from_env({**settings.to_env(), "AUTH_ENABLED": "true", "JWT_SECRET": "short"})
     assert "x" * 32 not in repr(dataclasses.replace(settings, jwt_secret="x" * 32))
+
+
+async def test_a_user_pays_from_their_own_wallet_to_anyone_s(http: TestClient[Any, Any]) -> None:
+    """The source must be the caller's; the destination only has to exist. Each party sees
+    the transfer, nobody else."""
+    alice = await login(http, await register(http))
+    bob = await login(http, await register(http))
+    carol = await login(http, await register(http))
+    mine, bobs = await new_wallet(http, alice), await new_wallet(http, bob)
+    r = await http.post(
+        f"/api/v1/wallets/{mine}/operation",
+        json={"operationType": "DEPOSIT", "amount": "10.00"},
+        headers=bearer(alice),
+    )
+    assert r.status == 200
+
+    r = await http.post(
+        "/api/v1/transfers",
+        json={"from": mine, "to": bobs, "amount": "4.00"},
+        headers=bearer(alice),
+    )
+    assert r.status == 200, await r.text()
+    transfer_id = (await r.json())["id"]
+    r = await http.post(
+        "/api/v1/transfers",
+        json={"from": mine, "to": bobs, "amount": "1.00"},
+        headers=bearer(bob),
+    )
+    assert r.status == 404
+    assert f"{mine} (from)" in (await r.json())["detail"]
+    r = await http.post(
+        "/api/v1/transfers",
+        json={"from": bobs, "to": str(uuid.uuid4()), "amount": "1.00"},
+        headers=bearer(bob),
+    )
+    assert r.status == 404
+    assert "(to)" in (await r.json())["detail"]
+
+    for who in (alice, bob):
+        r = await http.get(f"/api/v1/transfers/{transfer_id}", headers=bearer(who))
+        assert r.status == 200
+        assert (await r.json())["status"] == "completed"
+    r = await http.get(f"/api/v1/transfers/{transfer_id}", headers=bearer(carol))
+    assert r.status == 404
+    assert (await r.json())["type"] == "urn:wallet-service:problem:transfer-not-found"
+    r = await http.get(f"/api/v1/wallets/{bobs}/operations", headers=bearer(bob))
+    [credit] = (await r.json())["items"]
+    assert (credit["operation_type"], credit["counterparty"]) == ("TRANSFER_IN", mine)
+    r = await http.get(f"/api/v1/wallets/{mine}", headers=bearer(alice))
+    assert (await r.json())["balance"] == "6.00"
