@@ -83,6 +83,7 @@ async function loadWallets(select) {
   list.replaceChildren(...data.items.map((w) => new Option(`${w.id.slice(0, 8)}… ${w.balance}`, w.id)));
   if (select) list.value = select;
   state.wallet = list.value || null;
+  $("own-wallets").replaceChildren(...data.items.map((w) => new Option(`${w.balance}`, w.id)));
   await showWallet();
 }
 
@@ -98,12 +99,21 @@ async function showWallet() {
   $("history").tBodies[0].replaceChildren(...page.items.map(historyRow));
 }
 
+const short = (id) => `${id.slice(0, 8)}…`;
+const KINDS = {
+  DEPOSIT: () => "Deposit",
+  WITHDRAW: () => "Withdraw",
+  TRANSFER_OUT: (op) => `Transfer to ${short(op.counterparty)}`,
+  TRANSFER_IN: (op) => `Transfer from ${short(op.counterparty)}`,
+  TRANSFER_RETURN: (op) => `Returned, not taken by ${short(op.counterparty)}`,
+};
+
 function historyRow(op) {
   const row = document.createElement("tr");
   row.className = op.status;
   const cells = [
     new Date(op.created_at).toLocaleTimeString(),
-    op.operation_type === "DEPOSIT" ? "Deposit" : "Withdraw",
+    KINDS[op.operation_type](op),
     op.amount,
     op.status === "applied" ? "applied" : `rejected: ${op.reason.replace("_", " ")}`,
     op.balance,
@@ -141,6 +151,23 @@ async function operate(event) {
     else say(`${kind === "DEPOSIT" ? "Deposited" : "Withdrew"} ${data.amount}; the balance is ${data.balance}.`, "info");
   } catch (error) { sayProblem(error); }
   await showWallet().catch(sayProblem);
+}
+
+async function transfer(event) {
+  event.preventDefault();
+  if (!state.wallet) { say("Create or pick a wallet first."); return; }
+  const to = $("transfer-to").value.trim().toLowerCase();
+  try {
+    const cents = toCents($("transfer-amount").value);
+    const { status, data } = await api("/api/v1/transfers", {
+      method: "POST",
+      body: { from: state.wallet, to, amount: fromCents(cents) },
+      headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+    if (status === 202) say(`Sent; it is ${data.status.replace("_", " ")}. It shows in the history once both wallets hold it.`, "info");
+    else say(`Sent ${data.amount} to ${short(data.to)}; the balance is ${data.balance}.`, "info");
+  } catch (error) { sayProblem(error); }
+  await loadWallets(state.wallet).catch(sayProblem);
 }
 
 // --- the hot wallet demonstration ---
@@ -247,6 +274,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("new-wallet").addEventListener("click", newWallet);
   $("wallet-select").addEventListener("change", (e) => { state.wallet = e.target.value; showWallet().catch(sayProblem); });
   $("operate-form").addEventListener("submit", operate);
+  $("transfer-form").addEventListener("submit", transfer);
   $("hot-wallet").addEventListener("click", hotWallet);
   refreshLive();
   setInterval(refreshLive, 1500);
