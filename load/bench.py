@@ -157,8 +157,82 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# What a request moves if it is answered 200: (wallet, change in minor units) pairs.
+Moves = tuple[tuple[str, int], ...]
+# The next request of a phase, ready to write, and what it moves.
+Pick = Callable[[], tuple[bytes, Moves]]
+# A phase's requests: a Pick for the target's host, drawing from a seeded generator.
+Workload = Callable[[str, random.Random], Pick]
+AMOUNTS = range(100, 1001, 100)  # minor units: 1.00 to 10.00
+
+
 def operation_request(host: str, wallet: str, kind: str, minor: int) -> bytes:
     return request_head(host, wallet) + request_tail(kind, minor)
+
+
+def transfer_request(host: str, source: str, destination: str, minor: int) -> bytes:
+    body = (f'{{"from":"{source}","to":"{destination}","amount":"{format_minor(minor)}"}}').encode()
+    return (
+        f"POST /api/v1/transfers HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def operations(wallets: Sequence[str]) -> Workload:
+    """Deposits and withdrawals of 1.00 to 10.00, half each, to wallets drawn at random."""
+
+    def workload(host: str, rng: random.Random) -> Pick:
+        heads = {w: request_head(host, w) for w in wallets}
+        tails = {
+            (kind, minor): request_tail(kind, minor)
+            for kind in ("DEPOSIT", "WITHDRAW")
+            for minor in AMOUNTS
+        }
+
+        def pick() -> tuple[bytes, Moves]:
+            kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
+            wallet = wallets[int(rng.random() * len(wallets))]
+            minor = AMOUNTS[int(rng.random() * len(AMOUNTS))]
+            return heads[wallet] + tails[(kind, minor)], (
+                (wallet, minor if kind == "DEPOSIT" else -minor),
+            )
+
+        return pick
+
+    return workload
+
+
+def deposits(wallets: Sequence[str]) -> Workload:
+    """Deposits of 0.01 to wallets drawn at random (the closed loop's)."""
+
+    def workload(host: str, rng: random.Random) -> Pick:
+        prepared = {w: (operation_request(host, w, "DEPOSIT", 1), ((w, 1),)) for w in wallets}
+        if len(wallets) == 1:
+            only = prepared[wallets[0]]
+            return lambda: only
+        choices = list(wallets)
+        return lambda: prepared[rng.choice(choices)]
+
+    return workload
+
+
+def transfers(sources: Sequence[str], destinations: Sequence[str]) -> Workload:
+    """Transfers of 1.00 to 10.00 from a source drawn at random to a destination drawn at
+    random (another wallet)."""
+
+    def workload(host: str, rng: random.Random) -> Pick:
+        def pick() -> tuple[bytes, Moves]:
+            source = sources[int(rng.random() * len(sources))]
+            destination = source
+            while destination == source:
+                destination = destinations[int(rng.random() * len(destinations))]
+            minor = AMOUNTS[int(rng.random() * len(AMOUNTS))]
+            raw = transfer_request(host, source, destination, minor)
+            return raw, ((source, -minor), (destination, minor))
+
+        return pick
+
+    return workload
 
 
 def request_head(host: str, wallet: str) -> bytes:
@@ -187,14 +261,14 @@ class Connection(asyncio.Protocol):
         self.phase, self.effects, self.done = phase, effects, done
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.request: tuple[float, str, int] | None = None  # (since, wallet, effect if 200)
+        self.request: tuple[float, Moves] | None = None  # (since, what a 200 moves)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, since: float, wallet: str, effect: int, raw: bytes) -> None:
+    def send(self, since: float, moves: Moves, raw: bytes) -> None:
         assert self.transport is not None
-        self.request = (since, wallet, effect)
+        self.request = (since, moves)
         self.transport.write(raw)
 
     def data_received(self, data: bytes) -> None:
@@ -210,12 +284,13 @@ class Connection(asyncio.Protocol):
                 return
             status = int(self.buffer[9:12])
             del self.buffer[: end + 4 + length]
-            since, wallet, effect = self.request
+            since, moves = self.request
             self.request = None
             self.phase.latencies.append(time.perf_counter() - since)
             self.phase.statuses[status] = self.phase.statuses.get(status, 0) + 1
             if status == 200:
-                self.effects[wallet] += effect
+                for wallet, change in moves:
+                    self.effects[wallet] += change
             self.answered()
 
     def answered(self) -> None:
@@ -276,36 +351,29 @@ class OpenLoopConnection(Connection):
             self.phase.all_answered.set_result(None)
 
 
-async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int) -> dict[str, int]:
-    """Sends `phase.target_rate` operations per second for `phase.seconds`, spread over
-    `wallets`; returns each wallet's change in balance implied by the successful answers.
+async def drive_open(base: str, wallets: Sequence[str], phase: Phase, pick: Pick) -> dict[str, int]:
+    """Sends `phase.target_rate` requests per second for `phase.seconds`, each the next
+    `pick` gives; returns each wallet's change in balance implied by the successful answers.
     A request goes out on an idle connection, or a new one, when it is due, whether or not
     earlier ones were answered; its latency counts from then."""
-    rng = random.Random(seed)
     clock = time.perf_counter  # the event loop's clock may tick in whole milliseconds
     loop = asyncio.get_running_loop()
     effects: dict[str, int] = dict.fromkeys(wallets, 0)
     host, _, port = base.removeprefix("http://").partition(":")
-    heads = {w: request_head(host, w) for w in wallets}
-    tails = {
-        (kind, minor): request_tail(kind, minor)
-        for kind in ("DEPOSIT", "WITHDRAW")
-        for minor in range(100, 1001, 100)
-    }
     idle: list[Connection] = []
     connections: list[Connection] = []
     phase.all_answered = loop.create_future()
 
-    async def connect_and_send(due: float, wallet: str, effect: int, raw: bytes) -> None:
+    async def connect_and_send(due: float, moves: Moves, raw: bytes) -> None:
         connection = OpenLoopConnection(idle, phase, effects, loop.create_future())
         connections.append(connection)
         try:
             await connect(connection, host, int(port))
         except OSError:
-            connection.request = (due, wallet, effect)
+            connection.request = (due, moves)
             connection.connection_lost(None)
             return
-        connection.send(due, wallet, effect, raw)
+        connection.send(due, moves, raw)
 
     # A pool opened beforehand, as clients keep one: a burst of new connections at a busy
     # moment overflows the listen backlog, and a dropped SYN waits a second for its retry.
@@ -323,15 +391,11 @@ async def drive_open(base: str, wallets: Sequence[str], phase: Phase, seed: int)
             delay = due - clock()
             if delay > 0:  # else it is late: sent with the others due, without a sleep each
                 await asyncio.sleep(delay)
-            kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
-            wallet = wallets[int(rng.random() * len(wallets))]
-            minor = 100 * (1 + int(rng.random() * 10))
-            raw = heads[wallet] + tails[(kind, minor)]
-            effect = minor if kind == "DEPOSIT" else -minor
+            raw, moves = pick()
             if idle:
-                idle.pop().send(due, wallet, effect, raw)
+                idle.pop().send(due, moves, raw)
             else:
-                connecting.append(loop.create_task(connect_and_send(due, wallet, effect, raw)))
+                connecting.append(loop.create_task(connect_and_send(due, moves, raw)))
         await asyncio.gather(*connecting)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(phase.all_answered), CLIENT_TIMEOUT)
@@ -343,7 +407,7 @@ class ClosedLoopConnection(Connection):
     """One connection of a closed-loop client: it sends the next request as soon as the
     answer to the last one is in, until `deadline`, and then finishes the one in flight."""
 
-    def __init__(self, pick: Callable[[], tuple[str, bytes]], deadline: float, *args: Any) -> None:
+    def __init__(self, pick: Pick, deadline: float, *args: Any) -> None:
         super().__init__(*args)
         self.pick, self.deadline = pick, deadline
 
@@ -355,25 +419,17 @@ class ClosedLoopConnection(Connection):
         if time.perf_counter() >= self.deadline:
             self.close()
             return
-        wallet, raw = self.pick()
-        self.send(time.perf_counter(), wallet, 1, raw)
+        raw, moves = self.pick()
+        self.send(time.perf_counter(), moves, raw)
 
 
 async def drive_closed(
-    base: str, wallets: Sequence[str], phase: Phase, seed: int
+    base: str, wallets: Sequence[str], phase: Phase, pick: Pick
 ) -> dict[str, int]:
-    """Deposits 0.01 over `phase.connections` closed-loop connections for `phase.seconds`,
-    each to a wallet drawn from `wallets`; returns each wallet's change in balance implied
-    by the successful answers."""
-    rng = random.Random(seed)
+    """Sends what `pick` gives over `phase.connections` closed-loop connections for
+    `phase.seconds`; returns each wallet's change in balance implied by the successful
+    answers."""
     host, _, port = base.removeprefix("http://").partition(":")
-    prepared = {w: operation_request(host, w, "DEPOSIT", 1) for w in wallets}
-    choices = list(wallets)
-
-    def pick() -> tuple[str, bytes]:
-        wallet = choices[0] if len(choices) == 1 else rng.choice(choices)
-        return wallet, prepared[wallet]
-
     effects: dict[str, int] = dict.fromkeys(wallets, 0)
     loop = asyncio.get_running_loop()
     connections: list[Connection] = []
@@ -396,13 +452,19 @@ async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def run_phase(target: Target, wallets: Sequence[str], phase: Phase) -> Phase:
+async def run_phase(
+    target: Target, wallets: Sequence[str], phase: Phase, workload: Workload
+) -> Phase:
+    """Drives the phase's `workload` over `wallets` (every wallet it touches), then checks
+    the balances."""
     pg = target.pg
     before = await balances(pg, wallets)
     started = await pg.fetchval("SELECT clock_timestamp()")
     cpu = {name: cpu_seconds(p.pid) for name, p in target.processes.items()}
     drive = drive_closed if phase.connections else drive_open
-    effects = await drive(target.base, wallets, phase, seed=hash(phase.name) & 0xFFFF)
+    host = target.base.removeprefix("http://").partition(":")[0]
+    pick = workload(host, random.Random(hash(phase.name) & 0xFFFF))
+    effects = await drive(target.base, wallets, phase, pick)
     phase.server_cpu = {
         name: (cpu_seconds(p.pid) - cpu[name]) / phase.elapsed
         for name, p in target.processes.items()
@@ -411,8 +473,10 @@ async def run_phase(target: Target, wallets: Sequence[str], phase: Phase) -> Pha
     # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
     rows = await pg.fetch(
         "SELECT wallet_id::text, count(DISTINCT xmin::text) AS commits, count(*) AS operations,"
+        " coalesce(sum(CASE WHEN status <> 'applied' THEN 0"
+        " WHEN kind IN ('WITHDRAW', 'TRANSFER_OUT') THEN -amount ELSE amount END), 0) AS effect,"
         " coalesce(sum(CASE WHEN status <> 'applied' THEN 0 WHEN kind = 'DEPOSIT' THEN amount"
-        " ELSE -amount END), 0) AS effect"
+        " WHEN kind = 'WITHDRAW' THEN -amount ELSE 0 END), 0) AS brought"
         " FROM operations WHERE wallet_id = any($1::uuid[]) AND created_at >= $2"
         " GROUP BY GROUPING SETS ((wallet_id), ())",
         list(wallets),
@@ -428,8 +492,14 @@ async def run_phase(target: Target, wallets: Sequence[str], phase: Phase) -> Pha
     # The balances must be what the ledger says; and, when every request was answered, what
     # the answers say. With answers missing (requests the generator gave up on, which the
     # server may still have applied) only the ledger knows what happened to those.
-    phase.balance_ok = all(after[w] == before[w] + recorded[w] for w in wallets) and (
-        phase.bad > 0 or recorded == effects
+    # And money is conserved: the wallets together moved by what was deposited and withdrawn
+    # (transfers only move it between them; nothing is in flight once quiet).
+    brought = total["brought"] if total else 0
+    conserved = sum(after.values()) - sum(before.values()) == brought
+    phase.balance_ok = (
+        conserved
+        and all(after[w] == before[w] + recorded[w] for w in wallets)
+        and (phase.bad > 0 or recorded == effects)
     )
     return phase
 
@@ -444,7 +514,10 @@ async def until_quiet(target: Target, within: float = 60) -> None:
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND state = 'active' AND pid <> pg_backend_pid()"
         )
-        if not busy and (target.queued is None or not await target.queued()):
+        unsettled = await target.pg.fetchval(
+            "SELECT count(*) FROM transfers WHERE status IN ('in_flight', 'returning')"
+        )
+        if not busy and not unsettled and (target.queued is None or not await target.queued()):
             return
         await asyncio.sleep(0.2)
 
@@ -529,11 +602,14 @@ def server_cpu(p: Phase) -> str:
 class Results:
     closed: list[Phase] = dataclasses.field(default_factory=list)
     open: list[Phase] = dataclasses.field(default_factory=list)
-    # the highest rates sustained: on one wallet by each design, over 10,000 by the service
+    transfers_closed: list[Phase] = dataclasses.field(default_factory=list)
+    transfers_open: list[Phase] = dataclasses.field(default_factory=list)
+    # the highest rates sustained: on one wallet by each design, over 10,000 by the service,
+    # of transfers to a hot destination by each design
     best: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def all(self) -> list[Phase]:
-        return self.closed + self.open
+        return self.closed + self.open + self.transfers_closed + self.transfers_open
 
     def closed_summary(self) -> list[Phase]:
         """The closed-loop phases, the repeats of each (--repeat) merged into one."""
@@ -562,7 +638,7 @@ def closed_name(connections: int, wallets: int) -> str:
 
 
 def targets(
-    results: Results, rate_name: str, baseline: str | None = None
+    results: Results, rate_name: str, baseline: str | None = None, transfer_rate: int = 1000
 ) -> list[tuple[str, str, bool]]:
     """The targets of the service that this run can judge: what each asks, what was
     measured, and whether it holds."""
@@ -637,6 +713,43 @@ def targets(
     best_ratio(
         "highest rate over 10,000 wallets: at least 80% of 1 wallet's", "many", "service", 0.8
     )
+    hot = next(
+        (
+            p
+            for p in results.transfers_open
+            if p.design == "service" and p.name == f"{transfer_rate}/s, transfers 1000 wallets -> 1"
+        ),
+        None,
+    )
+    if hot is not None:
+        rows.append(
+            (
+                f"transfers to a hot destination at {transfer_rate}/s: p99 at most 50 ms",
+                f"{hot.percentile(99):.1f} ms, {hot.bad} errors",
+                hot.percentile(99) <= 50 and hot.bad == 0,
+            )
+        )
+    best_ratio(
+        "highest transfer rate sustained on a hot destination: at least 4x the row lock's",
+        "transfers service",
+        "transfers row lock",
+        4,
+    )
+    held = [
+        p
+        for p in results.transfers_closed + results.transfers_open
+        if p.design == "service" and not p.name.startswith("max")
+    ]
+    if held:
+        failed = sum(p.bad for p in held)
+        conserved = all(p.balance_ok for p in held)
+        rows.append(
+            (
+                "transfers: 0 errors, every balance and the conservation sum exact",
+                f"{failed} errors, " + ("exact" if conserved else "NOT exact"),
+                failed == 0 and conserved,
+            )
+        )
     exact = all(p.balance_ok for p in results.all())
     missing = sum(p.bad for p in results.all())
     rows.append(
@@ -659,22 +772,37 @@ def targets_table(rows: list[tuple[str, str, bool]]) -> str:
 
 
 async def find_max(
-    target: Target, wallet_count: int, rates: list[int], args: argparse.Namespace
+    target: Target,
+    name: str,
+    wallets: Sequence[str],
+    workload: Workload,
+    rates: list[int],
+    args: argparse.Namespace,
 ) -> tuple[int, list[Phase]]:
+    """The highest of `rates` the target sustains, stepping up until it does not. The same
+    wallets at every rate, as a deployment's load is spread over the wallets it has: the
+    first step meets them unknown to the workers, the next ones as they run."""
     best, phases = 0, []
-    # The same wallets at every rate, as a deployment's load is spread over the wallets it
-    # has: the first step meets them unknown to the workers, the next ones as they run.
-    wallets = await new_wallets(target.pg, wallet_count)
     for rate in rates:
-        name = f"max on {'1 wallet' if wallet_count == 1 else f'{wallet_count} wallets'}"
         phase = Phase(name, target.design, rate, args.step_seconds)
-        phase = await run_phase(target, wallets, phase)
+        phase = await run_phase(target, wallets, phase, workload)
         phases.append(phase)
         print(table([phase]).splitlines()[-1], flush=True)
         if not (phase.sustained(args.p99_limit) and phase.balance_ok):
             break
         best = rate
     return best, phases
+
+
+async def transfer_shapes(pg: Any, count: int) -> list[tuple[str, list[str], Workload]]:
+    """The transfer phases' shapes, on new wallets: (name, every wallet, workload)."""
+    many = await new_wallets(pg, count)
+    hot = (await new_wallets(pg, 1))[0]
+    return [
+        (f"{count} wallets -> 1", [*many, hot], transfers(many, [hot])),
+        (f"1 -> {count} wallets", [hot, *many], transfers([hot], many)),
+        (f"among {count} wallets", many, transfers(many, many)),
+    ]
 
 
 @contextlib.contextmanager
@@ -735,8 +863,53 @@ async def bench(
 
     async def warm_up(target: Target) -> None:
         """Connections, prepared statements, caches, a worker owning its shards; not reported."""
-        wallets = await new_wallets(target.pg, 1)
-        await run_phase(target, wallets, Phase("", target.design, 200, 3))
+        wallets = await new_wallets(target.pg, 2)
+        await run_phase(target, wallets, Phase("", target.design, 200, 3), operations(wallets))
+        await run_phase(
+            target, wallets, Phase("", target.design, 100, 2), transfers(wallets, wallets)
+        )
+
+    def in_turn(index: int, per_round: int) -> list[Target]:
+        """The designs in the order of the index-th phase: who goes first changes from
+        phase to phase, as the one after another's phase meets its leftovers (autovacuum, a
+        warm or a cold cache)."""
+        first = (index % per_round + index // per_round) % len(compared)
+        return compared[first:] + compared[:first]
+
+    async def transfer_phases() -> None:
+        """Transfers to a hot destination, from a hot source, and among many wallets: a
+        closed loop, a constant rate, and the highest rate each design sustains on the hot
+        destination."""
+        count, connections = (20, 8) if args.smoke else (1000, 64)
+        shapes_of = {t.design: await transfer_shapes(t.pg, count) for t in compared}
+        for index in range(3):
+            for target in in_turn(index, 3):
+                name, wallets, workload = shapes_of[target.design][index]
+                label = f"{connections} connections, transfers {name}"
+                phase = Phase(label, target.design, 0, args.closed_seconds, connections)
+                results.transfers_closed.append(await run_phase(target, wallets, phase, workload))
+                print(closed_table(results.transfers_closed[-1:]).splitlines()[-1], flush=True)
+        if args.closed_only:
+            return
+        for index in range(3):
+            for target in in_turn(index, 3):
+                name, wallets, workload = shapes_of[target.design][index]
+                label = f"{args.transfer_rate}/s, transfers {name}"
+                phase = Phase(label, target.design, args.transfer_rate, args.transfer_seconds)
+                results.transfers_open.append(await run_phase(target, wallets, phase, workload))
+                print(table(results.transfers_open[-1:]).splitlines()[-1], flush=True)
+        if args.smoke or args.constant_only:
+            return
+        steps = {
+            "service": [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000],
+            "row lock": [250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000],
+        }
+        for target in (service, rowlock):
+            name, wallets, workload = shapes_of[target.design][0]
+            results.best[f"transfers {target.design}"], more = await find_max(
+                target, f"max transfers {name}", wallets, workload, steps[target.design], args
+            )
+            results.transfers_open += more
 
     results = Results()
     try:
@@ -758,26 +931,29 @@ async def bench(
                 if target.queued is not None:
                     await wait_ready(http, f"{target.base}/ready")
                 await warm_up(target)
+            if args.transfers_only:
+                await transfer_phases()
+                return results
             loops = [loop for _ in range(args.repeat) for loop in args.closed_loops]
             for index, (connections, wallet_count) in enumerate(loops):
                 label = closed_name(connections, wallet_count)
-                # Who goes first changes from phase to phase: the one after another's phase
-                # meets its leftovers (autovacuum, a warm or a cold cache).
-                per_round = len(args.closed_loops)
-                first = (index % per_round + index // per_round) % len(compared)
-                for target in compared[first:] + compared[:first]:
+                for target in in_turn(index, len(args.closed_loops)):
                     wallets = await new_wallets(target.pg, wallet_count)
                     phase = Phase(label, target.design, 0, args.closed_seconds, connections)
-                    results.closed.append(await run_phase(target, wallets, phase))
+                    results.closed.append(
+                        await run_phase(target, wallets, phase, deposits(wallets))
+                    )
                     print(closed_table(results.closed[-1:]).splitlines()[-1], flush=True)
-            if args.closed_only:
-                return results
-            for target in compared:
-                wallets = await new_wallets(target.pg, 1)
-                phase = Phase(f"{args.rate}/s on 1 wallet", target.design, args.rate, args.seconds)
-                results.open.append(await run_phase(target, wallets, phase))
-                print(table(results.open[-1:]).splitlines()[-1], flush=True)
-            if not (args.smoke or args.constant_only):
+            if not args.closed_only:
+                for target in compared:
+                    wallets = await new_wallets(target.pg, 1)
+                    label = f"{args.rate}/s on 1 wallet"
+                    phase = Phase(label, target.design, args.rate, args.seconds)
+                    results.open.append(
+                        await run_phase(target, wallets, phase, operations(wallets))
+                    )
+                    print(table(results.open[-1:]).splitlines()[-1], flush=True)
+            if not (args.closed_only or args.smoke or args.constant_only):
                 # Steps of 500 to the top: with steps of 1,000 above 3,000, one step was a
                 # sixth of the highest rates, too coarse to compare two of them.
                 rates = [*range(500, 8001, 500), 9000, 10000]
@@ -787,8 +963,15 @@ async def bench(
                     ("many", service, 10_000, rates),
                 ]
                 for key, target, wallet_count, steps in searches:
-                    results.best[key], more = await find_max(target, wallet_count, steps, args)
+                    wallets = await new_wallets(target.pg, wallet_count)
+                    name = (
+                        f"max on {'1 wallet' if wallet_count == 1 else f'{wallet_count} wallets'}"
+                    )
+                    results.best[key], more = await find_max(
+                        target, name, wallets, operations(wallets), steps, args
+                    )
                     results.open += more
+            await transfer_phases()
             for interval in args.intervals:
                 # A worker of its own for each setting: SIGTERM hands the shards over.
                 worker = service.processes["worker"]
@@ -800,7 +983,7 @@ async def bench(
                 label = f"{args.rate}/s, BATCH_INTERVAL={interval}"
                 phase = Phase(label, "service", args.rate, args.interval_seconds)
                 wallets = await new_wallets(service.pg, 1)
-                results.open.append(await run_phase(service, wallets, phase))
+                results.open.append(await run_phase(service, wallets, phase, operations(wallets)))
                 print(table(results.open[-1:]).splitlines()[-1], flush=True)
     finally:
         processes = [p for target in targets_run for p in target.processes.values()]
@@ -910,6 +1093,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the service as git REF has it (a commit, a branch), in the same "
         "phases, to compare a change with what it changes",
     )
+    parser.add_argument("--transfers-only", action="store_true", help="the transfer phases alone")
+    parser.add_argument(
+        "--transfer-rate", type=int, default=1000, help="transfers' constant rate (1000)"
+    )
+    parser.add_argument(
+        "--transfer-seconds", type=float, default=30, help="each constant transfer phase (30)"
+    )
     parser.add_argument("--update-readme", action="store_true", help="write the tables to README")
     args = parser.parse_args(argv)
     if args.intervals is None:
@@ -918,6 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.rate, args.seconds = min(args.rate, 200), min(args.seconds, 3)
         args.closed_seconds = min(args.closed_seconds, 2)
+        args.transfer_rate = min(args.transfer_rate, 100)
+        args.transfer_seconds = min(args.transfer_seconds, 2)
     command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -936,9 +1128,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if results.open:
         parts += ["Open model (deposits and withdrawals at a constant rate):", table(results.open)]
+    if results.transfers_closed:
+        parts += [
+            "Transfers of 1.00 to 10.00, closed loop (a hot destination receiving from many "
+            "sources, a hot source paying many destinations, and transfers among many "
+            "wallets at random):",
+            closed_table(results.transfers_closed),
+        ]
+    if results.transfers_open:
+        parts += ["Transfers, open model:", table(results.transfers_open)]
     rate_name = f"{args.rate}/s on 1 wallet"
     baseline = f"service at {args.baseline}" if args.baseline else None
-    parts += ["Targets:", targets_table(targets(results, rate_name, baseline))]
+    rows = targets(results, rate_name, baseline, args.transfer_rate)
+    parts += ["Targets:", targets_table(rows)]
     report = "\n\n".join(parts)
     print("\n" + report)
     if args.update_readme:

@@ -1,7 +1,8 @@
 """The row-lock reference: the usual design of this API, for the benchmark to compare with.
 
-One asyncpg transaction per operation (SELECT ... FOR UPDATE, UPDATE, INSERT), behind the
-same HTTP shape as the service, on the same tables. It is lean on purpose (aiohttp,
+One asyncpg transaction per operation (SELECT ... FOR UPDATE, UPDATE, INSERT), and per
+transfer (both rows locked in id order, both updated, two ledger rows), behind the same
+HTTP shape as the service, on the same tables. It is lean on purpose (aiohttp,
 asyncpg, uvloop, orjson, no ORM), so the comparison is of designs, not of frameworks.
 Run: DATABASE_URL=... PORT=8001 python -m load.rowlock
 """
@@ -19,7 +20,7 @@ import uvloop
 from aiohttp import web
 
 from api.app import LISTEN_BACKLOG
-from api.bodies import OperationRequest, decode
+from api.bodies import OperationRequest, TransferRequest, decode
 from api.inputs import read_json_object
 from shared.errors import InvalidInput
 from shared.money import format_minor
@@ -97,6 +98,65 @@ async def operate(request: web.Request) -> web.Response:
         "status": status,
     }
     return reply(body, status=200 if status == "applied" else 409)
+
+
+@routes.post("/api/v1/transfers")
+async def transfer(request: web.Request) -> web.Response:
+    """As a typical implementation moves money: one transaction that locks both rows in id
+    order (two transfers between the same wallets in opposite directions cannot deadlock),
+    then updates both balances and inserts two ledger rows."""
+    try:
+        body = decode(await read_json_object(request), TransferRequest)
+    except InvalidInput as e:
+        return reply({"status": 422, "detail": e.detail}, status=422)
+    source, destination, amount = str(body.from_), str(body.to), body.amount
+    transfer_id = str(uuid.uuid4())
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id::text, balance, op_seq FROM wallets WHERE id = any($1::uuid[])"
+            " ORDER BY id FOR UPDATE",
+            [source, destination],
+        )
+        found = {r["id"]: r for r in rows}
+        if len(found) != 2:
+            return reply({"status": 404}, status=404)
+        balance = found[source]["balance"]
+        if balance < amount:
+            return reply({"status": 409, "reason": "insufficient_funds"}, status=409)
+        legs = [
+            (source, "TRANSFER_OUT", -amount, destination),
+            (destination, "TRANSFER_IN", amount, source),
+        ]
+        for wallet, kind, change, counterparty in legs:
+            seq = found[wallet]["op_seq"] + 1
+            after = found[wallet]["balance"] + change
+            await conn.execute(
+                "UPDATE wallets SET balance = $2, op_seq = $3, updated_at = now() WHERE id = $1",
+                wallet,
+                after,
+                seq,
+            )
+            await conn.execute(
+                "INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason,"
+                " balance_after, transfer_id, counterparty)"
+                " VALUES ($1, $2, $3, $4, $5, 'applied', NULL, $6, $3, $7)",
+                wallet,
+                seq,
+                transfer_id,
+                kind,
+                amount,
+                after,
+                counterparty,
+            )
+    body_out = {
+        "id": transfer_id,
+        "from": source,
+        "to": destination,
+        "amount": format_minor(amount),
+        "status": "completed",
+        "balance": format_minor(balance - amount),
+    }
+    return reply(body_out)
 
 
 async def pool(app: web.Application) -> AsyncIterator[None]:
