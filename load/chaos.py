@@ -2,7 +2,8 @@
 
 Real processes on one machine: an API and three workers, on a PostgreSQL and a Redis that
 the run starts for itself (embedded ones, so that it can crash and restart them). Clients
-send deposits and withdrawals with Idempotency-Keys to one hot wallet and 50 others and
+send deposits and withdrawals with Idempotency-Keys to one hot wallet and 50 others, and
+(a third of what they send) transfers between them, half of them to the hot wallet, and
 record every answer: 200 (applied), 409 (refused), anything else or nothing (unknown).
 Meanwhile a schedule drawn from the seed strikes each fault once:
 - kill: a worker is killed with SIGKILL;
@@ -26,9 +27,11 @@ After each fault every wallet is sent a deposit until it answers 200; the time f
 fault to the last wallet's 200 is that fault's recovery, and must stay within its bound.
 
 Then the faults are healed and every unknown is sent again with its key until it has an
-answer, and the run checks: every 200 is in the ledger exactly once and applied, every 409
-is not applied, nothing is in the ledger that no client sent, every balance follows from its
-ledger and is never negative, every shard has exactly one owner among the live workers, the
+answer, and the run checks: every transfer is completed or rejected, none in flight; every
+200 is in the ledger exactly once and applied (a transfer's two legs), every 409 moved
+nothing (a transfer refused, or credited back), nothing is in the ledger that no client
+sent, every balance follows from its ledger and is never negative, the balances add up to
+the deposits minus the withdrawals, every shard has exactly one owner among the live workers, the
 stopped worker's late batch was refused by its fence, the poison entry is in the dead
 letters, every fault's recovery stayed within its bound, and no answer was a 500.
 
@@ -71,7 +74,16 @@ from devtools.servers import (
     with_database,
 )
 from devtools.waiting import until, wait_ready
-from shared.codec import OperationRequest, encode_request
+from shared.codec import (
+    TRANSFER,
+    TRANSFER_IN,
+    TRANSFER_OUT,
+    TRANSFER_RETURN,
+    OperationRequest,
+    encode_request,
+    return_op_id,
+    transfer_id_for,
+)
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.scripts import ENQUEUE
@@ -84,6 +96,8 @@ REFUSED = "batch refused"  # what a worker logs when the fence refuses its batch
 CHAOS_APPLICATION = "chaos-runner"  # spared when the sessions are terminated
 PROBE_MINOR = 100  # each recovery probe deposits 1.00
 DOWN = 2.0  # how long a crashed PostgreSQL stays down, and a paused API process
+RESCAN_INTERVAL = 2.0  # so that a transfer's step lost with Redis is sent again in the run
+RESEND_AFTER = 1.0
 API_START = 3.0  # time enough for a new API process to start serving
 # Each fault, and how soon after it every wallet must answer 200 again (seconds). A worker
 # killed, stopped or cut off holds its shards until its lease runs out (LEASE_TTL), or until
@@ -127,14 +141,19 @@ def schedule(seed: int, seconds: float) -> list[Fault]:
 @dataclasses.dataclass
 class Sent:
     key: str
-    wallet: str
-    kind: str
+    wallet: str  # a transfer's source
+    kind: str  # DEPOSIT, WITHDRAW, or TRANSFER
     minor: int
     statuses: list[int]  # every answer, in order; 0 for none (timeout, connection lost)
+    to: str = ""  # a transfer's destination
 
     @property
     def final(self) -> int:
         return self.statuses[-1]
+
+    @property
+    def transfer_id(self) -> str:
+        return transfer_id_for(self.wallet, self.key)
 
 
 @dataclasses.dataclass
@@ -144,6 +163,7 @@ class Report:
     answers: Counter[int] = dataclasses.field(default_factory=Counter)
     resolved: int = 0
     fenced_refusals: int = 0
+    transfers: Counter[int] = dataclasses.field(default_factory=Counter)  # by final status
     recovery: dict[str, float] = dataclasses.field(default_factory=dict)  # fault -> seconds
     events: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -152,6 +172,7 @@ class Report:
         lines = [
             f"seed {self.seed}: {self.sent} operations sent, answers {dict(self.answers)}, "
             f"{self.resolved} unknowns resolved by retrying with their keys, "
+            f"transfers {dict(self.transfers)}, "
             f"{self.fenced_refusals} late batches refused by a fence",
             *(f"  {e}" for e in self.events),
         ]
@@ -164,6 +185,7 @@ class Report:
         """The report for a program (`--report`): answers keyed by status as text."""
         fields = dataclasses.asdict(self)
         fields["answers"] = {str(status): n for status, n in sorted(self.answers.items())}
+        fields["transfers"] = {str(status): n for status, n in sorted(self.transfers.items())}
         return json.dumps(fields, indent=2)
 
 
@@ -192,6 +214,8 @@ class Chaos:
                 "WORKER_LEASE_TTL": str(LEASE_TTL),
                 "WORKER_METRICS_PORT": "0",
                 "REPLY_TIMEOUT": str(REPLY_TIMEOUT),
+                "WORKER_RESCAN_INTERVAL": str(RESCAN_INTERVAL),
+                "TRANSFER_RESEND_AFTER": str(RESEND_AFTER),
                 "HOST": "127.0.0.1",
                 "PORT": str(port),
             },
@@ -209,12 +233,14 @@ class Chaos:
     # --- the clients ---
 
     async def operate(self, http: aiohttp.ClientSession, op: Sent) -> None:
+        if op.kind == TRANSFER:
+            url = "/api/v1/transfers"
+            body = {"from": op.wallet, "to": op.to, "amount": format_minor(op.minor)}
+        else:
+            url = f"/api/v1/wallets/{op.wallet}/operation"
+            body = {"operationType": op.kind, "amount": format_minor(op.minor)}
         try:
-            async with http.post(
-                f"/api/v1/wallets/{op.wallet}/operation",
-                json={"operationType": op.kind, "amount": format_minor(op.minor)},
-                headers={"Idempotency-Key": op.key},
-            ) as r:
+            async with http.post(url, json=body, headers={"Idempotency-Key": op.key}) as r:
                 await r.read()
                 op.statuses.append(r.status)
         except (aiohttp.ClientError, TimeoutError):
@@ -224,8 +250,17 @@ class Chaos:
     async def client(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
         while not self.load_over:
             wallet = self.hot if rng.random() < 0.5 else rng.choice(self.wallets[1:])
-            kind = "DEPOSIT" if rng.random() < 0.45 else "WITHDRAW"
-            op = Sent(str(uuid.uuid4()), wallet, kind, rng.randrange(1, 200) * 100, [])
+            minor = rng.randrange(1, 200) * 100
+            if rng.random() < 1 / 3:
+                # A third are transfers, half of them to the hot wallet from the others.
+                source = rng.choice(self.wallets[1:])
+                destination = source
+                while destination == source:
+                    destination = self.hot if rng.random() < 0.5 else rng.choice(self.wallets)
+                op = Sent(str(uuid.uuid4()), source, TRANSFER, minor, [], to=destination)
+            else:
+                kind = "DEPOSIT" if rng.random() < 0.45 else "WITHDRAW"
+                op = Sent(str(uuid.uuid4()), wallet, kind, minor, [])
             self.sent.append(op)
             await self.operate(http, op)
             await asyncio.sleep(self.args.think)
@@ -502,25 +537,35 @@ class Chaos:
         self.report.sent = len(self.sent)
         if any(500 <= s < 600 and s != 503 for op in self.sent for s in op.statuses):
             self.problem("a request was answered with a 5xx other than 503")
+        await self.check_transfers_settle(pg)
         rows = await pg.fetch(
-            "SELECT wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after"
+            "SELECT wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after,"
+            " transfer_id::text, counterparty::text"
             " FROM operations WHERE wallet_id = any($1::uuid[]) ORDER BY wallet_id, seq",
             self.wallets,
         )
-        by_id = {r["id"]: r for r in rows}
+        by_id = {(r["wallet_id"], r["id"]): r for r in rows}
         if len(by_id) != len(rows):
-            self.problem("an operation id appears in the ledger more than once")
-        sent_ids = {op.key for op in self.sent}
-        for r in rows:
-            if r["id"] not in sent_ids:
-                self.problem(f"ledger row {r['id']} was never sent by a client")
+            self.problem("an operation id appears in a wallet's ledger more than once")
+        # (wallet, ledger id) -> (kind, amount, counterparty) of every row a client caused
+        expected: dict[tuple[str, str], tuple[str, int, str | None]] = {}
         for op in self.sent:
-            row = by_id.get(op.key)
-            if op.final == 200 and (
-                row is None
-                or row["status"] != "applied"
-                or (row["wallet_id"], row["kind"], row["amount"]) != (op.wallet, op.kind, op.minor)
-            ):
+            if op.kind == TRANSFER:
+                t = op.transfer_id
+                expected[(op.wallet, t)] = (TRANSFER_OUT, op.minor, op.to)
+                expected[(op.to, t)] = (TRANSFER_IN, op.minor, op.wallet)
+                expected[(op.wallet, return_op_id(t))] = (TRANSFER_RETURN, op.minor, op.to)
+            else:
+                expected[(op.wallet, op.key)] = (op.kind, op.minor, None)
+        for key, r in by_id.items():
+            if (r["kind"], r["amount"], r["counterparty"]) != expected.get(key):
+                self.problem(f"ledger row {dict(r)} was never sent by a client")
+        for op in self.sent:
+            if op.kind == TRANSFER:
+                self.check_transfer(op, by_id)
+                continue
+            row = by_id.get((op.wallet, op.key))
+            if op.final == 200 and (row is None or row["status"] != "applied"):
                 self.problem(f"200 for {op.key} but the ledger has {row and dict(row)}")
             if op.final == 409 and row is not None and row["status"] == "applied":
                 self.problem(f"409 for {op.key} but the ledger applied it")
@@ -534,6 +579,17 @@ class Chaos:
             self.report.problems += problems
             if balances[wallet] != final:
                 self.problem(f"wallet {wallet}: balance {balances[wallet]}, ledger says {final}")
+        # Conservation: transfers only move money between the wallets.
+        brought = sum(
+            r["amount"] if r["kind"] == "DEPOSIT" else -r["amount"]
+            for r in rows
+            if r["status"] == "applied" and r["kind"] in ("DEPOSIT", "WITHDRAW")
+        )
+        if sum(balances.values()) != brought:
+            self.problem(
+                f"the balances add up to {sum(balances.values())}, the deposits and "
+                f"withdrawals to {brought}"
+            )
         await self.check_ownership(pg)
         self.check_processes()
         if self.paused is not None:
@@ -544,6 +600,39 @@ class Chaos:
                     f"the paused worker (pid {self.paused.pid}) had no batch refused; its log "
                     f"ends:\n{log[-3000:]}"
                 )
+
+    async def check_transfers_settle(self, pg: Any) -> None:
+        """Once the faults are healed, no transfer stays in flight."""
+
+        async def settled() -> bool:
+            return not await pg.fetchval(
+                "SELECT count(*) FROM transfers WHERE status IN ('in_flight', 'returning')"
+            )
+
+        try:
+            await until(settled, 30, "every transfer to be completed or rejected")
+        except TimeoutError:
+            stuck = await pg.fetch(
+                "SELECT id::text, status FROM transfers WHERE status IN ('in_flight', 'returning')"
+            )
+            self.problem(f"transfers still in flight: {[tuple(r) for r in stuck]}")
+
+    def check_transfer(self, op: Sent, by_id: dict[tuple[str, str], Any]) -> None:
+        """A 200 has both legs applied; a 409 moved nothing: refused at the source, or
+        credited back to it."""
+        t = op.transfer_id
+        out = by_id.get((op.wallet, t))
+        into = by_id.get((op.to, t))
+        back = by_id.get((op.wallet, return_op_id(t)))
+        legs = tuple(leg and leg["status"] for leg in (out, into, back))
+        if op.final == 200 and legs != ("applied", "applied", None):
+            self.problem(f"transfer {t} answered 200 but its legs are {legs}")
+        if op.final == 409 and legs not in (
+            ("rejected", None, None),
+            ("applied", "rejected", "applied"),
+        ):
+            self.problem(f"transfer {t} answered 409 but its legs are {legs}")
+        self.report.transfers[op.final] += 1
 
     def check_processes(self) -> None:
         """Every process the run did not kill is still running, and none hit an error it

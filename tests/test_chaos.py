@@ -81,7 +81,8 @@ def test_a_seed_replays_the_same_schedule_and_every_fault_is_in_it() -> None:
 
 def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(tmp_path: Path) -> None:
     """On servers of the run's own (embedded), which it crashes and restarts: every fault
-    strikes once, and after each every wallet is served again within the fault's bound."""
+    strikes once, and after each every wallet is served again within the fault's bound;
+    transfers go on throughout, and every one ends completed or rejected."""
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
     report_file = tmp_path / "report.json"
     status, output = chaos(
@@ -96,6 +97,9 @@ def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(tmp_path: Path
     assert report["problems"] == [], output[-5000:]
     assert status == 0, output[-5000:]
     assert report["answers"].get("200", 0) > 1000, output[-5000:]
+    # Transfers among them, settled whatever struck: completed (200) or rejected (409).
+    assert report["transfers"].get("200", 0) > 100, output[-5000:]
+    assert set(report["transfers"]) <= {"200", "409"}, output[-5000:]
     assert report["fenced_refusals"] >= 1, output[-5000:]
     assert sorted(report["recovery"]) == sorted(FAULTS), output[-5000:]
 
