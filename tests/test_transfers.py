@@ -17,7 +17,7 @@ from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import Client, eventually, ledger, operate
+from tests.helpers import Client, eventually, ledger, operate, wallet_in
 from tests.test_inspect import inspect_cli
 from worker.apply import Entry, Fenced, apply_batch, take_shard
 from worker.transfers import credit
@@ -503,3 +503,53 @@ async def test_a_transfer_in_flight_shows_in_inspect_and_the_metrics_until_settl
         assert completed >= 1
     report = await inspect_cli(settings, "transfers")
     assert request.transfer_id not in {t["transfer"] for t in report["transfers"]}
+
+
+async def legs_transactions(pg: Any, transfer_id: str) -> set[str]:
+    """The transactions that wrote the transfer's debit and credit."""
+    rows = await pg.fetch(
+        "SELECT xmin::text FROM operations"
+        " WHERE id = $1 AND kind IN ('TRANSFER_OUT', 'TRANSFER_IN')",
+        transfer_id,
+    )
+    assert len(rows) == 2
+    return {r["xmin"] for r in rows}
+
+
+async def test_a_transfer_between_wallets_of_one_writer_is_one_transaction(
+    client: Client, pg: Any
+) -> None:
+    source = await new_wallet(client, "5.00")
+    destination = await new_wallet(client)
+    status, body, _ = await transfer(client, source, destination, "2.00")
+    assert status == 200, body
+    assert len(await legs_transactions(pg, body["id"])) == 1
+    assert await transfer_state(pg, body["id"]) == "completed"
+
+
+async def test_a_transfer_between_two_writers_is_credited_by_the_destination_s(
+    api: Client, settings: Settings, pg: Any
+) -> None:
+    """Two workers, each writing half the shards: the debit is one's batch, the credit the
+    other's."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    async with running_worker(settings) as first, running_worker(settings) as second:
+
+        async def shared() -> bool:
+            mine, theirs = set(first.ownership.owned), set(second.ownership.owned)
+            return bool(mine) and bool(theirs) and len(mine | theirs) == settings.shard_count
+
+        await eventually(shared, what="the two workers to share the shards")
+        source_shard = next(iter(first.ownership.owned))
+        destination_shard = next(iter(second.ownership.owned))
+        source = wallet_in(keys, source_shard)
+        destination = wallet_in(keys, destination_shard)
+        for wallet, minor in ((source, 1000), (destination, 0)):
+            await pg.execute("INSERT INTO wallets (id, balance) VALUES ($1, $2)", wallet, minor)
+        status, body, _ = await transfer(api, source, destination, "4.00")
+        assert status == 200, body
+        assert body["balance"] == "6.00"
+        assert len(await legs_transactions(pg, body["id"])) == 2
+        assert await balance(api, destination) == "4.00"
+        status, body, _ = await transfer(api, destination, source, "4.01")
+        assert (status, body["transfer"]["reason"]) == (409, "insufficient_funds")

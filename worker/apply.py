@@ -167,6 +167,14 @@ class LedgerConflict(RuntimeError):
     """PostgreSQL disagrees with what the writer decided: another writer touched the wallet."""
 
 
+# The entry id of a credit that follows its transfer's debit in the same batch (the writer
+# writes both wallets): it comes from no stream, and is applied only if the debit is.
+LOCAL_CREDIT = ""
+# The outcome of such a credit when its debit was not applied now (refused, or a replay):
+# nothing is written, and nobody is answered for it.
+SKIPPED = "skipped"
+
+
 class Fenced(RuntimeError):
     """The batch was refused: another worker has taken over these shards since."""
 
@@ -308,9 +316,14 @@ def _decide(
     """Each entry's fate, in order, moving the wallets' balances; what the batch writes."""
     decided = Decided()
     decisions = decided.decisions
+    # transfer id -> its debit's place in decided.started, for a debit applied now
+    debited: dict[str, int] = {}
     for e in entries:
         r = e.request
         wallet = wallets.get(r.wallet_id)
+        if e.entry_id == LOCAL_CREDIT and r.transfer_id not in debited:
+            decisions.append(Outcome(r.tag, r.op_id, r.wallet_id, SKIPPED, r.kind, r.amount))
+            continue
         if wallet is None:
             decisions.append(
                 Outcome(
@@ -369,6 +382,8 @@ def _decide(
         recorded[(r.wallet_id, r.op_id)] = row
         decisions.append((row, False))
         if r.kind == TRANSFER_OUT:
+            if reason is None:
+                debited[r.transfer_id] = len(decided.started)
             decided.started.append(
                 (
                     r.wallet_id,
@@ -380,6 +395,11 @@ def _decide(
                     wallet.balance,
                 )
             )
+        elif e.entry_id == LOCAL_CREDIT:
+            # Both sides in this transaction: the transfer is recorded as it ends up.
+            at = debited[r.transfer_id]
+            status = COMPLETED if reason is None else RETURNING
+            decided.started[at] = (*decided.started[at][:4], status, reason, decided.started[at][6])
         elif r.kind == TRANSFER_IN:
             move = COMPLETED if reason is None else RETURNING
             decided.moves.append((r.counterparty, r.transfer_id, move, reason, None))

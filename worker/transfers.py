@@ -39,7 +39,7 @@ from shared.codec import (
     format_time,
     return_op_id,
 )
-from worker.apply import Entry
+from worker.apply import LOCAL_CREDIT, SKIPPED, Entry
 
 RESEND_BATCH = 1000  # transfers resent at most per rescan
 
@@ -97,6 +97,25 @@ async def unsettled_count(conn: Any, owned: Collection[int], shard_of: Callable[
     return sum(1 for r in rows if shard_of(r["source_id"]) in owned)
 
 
+def with_local_credits(entries: list[Entry], writes: Callable[[str], bool]) -> list[Entry]:
+    """The batch's entries, each debit of a transfer to a wallet this worker also writes
+    (`writes`) followed by that transfer's credit: both sides in one transaction, applied
+    only if the debit is (worker/apply.py), and no step to send."""
+    found = []
+    for e in entries:
+        found.append(e)
+        r = e.request
+        if r.kind == TRANSFER_OUT and writes(r.counterparty):
+            step = credit(r.transfer_id, r.wallet_id, r.counterparty, r.amount, 0, "")
+            found.append(Entry(LOCAL_CREDIT, step))
+    return found
+
+
+def credited(entries: list[Entry]) -> list[str]:
+    """The wallets that credits in the batch (with_local_credits) write."""
+    return [e.request.wallet_id for e in entries if e.entry_id == LOCAL_CREDIT]
+
+
 def follow_ups(
     entries: list[Entry], outcomes: list[Outcome]
 ) -> tuple[list[tuple[str, Outcome]], list[OperationRequest]]:
@@ -104,11 +123,17 @@ def follow_ups(
     steps of its transfers, to queue on their wallets' streams."""
     replies: list[tuple[str, Outcome]] = []
     steps: list[OperationRequest] = []
-    for entry, outcome in zip(entries, outcomes, strict=True):
+    for i, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
         r = entry.request
         answer: Outcome | None = outcome
+        if entry.entry_id == LOCAL_CREDIT:
+            continue  # answered with its debit
         if r.kind == TRANSFER_OUT:
-            answer, step = _after_debit(r, outcome)
+            local = i + 1 < len(entries) and entries[i + 1].entry_id == LOCAL_CREDIT
+            if local and outcomes[i + 1].status != SKIPPED:
+                answer, step = _after_both(r, outcome, outcomes[i + 1])
+            else:
+                answer, step = _after_debit(r, outcome)
         elif r.kind == TRANSFER_IN:
             answer, step = _after_credit(r, outcome)
         elif r.kind == TRANSFER_RETURN:
@@ -140,6 +165,27 @@ def _after_debit(r: OperationRequest, o: Outcome) -> tuple[Outcome | None, Opera
         )
     return None, credit(
         r.transfer_id, r.wallet_id, r.counterparty, r.amount, o.balance_after, o.created_at, r
+    )
+
+
+def _after_both(
+    r: OperationRequest, debit: Outcome, credited: Outcome
+) -> tuple[Outcome | None, OperationRequest | None]:
+    """After a debit and its credit in one transaction: answered now, unless the credit
+    could not be taken and the amount goes back."""
+    if credited.status == APPLIED:
+        answer = transfer_outcome(
+            r,
+            r.wallet_id,
+            r.counterparty,
+            COMPLETED,
+            balance_after=debit.balance_after,
+            created_at=debit.created_at,
+        )
+        return answer, None
+    reason = credited.reason if credited.status == REJECTED else WALLET_NOT_FOUND
+    return None, refund(
+        r.transfer_id, r.wallet_id, r.counterparty, r.amount, reason, r, debit.created_at
     )
 
 
@@ -214,7 +260,7 @@ def refund(
     route: OperationRequest | None = None,
     created_at: str = "",
 ) -> OperationRequest:
-    """Step 3, for the source's stream."""
+    """Step 3, for the source's stream; answered on `route`'s channel, if any."""
     return OperationRequest(
         return_op_id(transfer_id),
         source,
@@ -224,7 +270,7 @@ def refund(
         route.tag if route else 0,
         transfer_id=transfer_id,
         counterparty=destination,
-        transfer_time=route.transfer_time if route else created_at,
+        transfer_time=created_at or (route.transfer_time if route else ""),
         reason=reason or "",
     )
 

@@ -49,7 +49,7 @@ from shared.connections import (
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.settings import Settings
-from worker.apply import Fenced, LedgerConflict
+from worker.apply import Entry, Fenced, LedgerConflict
 from worker.backlog import Backlog
 from worker.commit import Committer
 from worker.ownership import Ownership
@@ -60,7 +60,14 @@ from worker.streams import (
     WakeListener,
     WalletStreams,
 )
-from worker.transfers import follow_ups, resends, settlements, unsettled_count
+from worker.transfers import (
+    credited,
+    follow_ups,
+    resends,
+    settlements,
+    unsettled_count,
+    with_local_credits,
+)
 
 log = logging.getLogger("worker")
 
@@ -206,14 +213,22 @@ class Worker:
         wallets = backlog.pick(owned, time.monotonic())
         if not wallets:
             return None
+        held = dict(owned)  # the shards, and their epochs, this round commits under
         epochs = self.ownership.epochs_of(wallets)
+        entries: list[Entry] = []
         try:
             unread = backlog.unread(wallets)
             if unread:
                 count = max(1, backlog.room(wallets) // len(unread))
                 backlog.took_readings(unread, await streams.read(unread, backlog.cursors, count))
             batch = backlog.take_ready(wallets)
-            entries = [e for reading in batch.values() for e in reading.entries]
+            # A transfer between two wallets this worker writes is one transaction (unless
+            # the destination is parked: its batches fail, and would take the source's).
+            entries = with_local_credits(
+                [e for reading in batch.values() for e in reading.entries],
+                lambda w: self.keys.shard_of(w) in held and not backlog.is_parked(w),
+            )
+            epochs |= {s: held[s] for s in map(self.keys.shard_of, credited(entries))}
             outcomes = await self.committer.commit(entries, epochs) if entries else []
             # Only after COMMIT: the replies and the transfers' next steps, then the trims
             # and the next entries.
@@ -226,7 +241,7 @@ class Worker:
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
             backlog.read_again(wallets)
-            self.committer.forget(wallets)
+            self.committer.forget([*wallets, *credited(entries)])
             raise
         backlog.went_through(wallets)
         return len(entries)
