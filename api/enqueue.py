@@ -29,7 +29,8 @@ from shared.errors import DependencyUnavailable
 from shared.scripts import ENQUEUE, ENQUEUE_SHA
 
 log = logging.getLogger("api.enqueue")
-_Call = tuple[tuple[Any, ...], asyncio.Future[Any]]
+# A call: the commands to send (ENQUEUE last; its answer is the call's), and its future.
+_Call = tuple[tuple[tuple[Any, ...], ...], asyncio.Future[Any]]
 RoundTrip = Callable[[AbstractConnection, Sequence[Sequence[Any]]], Awaitable[list[Any]]]
 RESTART_DELAY_FIRST, RESTART_DELAY_MAX = 0.05, 2.0  # after failures of its own, not Redis's
 
@@ -45,10 +46,14 @@ class Enqueuer:
         self._closing = False
         self.restarts = 0
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        """Runs the ENQUEUE script; returns its answer (the entry id, or None when full)."""
+    async def __call__(
+        self, keys: list[str], args: list[Any], before: Sequence[tuple[Any, ...]] = ()
+    ) -> Any:
+        """Runs the ENQUEUE script, after the commands `before` in the same round trip;
+        returns its answer (the entry id, or None when full)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(((len(keys), *keys, *args), future))
+        enqueue = ("EVALSHA", ENQUEUE_SHA, len(keys), *keys, *args)
+        self._pending.append(((*before, enqueue), future))
         self._wake.set()
         return await future
 
@@ -89,7 +94,7 @@ class Enqueuer:
         self._wake.set()
 
     async def _send(self, calls: list[_Call]) -> None:
-        commands = [("EVALSHA", ENQUEUE_SHA, *args) for args, _ in calls]
+        commands = [command for sent, _ in calls for command in sent]
         try:
             try:
                 results = await self.round_trip(self._connection, commands)
@@ -104,13 +109,16 @@ class Enqueuer:
                     future.set_exception(e)
             return
         unknown_script = []
-        for (args, future), result in zip(calls, results, strict=True):
+        answers = iter(results)
+        for sent, future in calls:
+            *before, result = [next(answers) for _ in sent]
+            failed = next((r for r in before if isinstance(r, Exception)), None)
             if isinstance(result, NoScriptError):  # Redis restarted and forgot it
-                unknown_script.append((args, future))
+                unknown_script.append((sent, future))
             elif future.done():  # the request went away
                 continue
-            elif isinstance(result, Exception):
-                future.set_exception(result)
+            elif isinstance(failed or result, Exception):
+                future.set_exception(failed or result)
             else:
                 future.set_result(result)
         if unknown_script:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -118,11 +118,15 @@ LookUp = Callable[[Any, QueuedOperation], Awaitable[Outcome | None]]
 
 
 async def queue_and_await(
-    app: web.Application, make: Callable[[str, int], QueuedOperation], look_up: LookUp
+    app: web.Application,
+    make: Callable[[str, int], QueuedOperation],
+    look_up: LookUp,
+    before: Sequence[tuple[Any, ...]] = (),
 ) -> Outcome | None:
     """Queues the operation `make` gives (for this process's reply channel and the tag its
-    reply will carry) on its wallet's stream, and returns the outcome the writer replies;
-    None when none comes within the reply timeout (it may be queued, even applied)."""
+    reply will carry) on its wallet's stream, after the Redis commands `before` in the same
+    round trip, and returns the outcome the writer replies; None when none comes within the
+    reply timeout (it may be queued, even applied)."""
     settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
@@ -141,6 +145,7 @@ async def queue_and_await(
                     settings.wallet_queue_limit,
                     settings.shard_queue_limit,
                 ],
+                before=before,
             )
             if entry is None:
                 raise errors.QueueFull(

@@ -56,7 +56,8 @@ async def post_transfer(request: web.Request) -> web.Response:
     await ensure_exists(request, destination, " (to)")
     transfer_id = transfer_id_for(source, idempotency_key(request))
     app = request.app
-    await app[REDIS].set(app[KEYS].pending_transfer(transfer_id), source, ex=PENDING_KEPT_SECONDS)
+    # Its source, for its URL to find it queued, set in the same round trip as it is queued.
+    mark = ("SET", app[KEYS].pending_transfer(transfer_id), source, "EX", PENDING_KEPT_SECONDS)
     outcome = await queue_and_await(
         app,
         lambda channel, tag: OperationRequest(
@@ -70,6 +71,7 @@ async def post_transfer(request: web.Request) -> web.Response:
             counterparty=destination,
         ),
         settled_outcome,
+        before=[mark],
     )
     if outcome is None:
         url = transfer_url(transfer_id)
