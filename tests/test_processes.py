@@ -150,8 +150,8 @@ async def test_the_locust_scenario_fails_on_a_balance_changed_behind_its_back(
 
 async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
     """`python -m load.bench --smoke`: a few seconds of both designs in a closed loop and in
-    the open model, and of the service with its worker restarted at a BATCH_INTERVAL, for
-    correctness only."""
+    the open model, with operations and with transfers, and of the service with its worker
+    restarted at a BATCH_INTERVAL, for correctness only."""
     pg_url, redis_url = servers
     run = await asyncio.to_thread(
         subprocess.run,
@@ -183,7 +183,7 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
     assert "| api 0." in rows[0]
     assert ", worker 0." in rows[0]
     assert "| rowlock 0." in rows[1]
-    closed = [line for line in phases if " connection" in line[:20]]
+    closed = [line for line in phases if " connection" in line[:20] and "transfers" not in line]
     # as each phase ended (the designs take turns at going first), then the report's table
     assert len(closed) == 8
     assert [row.split(" | ")[:2] for row in closed[4:]] == [
@@ -193,6 +193,13 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
         ["| 8 connections, 1 wallet", "row lock"],
     ]
     assert all("| exact |" in row for row in closed)
+    # Transfers of three shapes, closed loop and constant rate, both designs, exact and
+    # money conserved.
+    transfers = [line for line in phases if "transfers" in line.split(" | ")[0]]
+    assert len(transfers) == 2 * 12
+    assert all("| exact |" in row for row in transfers)
+    assert {row.split(" | ")[1] for row in transfers} == {"service", "row lock"}
+    assert "| transfers: 0 errors, every balance and the conservation sum exact |" in run.stdout
     assert "| balances exact in every phase | yes | yes |" in run.stdout
 
 
