@@ -122,6 +122,23 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         await redis.aclose()
 
 
+@contextlib.asynccontextmanager
+async def idle_workers(settings: Settings, count: int) -> AsyncIterator[list[Worker]]:
+    """Workers that do not run: a test takes shards and processes rounds by hand."""
+    made: list[tuple[Worker, Any, Any]] = []
+    try:
+        for _ in range(count):
+            worker_id = new_worker_id()
+            redis, pool = await connect(settings, worker_id)
+            made.append((Worker(settings, redis, pool, worker_id=worker_id), redis, pool))
+        yield [worker for worker, _, _ in made]
+    finally:
+        for worker, redis, pool in made:
+            await worker.close()
+            await pool.close()
+            await redis.aclose()
+
+
 async def _owns_some(worker: Worker, task: asyncio.Task[None]) -> bool:
     if task.done():
         task.result()  # raises what stopped it

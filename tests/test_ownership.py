@@ -20,7 +20,7 @@ from shared.codec import OperationRequest, encode_request
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE, live_workers
 from shared.settings import Settings
-from tests.conftest import AiohttpClient, running_worker
+from tests.conftest import AiohttpClient, idle_workers, running_worker
 from tests.helpers import eventually, ledger, operate, run_module, wallet_in
 from worker.apply import Fenced
 from worker.ownership import fair_share
@@ -127,13 +127,7 @@ async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
     wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
     shard = keys.shard_of(wallet)
-    workers = []
-    for _ in range(2):
-        worker_id = new_worker_id()
-        r, pool = await connect(settings, worker_id)
-        workers.append((Worker(settings, r, pool, worker_id=worker_id), r, pool))
-    (a, _, _), (b, _, _) = workers
-    try:
+    async with idle_workers(settings, 2) as (a, b):
         op_id = await enqueue(redis, keys, wallet, 500)
         assert await a.ownership.take(shard)
         assert a.has_work_for(wallet)
@@ -152,11 +146,6 @@ async def test_two_workers_that_both_believe_they_own_a_shard_cannot_both_commit
         assert await b.process_round() == 1
         assert [r["id"] for r in await ledger(pg, wallet)] == [op_id]
         assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 500
-    finally:
-        for worker, r, pool in workers:
-            await worker.close()
-            await pool.close()
-            await r.aclose()
 
 
 async def test_a_new_owner_waits_for_the_former_owner_s_batch_in_flight(

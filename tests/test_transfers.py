@@ -16,12 +16,11 @@ from shared.codec import TRANSFER_OUT, OperationRequest, decode_request, encode_
 from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
-from tests.conftest import AiohttpClient, running_worker
+from tests.conftest import AiohttpClient, idle_workers, running_worker
 from tests.helpers import Client, eventually, ledger, operate, wallet_in
 from tests.test_inspect import inspect_cli
 from worker.apply import Entry, Fenced, apply_batch, take_shard
 from worker.transfers import credit
-from worker.worker import Worker, connect, new_worker_id
 
 
 async def transfer(
@@ -426,13 +425,7 @@ async def test_a_destination_owner_paused_past_its_lease_cannot_credit_twice(
     await debit_by_hand(pg, keys, Entry("1-1", request))
     step = credit(request.transfer_id, source, destination, 400, 600, "2026-12-02T00:00:00Z")
     shard = keys.shard_of(destination)
-    workers = []
-    for _ in range(2):
-        worker_id = new_worker_id()
-        r, pool = await connect(settings, worker_id)
-        workers.append((Worker(settings, r, pool, worker_id=worker_id), r, pool))
-    (a, _, _), (b, _, _) = workers
-    try:
+    async with idle_workers(settings, 2) as (a, b):
         await a.streams.load_scripts()
         await a.streams.send([step])
         assert await a.ownership.take(shard)
@@ -443,11 +436,6 @@ async def test_a_destination_owner_paused_past_its_lease_cannot_credit_twice(
             await a.process_round()
         assert await ledger(pg, destination) == []
         assert await b.process_round() == 1
-    finally:
-        for worker, r, pool in workers:
-            await worker.close()
-            await pool.close()
-            await r.aclose()
     assert [r["kind"] for r in await ledger(pg, destination)] == ["TRANSFER_IN"]
     assert await transfer_state(pg, request.transfer_id) == "completed"
     assert await credited(pg, destination, 400)

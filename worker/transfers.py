@@ -17,6 +17,10 @@ before it acknowledges its own entry: a crash in between leaves the entry, which
 again, found recorded, and sends the next step again. Whatever is lost beyond that (Redis
 wiped) the owner of the source's shard finds among the transfers `in_flight` or
 `returning` for a while, and sends again (`resends`).
+
+When one worker writes both wallets (it owns both shards), steps 1 and 2 are one batch:
+the credit follows the debit in it (`with_local_credits`), and the transfer is recorded as
+it ends up.
 """
 
 from __future__ import annotations
