@@ -647,7 +647,10 @@ def targets(
 
     def best_ratio(what: str, design: str, reference: str, least: float) -> None:
         if {design, reference} <= set(best):
-            ratio = best[design] / max(best[reference], 1)
+            if not best[reference]:
+                rows.append((what, f"{reference} sustained none of its rates: no ratio", False))
+                return
+            ratio = best[design] / best[reference]
             measured = f"{ratio:.2f}x ({best[design]}/s against {best[reference]}/s)"
             rows.append((what, measured, ratio >= least))
 
@@ -902,7 +905,7 @@ async def bench(
             return
         steps = {
             "service": [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000],
-            "row lock": [250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000],
+            "row lock": [100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000],
         }
         for target in (service, rowlock):
             name, wallets, workload = shapes_of[target.design][0]

@@ -541,3 +541,42 @@ async def test_a_transfer_between_two_writers_is_credited_by_the_destination_s(
         assert await balance(api, destination) == "4.00"
         status, body, _ = await transfer(api, destination, source, "4.01")
         assert (status, body["transfer"]["reason"]) == (409, "insufficient_funds")
+
+
+async def test_two_writers_sending_to_each_other_at_once_neither_deadlock_nor_lose(
+    api: Client, settings: Settings, pg: Any
+) -> None:
+    """Wallets on two workers' shards, transfers both ways at once, and within each side:
+    every one is answered 200 or 409, and the money adds up with nothing in flight."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    rng = random.Random(20261202)
+    async with running_worker(settings) as first, running_worker(settings) as second:
+
+        async def shared() -> bool:
+            mine, theirs = set(first.ownership.owned), set(second.ownership.owned)
+            return bool(mine) and bool(theirs) and len(mine | theirs) == settings.shard_count
+
+        await eventually(shared, what="the two workers to share the shards")
+        wallets = [
+            wallet_in(keys, rng.choice(sorted(worker.ownership.owned)))
+            for worker in (first, second)
+            for _ in range(4)
+        ]
+        for wallet in wallets:
+            await pg.execute("INSERT INTO wallets (id, balance) VALUES ($1, 2000)", wallet)
+
+        async def one() -> int:
+            a, b = rng.sample(wallets, 2)
+            status, body, _ = await transfer(api, a, b, f"{rng.randint(1, 9)}.00")
+            assert status in (200, 409), body
+            return status
+
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+        assert statuses.count(200) > 100
+    held, _ = await conservation(pg, wallets)
+    assert held == 8 * 2000  # their balances, and nothing in flight:
+    assert not await pg.fetchval(
+        "SELECT count(*) FROM transfers"
+        " WHERE source_id = any($1::uuid[]) AND status IN ('in_flight', 'returning')",
+        wallets,
+    )
