@@ -146,6 +146,7 @@ class Target:
     # how many operations it holds queued, if it queues them
     queued: Callable[[], Awaitable[int]] | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # its processes' settings
+    transfers: bool = True  # it serves transfers (a --baseline from before them does not)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -514,7 +515,7 @@ async def until_quiet(target: Target, within: float = 60) -> None:
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND state = 'active' AND pid <> pg_backend_pid()"
         )
-        unsettled = await target.pg.fetchval(
+        unsettled = target.transfers and await target.pg.fetchval(
             "SELECT count(*) FROM transfers WHERE status IN ('in_flight', 'returning')"
         )
         if not busy and not unsettled and (target.queued is None or not await target.queued()):
@@ -868,9 +869,9 @@ async def bench(
         """Connections, prepared statements, caches, a worker owning its shards; not reported."""
         wallets = await new_wallets(target.pg, 2)
         await run_phase(target, wallets, Phase("", target.design, 200, 3), operations(wallets))
-        await run_phase(
-            target, wallets, Phase("", target.design, 100, 2), transfers(wallets, wallets)
-        )
+        if target.transfers:
+            transferring = Phase("", target.design, 100, 2)
+            await run_phase(target, wallets, transferring, transfers(wallets, wallets))
 
     def in_turn(index: int, per_round: int) -> list[Target]:
         """The designs in the order of the index-th phase: who goes first changes from
@@ -884,9 +885,12 @@ async def bench(
         closed loop, a constant rate, and the highest rate each design sustains on the hot
         destination."""
         count, connections = (20, 8) if args.smoke else (1000, 64)
-        shapes_of = {t.design: await transfer_shapes(t.pg, count) for t in compared}
+        serving = [t for t in compared if t.transfers]
+        shapes_of = {t.design: await transfer_shapes(t.pg, count) for t in serving}
         for index in range(3):
             for target in in_turn(index, 3):
+                if not target.transfers:
+                    continue
                 name, wallets, workload = shapes_of[target.design][index]
                 label = f"{connections} connections, transfers {name}"
                 phase = Phase(label, target.design, 0, args.closed_seconds, connections)
@@ -896,6 +900,8 @@ async def bench(
             return
         for index in range(3):
             for target in in_turn(index, 3):
+                if not target.transfers:
+                    continue
                 name, wallets, workload = shapes_of[target.design][index]
                 label = f"{args.transfer_rate}/s, transfers {name}"
                 phase = Phase(label, target.design, args.transfer_rate, args.transfer_seconds)
@@ -929,6 +935,7 @@ async def bench(
         compared = [service, rowlock]
         if baseline is not None:
             compared.insert(1, await service_at(f"service at {args.baseline}", baseline))
+            compared[1].transfers = (baseline / "api" / "transfers.py").exists()
         async with aiohttp.ClientSession() as http:
             for target in compared:
                 if target.queued is not None:
