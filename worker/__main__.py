@@ -86,7 +86,7 @@ async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
 
     async def expose(request: web.Request) -> web.Response:
         # The rest is still worth reading.
-        with contextlib.suppress(RedisError, OSError, *PG_ERRORS):
+        with contextlib.suppress(RedisError, OSError, TimeoutError, *PG_ERRORS):
             await worker.refresh_gauges()
         response = web.Response(body=exposition(worker.metrics.registry))
         response.headers["Content-Type"] = CONTENT_TYPE

@@ -355,13 +355,12 @@ class WalletStreams:
         )
 
     async def send(self, steps: list[OperationRequest]) -> None:
-        """Queues transfers' steps (found by the resending) in one round trip."""
-        if steps:
-            for answer in await round_trip(
-                self._connection, [self.enqueue_command(s) for s in steps]
-            ):
-                if isinstance(answer, Exception):
-                    raise answer
+        """Queues transfers' steps (found by the resending) in one round trip, over the
+        client's pool: the round's own connection is the round's alone."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for step in steps:
+                pipe.execute_command(*self.enqueue_command(step))
+            await pipe.execute()
 
     def _acknowledge_read_command(self, wallet: str, cursor: str, count: int) -> tuple[Any, ...]:
         shard = self._keys.shard_of(wallet)

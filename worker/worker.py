@@ -152,6 +152,7 @@ class Worker:
         """Owns shards and works on them until stop()."""
         self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
         self._tasks.append(asyncio.create_task(self.listener.run(), name="wake-listener"))
+        self._tasks.append(asyncio.create_task(self._resend_transfers(), name="resend-transfers"))
         await self.streams.load_scripts()  # else loaded on meeting NOSCRIPT
         last_rescan = -math.inf
         failures = 0
@@ -166,7 +167,6 @@ class Worker:
                         self._rescan_due = False
                         await self._rescan(list(self.ownership.owned))
                         last_rescan = time.monotonic()
-                        await self._resend_transfers()
                     started = time.monotonic()
                     done = await self.process_round()
                     failures = 0
@@ -286,18 +286,29 @@ class Worker:
         self._wakeup.set()
 
     async def _resend_transfers(self) -> None:
-        """Sends again the next step of the owned wallets' transfers that have stayed
-        unsettled too long (worker/transfers.py)."""
-        async with connection_from(self.pool) as conn:
-            steps = await resends(
-                conn,
-                self.ownership.owned,
-                self.keys.shard_of,
-                self.settings.transfer_resend_after,
-            )
-        if steps:
-            log.warning("sending again the next step of %d unsettled transfers", len(steps))
-            await self.streams.send(steps)
+        """Every rescan interval, sends again the next step of the owned wallets' transfers
+        that have stayed unsettled too long (worker/transfers.py). A task of its own, each
+        try bounded by a lease: a PostgreSQL that does not answer holds it, not the rounds
+        (whose batches must meet the rule that a worker unable to commit steps aside)."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.worker_rescan_interval)
+            if self._stopping.is_set():
+                return
+            try:
+                async with asyncio.timeout(self.settings.worker_lease_ttl):
+                    async with connection_from(self.pool) as conn:
+                        steps = await resends(
+                            conn,
+                            self.ownership.owned,
+                            self.keys.shard_of,
+                            self.settings.transfer_resend_after,
+                        )
+                    if steps:
+                        log.warning("sending again the next step of %d transfers", len(steps))
+                        await self.streams.send(steps)
+            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
+                log.warning("resending unsettled transfers failed (%s: %s)", type(e).__name__, e)
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at
@@ -344,7 +355,7 @@ class Worker:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
             counts = await pipe.execute()
-        async with connection_from(self.pool) as conn:
+        async with asyncio.timeout(REDIS_SOCKET_TIMEOUT), connection_from(self.pool) as conn:
             unsettled = await unsettled_count(conn, owned, self.keys.shard_of)
         self.metrics.transfers_unsettled.set(unsettled)
         self.metrics.shards_owned.set(len(owned))
