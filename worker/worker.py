@@ -295,6 +295,8 @@ class Worker:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.worker_rescan_interval)
             if self._stopping.is_set():
                 return
+            if not self.ownership.owned:  # sidelined, or not yet taking: nothing of its own
+                continue
             try:
                 async with asyncio.timeout(self.settings.worker_lease_ttl):
                     async with connection_from(self.pool) as conn:
