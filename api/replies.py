@@ -92,7 +92,7 @@ class ReplyListener:
                 self.subscribed.clear()
                 self.first_attempt_done.set()
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             if failures:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
