@@ -21,8 +21,15 @@ install: $(INSTALLED)
 run: $(INSTALLED)
 	$(BIN)/python -m devtools.stack
 
+# The tests of the contract, recovery and ownership once more on a Redis Cluster of the run's
+# own (3 primaries with a replica each), where a redis-server 7 or newer is on PATH; where
+# not, they are skipped, saying why. CLUSTER_TESTS= leaves them out.
+CLUSTER_TESTS ?= tests/test_cluster.py tests/test_operations.py tests/test_wallets.py \
+	tests/test_transfers.py tests/test_recovery.py tests/test_ownership.py tests/test_wakes.py
+
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(if $(strip $(CLUSTER_TESTS)),TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_TESTS))
 
 # BENCH_ARGS=--help for the options; --update-readme rewrites README's figures.
 bench: $(INSTALLED)

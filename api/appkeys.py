@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
 
 from api.enqueue import Enqueuer
 from api.live import LiveStats
 from api.replies import ReplyListener
+from shared.connections import RedisClient
 from shared.keys import KeySpace
 from shared.metrics import ApiMetrics
 from shared.settings import Settings
@@ -16,7 +16,7 @@ from shared.settings import Settings
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", KeySpace)
 PG = web.AppKey("pg", asyncpg.Pool)
-REDIS = web.AppKey("redis", Redis)
+REDIS = web.AppKey[RedisClient]("redis")
 REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", Enqueuer)
 METRICS = web.AppKey("metrics", ApiMetrics)

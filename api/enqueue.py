@@ -3,9 +3,10 @@
 Profiling the API at ~1,800 requests/s showed a third of its CPU in redis-py's per-command
 path. Requests that arrive while a round trip is in flight go out together in the next one,
 so that cost, and the round trip, is shared; under light load a round trip holds one call.
-The calls go over a connection of the enqueuer's own, written and read directly: no pool
-checkout and no pipeline object per round trip. At 1,000 requests/s, mostly one call a
-round trip, that took the API from about 0.5 to 0.4 of a core (the bench's CPU column).
+The calls go over a connection of the enqueuer's own (one per node on a Redis Cluster),
+written and read directly: no pool checkout and no pipeline object per round trip. At
+1,000 requests/s, mostly one call a round trip, that took the API from about 0.5 to 0.4 of
+a core (the bench's CPU column).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
@@ -31,15 +30,15 @@ from shared.scripts import ENQUEUE, ENQUEUE_SHA
 log = logging.getLogger("api.enqueue")
 # A call: the commands to send (ENQUEUE last; its answer is the call's), and its future.
 _Call = tuple[tuple[tuple[Any, ...], ...], asyncio.Future[Any]]
-RoundTrip = Callable[[AbstractConnection, Sequence[Sequence[Any]]], Awaitable[list[Any]]]
 RESTART_DELAY_FIRST, RESTART_DELAY_MAX = 0.05, 2.0  # after failures of its own, not Redis's
 
 
 class Enqueuer:
-    def __init__(self, redis: Redis, round_trip: RoundTrip = connections.round_trip) -> None:
+    def __init__(
+        self, redis: connections.RedisClient, direct: connections.DirectLine | None = None
+    ) -> None:
         self.redis = redis
-        self.round_trip = round_trip
-        self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        self._direct = direct or connections.direct(redis)
         self._pending: list[_Call] = []
         self._sending: list[_Call] = []
         self._wake = asyncio.Event()
@@ -76,9 +75,9 @@ class Enqueuer:
                 for _, future in failed:
                     if not future.done():
                         future.set_exception(error)
-                await self._connection.disconnect(nowait=True)
+                await self._direct.close()
                 await asyncio.sleep(backoff(failures, RESTART_DELAY_FIRST, RESTART_DELAY_MAX))
-        await self._connection.disconnect()
+        await self._direct.close()
 
     async def _serve(self) -> None:
         while not self._closing:
@@ -97,12 +96,12 @@ class Enqueuer:
         commands = [command for sent, _ in calls for command in sent]
         try:
             try:
-                results = await self.round_trip(self._connection, commands)
+                results = await self._direct.round_trip(commands)
             except RedisConnectionError:
                 # A connection Redis has closed (a restart, a killed client) fails when next
                 # used: once more on a new one. If only the answer was lost, the operations
                 # are queued twice, and the worker answers the second of each as a replay.
-                results = await self.round_trip(self._connection, commands)
+                results = await self._direct.round_trip(commands)
         except (RedisError, OSError) as e:  # Redis is unreachable: every call failed
             for _, future in calls:
                 if not future.done():

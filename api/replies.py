@@ -4,7 +4,12 @@ listener hands each to the request waiting for it.
 Pub/sub keeps nothing for a subscriber that is away: a reply published while the channel
 is being subscribed again is gone. Its operation was committed before the reply went, so
 once the subscription is back (confirmed by Redis), each request still waiting is told
-that its reply may have been missed (RepliesMissed), and looks in the ledger."""
+that its reply may have been missed (RepliesMissed), and looks in the ledger.
+
+On a Redis Cluster the channel is a shard channel (SSUBSCRIBE; workers SPUBLISH), served
+by the one node that owns its slot rather than copied to every node. When the slot moves
+(a failover, a reshard) the subscription follows it, and the waiting requests are told as
+after a lost connection."""
 
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from shared.backoff import backoff
 from shared.codec import MessageError, Outcome, decode_outcomes
+from shared.connections import RedisClient
 
 log = logging.getLogger("api.replies")
 
@@ -31,7 +38,7 @@ class RepliesMissed(Exception):
 
 
 class ReplyListener:
-    def __init__(self, redis: Redis, channel: str) -> None:
+    def __init__(self, redis: RedisClient, channel: str) -> None:
         self.redis = redis
         self.channel = channel
         self.subscribed = asyncio.Event()
@@ -70,21 +77,37 @@ class ReplyListener:
     async def run(self) -> None:
         """Listens until close(), subscribing again after a lost connection."""
         failures = 0
+        moved = False
         while not self.closing.is_set():
-            pubsub = self.redis.pubsub()
+            pubsub: Any = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
+                if isinstance(self.redis, RedisCluster):
+                    # The client's slot map, read anew after a failure or a move (a pubsub
+                    # needs one to exist: redis-py issue 4296).
+                    if failures or moved:
+                        await self.redis.nodes_manager.initialize()
+                    await self.redis.initialize()
+                    moved = False
+                    await pubsub.ssubscribe(self.channel)
+                    read = pubsub.get_sharded_message
+                else:
+                    await pubsub.subscribe(self.channel)
+                    read = pubsub.get_message
                 while not self.closing.is_set():
-                    message = await pubsub.get_message(timeout=LISTEN_WAIT)
+                    message = await read(timeout=LISTEN_WAIT)
                     if message is None:
                         continue
-                    if message["type"] == "message":
+                    kind = message["type"]
+                    if kind in ("message", "smessage"):
                         self.dispatch(message["data"])
-                    elif message["type"] == "subscribe":  # from here on no reply is missed
+                    elif kind in ("subscribe", "ssubscribe"):  # from here on none is missed
                         self._missed_while_away()
                         self.subscribed.set()
                         self.first_attempt_done.set()
                         failures = 0
+                    elif kind == "sunsubscribe":  # its slot moved: subscribe where it went
+                        moved = True
+                        break
             except (RedisError, OSError) as e:
                 failures += 1
                 log.warning("reply channel lost (%s); subscribing again", e)

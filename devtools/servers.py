@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from devtools.processes import ROOT
+from devtools.processes import ROOT, free_port
 
 
 class EmbeddedPostgres:
@@ -162,3 +164,199 @@ def migrate(database_url: str, root: Path = ROOT) -> None:
         env={**os.environ, "DATABASE_URL": database_url},
         check=True,
     )
+
+
+def redis_server_7() -> str | None:
+    """A redis-server of version 7 or newer on PATH (Debian's), which Redis Cluster with
+    sharded pub/sub needs; None if there is none."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        return None
+    shown = subprocess.run([executable, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"v=(\d+)\.", shown)
+    return executable if found and int(found.group(1)) >= 7 else None
+
+
+def _free_cluster_port() -> int:
+    """A loopback port free together with the one 10000 above it (the cluster bus)."""
+    for _ in range(100):
+        port = free_port()
+        if port < 55535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free pair of loopback ports for a cluster node")
+
+
+class RedisClusterNodes:
+    """A Redis Cluster on loopback of our own: `primaries` primaries with `replicas` replicas
+    each, every node a redis-server process keeping nothing on disk but its nodes.conf.
+    A node killed and started again comes back with its old identity, as a replica of
+    whoever took its slots over."""
+
+    def __init__(
+        self, directory: Path, executable: str, primaries: int = 3, replicas: int = 1
+    ) -> None:
+        self._directory = directory
+        self._executable = executable
+        self._cli = str(Path(executable).with_name("redis-cli"))
+        self._shape = (primaries, replicas)
+        self.ports: list[int] = []
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL, from which a client discovers the rest."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def create(self, within: float = 30) -> None:
+        primaries, replicas = self._shape
+        self.ports = [_free_cluster_port() for _ in range(primaries * (1 + replicas))]
+        for port in self.ports:
+            self.start(port)
+        subprocess.run(
+            [
+                self._cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                str(replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=within,
+        )
+        self.wait_ok(within)
+        deadline = time.monotonic() + within
+        while sum(self._replica_in_sync(port) for port in self.ports) < primaries * replicas:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's replicas did not catch up with their primaries")
+            time.sleep(0.05)
+
+    def _replica_in_sync(self, port: int) -> bool:
+        info = self.call(port, "INFO", "replication")
+        return "role:slave" in info and "master_link_status:up" in info
+
+    def start(self, port: int, within: float = 10) -> None:
+        node_dir = self._directory / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        with (node_dir / "redis.log").open("ab") as log:
+            self._processes[port] = subprocess.Popen(
+                [
+                    self._executable,
+                    *("--port", str(port), "--bind", "127.0.0.1"),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"),
+                    *("--repl-diskless-sync-delay", "0"),
+                    *("--dir", str(node_dir)),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + within
+        while self.call(port, "PING") != "PONG":
+            if self._processes[port].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {node_dir}/redis.log")
+            time.sleep(0.02)
+
+    def call(self, port: int, *command: str) -> str:
+        """One command to one node by redis-cli; its answer, empty if the node is down."""
+        done = subprocess.run(
+            [self._cli, "-p", str(port), *command], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.strip()
+
+    def primary_ports(self) -> list[int]:
+        """The ports of the nodes that are primaries now."""
+        return [
+            int(fields[1].split(":")[1].split("@")[0])
+            for fields in self._view()
+            if "master" in fields[2] and "fail" not in fields[2]
+        ]
+
+    def _view(self) -> list[list[str]]:
+        """CLUSTER NODES by the first live node, each line split."""
+        for port in self.ports:
+            view = self.call(port, "CLUSTER", "NODES")
+            if view:
+                return [line.split() for line in view.splitlines()]
+        raise RuntimeError("no node of the cluster answers")
+
+    def owner_of(self, slot: int) -> int:
+        """The port of the primary serving `slot`."""
+        for fields in self._view():
+            if "master" in fields[2] and "fail" not in fields[2]:
+                for served in fields[8:]:
+                    low, _, high = served.partition("-")
+                    if not served.startswith("[") and int(low) <= slot <= int(high or low):
+                        return int(fields[1].split(":")[1].split("@")[0])
+        raise RuntimeError(f"no primary serves slot {slot}")
+
+    def move_slot(self, slot: int, to_port: int, keys_at_a_time: int = 10) -> None:
+        """Moves a slot, its keys included, to the primary at `to_port` as a reshard does:
+        meanwhile the clients get ASK for the keys already moved, and MOVED after."""
+        from_port = self.owner_of(slot)
+        from_id = self.call(from_port, "CLUSTER", "MYID")
+        to_id = self.call(to_port, "CLUSTER", "MYID")
+        self.call(to_port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", from_id)
+        self.call(from_port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", to_id)
+        while keys := self.call(
+            from_port, "CLUSTER", "GETKEYSINSLOT", str(slot), str(keys_at_a_time)
+        ).split():
+            self.call(
+                from_port, "MIGRATE", "127.0.0.1", str(to_port), "", "0", "5000", "KEYS", *keys
+            )
+        for port in self.primary_ports():
+            self.call(port, "CLUSTER", "SETSLOT", str(slot), "NODE", to_id)
+
+    def wait_ok(self, within: float = 30) -> None:
+        """Until every live node says the cluster is ok and all slots are served."""
+        deadline = time.monotonic() + within
+        while True:
+            live = [p for p, process in self._processes.items() if process.poll() is None]
+            infos = [self.call(port, "CLUSTER", "INFO") for port in live]
+            if all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster did not become ok: {infos}")
+            time.sleep(0.05)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node: a replica of its takes over after the node timeout."""
+        process = self._processes[port]
+        process.kill()
+        process.wait()
+
+    def wait_failed_over(self, port: int, within: float = 30) -> None:
+        """Until the other nodes hold the node at `port` failed and serve its slots."""
+        deadline = time.monotonic() + within
+        while not any(
+            fields[1].startswith(f"127.0.0.1:{port}@") and "fail" in fields[2].split(",")
+            for fields in self._view()
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not fail node {port} over")
+            time.sleep(0.05)
+        self.wait_ok(within)
+
+    def stop(self) -> None:
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self._processes.values():
+            process.wait()
+
+
+@contextlib.contextmanager
+def redis_cluster(directory: Path, executable: str) -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes(directory, executable)
+    try:
+        nodes.create()
+        yield nodes
+    finally:
+        nodes.stop()

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from shared.settings import Settings
 
@@ -53,10 +63,25 @@ async def connection_from(pool: Any) -> AsyncIterator[Any]:
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 
 
+# A client of one Redis or of a Redis Cluster (REDIS_CLUSTER): the commands the service
+# sends through a client take one key each, or keys of one slot, so both run them alike.
+RedisClient = Redis | RedisCluster
+
+
 def open_redis(
     settings: Settings, *, max_connections: int | None = None, name: str | None = None
-) -> Redis:
+) -> RedisClient:
     """`name` (CLIENT SETNAME) tells an operator's CLIENT LIST whose connection is whose."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            max_connections=max_connections or settings.redis_pool_max,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=2.0,
+            socket_keepalive=True,
+            health_check_interval=30,
+            client_name=name,
+        )
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections or settings.redis_pool_max,
@@ -107,6 +132,133 @@ async def round_trip(
         await connection.disconnect(nowait=True)
         raise
     return results
+
+
+MAX_REDIRECTS = 5  # MOVED, ASK or TRYAGAIN answers one command may get within one call
+
+
+def key_of(command: Sequence[Any]) -> Any:
+    """The key that decides which node of a cluster a command goes to: the first key of a
+    script, the first stream of an XREAD, else the first argument (a key or a channel)."""
+    name = str(command[0]).upper()
+    if name in ("EVAL", "EVALSHA"):
+        return command[3]
+    if name == "XREAD":
+        return command[[str(a).upper() for a in command].index("STREAMS") + 1]
+    return command[1]
+
+
+class Direct:
+    """Round trips of raw commands (`round_trip`) over one connection of the holder's own,
+    for a single Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+
+    async def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        return await round_trip(self._connection, commands)
+
+    async def close(self) -> None:
+        await self._connection.disconnect()
+
+
+class ClusterDirect:
+    """Round trips of raw commands on a Redis Cluster: each node gets its commands, in order,
+    in one write over a connection of the holder's own, all nodes at once. Commands are
+    ordered within a node only: a caller that needs one command done before another on
+    another node makes two calls. MOVED and ASK are followed (the slot map corrected on
+    MOVED). A node that cannot be reached fails the call, as a lost connection does on a
+    single Redis, once the slot map is read again, so that the caller's retry goes to the
+    node that took its slots over."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._cluster = cluster
+        self._connections: dict[str, AbstractConnection] = {}
+
+    async def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        manager = self._cluster.nodes_manager
+        if not manager.slots_cache:
+            await self._cluster.initialize()
+        results: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        asking: dict[int, ClusterNode] = {}
+        for _ in range(MAX_REDIRECTS):
+            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in todo:
+                node = asking.get(i) or manager.get_node_from_slot(
+                    key_slot(_encoded(key_of(commands[i])))
+                )
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+            sent = [
+                self._send(node, [commands[i] for i in indexes], any(i in asking for i in indexes))
+                for node, indexes in by_node.values()
+            ]
+            answers = await asyncio.gather(*sent, return_exceptions=True)
+            failed = next((a for a in answers if isinstance(a, BaseException)), None)
+            if failed is not None:
+                if isinstance(failed, (RedisError, OSError)):
+                    with contextlib.suppress(RedisError, OSError):
+                        await manager.initialize()
+                raise failed
+            todo, asking, retry_later = [], {}, False
+            for (_, indexes), answer in zip(by_node.values(), answers, strict=True):
+                assert isinstance(answer, list)
+                for i, result in zip(indexes, answer, strict=True):
+                    if isinstance(result, MovedError):
+                        await manager.move_slot(result)
+                        todo.append(i)
+                    elif isinstance(result, AskError):
+                        asking[i] = self._node(result.host, result.port)
+                        todo.append(i)
+                    elif isinstance(result, (TryAgainError, ClusterDownError)):
+                        retry_later = True
+                        todo.append(i)
+                    else:
+                        results[i] = result
+            if not todo:
+                return results
+            if retry_later:
+                await asyncio.sleep(0.05)
+        for i in todo:
+            results[i] = ClusterDownError(f"{commands[i][0]}: redirected too often")
+        return results
+
+    async def _send(
+        self, node: ClusterNode, commands: list[Sequence[Any]], asking: bool
+    ) -> list[Any]:
+        connection = self._connections.get(node.name)
+        if connection is None:
+            connection = node.connection_class(**node.connection_kwargs)
+            self._connections[node.name] = connection
+        if not asking:
+            return await round_trip(connection, commands)
+        # ASKING holds for the next command only: before each one, its answer dropped.
+        asked = [c for command in commands for c in (("ASKING",), command)]
+        return (await round_trip(connection, asked))[1::2]
+
+    def _node(self, host: str, port: int) -> ClusterNode:
+        manager = self._cluster.nodes_manager
+        node = manager.get_node(host=host, port=port)
+        if node is None:
+            node = ClusterNode(host, port, **manager.connection_kwargs)
+        return node
+
+    async def close(self) -> None:
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            await connection.disconnect()
+
+
+DirectLine = Direct | ClusterDirect
+
+
+def direct(redis: RedisClient) -> DirectLine:
+    """Raw round trips of the caller's own on the client's Redis or Redis Cluster."""
+    return ClusterDirect(redis) if isinstance(redis, RedisCluster) else Direct(redis)
+
+
+def _encoded(key: Any) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()
 
 
 async def open_pg_pool(

@@ -7,8 +7,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from redis.asyncio import Redis
-
+from shared.connections import RedisClient
 from shared.keys import KeySpace
 
 # KEYS: wallet stream, shard dirty set, shard wake stream, shard queued count
@@ -82,6 +81,13 @@ end
 return 0
 """
 
+# KEYS: shard dirty set, shard wake stream. The shard's dirty wallets and the id of the last
+# wake entry at that moment, in one step (a script, as a MULTI cannot span a cluster's
+# pipeline): the wake-ups after that id are of wallets that became dirty since.
+DIRTY_SINCE = """
+return {redis.call('SMEMBERS', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)}
+"""
+
 # Liveness is judged by Redis's clock alone, never by comparing hosts' clocks: a host whose
 # clock ran ahead would keep a dead worker "live", and its shards unowned, for the skew.
 _REDIS_NOW_MS = """
@@ -140,13 +146,13 @@ return found
 )
 
 
-async def live_workers(redis: Redis, keys: KeySpace) -> list[str]:
+async def live_workers(redis: RedisClient, keys: KeySpace) -> list[str]:
     """The ids of the workers alive now, by Redis's clock."""
     found: Any = await redis.eval(LIVE_WORKERS, 1, keys.workers())
     return [w.decode() for w in found]
 
 
-async def sidelined_workers(redis: Redis, keys: KeySpace) -> dict[str, str]:
+async def sidelined_workers(redis: RedisClient, keys: KeySpace) -> dict[str, str]:
     """The workers alive but without shards because they cannot commit: id -> why."""
     found: Any = await redis.eval(SIDELINED, 1, keys.sidelined())
     return {found[i].decode(): found[i + 1].decode() for i in range(0, len(found), 2)}

@@ -2,6 +2,8 @@
 
 TEST_DATABASE_URL (any database on the server; the run creates its own beside it) and
 TEST_REDIS_URL point the tests at running servers; without them the run starts embedded ones.
+TEST_REDIS_CLUSTER=1 runs the tests against a Redis Cluster of the run's own (3 primaries,
+each with a replica) of the redis-server 7 found on PATH; without one they are skipped.
 """
 
 from __future__ import annotations
@@ -19,35 +21,57 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
-from redis.asyncio import Redis
 
 from api.app import create_app
-from devtools.servers import migrate, servers_or_embedded, with_database
-from shared.connections import open_pg_pool, open_redis
+from devtools.servers import (
+    RedisClusterNodes,
+    migrate,
+    redis_cluster,
+    redis_server_7,
+    servers_or_embedded,
+    with_database,
+)
+from shared.connections import RedisClient, open_pg_pool, open_redis
 from shared.settings import Settings
 from tests.helpers import eventually
 from worker.worker import Worker, connect, new_worker_id
 
 RUN_ID = uuid.uuid4().hex[:10]
+REDIS_CLUSTER = os.environ.get("TEST_REDIS_CLUSTER") == "1"
 _namespaces = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[tuple[str, str]]:
-    """(PostgreSQL server URL, Redis URL).
+def workdir() -> Iterator[Path]:
+    """Where the run's own servers keep their data: not under pytest's basetemp, as any
+    pytest session that starts on the machine meanwhile closes the basetemp's parent to its
+    owner again (0700), which cuts an embedded PostgreSQL running as a user of its own (when
+    the tests run as root) off from its data, and it stops."""
+    with tempfile.TemporaryDirectory(
+        prefix="wallet-test-servers-", ignore_cleanup_errors=True
+    ) as directory:
+        yield Path(directory)
 
-    Embedded servers keep their data in a directory of their own, not under pytest's
-    basetemp: any pytest session that starts on the machine meanwhile closes the basetemp's
-    parent to its owner again (0700), which cuts an embedded PostgreSQL running as a user of
-    its own (when the tests run as root) off from its data, and it stops."""
-    with (
-        tempfile.TemporaryDirectory(
-            prefix="wallet-test-servers-", ignore_cleanup_errors=True
-        ) as workdir,
-        servers_or_embedded(
-            Path(workdir), os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
-        ) as urls,
-    ):
+
+@pytest.fixture(scope="session")
+def cluster_nodes(workdir: Path) -> Iterator[RedisClusterNodes | None]:
+    """With TEST_REDIS_CLUSTER=1, the run's Redis Cluster (the tests that need it skip
+    without); else None."""
+    if not REDIS_CLUSTER:
+        yield None
+        return
+    executable = redis_server_7()
+    if executable is None:
+        pytest.skip("TEST_REDIS_CLUSTER=1, but no redis-server 7 or newer on PATH")
+    with redis_cluster(workdir / "cluster", executable) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="session")
+def servers(workdir: Path, cluster_nodes: RedisClusterNodes | None) -> Iterator[tuple[str, str]]:
+    """(PostgreSQL server URL, Redis URL)."""
+    redis = cluster_nodes.url if cluster_nodes else os.environ.get("TEST_REDIS_URL")
+    with servers_or_embedded(workdir, os.environ.get("TEST_DATABASE_URL"), redis) as urls:
         yield urls
 
 
@@ -70,7 +94,9 @@ async def database_url(servers: tuple[str, str]) -> AsyncIterator[str]:
 async def redis_url(servers: tuple[str, str]) -> AsyncIterator[str]:
     """Every key this run writes starts with its prefix; they are deleted at the end."""
     yield servers[1]
-    redis = Redis.from_url(servers[1])
+    redis = open_redis(
+        Settings(database_url="-", redis_url=servers[1], redis_cluster=REDIS_CLUSTER)
+    )
     async for key in redis.scan_iter(match=f"t{RUN_ID}-*", count=1000):
         await redis.unlink(key)
     await redis.aclose()
@@ -82,6 +108,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=redis_url,
+        redis_cluster=REDIS_CLUSTER,
         redis_key_prefix=f"t{RUN_ID}-{next(_namespaces)}",
         shard_count=8,
         reply_timeout=30.0,
@@ -91,7 +118,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
+async def redis(settings: Settings) -> AsyncIterator[RedisClient]:
     client = open_redis(settings)
     yield client
     await client.aclose()

@@ -33,14 +33,15 @@ async def test_a_failing_enqueuer_fails_its_calls_with_503_and_starts_again(
 ) -> None:
     breaks = 1
 
-    async def breaking_once(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        nonlocal breaks
-        if breaks:
-            breaks -= 1
-            raise RuntimeError("a bug in the enqueuer")
-        return await connections.round_trip(connection, commands)
+    class BreakingOnce(connections.Direct):
+        async def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+            nonlocal breaks
+            if breaks:
+                breaks -= 1
+                raise RuntimeError("a bug in the enqueuer")
+            return await super().round_trip(commands)
 
-    enqueue = Enqueuer(redis, round_trip=breaking_once)
+    enqueue = Enqueuer(redis, BreakingOnce(redis))
     running = asyncio.create_task(enqueue.run())
     try:
         async with asyncio.timeout(5):
@@ -61,16 +62,17 @@ async def test_calls_waiting_behind_a_failed_round_trip_are_sent_after_the_resta
     started, release = asyncio.Event(), asyncio.Event()
     breaks = 1
 
-    async def stalled_then_broken(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        nonlocal breaks
-        if breaks:
-            breaks -= 1
-            started.set()
-            await release.wait()
-            raise RuntimeError("a bug in the enqueuer")
-        return await connections.round_trip(connection, commands)
+    class StalledThenBroken(connections.Direct):
+        async def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+            nonlocal breaks
+            if breaks:
+                breaks -= 1
+                started.set()
+                await release.wait()
+                raise RuntimeError("a bug in the enqueuer")
+            return await super().round_trip(commands)
 
-    enqueue = Enqueuer(redis, round_trip=stalled_then_broken)
+    enqueue = Enqueuer(redis, StalledThenBroken(redis))
     running = asyncio.create_task(enqueue.run())
     try:
         first = asyncio.create_task(enqueue(**call_for(settings)))

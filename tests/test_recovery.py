@@ -16,7 +16,7 @@ from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import Client, eventually, ledger, operate
+from tests.helpers import Client, eventually, kill_client, ledger, operate, redis_clients
 from worker.apply import Entry, apply_batch, take_shard
 from worker.worker import Worker
 
@@ -229,14 +229,14 @@ async def test_a_reply_published_while_the_api_subscribed_again_is_found_in_the_
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker whose reply is lost")
         await apply_batch(conn, [Entry(entry_id.decode(), committed)], {shard: epoch})
-    clients = await redis.client_list()
-    [subscriber] = [
-        c["id"]
-        for c in clients
-        if c["name"].startswith(f"{settings.redis_key_prefix}:api:") and c["cmd"] == "subscribe"
+    [(node, subscriber)] = [
+        (node, c)
+        for node, c in await redis_clients(redis)
+        if c["name"].startswith(f"{settings.redis_key_prefix}:api:")
+        and c["cmd"] in ("subscribe", "ssubscribe")
     ]
     started = asyncio.get_running_loop().time()
-    await redis.client_kill_filter(_id=subscriber)
+    await kill_client(redis, node, subscriber)
     answered, body, _ = await request
     assert (answered, body.get("balance")) == (status, balance), body
     if status == 422:

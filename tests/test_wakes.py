@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
-from tests.helpers import eventually, wallet_in
+from tests.helpers import eventually, kill_client, redis_clients, wallet_in
 from worker.streams import WakeListener, WalletStreams
 
 SHARD, EPOCH = 3, 7
@@ -74,17 +74,17 @@ async def test_a_lost_connection_drops_the_positions_until_the_next_rescan(
 ) -> None:
     it, keys = listening
     await it.rescan()
-    clients: Any = await redis.client_list()
+    clients: Any = []
 
     async def reading() -> bool:
         nonlocal clients
-        clients = await redis.client_list()
-        return any(c["cmd"] == "xread" for c in clients)
+        clients = await redis_clients(redis)
+        return any(c["cmd"] == "xread" for _, c in clients)
 
     await eventually(reading, what="the listener's blocking read")
-    for client in clients:
+    for node, client in clients:
         if client["cmd"] == "xread":
-            await redis.client_kill_filter(_id=client["id"])
+            await kill_client(redis, node, client)
     async with asyncio.timeout(10):
         await it.lost.wait()
     wallet = wallet_in(keys, SHARD)

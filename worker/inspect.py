@@ -21,10 +21,9 @@ from typing import Any
 
 import asyncpg
 import orjson
-from redis.asyncio import Redis
 
 from shared.codec import MessageError, decode_request
-from shared.connections import open_redis
+from shared.connections import RedisClient, open_redis
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
@@ -36,7 +35,7 @@ def entry_age(entry_id: bytes | str, now_ms: int) -> float:
     return max(0.0, (now_ms - int(raw.partition("-")[0])) / 1000)
 
 
-async def oldest_entries(redis: Redis, keys: KeySpace, shard: int) -> dict[str, bytes]:
+async def oldest_entries(redis: RedisClient, keys: KeySpace, shard: int) -> dict[str, bytes]:
     """Each dirty wallet of the shard, with the id of the oldest entry in its stream."""
     members: Any = await redis.smembers(keys.dirty_set(shard))
     wallets = sorted(w.decode() for w in members)
@@ -47,13 +46,13 @@ async def oldest_entries(redis: Redis, keys: KeySpace, shard: int) -> dict[str, 
     return {w: first[0][0] for w, first in zip(wallets, firsts, strict=True) if first}
 
 
-async def redis_now_ms(redis: Redis) -> int:
+async def redis_now_ms(redis: RedisClient) -> int:
     """Redis's clock, which stamped the entry ids (this host's may differ)."""
     seconds, micros = await redis.time()
     return seconds * 1000 + micros // 1000
 
 
-async def shards_report(settings: Settings, redis: Redis, pg: Any) -> list[dict[str, Any]]:
+async def shards_report(settings: Settings, redis: RedisClient, pg: Any) -> list[dict[str, Any]]:
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
     ttl_ms = settings.worker_lease_ttl * 1000
     epochs = {r["shard"]: r["epoch"] for r in await pg.fetch("SELECT shard, epoch FROM shards")}
@@ -79,7 +78,9 @@ async def shards_report(settings: Settings, redis: Redis, pg: Any) -> list[dict[
     return report
 
 
-async def wallet_report(settings: Settings, redis: Redis, pg: Any, wallet: str) -> dict[str, Any]:
+async def wallet_report(
+    settings: Settings, redis: RedisClient, pg: Any, wallet: str
+) -> dict[str, Any]:
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
     row = await pg.fetchrow(
         "SELECT balance, op_seq, applied_entry FROM wallets WHERE id::text = $1", wallet
@@ -109,7 +110,9 @@ async def wallet_report(settings: Settings, redis: Redis, pg: Any, wallet: str) 
     }
 
 
-async def stuck_report(settings: Settings, redis: Redis, older_than: float) -> list[dict[str, Any]]:
+async def stuck_report(
+    settings: Settings, redis: RedisClient, older_than: float
+) -> list[dict[str, Any]]:
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
     now_ms = await redis_now_ms(redis)
     stuck = []

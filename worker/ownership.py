@@ -17,10 +17,9 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.connections import PG_ERRORS, connection_from
+from shared.connections import PG_ERRORS, RedisClient, connection_from
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
@@ -62,7 +61,7 @@ class Ownership:
     def __init__(
         self,
         settings: Settings,
-        redis: Redis,
+        redis: RedisClient,
         pool: Any,
         worker_id: str,
         metrics: WorkerMetrics,

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
+from shared import connections
 from shared.backoff import backoff
 from shared.codec import (
     TRANSFER_OUT,
@@ -24,11 +26,12 @@ from shared.codec import (
     encode_outcomes,
     encode_request,
 )
-from shared.connections import round_trip
+from shared.connections import RedisClient
 from shared.keys import KeySpace
 from shared.scripts import (
     ACKNOWLEDGE_READ,
     ACKNOWLEDGE_READ_SHA,
+    DIRTY_SINCE,
     ENQUEUE,
     ENQUEUE_SHA,
     TRIM_WAKES,
@@ -87,7 +90,7 @@ class WakeListener:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: KeySpace,
         worker_id: str,
         owned: Mapping[int, int],
@@ -140,18 +143,51 @@ class WakeListener:
         return cursor[1] if cursor is not None and cursor[0] == epoch else None
 
     async def run(self) -> None:
-        connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        if isinstance(self._redis, RedisCluster):
+            await self._read_each_shard()
+        else:
+            await self._read(self._readable)
+
+    def _readable(self, only: int | None = None) -> list[tuple[int, int]]:
+        """The owned shards (all, or `only`) whose read position is set: (shard, epoch)."""
+        return [
+            (s, epoch)
+            for s, epoch in sorted(self._owned.items())
+            if (only is None or s == only) and self._cursor(s, epoch) is not None
+        ]
+
+    async def _read_each_shard(self) -> None:
+        """On a Redis Cluster one command may touch one slot only: each owned shard's wake
+        stream has a blocking read of its own, over a connection of its own."""
+        readers: dict[int, asyncio.Task[None]] = {}
+        try:
+            while not self._stopping.is_set():
+                for shard in self._owned:
+                    if shard not in readers or readers[shard].done():
+                        readable = functools.partial(self._readable, shard)
+                        readers[shard] = asyncio.create_task(self._read(readable, shard))
+                self._shards_changed.clear()
+                await self._shards_changed.wait()
+        finally:
+            for reader in readers.values():
+                reader.cancel()
+            await asyncio.gather(*readers.values(), return_exceptions=True)
+
+    async def _read(
+        self, readable: Callable[[], list[tuple[int, int]]], alone: int | None = None
+    ) -> None:
+        """Reads the wake streams of the shards `readable` names until stop(), or, for the
+        reader of shard `alone`, until the shard is no longer owned."""
+        direct = connections.direct(self._redis)
         untrimmed: dict[int, int] = {}
         quiet = False  # the last read found nothing: a good time to trim
         failures = 0
         try:
             while not self._stopping.is_set():
-                shards = [
-                    (s, epoch)
-                    for s, epoch in sorted(self._owned.items())
-                    if self._cursor(s, epoch) is not None
-                ]
+                shards = readable()
                 if not shards:
+                    if alone is not None and alone not in self._owned:
+                        return
                     self._shards_changed.clear()
                     await self._shards_changed.wait()
                     continue
@@ -172,9 +208,7 @@ class WakeListener:
                     *(self._cursors[s][1] for s, _ in shards),
                 )
                 try:
-                    answers = await round_trip(
-                        connection, [*(self._trim_command(s) for s in due), read]
-                    )
+                    answers = await direct.round_trip([*(self._trim_command(s) for s in due), read])
                     if isinstance(answers[-1], Exception):
                         raise answers[-1]
                 except (RedisError, OSError) as e:
@@ -183,6 +217,7 @@ class WakeListener:
                     self._cursors.clear()
                     untrimmed.clear()
                     self._lost()
+                    await direct.close()
                     await asyncio.sleep(backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX))
                     continue
                 failures = 0
@@ -197,7 +232,7 @@ class WakeListener:
                     self._taken.clear()
                     await self._taken.wait()
         finally:
-            await connection.disconnect()
+            await direct.close()
 
     def _trim_command(self, shard: int) -> tuple[Any, ...]:
         """Drops the shard's wake entries read so far, if the shard is still this worker's."""
@@ -211,6 +246,8 @@ class WakeListener:
         for stream, items in found.items() if isinstance(found, dict) else found:
             shard, epoch = read_as[stream]
             if self._owned.get(shard) != epoch:  # handed back meanwhile: the next owner's
+                continue
+            if self._cursor(shard, epoch) is None:  # dropped meanwhile: a rescan is due
                 continue
             for raw_id, fields in items:
                 wake = entry_fields(fields)
@@ -228,11 +265,11 @@ class WalletStreams:
     """The wallets' streams, read and acknowledged by the round over a Redis connection of
     its own: one round trip per call, nobody else's commands in between."""
 
-    def __init__(self, redis: Redis, keys: KeySpace, batch_max: int) -> None:
+    def __init__(self, redis: RedisClient, keys: KeySpace, batch_max: int) -> None:
         self._redis = redis
         self._keys = keys
         self._batch_max = batch_max
-        self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        self._direct = connections.direct(redis)
 
     async def load_scripts(self) -> None:
         """Loads ACKNOWLEDGE_READ and ENQUEUE, which the rounds call by their hashes. If
@@ -246,14 +283,14 @@ class WalletStreams:
         """Each shard's wallets with something queued, as its dirty set has them, and the id
         of the last entry of its wake stream at that moment (one transaction): the wake-ups
         after it are of wallets that became dirty since."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.smembers(self._keys.dirty_set(shard))
-                pipe.xrevrange(self._keys.wake_stream(shard), count=1)
+                keys = (self._keys.dirty_set(shard), self._keys.wake_stream(shard))
+                pipe.eval(DIRTY_SINCE, 2, *keys)
             found = await pipe.execute()
         return [
             ([raw.decode() for raw in members], last[0][0].decode() if last else START)
-            for members, last in zip(found[::2], found[1::2], strict=True)
+            for members, last in found
         ]
 
     async def read(
@@ -278,8 +315,9 @@ class WalletStreams:
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
         for channel, outcome in replies:
             by_channel[channel].append(outcome)
+        publish = "SPUBLISH" if isinstance(self._redis, RedisCluster) else "PUBLISH"
         commands: list[tuple[Any, ...]] = [
-            ("PUBLISH", channel, encode_outcomes(outcomes))
+            (publish, channel, encode_outcomes(outcomes))
             for channel, outcomes in by_channel.items()
         ]
         commands += [self.enqueue_command(step) for step in steps]
@@ -331,7 +369,13 @@ class WalletStreams:
         ]
         if not commands:
             return []
-        answers = await round_trip(self._connection, commands)
+        if isinstance(self._redis, RedisCluster) and before:
+            # Ordered within a node only: what goes before has its own round trip, so that
+            # the entries are trimmed only after their answers are out.
+            answers = await self._direct.round_trip(before)
+            answers += await self._direct.round_trip(commands[len(before) :])
+        else:
+            answers = await self._direct.round_trip(commands)
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
@@ -355,12 +399,15 @@ class WalletStreams:
         )
 
     async def send(self, steps: list[OperationRequest]) -> None:
-        """Queues transfers' steps (found by the resending) in one round trip, over the
-        client's pool: the round's own connection is the round's alone."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for step in steps:
-                pipe.execute_command(*self.enqueue_command(step))
-            await pipe.execute()
+        """Queues transfers' steps (found by the resending) in one round trip, over a
+        connection of its own: the round's connection is the round's alone."""
+        direct = connections.direct(self._redis)
+        try:
+            for answer in await direct.round_trip([self.enqueue_command(s) for s in steps]):
+                if isinstance(answer, Exception):
+                    raise answer
+        finally:
+            await direct.close()
 
     def _acknowledge_read_command(self, wallet: str, cursor: str, count: int) -> tuple[Any, ...]:
         shard = self._keys.shard_of(wallet)
@@ -377,4 +424,4 @@ class WalletStreams:
         )
 
     async def close(self) -> None:
-        await self._connection.disconnect()
+        await self._direct.close()

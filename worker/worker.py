@@ -34,13 +34,13 @@ import uuid
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.backoff import backoff
 from shared.connections import (
     PG_ERRORS,
     REDIS_SOCKET_TIMEOUT,
+    RedisClient,
     connection_from,
     open_pg_pool,
     open_redis,
@@ -84,7 +84,7 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
+async def connect(settings: Settings, worker_id: str) -> tuple[RedisClient, Any]:
     """A worker's Redis client and PostgreSQL pool."""
     # The wake listener's blocking read, the ownership task's, the round's own.
     redis = open_redis(
@@ -101,7 +101,7 @@ async def connect(settings: Settings, worker_id: str) -> tuple[Redis, Any]:
 
 class Worker:
     def __init__(
-        self, settings: Settings, redis: Redis, pool: Any, *, worker_id: str | None = None
+        self, settings: Settings, redis: RedisClient, pool: Any, *, worker_id: str | None = None
     ) -> None:
         self.settings = settings
         self.redis = redis
