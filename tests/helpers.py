@@ -101,9 +101,7 @@ async def redis_clients(redis: RedisClient) -> list[tuple[Any, dict[str, Any]]]:
         return [(None, c) for c in await redis.client_list()]
     await redis.initialize()
     return [
-        (node, c)
-        for node in redis.get_nodes()
-        for c in await redis.client_list(target_nodes=node)
+        (node, c) for node in redis.get_nodes() for c in await redis.client_list(target_nodes=node)
     ]
 
 
