@@ -25,7 +25,8 @@ run: $(INSTALLED)
 # own (3 primaries with a replica each), where a redis-server 7 or newer is on PATH; where
 # not, they are skipped, saying why. CLUSTER_TESTS= leaves them out.
 CLUSTER_TESTS ?= tests/test_cluster.py tests/test_operations.py tests/test_wallets.py \
-	tests/test_transfers.py tests/test_recovery.py tests/test_ownership.py tests/test_wakes.py
+	tests/test_transfers.py tests/test_recovery.py tests/test_ownership.py tests/test_wakes.py \
+	tests/test_errors.py tests/test_inspect.py tests/test_page.py
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from shared import connections
 from shared.backoff import backoff
+from shared.connections import REDIS_ERRORS
 from shared.errors import DependencyUnavailable
 from shared.scripts import ENQUEUE, ENQUEUE_SHA
 
@@ -102,7 +103,7 @@ class Enqueuer:
                 # used: once more on a new one. If only the answer was lost, the operations
                 # are queued twice, and the worker answers the second of each as a replay.
                 results = await self._direct.round_trip(commands)
-        except (RedisError, OSError) as e:  # Redis is unreachable: every call failed
+        except REDIS_ERRORS as e:  # Redis is unreachable: every call failed
             for _, future in calls:
                 if not future.done():
                     future.set_exception(e)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from api.appkeys import KEYS, PG, REDIS, REPLIES
 from api.bodies import Health, Ready, json_response
 from api.problems import DEPENDENCY_ERRORS, problem
-from shared.connections import connection_from
+from shared.connections import REDIS_ERRORS, connection_from
 from shared.scripts import live_workers, sidelined_workers
 
 routes = web.RouteTableDef()
@@ -43,7 +42,7 @@ async def ready(request: web.Request) -> web.Response:
         checks["workers"] = f"{live} live" if live else "none alive"
         for worker_id, why in sidelined.items():
             checks[f"worker {worker_id}"] = f"gave its shards up: {why}"
-    except (RedisError, OSError, TimeoutError) as e:
+    except (*REDIS_ERRORS, TimeoutError) as e:
         checks["redis"] = f"unavailable: {type(e).__name__}"
         checks["workers"] = "unknown"
     if not app[REPLIES].subscribed.is_set():

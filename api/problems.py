@@ -60,6 +60,8 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica after a failover
+    redis.exceptions.ClusterError,  # a cluster's slot not served yet (a failover under way)
+    redis.exceptions.RedisClusterException,  # no node of a cluster reachable
     redis.exceptions.OutOfMemoryError,  # maxmemory reached under noeviction
     *PG_CONNECTION_LOST,
     asyncpg.OperatorInterventionError,  # shutting down, cannot connect now

@@ -20,11 +20,10 @@ import logging
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import RedisError
 
 from shared.backoff import backoff
 from shared.codec import MessageError, Outcome, decode_outcomes
-from shared.connections import RedisClient
+from shared.connections import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger("api.replies")
 
@@ -108,13 +107,13 @@ class ReplyListener:
                     elif kind == "sunsubscribe":  # its slot moved: subscribe where it went
                         moved = True
                         break
-            except (RedisError, OSError) as e:
+            except REDIS_ERRORS as e:
                 failures += 1
                 log.warning("reply channel lost (%s); subscribing again", e)
             finally:
                 self.subscribed.clear()
                 self.first_attempt_done.set()
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()
             if failures:
                 with contextlib.suppress(TimeoutError):

@@ -16,6 +16,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -59,6 +60,10 @@ async def connection_from(pool: Any) -> AsyncIterator[Any]:
         with contextlib.suppress(*PG_ERRORS, OSError):
             await pool.release(conn)
 
+
+# What a Redis call fails with when Redis, or a node of a cluster, cannot serve it: the
+# cluster client's own errors (no node reachable, a slot not served) are not RedisErrors.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 
@@ -196,8 +201,8 @@ class ClusterDirect:
             answers = await asyncio.gather(*sent, return_exceptions=True)
             failed = next((a for a in answers if isinstance(a, BaseException)), None)
             if failed is not None:
-                if isinstance(failed, (RedisError, OSError)):
-                    with contextlib.suppress(RedisError, OSError):
+                if isinstance(failed, REDIS_ERRORS):
+                    with contextlib.suppress(*REDIS_ERRORS):
                         await manager.initialize()
                 raise failed
             todo, asking, retry_later = [], {}, False

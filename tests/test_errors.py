@@ -18,7 +18,7 @@ from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import Client, eventually, operate
+from tests.helpers import Client, eventually, kill_client, operate, redis_clients
 
 PROBLEM = "application/problem+json"
 
@@ -426,15 +426,18 @@ async def test_operations_go_on_after_redis_drops_the_api_connection_and_forgets
     next operation finds its connection closed: it connects again and sends once more, and
     loads the script Redis forgot, so the client sees a 200, not a 503."""
 
-    async def enqueuers() -> list[str]:
-        clients = await redis.client_list()
+    async def enqueuers() -> list[tuple[Any, dict[str, Any]]]:
         mine = f"{settings.redis_key_prefix}:api:"
-        return [c["id"] for c in clients if c["name"].startswith(mine) and c["cmd"] == "evalsha"]
+        return [
+            (node, c)
+            for node, c in await redis_clients(redis)
+            if c["name"].startswith(mine) and c["cmd"] == "evalsha"
+        ]
 
     assert (await operate(client, wallet, "DEPOSIT", 100))[0] == 200
-    [killed] = await enqueuers()
-    await redis.client_kill_filter(_id=killed)
+    [(node, killed)] = await enqueuers()
+    await kill_client(redis, node, killed)
     await redis.script_flush()
     status, body, _ = await operate(client, wallet, "DEPOSIT", 250)
     assert (status, body["balance"]) == (200, "350.00")
-    assert killed not in await enqueuers()
+    assert killed["id"] not in [c["id"] for _, c in await enqueuers()]

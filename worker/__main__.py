@@ -18,10 +18,9 @@ import sys
 
 import uvloop
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from shared import logs
-from shared.connections import PG_ERRORS, open_redis
+from shared.connections import PG_ERRORS, REDIS_ERRORS, open_redis
 from shared.keys import KeySpace
 from shared.metrics import CONTENT_TYPE, exposition
 from shared.scripts import live_workers, sidelined_workers
@@ -86,7 +85,7 @@ async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
 
     async def expose(request: web.Request) -> web.Response:
         # The rest is still worth reading.
-        with contextlib.suppress(RedisError, OSError, TimeoutError, *PG_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS, TimeoutError, *PG_ERRORS):
             await worker.refresh_gauges()
         response = web.Response(body=exposition(worker.metrics.registry))
         response.headers["Content-Type"] = CONTENT_TYPE
@@ -121,7 +120,7 @@ async def check(settings: Settings) -> int:
         keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
         live = await live_workers(redis, keys)
         sidelined = await sidelined_workers(redis, keys)
-    except (RedisError, OSError) as e:
+    except REDIS_ERRORS as e:
         print(f"unhealthy: Redis unreachable ({e})")
         return 1
     finally:

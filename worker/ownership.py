@@ -17,9 +17,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from shared.connections import PG_ERRORS, RedisClient, connection_from
+from shared.connections import PG_ERRORS, REDIS_ERRORS, RedisClient, connection_from
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
@@ -143,7 +141,7 @@ class Ownership:
         while not self._stopping.is_set():
             try:
                 await self.tend()
-            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
+            except (*REDIS_ERRORS, TimeoutError, *PG_ERRORS) as e:
                 log.warning("tending the shards failed (%s: %s)", type(e).__name__, e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
@@ -227,7 +225,7 @@ class Ownership:
                 log.warning("shard %d: the lease ran out while taking it", shard)
                 return False
         except BaseException as e:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._redis.eval(RELEASE_LEASE, 1, lease, self._worker_id)
             # Cut off from PostgreSQL, it would lease a free shard again at every renewal
             # and hold it for the take's timeout: the shard's wallets would wait.
@@ -267,7 +265,7 @@ class Ownership:
     async def close(self) -> None:
         """Hands every shard back and leaves the live workers (best effort: an owner that
         cannot reach Redis leaves its leases to run out)."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.release(list(self._owned))
             await self._redis.zrem(self._keys.workers(), self._worker_id)
             await self._redis.hdel(self._keys.sidelined(), self._worker_id)

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import RedisError
 
 from shared import connections
 from shared.backoff import backoff
@@ -26,7 +25,7 @@ from shared.codec import (
     encode_outcomes,
     encode_request,
 )
-from shared.connections import RedisClient
+from shared.connections import REDIS_ERRORS, RedisClient
 from shared.keys import KeySpace
 from shared.scripts import (
     ACKNOWLEDGE_READ,
@@ -211,7 +210,7 @@ class WakeListener:
                     answers = await direct.round_trip([*(self._trim_command(s) for s in due), read])
                     if isinstance(answers[-1], Exception):
                         raise answers[-1]
-                except (RedisError, OSError) as e:
+                except REDIS_ERRORS as e:
                     failures += 1
                     log.warning("reading the wake-ups failed (%s)", e)
                     self._cursors.clear()
@@ -275,7 +274,7 @@ class WalletStreams:
         """Loads ACKNOWLEDGE_READ and ENQUEUE, which the rounds call by their hashes. If
         Redis is down, the next round backs off and Redis answers NOSCRIPT until this is
         called again."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self._redis.script_load(ACKNOWLEDGE_READ)
             await self._redis.script_load(ENQUEUE)
 

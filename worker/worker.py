@@ -34,11 +34,12 @@ import uuid
 from typing import Any
 
 import asyncpg
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from shared.backoff import backoff
 from shared.connections import (
     PG_ERRORS,
+    REDIS_ERRORS,
     REDIS_SOCKET_TIMEOUT,
     RedisClient,
     connection_from,
@@ -184,7 +185,7 @@ class Worker:
                 except NoScriptError:  # Redis restarted and forgot it
                     await self.streams.load_scripts()
                     continue
-                except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
+                except (*REDIS_ERRORS, TimeoutError, *PG_ERRORS) as e:
                     failures += 1
                     delay = backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX)
                     log.warning(
@@ -309,7 +310,7 @@ class Worker:
                     if steps:
                         log.warning("sending again the next step of %d transfers", len(steps))
                         await self.streams.send(steps)
-            except (RedisError, OSError, TimeoutError, *PG_ERRORS) as e:
+            except (*REDIS_ERRORS, TimeoutError, *PG_ERRORS) as e:
                 log.warning("resending unsettled transfers failed (%s: %s)", type(e).__name__, e)
 
     def _lost(self) -> None:
