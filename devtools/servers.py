@@ -16,9 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from redis.asyncio import RedisCluster
+
 from devtools.processes import ROOT, free_port
+from shared.connections import RedisClient
 
 
 class EmbeddedPostgres:
@@ -360,3 +364,22 @@ def redis_cluster(directory: Path, executable: str) -> Iterator[RedisClusterNode
         yield nodes
     finally:
         nodes.stop()
+
+
+async def redis_clients(redis: RedisClient) -> list[tuple[Any, dict[str, Any]]]:
+    """Every client connection of the Redis (CLIENT LIST; of each node on a cluster), each
+    with the node it is on (None for a single Redis), for `kill_client`."""
+    if not isinstance(redis, RedisCluster):
+        return [(None, c) for c in await redis.client_list()]
+    await redis.initialize()
+    return [
+        (node, c) for node in redis.get_nodes() for c in await redis.client_list(target_nodes=node)
+    ]
+
+
+async def kill_client(redis: RedisClient, node: Any, client: dict[str, Any]) -> None:
+    """Closes a connection `redis_clients` found, as Redis does to a client it drops."""
+    if node is None:
+        await redis.client_kill_filter(_id=client["id"])
+    else:
+        await redis.client_kill_filter(_id=client["id"], target_nodes=node)

@@ -23,6 +23,13 @@ Meanwhile a schedule drawn from the seed strikes each fault once:
   wallet's stream, as a broken writer would;
 - kill_api: the API process is killed with SIGKILL, and a new one started;
 - pause_api: the API process is stopped (SIGSTOP) for 2 s, then continued.
+With `--redis-cluster` the run starts a Redis Cluster of Debian's redis-server (3 primaries
+with a replica each) instead of one Redis, and its three faults take the place of
+restart_redis_empty:
+- kill_redis_primary: the primary of the hot wallet's slot is killed with SIGKILL, and its
+  replica takes over (2 s node timeout); what it had not passed on is gone;
+- move_slot: the hot wallet's slot is moved to another primary under load, keys and all;
+- redis_primary_back: the killed primary is started again, and joins as a replica.
 After each fault every wallet is sent a deposit until it answers 200; the time from the
 fault to the last wallet's 200 is that fault's recovery, and must stay within its bound.
 
@@ -59,18 +66,23 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 
 from devtools.blackhole import BlackHole
 from devtools.ledger import replay_ledger
 from devtools.processes import Cluster, free_port
 from devtools.servers import (
     EmbeddedPostgres,
+    RedisClusterNodes,
     RedisProcess,
     embedded_postgres,
     embedded_redis,
+    kill_client,
     migrate,
+    redis_clients,
+    redis_cluster,
+    redis_server_7,
     with_database,
 )
 from devtools.waiting import until, wait_ready
@@ -84,6 +96,7 @@ from shared.codec import (
     return_op_id,
     transfer_id_for,
 )
+from shared.connections import REDIS_ERRORS, RedisClient
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.scripts import ENQUEUE
@@ -116,6 +129,20 @@ FAULTS = {
     "kill_api": API_START + 2,
     "pause_api": DOWN + 3,
 }
+# On a Redis Cluster: a failover waits for the node timeout (2 s) and an election, then
+# for the service's retries to reach the new primary.
+CLUSTER_FAULTS = {
+    "kill_redis_primary": 2.0 + 4,
+    "move_slot": 3.0,
+    "redis_primary_back": 3.0,
+}
+
+
+def faults(cluster: bool) -> dict[str, float]:
+    """The faults of a run and their bounds."""
+    if not cluster:
+        return FAULTS
+    return {**{k: v for k, v in FAULTS.items() if k != "restart_redis_empty"}, **CLUSTER_FAULTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +152,16 @@ class Fault:
     pick: int  # which worker, where the fault picks one
 
 
-def schedule(seed: int, seconds: float) -> list[Fault]:
+def schedule(seed: int, seconds: float, cluster: bool = False) -> list[Fault]:
     """The faults of a run: each kind once, in an order and at times drawn from the seed,
-    spread over the load's first three quarters so that each has time to play out."""
+    spread over the load's first three quarters so that each has time to play out. A
+    killed primary comes back after it was killed."""
     rng = random.Random(seed)
-    kinds = list(FAULTS)
+    kinds = list(faults(cluster))
     rng.shuffle(kinds)
+    if cluster and kinds.index("redis_primary_back") < kinds.index("kill_redis_primary"):
+        back, kill = kinds.index("redis_primary_back"), kinds.index("kill_redis_primary")
+        kinds[back], kinds[kill] = kinds[kill], kinds[back]
     slot = seconds * 0.75 / len(kinds)
     return [
         Fault(round(slot * (i + rng.uniform(0.2, 0.8)), 2), kind, rng.randrange(1000))
@@ -194,12 +225,13 @@ class Chaos:
         self,
         args: argparse.Namespace,
         postgres: EmbeddedPostgres,
-        redis_server: RedisProcess,
+        redis_server: RedisProcess | RedisClusterNodes,
         database_url: str,
         logs: Path,
     ) -> None:
         self.args = args
         self.postgres, self.redis_server = postgres, redis_server
+        self.faults = faults(isinstance(redis_server, RedisClusterNodes))
         self.database_url = database_url
         self.prefix = f"chaos-{uuid.uuid4().hex[:10]}"
         self.keys = KeySpace(self.prefix, SHARDS)
@@ -209,6 +241,7 @@ class Chaos:
             {
                 "DATABASE_URL": database_url,
                 "REDIS_URL": redis_server.url,
+                "REDIS_CLUSTER": str(isinstance(redis_server, RedisClusterNodes)).lower(),
                 "REDIS_KEY_PREFIX": self.prefix,
                 "SHARD_COUNT": str(SHARDS),
                 "WORKER_LEASE_TTL": str(LEASE_TTL),
@@ -221,7 +254,12 @@ class Chaos:
             },
             logs,
         )
-        self.redis = Redis.from_url(redis_server.url)
+        self.redis: RedisClient = (
+            RedisCluster.from_url(redis_server.url)
+            if isinstance(redis_server, RedisClusterNodes)
+            else Redis.from_url(redis_server.url)
+        )
+        self.killed_node: int | None = None
         self.report = Report(args.seed)
         self.sent: list[Sent] = []
         self.paused: subprocess.Popen[bytes] | None = None
@@ -268,7 +306,7 @@ class Chaos:
     async def recovered(self, http: aiohttp.ClientSession, fault: str, since: float) -> None:
         """Sends every wallet a deposit, and again while it is not answered 200; records the
         time from `since` (the fault) to the last wallet's 200 as the fault's recovery."""
-        bound = FAULTS[fault]
+        bound = self.faults[fault]
 
         async def served(wallet: str) -> float:
             while time.monotonic() - since < bound + REPLY_TIMEOUT:
@@ -313,10 +351,13 @@ class Chaos:
         await self.recovered(http, fault.kind, since)
 
     async def drop_redis_connections(self, http: aiohttp.ClientSession, fault: Fault) -> None:
-        clients: Any = await self.redis.client_list()
-        ours = [c["id"] for c in clients if c.get("name", "").startswith(f"{self.prefix}:")]
-        for client_id in ours:
-            await self.redis.client_kill_filter(_id=client_id)
+        ours = [
+            (node, c)
+            for node, c in await redis_clients(self.redis)
+            if (c.get("name") or "").startswith(f"{self.prefix}:")
+        ]
+        for node, client in ours:
+            await kill_client(self.redis, node, client)
         since = time.monotonic()
         self.event(f"Redis dropped {len(ours)} connections of the service")
         await self.recovered(http, fault.kind, since)
@@ -331,11 +372,49 @@ class Chaos:
         await self.recovered(http, fault.kind, since)
 
     async def restart_redis_empty(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        assert isinstance(self.redis_server, RedisProcess)
         await asyncio.to_thread(self.redis_server.kill)
         since = time.monotonic()
         await asyncio.to_thread(self.redis_server.start)
         self.event("Redis was killed and started again empty")
         await self.recovered(http, fault.kind, since)
+
+    async def kill_redis_primary(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        assert isinstance(self.redis_server, RedisClusterNodes)
+        nodes = self.redis_server
+        primary = await asyncio.to_thread(nodes.owner_of, self.hot_slot())
+        nodes.kill(primary)
+        since = time.monotonic()
+        self.killed_node = primary
+        await asyncio.to_thread(nodes.wait_failed_over, primary)
+        self.event(
+            f"killed the Redis primary on port {primary} with SIGKILL; its replica took over"
+            f" {time.monotonic() - since:.2f} s later"
+        )
+        await self.recovered(http, fault.kind, since)
+
+    async def move_slot(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        assert isinstance(self.redis_server, RedisClusterNodes)
+        nodes, slot = self.redis_server, self.hot_slot()
+        owner = await asyncio.to_thread(nodes.owner_of, slot)
+        others = [p for p in await asyncio.to_thread(nodes.primary_ports) if p != owner]
+        target = others[fault.pick % len(others)]
+        since = time.monotonic()
+        await asyncio.to_thread(nodes.move_slot, slot, target)
+        self.event(f"moved slot {slot} from the primary on port {owner} to the one on {target}")
+        await self.recovered(http, fault.kind, since)
+
+    async def redis_primary_back(self, http: aiohttp.ClientSession, fault: Fault) -> None:
+        assert isinstance(self.redis_server, RedisClusterNodes)
+        assert self.killed_node is not None
+        since = time.monotonic()
+        await asyncio.to_thread(self.redis_server.start, self.killed_node)
+        await asyncio.to_thread(self.redis_server.wait_ok)
+        self.event(f"started the killed Redis primary on port {self.killed_node} again")
+        await self.recovered(http, fault.kind, since)
+
+    def hot_slot(self) -> int:
+        return key_slot(self.keys.wallet_stream(self.hot).encode())
 
     async def cut_worker_from_postgres(self, http: aiohttp.ClientSession, fault: Fault) -> None:
         """A worker reaching PostgreSQL through a network that is cut while it keeps Redis:
@@ -465,6 +544,8 @@ class Chaos:
             server_settings={"application_name": CHAOS_APPLICATION},
         )
         self.network = await BlackHole(self.database_url).start()
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.initialize()  # it knows every node then, not only the seed
         timeout = aiohttp.ClientTimeout(total=REPLY_TIMEOUT + 5)
         connector = aiohttp.TCPConnector(limit=self.args.clients + 4)
         try:
@@ -504,12 +585,12 @@ class Chaos:
             for _ in range(self.args.clients)
         ]
         try:
-            for fault in schedule(self.args.seed, self.args.seconds):
+            for fault in schedule(self.args.seed, self.args.seconds, self.args.redis_cluster):
                 await asyncio.sleep(max(0.0, start + fault.at - time.monotonic()))
                 strike = getattr(self, fault.kind)
                 try:
                     await strike(http, fault)
-                except (TimeoutError, OSError, asyncpg.PostgresError, RedisError) as e:
+                except (TimeoutError, asyncpg.PostgresError, RuntimeError, *REDIS_ERRORS) as e:
                     self.problem(f"{fault.kind} at {fault.at}s failed: {e}")
             await asyncio.sleep(max(0.0, start + self.args.seconds - time.monotonic()))
         finally:
@@ -674,7 +755,10 @@ class Chaos:
 
 
 async def chaos(
-    args: argparse.Namespace, postgres: EmbeddedPostgres, redis_server: RedisProcess, logs: Path
+    args: argparse.Namespace,
+    postgres: EmbeddedPostgres,
+    redis_server: RedisProcess | RedisClusterNodes,
+    logs: Path,
 ) -> Report:
     """One run on servers of its own, stopped after it."""
     database_url = with_database(postgres.url, "chaos")
@@ -701,6 +785,11 @@ def parser() -> argparse.ArgumentParser:
         "--logs", type=Path, help="keeps the processes' logs in this directory (default: dropped)"
     )
     p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="on a Redis Cluster of the run's own (Debian's redis-server 7), with its faults",
+    )
+    p.add_argument(
         "--schedule-only",
         action="store_true",
         help="prints the seed's schedule of faults as JSON and exits, starting nothing",
@@ -713,13 +802,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is None:
         args.seed = random.randrange(2**32)
     if args.schedule_only:
-        print(json.dumps([dataclasses.asdict(f) for f in schedule(args.seed, args.seconds)]))
+        shown = schedule(args.seed, args.seconds, args.redis_cluster)
+        print(json.dumps([dataclasses.asdict(f) for f in shown]))
         return 0
+    executable = redis_server_7()
+    if args.redis_cluster and executable is None:
+        print("--redis-cluster needs redis-server 7 or newer on PATH", file=sys.stderr)
+        return 2
     print(f"chaos seed {args.seed}", flush=True)
     with (
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp,
         embedded_postgres(Path(tmp) / "postgres") as postgres,
-        embedded_redis(Path(tmp) / "redis", keep_data=False) as redis_server,
+        (
+            redis_cluster(Path(tmp) / "cluster", executable)
+            if args.redis_cluster and executable
+            else embedded_redis(Path(tmp) / "redis", keep_data=False)
+        ) as redis_server,
     ):
         logs = args.logs or Path(tmp) / "logs"
         logs.mkdir(parents=True, exist_ok=True)

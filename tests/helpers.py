@@ -13,11 +13,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestClient
-from redis.asyncio import RedisCluster
 
 from devtools.processes import ROOT, free_port, spawn
 from devtools.waiting import until, wait_ready
-from shared.connections import RedisClient
 from shared.keys import KeySpace
 from shared.settings import Settings
 
@@ -92,22 +90,3 @@ def wallet_in(keys: KeySpace, shard: int) -> str:
         wallet = str(uuid.uuid4())
         if keys.shard_of(wallet) == shard:
             return wallet
-
-
-async def redis_clients(redis: RedisClient) -> list[tuple[Any, dict[str, Any]]]:
-    """Every client connection of the Redis (CLIENT LIST; of each node on a cluster), each
-    with the node it is on (None for a single Redis), for `kill_client`."""
-    if not isinstance(redis, RedisCluster):
-        return [(None, c) for c in await redis.client_list()]
-    await redis.initialize()
-    return [
-        (node, c) for node in redis.get_nodes() for c in await redis.client_list(target_nodes=node)
-    ]
-
-
-async def kill_client(redis: RedisClient, node: Any, client: dict[str, Any]) -> None:
-    """Closes a connection `redis_clients` found, as Redis does to a client it drops."""
-    if node is None:
-        await redis.client_kill_filter(_id=client["id"])
-    else:
-        await redis.client_kill_filter(_id=client["id"], target_nodes=node)

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
 from devtools.processes import ROOT, Cluster, free_port
+from devtools.servers import redis_server_7
 from devtools.waiting import wait_ready
 from shared.keys import KeySpace
 from shared.settings import Settings
@@ -40,6 +42,13 @@ FAULTS = (
     "poison_entry",
     "kill_api",
     "pause_api",
+)
+# On a Redis Cluster, the cluster's faults take the place of a single Redis restarted empty.
+CLUSTER_FAULTS = (
+    *(f for f in FAULTS if f != "restart_redis_empty"),
+    "kill_redis_primary",
+    "move_slot",
+    "redis_primary_back",
 )
 
 
@@ -63,8 +72,8 @@ def chaos(*args: str, env: dict[str, str] | None = None, timeout: float = 60) ->
     return run.returncode, output
 
 
-def schedule(seed: int, seconds: float) -> list[dict[str, Any]]:
-    status, output = chaos("--seed", str(seed), "--seconds", str(seconds), "--schedule-only")
+def schedule(seed: int, seconds: float, *more: str) -> list[dict[str, Any]]:
+    status, output = chaos("--seed", str(seed), "--seconds", str(seconds), "--schedule-only", *more)
     assert status == 0, output
     faults: list[dict[str, Any]] = json.loads(output)
     return faults
@@ -79,14 +88,35 @@ def test_a_seed_replays_the_same_schedule_and_every_fault_is_in_it() -> None:
     assert [f["at"] for f in faults] == sorted(f["at"] for f in faults)
 
 
+def test_on_a_cluster_a_killed_primary_comes_back_after_it_was_killed() -> None:
+    for seed in range(20):
+        kinds = [f["kind"] for f in schedule(seed, 30, "--redis-cluster")]
+        assert sorted(kinds) == sorted(CLUSTER_FAULTS)
+        assert kinds.index("kill_redis_primary") < kinds.index("redis_primary_back")
+
+
 def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(tmp_path: Path) -> None:
     """On servers of the run's own (embedded), which it crashes and restarts: every fault
     strikes once, and after each every wallet is served again within the fault's bound;
     transfers go on throughout, and every one ends completed or rejected."""
+    bank_chaos(tmp_path, FAULTS)
+
+
+@pytest.mark.skipif(redis_server_7() is None, reason="needs redis-server 7 or newer on PATH")
+def test_bank_chaos_on_a_redis_cluster_with_a_primary_killed_and_a_slot_moved(
+    tmp_path: Path,
+) -> None:
+    """The same on a Redis Cluster of the run's own (3 primaries with a replica each): the
+    hot wallet's primary is killed and its replica takes over, its slot is moved under
+    load, and the killed primary comes back as a replica."""
+    bank_chaos(tmp_path, CLUSTER_FAULTS, "--redis-cluster")
+
+
+def bank_chaos(tmp_path: Path, faults: tuple[str, ...], *more: str) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
     report_file = tmp_path / "report.json"
     status, output = chaos(
-        *("--seed", str(seed), "--seconds", "20"),
+        *("--seed", str(seed), "--seconds", "20", *more),
         *("--report", str(report_file), "--logs", str(tmp_path / "logs")),
         timeout=270,
     )
@@ -101,7 +131,7 @@ def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(tmp_path: Path
     assert report["transfers"].get("200", 0) > 100, output[-5000:]
     assert set(report["transfers"]) <= {"200", "409"}, output[-5000:]
     assert report["fenced_refusals"] >= 1, output[-5000:]
-    assert sorted(report["recovery"]) == sorted(FAULTS), output[-5000:]
+    assert sorted(report["recovery"]) == sorted(faults), output[-5000:]
 
 
 async def test_a_worker_stopped_by_sigterm_under_load_answers_every_request(

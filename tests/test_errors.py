@@ -14,11 +14,12 @@ from redis.asyncio import Redis
 
 from api.app import create_app
 from devtools.blackhole import BlackHole
+from devtools.servers import kill_client, redis_clients
 from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import Client, eventually, kill_client, operate, redis_clients
+from tests.helpers import Client, eventually, operate
 
 PROBLEM = "application/problem+json"
 

@@ -11,12 +11,13 @@ import pytest
 from redis.asyncio import Redis
 
 from api.app import create_app
+from devtools.servers import kill_client, redis_clients
 from shared.codec import OperationRequest, decode_request, encode_request
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import Client, eventually, kill_client, ledger, operate, redis_clients
+from tests.helpers import Client, eventually, ledger, operate
 from worker.apply import Entry, apply_batch, take_shard
 from worker.worker import Worker
 

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from devtools.servers import kill_client, redis_clients
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
-from tests.helpers import eventually, kill_client, redis_clients, wallet_in
+from tests.helpers import eventually, wallet_in
 from worker.streams import WakeListener, WalletStreams
 
 SHARD, EPOCH = 3, 7
