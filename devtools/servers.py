@@ -330,6 +330,10 @@ class RedisClusterNodes:
                 raise RuntimeError(f"the Redis Cluster did not become ok: {infos}")
             time.sleep(0.05)
 
+    def pids(self) -> list[int]:
+        """The process ids of the nodes running now."""
+        return [p.pid for p in self._processes.values() if p.poll() is None]
+
     def kill(self, port: int) -> None:
         """SIGKILL one node: a replica of its takes over after the node timeout."""
         process = self._processes[port]

@@ -50,10 +50,17 @@ from typing import Any
 import aiohttp
 import asyncpg
 import uvloop
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from devtools.processes import ROOT, free_port, spawn
-from devtools.servers import migrate, servers_from_env, with_database
+from devtools.servers import (
+    RedisClusterNodes,
+    migrate,
+    redis_cluster,
+    redis_server_7,
+    servers_from_env,
+    with_database,
+)
 from devtools.waiting import wait_ready
 from shared.keys import KeySpace
 from shared.money import format_minor
@@ -68,6 +75,7 @@ OPEN_POOL = 64  # connections the open-model generator opens before it starts
 # (connections, wallets) of the closed-loop phases
 CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000)]
 SMOKE_CLOSED_LOOPS = [(1, 1), (8, 1)]
+ON_CLUSTER = "service on Redis Cluster"  # the design name of --redis-cluster's service
 
 
 @dataclasses.dataclass
@@ -146,6 +154,9 @@ class Target:
     # how many operations it holds queued, if it queues them
     queued: Callable[[], Awaitable[int]] | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # its processes' settings
+    # processes it uses but the bench did not start for it (a Redis Cluster's nodes), by name:
+    # their CPU is measured, summed per name
+    observed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     transfers: bool = True  # it serves transfers (a --baseline from before them does not)
 
 
@@ -461,14 +472,15 @@ async def run_phase(
     pg = target.pg
     before = await balances(pg, wallets)
     started = await pg.fetchval("SELECT clock_timestamp()")
-    cpu = {name: cpu_seconds(p.pid) for name, p in target.processes.items()}
+    pids = {name: [p.pid] for name, p in target.processes.items()} | target.observed
+    cpu = {name: sum(map(cpu_seconds, each)) for name, each in pids.items()}
     drive = drive_closed if phase.connections else drive_open
     host = target.base.removeprefix("http://").partition(":")[0]
     pick = workload(host, random.Random(hash(phase.name) & 0xFFFF))
     effects = await drive(target.base, wallets, phase, pick)
     phase.server_cpu = {
-        name: (cpu_seconds(p.pid) - cpu[name]) / phase.elapsed
-        for name, p in target.processes.items()
+        name: (sum(map(cpu_seconds, each)) - cpu[name]) / phase.elapsed
+        for name, each in pids.items()
     }
     await until_quiet(target)
     # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
@@ -826,22 +838,31 @@ def checkout(ref: str, directory: Path) -> Iterator[Path]:
 
 
 async def bench(
-    args: argparse.Namespace, pg_server: str, redis_url: str, baseline: Path | None
+    args: argparse.Namespace,
+    pg_server: str,
+    redis_url: str,
+    baseline: Path | None,
+    cluster: RedisClusterNodes | None = None,
 ) -> Results:
     admin = await asyncpg.connect(pg_server)
     redis = Redis.from_url(redis_url)
     databases: list[str] = []
     targets_run: list[Target] = []
+    clients: list[RedisCluster] = []
 
-    async def service_at(design: str, root: Path) -> Target:
+    async def service_at(
+        design: str, root: Path, cluster: RedisClusterNodes | None = None
+    ) -> Target:
         """The service as the checkout at `root` has it, on a database and Redis key prefix
-        of its own (two sets of workers on one database would fence each other's shards)."""
+        of its own (two sets of workers on one database would fence each other's shards);
+        on the Redis Cluster `cluster` if given."""
         name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
         await admin.execute(f'CREATE DATABASE "{name}"')
         databases.append(name)
         env = {
             "DATABASE_URL": with_database(pg_server, name),
-            "REDIS_URL": redis_url,
+            "REDIS_URL": cluster.url if cluster else redis_url,
+            "REDIS_CLUSTER": str(cluster is not None).lower(),
             "REDIS_KEY_PREFIX": f"bench-{name}",
             "WORKER_METRICS_PORT": "0",
             "HOST": "127.0.0.1",
@@ -857,11 +878,21 @@ async def bench(
         keys = KeySpace(env["REDIS_KEY_PREFIX"], Settings.shard_count)
 
         async def queued() -> int:
-            counts = await redis.mget([keys.queued(s) for s in range(keys.shard_count)])
+            names = [keys.queued(s) for s in range(keys.shard_count)]
+            if cluster_client is not None:
+                counts = await cluster_client.mget_nonatomic(names)
+            else:
+                counts = await redis.mget(names)
             return sum(int(n or 0) for n in counts)
 
+        cluster_client = None
+        if cluster is not None:
+            cluster_client = RedisCluster.from_url(cluster.url)
+            clients.append(cluster_client)
         pg = await asyncpg.create_pool(env["DATABASE_URL"], min_size=1, max_size=2)
         target = Target(design, f"http://127.0.0.1:{port}", processes, pg, queued, env)
+        if cluster is not None:
+            target.observed["redis cluster"] = cluster.pids()
         targets_run.append(target)
         return target
 
@@ -936,6 +967,8 @@ async def bench(
         if baseline is not None:
             compared.insert(1, await service_at(f"service at {args.baseline}", baseline))
             compared[1].transfers = (baseline / "api" / "transfers.py").exists()
+        if cluster is not None:
+            compared.insert(1, await service_at(ON_CLUSTER, ROOT, cluster))
         async with aiohttp.ClientSession() as http:
             for target in compared:
                 if target.queued is not None:
@@ -1010,6 +1043,8 @@ async def bench(
                 await redis.unlink(key)
         await admin.close()
         await redis.aclose()
+        for client in clients:
+            await client.aclose()
     return results
 
 
@@ -1103,6 +1138,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the service as git REF has it (a commit, a branch), in the same "
         "phases, to compare a change with what it changes",
     )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help=f"also run the service on a Redis Cluster of the run's own ('{ON_CLUSTER}': 3 "
+        "primaries with a replica each, Debian's redis-server 7), in the same phases",
+    )
     parser.add_argument("--transfers-only", action="store_true", help="the transfer phases alone")
     parser.add_argument(
         "--transfer-rate", type=int, default=1000, help="transfers' constant rate (1000)"
@@ -1127,7 +1168,14 @@ def main(argv: list[str] | None = None) -> int:
         baseline_root = None
         if args.baseline:
             baseline_root = stack.enter_context(checkout(args.baseline, workdir / "baseline"))
-        results = uvloop.run(bench(args, pg_server, redis_url, baseline_root))
+        cluster = None
+        if args.redis_cluster:
+            executable = redis_server_7()
+            if executable is None:
+                print("--redis-cluster needs redis-server 7 or newer on PATH", file=sys.stderr)
+                return 2
+            cluster = stack.enter_context(redis_cluster(workdir / "cluster", executable))
+        results = uvloop.run(bench(args, pg_server, redis_url, baseline_root, cluster))
     parts = [
         f"`{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}, {machine()}; "
         f"{'configured' if os.environ.get('DATABASE_URL') else 'embedded'} PostgreSQL and "
