@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from redis.asyncio import RedisCluster
 
 from devtools.processes import ROOT, free_port
-from shared.connections import RedisClient
+from shared.connections import REDIS_ERRORS, RedisClient
 
 
 class EmbeddedPostgres:
@@ -213,8 +213,9 @@ class RedisClusterNodes:
 
     @property
     def url(self) -> str:
-        """A seed node's URL, from which a client discovers the rest."""
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
+        """Every node's URL, comma-separated (REDIS_URL with REDIS_CLUSTER=true): a client
+        starts from whichever answers, so a process can start while one node is down."""
+        return ",".join(f"redis://127.0.0.1:{port}/0" for port in self.ports)
 
     def create(self, within: float = 30) -> None:
         primaries, replicas = self._shape
@@ -371,14 +372,18 @@ def redis_cluster(directory: Path, executable: str) -> Iterator[RedisClusterNode
 
 
 async def redis_clients(redis: RedisClient) -> list[tuple[Any, dict[str, Any]]]:
-    """Every client connection of the Redis (CLIENT LIST; of each node on a cluster), each
-    with the node it is on (None for a single Redis), for `kill_client`."""
+    """Every client connection of the Redis (CLIENT LIST; of each node on a cluster that
+    answers), each with the node it is on (None for a single Redis), for `kill_client`."""
     if not isinstance(redis, RedisCluster):
         return [(None, c) for c in await redis.client_list()]
     await redis.initialize()
-    return [
-        (node, c) for node in redis.get_nodes() for c in await redis.client_list(target_nodes=node)
-    ]
+    found = []
+    for node in redis.get_nodes():
+        try:
+            found += [(node, c) for c in await redis.client_list(target_nodes=node)]
+        except REDIS_ERRORS:  # a node that is down has no clients
+            continue
+    return found
 
 
 async def kill_client(redis: RedisClient, node: Any, client: dict[str, Any]) -> None:

@@ -62,6 +62,7 @@ from devtools.servers import (
     with_database,
 )
 from devtools.waiting import wait_ready
+from shared.connections import cluster_client
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
@@ -879,16 +880,16 @@ async def bench(
 
         async def queued() -> int:
             names = [keys.queued(s) for s in range(keys.shard_count)]
-            if cluster_client is not None:
-                counts = await cluster_client.mget_nonatomic(names)
+            if on_cluster is not None:
+                counts = await on_cluster.mget_nonatomic(names)
             else:
                 counts = await redis.mget(names)
             return sum(int(n or 0) for n in counts)
 
-        cluster_client = None
+        on_cluster = None
         if cluster is not None:
-            cluster_client = RedisCluster.from_url(cluster.url)
-            clients.append(cluster_client)
+            on_cluster = cluster_client(cluster.url)
+            clients.append(on_cluster)
         pg = await asyncpg.create_pool(env["DATABASE_URL"], min_size=1, max_size=2)
         target = Target(design, f"http://127.0.0.1:{port}", processes, pg, queued, env)
         if cluster is not None:

@@ -96,7 +96,7 @@ from shared.codec import (
     return_op_id,
     transfer_id_for,
 )
-from shared.connections import REDIS_ERRORS, RedisClient
+from shared.connections import REDIS_ERRORS, RedisClient, cluster_client
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.scripts import ENQUEUE
@@ -255,7 +255,7 @@ class Chaos:
             logs,
         )
         self.redis: RedisClient = (
-            RedisCluster.from_url(redis_server.url)
+            cluster_client(redis_server.url)
             if isinstance(redis_server, RedisClusterNodes)
             else Redis.from_url(redis_server.url)
         )

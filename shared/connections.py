@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -78,7 +79,7 @@ def open_redis(
 ) -> RedisClient:
     """`name` (CLIENT SETNAME) tells an operator's CLIENT LIST whose connection is whose."""
     if settings.redis_cluster:
-        return RedisCluster.from_url(
+        return cluster_client(
             settings.redis_url,
             max_connections=max_connections or settings.redis_pool_max,
             socket_timeout=REDIS_SOCKET_TIMEOUT,
@@ -99,6 +100,16 @@ def open_redis(
         client_name=name,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+def cluster_client(urls: str, **options: Any) -> RedisCluster:
+    """A client of the Redis Cluster whose nodes `urls` names (comma-separated; the first
+    gives the credentials and options): it finds the rest from whichever answers. Naming
+    several lets a process start while one of them is down."""
+    first, *more = urls.split(",")
+    seeds = [urlsplit(url.strip()) for url in more]
+    nodes = [ClusterNode(seed.hostname or "localhost", seed.port or 6379) for seed in seeds]
+    return RedisCluster.from_url(first.strip(), startup_nodes=nodes or None, **options)
 
 
 def pack(commands: Sequence[Sequence[Any]]) -> bytes:

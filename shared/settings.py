@@ -99,7 +99,8 @@ class Settings:
     # Fixed for a deployment: a wallet's shard is derived from it, so changing it re-homes wallets.
     shard_count: int = 64
     redis_key_prefix: str = "wallet"
-    # REDIS_URL names one node of a Redis Cluster (7.0 or newer), from which the rest is found.
+    # REDIS_URL names nodes of a Redis Cluster (7.0 or newer), comma-separated, from which the
+    # rest is found.
     redis_cluster: bool = False
     # 0: processes start, and answer 503, while PostgreSQL is still down.
     pg_pool_min: int = 0
