@@ -95,6 +95,7 @@ class Phase:
     server_cpu: dict[str, float] = dataclasses.field(default_factory=dict)
     commits: int | None = None
     operations: int | None = None
+    wal_bytes: int | None = None  # WAL PostgreSQL wrote during the phase (all of its databases)
     balance_ok: bool | None = None
     answered: int = 0  # requests answered or failed so far (open model)
     all_answered: asyncio.Future[None] = dataclasses.field(init=False, repr=False)
@@ -128,6 +129,7 @@ class Phase:
             merged.elapsed += p.elapsed
             merged.commits = (merged.commits or 0) + (p.commits or 0)
             merged.operations = (merged.operations or 0) + (p.operations or 0)
+            merged.wal_bytes = (merged.wal_bytes or 0) + (p.wal_bytes or 0)
         merged.generator_cpu = sum(p.generator_cpu * p.elapsed for p in phases) / merged.elapsed
         merged.server_cpu = {
             name: sum(p.server_cpu.get(name, 0.0) * p.elapsed for p in phases) / merged.elapsed
@@ -473,6 +475,7 @@ async def run_phase(
     pg = target.pg
     before = await balances(pg, wallets)
     started = await pg.fetchval("SELECT clock_timestamp()")
+    wal_at = await pg.fetchval("SELECT pg_current_wal_lsn()::text")
     pids = {name: [p.pid] for name, p in target.processes.items()} | target.observed
     cpu = {name: sum(map(cpu_seconds, each)) for name, each in pids.items()}
     drive = drive_closed if phase.connections else drive_open
@@ -484,6 +487,9 @@ async def run_phase(
         for name, each in pids.items()
     }
     await until_quiet(target)
+    phase.wal_bytes = await pg.fetchval(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", wal_at
+    )
     # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
     rows = await pg.fetch(
         "SELECT wallet_id::text, count(DISTINCT xmin::text) AS commits, count(*) AS operations,"
@@ -572,9 +578,9 @@ def closed_table(phases: list[Phase]) -> str:
     """The closed-loop phases, each service row with its ratio to the row lock's."""
     head = (
         "| clients | design | req/s | vs row lock | p50 ms | p99 ms | max ms | non-2xx "
-        "| mean batch | balances | server CPU (cores) | generator CPU |"
+        "| mean batch | WAL B/op | balances | server CPU (cores) | generator CPU |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for p in phases:
         reference = next((r for r in phases if r.name == p.name and r.design == "row lock"), None)
         ratio = "-"
@@ -583,7 +589,7 @@ def closed_table(phases: list[Phase]) -> str:
         lines.append(
             f"| {p.name} | {p.design} | {rate(p):.0f} | {ratio} | {p.percentile(50):.2f} "
             f"| {p.percentile(99):.1f} | {p.percentile(100):.1f} | {p.bad} | {mean_batch(p)} "
-            f"| {balance_check(p)} | {server_cpu(p)} | {p.generator_cpu:.0%} |"
+            f"| {wal_per_op(p)} | {balance_check(p)} | {server_cpu(p)} | {p.generator_cpu:.0%} |"
         )
     return "\n".join(lines)
 
@@ -602,6 +608,10 @@ def rate(p: Phase) -> float:
 
 def commits_per_op(p: Phase) -> str:
     return f"{p.commits / p.operations:.3f}" if p.commits and p.operations else "-"
+
+
+def wal_per_op(p: Phase) -> str:
+    return f"{p.wal_bytes / p.operations:.0f}" if p.wal_bytes and p.operations else "-"
 
 
 def mean_batch(p: Phase) -> str:
