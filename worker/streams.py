@@ -1,6 +1,7 @@
 """The worker's Redis I/O on its shards' streams: the wake listener, which reads every owned
-shard's wake stream in one blocking read, and the wallets' streams, read and acknowledged
-(ACKNOWLEDGE_READ) over a connection of the round's own, one round trip at a time."""
+shard's wake stream in one blocking read (on a Redis Cluster, one per shard), and the
+wallets' streams, read and acknowledged (ACKNOWLEDGE_READ) over a connection of the round's
+own, one round trip at a time."""
 
 from __future__ import annotations
 
