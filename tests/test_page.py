@@ -5,6 +5,7 @@ is installed (.ci/run installs Debian's chromium)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,10 +16,11 @@ from playwright.async_api import Page, async_playwright, expect
 
 from devtools.processes import ROOT
 from shared.settings import Settings
-from tests.helpers import serving
+from tests.helpers import eventually, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = ROOT / ".run" / "screenshots"
+LIST = "/api/v1/wallets?limit=100"  # the wallet list the page loads
 BROWSER_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -104,12 +106,38 @@ async def test_a_person_creates_a_wallet_operates_and_watches_the_hot_wallet(
         await expect(page.locator("#message")).to_contain_text("Sent 2.15")
         await expect(balance).to_have_text("5.00")
         await expect(rows.nth(0)).to_contain_text(f"Transfer to {second[:8]}")
+
+        # The wallet list the page reloads after a transfer comes late, after the person has
+        # picked another wallet: the page stays on the one picked.
+        events: list[tuple[str, str]] = []
+        page.on("request", lambda r: events.append(("request", r.url)))
+        page.on("response", lambda r: events.append(("response", r.url)))
+
+        async def late(route: Any) -> None:
+            await asyncio.sleep(1)
+            await route.continue_()
+
+        def shown_after_the_list() -> list[str]:
+            """The histories the page asked for once the late list was in."""
+            listed = [i for i, e in enumerate(events) if e == ("response", base + LIST)]
+            later = events[listed[-1] :] if listed else []
+            return [url for kind, url in later if kind == "request" and "/operations?" in url]
+
+        async def reloaded() -> bool:
+            return bool(shown_after_the_list())
+
+        await page.route(base + LIST, late)
         await page.get_by_label("To wallet", exact=True).fill(second)
         await page.get_by_label("Amount to send", exact=True).fill("9")
         await page.get_by_role("button", name="Transfer", exact=True).click()
         await expect(page.locator("#message")).to_contain_text("Insufficient funds")
         await page.get_by_label("Pick a wallet").select_option(second)
         await expect(balance).to_have_text("2.15")
+        await eventually(reloaded, what="the page to act on the late list")
+        await page.unroute(base + LIST, late)
+        assert second in shown_after_the_list()[0]  # not the wallet picked before
+        await expect(balance).to_have_text("2.15")
+        await expect(page.get_by_label("Pick a wallet")).to_have_value(second)
         await expect(rows.nth(0)).to_contain_text(f"Transfer from {first[:8]}")
 
         await page.get_by_label("Deposits", exact=True).fill("300")

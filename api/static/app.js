@@ -77,11 +77,14 @@ async function signIn(register) {
 }
 
 // --- wallets ---
+// `select`: the wallet to show; else the one picked when the list comes in (the person may
+// have picked another while it was on its way).
 async function loadWallets(select) {
   const { data } = await api("/api/v1/wallets?limit=100");
   const list = $("wallet-select");
   list.replaceChildren(...data.items.map((w) => new Option(`${w.id.slice(0, 8)}… ${w.balance}`, w.id)));
-  if (select) list.value = select;
+  const wanted = select || state.wallet;
+  if (data.items.some((w) => w.id === wanted)) list.value = wanted;
   state.wallet = list.value || null;
   $("own-wallets").replaceChildren(...data.items.map((w) => new Option(`${w.balance}`, w.id)));
   await showWallet();
@@ -89,10 +92,12 @@ async function loadWallets(select) {
 
 async function showWallet() {
   if (!state.wallet) { $("balance").textContent = "–"; $("history").tBodies[0].replaceChildren(); return; }
+  const shown = state.wallet;
   const [{ data: wallet }, { data: page }] = await Promise.all([
-    api(`/api/v1/wallets/${state.wallet}`),
-    api(`/api/v1/wallets/${state.wallet}/operations?limit=20`),
+    api(`/api/v1/wallets/${shown}`),
+    api(`/api/v1/wallets/${shown}/operations?limit=20`),
   ]);
+  if (state.wallet !== shown) return; // another was picked meanwhile: its own call shows it
   $("balance").textContent = wallet.balance;
   const option = $("wallet-select").selectedOptions[0];
   if (option) option.textContent = `${wallet.id.slice(0, 8)}… ${wallet.balance}`;
@@ -167,7 +172,7 @@ async function transfer(event) {
     if (status === 202) say(`Sent; it is ${data.status.replace("_", " ")}. It shows in the history once both wallets hold it.`, "info");
     else say(`Sent ${data.amount} to ${short(data.to)}; the balance is ${data.balance}.`, "info");
   } catch (error) { sayProblem(error); }
-  await loadWallets(state.wallet).catch(sayProblem);
+  await loadWallets().catch(sayProblem);
 }
 
 // --- the hot wallet demonstration ---
