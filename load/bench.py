@@ -635,10 +635,11 @@ class Results:
     def all(self) -> list[Phase]:
         return self.closed + self.open + self.transfers_closed + self.transfers_open
 
-    def closed_summary(self) -> list[Phase]:
-        """The closed-loop phases, the repeats of each (--repeat) merged into one."""
+    def closed_summary(self, transfers: bool = False) -> list[Phase]:
+        """The closed-loop phases (of operations, or of transfers), the repeats of each
+        (--repeat) merged into one."""
         by_phase: dict[tuple[str, str], list[Phase]] = {}
-        for p in self.closed:
+        for p in self.transfers_closed if transfers else self.closed:
             by_phase.setdefault((p.name, p.design), []).append(p)
         names = list(dict.fromkeys(name for name, _ in by_phase))
         # Each phase's designs in one order, whichever ran first: the service, the
@@ -929,11 +930,11 @@ async def bench(
         count, connections = (20, 8) if args.smoke else (1000, 64)
         serving = [t for t in compared if t.transfers]
         shapes_of = {t.design: await transfer_shapes(t.pg, count) for t in serving}
-        for index in range(3):
+        for index in range(3 * args.repeat):
             for target in in_turn(index, 3):
                 if not target.transfers:
                     continue
-                name, wallets, workload = shapes_of[target.design][index]
+                name, wallets, workload = shapes_of[target.design][index % 3]
                 label = f"{connections} connections, transfers {name}"
                 phase = Phase(label, target.design, 0, args.closed_seconds, connections)
                 results.transfers_closed.append(await run_phase(target, wallets, phase, workload))
@@ -1202,7 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
             "Transfers of 1.00 to 10.00, closed loop (a hot destination receiving from many "
             "sources, a hot source paying many destinations, and transfers among many "
             "wallets at random):",
-            closed_table(results.transfers_closed),
+            closed_table(results.closed_summary(transfers=True)),
         ]
     if results.transfers_open:
         parts += ["Transfers, open model:", table(results.transfers_open)]
