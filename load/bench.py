@@ -967,11 +967,20 @@ async def bench(
     try:
         service = await service_at("service", ROOT)
         rowlock_port = free_port()
-        rowlock_env = {**service.env, "PORT": str(rowlock_port)}
+        rowlock_env = {
+            **service.env,
+            "PORT": str(rowlock_port),
+            "REUSE_PORT": str(args.api_processes > 1),
+        }
         rowlock = Target(
             "row lock",
             f"http://127.0.0.1:{rowlock_port}",
-            {"rowlock": spawn("load.rowlock", rowlock_env, **QUIET)},
+            {
+                "rowlock" if args.api_processes == 1 else f"rowlock{n}": spawn(
+                    "load.rowlock", rowlock_env, **QUIET
+                )
+                for n in range(args.api_processes)
+            },
             service.pg,
         )
         targets_run.append(rowlock)
@@ -1122,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         choices=range(1, 9),
         metavar="N",
-        help="API processes sharing the service's port (REUSE_PORT), 1 to 8 (1)",
+        help="API processes sharing each design's port (REUSE_PORT), the service's and the "
+        "row lock's alike, 1 to 8 (1)",
     )
     parser.add_argument(
         "--closed-seconds", type=float, default=20, help="each closed-loop phase (20)"

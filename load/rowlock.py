@@ -4,7 +4,8 @@ One asyncpg transaction per operation (SELECT ... FOR UPDATE, UPDATE, INSERT), a
 transfer (both rows locked in id order, both updated, two ledger rows), behind the same
 HTTP shape as the service, on the same tables. It is lean on purpose (aiohttp,
 asyncpg, uvloop, orjson, no ORM), so the comparison is of designs, not of frameworks.
-Run: DATABASE_URL=... PORT=8001 python -m load.rowlock
+Run: DATABASE_URL=... PORT=8001 python -m load.rowlock (REUSE_PORT=true: several processes
+may share the port, as the service's API processes may).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def main() -> None:
         handler_cancellation=True,
         host="127.0.0.1",
         port=int(os.environ.get("PORT", "8001")),
+        reuse_port=os.environ.get("REUSE_PORT", "false").lower() == "true",  # as the service
         backlog=LISTEN_BACKLOG,  # as the service's
         access_log=None,
         print=None,
