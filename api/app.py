@@ -12,6 +12,7 @@ from aiohttp import web
 
 from api import health, operations, transfers, wallets
 from api.appkeys import (
+    DEADLINES,
     ENQUEUE,
     KEYS,
     KNOWN_WALLETS,
@@ -24,6 +25,7 @@ from api.appkeys import (
     SETTINGS,
 )
 from api.auth import auth_middleware, auth_routes
+from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
 from api.live import LiveStats
 from api.observe import live_view, metrics, observe_middleware
@@ -55,6 +57,14 @@ async def postgres(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await app[PG].close()
+
+
+async def request_deadlines(app: web.Application) -> AsyncIterator[None]:
+    deadlines = app[DEADLINES] = Deadlines(app[SETTINGS].reply_timeout)
+    keeping = asyncio.create_task(deadlines.run(), name="request-deadlines")
+    yield
+    deadlines.close()
+    await keeping
 
 
 async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
@@ -92,7 +102,7 @@ def create_app(settings: Settings) -> web.Application:
     app[OWNERS] = {}
     app[KNOWN_WALLETS] = {}
     app[LIVE] = LiveStats()
-    app.cleanup_ctx.extend([postgres, redis_and_replies])
+    app.cleanup_ctx.extend([request_deadlines, postgres, redis_and_replies])
     for resource in (wallets, operations, transfers, health):
         app.add_routes(resource.routes)
     app.add_routes(auth_routes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
 from api.live import LiveStats
 from api.replies import ReplyListener
@@ -21,6 +22,7 @@ REPLIES = web.AppKey("replies", ReplyListener)
 ENQUEUE = web.AppKey("enqueue", Enqueuer)
 METRICS = web.AppKey("metrics", ApiMetrics)
 LIVE = web.AppKey("live", LiveStats)
+DEADLINES = web.AppKey("deadlines", Deadlines)
 # wallet id -> owner's user id, as far as this process has looked them up
 OWNERS = web.AppKey("owners", dict[str, str])
 # ids of wallets this process has found to exist (wallets are never deleted)

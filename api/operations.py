@@ -11,7 +11,7 @@ from aiohttp import web
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import queries
-from api.appkeys import ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import DEADLINES, ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
 from api.bodies import (
     OperationFormRequest,
     OperationPage,
@@ -136,7 +136,7 @@ async def queue_and_await(
         logs.OPERATION_ID.set(queued.op_id)  # on every log line about this request from here
         message = encode_request(queued)
         # One bound for the whole request: queueing it and waiting for its outcome.
-        async with asyncio.timeout(settings.reply_timeout):
+        async with app[DEADLINES].bound():
             entry = await app[ENQUEUE](
                 keys=keys.enqueue_keys(queued.wallet_id),
                 args=[

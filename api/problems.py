@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -13,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from msgspec import UNSET
 
-from api.appkeys import PG, SETTINGS
+from api.appkeys import DEADLINES, PG
 from api.bodies import Problem
 from shared import errors
 from shared.connections import PG_CONNECTION_LOST
@@ -121,7 +120,7 @@ async def bounded_reads(request: web.Request, handler: Handler) -> web.StreamRes
     have been done before the connection was lost."""
     if request.method not in ("GET", "HEAD"):
         return await handler(request)
-    async with asyncio.timeout(request.app[SETTINGS].reply_timeout):
+    async with request.app[DEADLINES].bound():
         try:
             return await handler(request)
         except PG_CONNECTION_LOST:
