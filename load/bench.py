@@ -874,6 +874,17 @@ async def bench(
     targets_run: list[Target] = []
     clients: list[RedisCluster] = []
 
+    def serving(
+        name: str, module: str, env: dict[str, str], root: Path
+    ) -> dict[str, subprocess.Popen[bytes]]:
+        """`--api-processes` processes of `module` sharing env's PORT (REUSE_PORT), by name."""
+        count = args.api_processes
+        shared_port = {**env, "REUSE_PORT": str(count > 1)}
+        return {
+            name if count == 1 else f"{name}{n}": spawn(module, shared_port, root, **QUIET)
+            for n in range(count)
+        }
+
     async def service_at(
         design: str, root: Path, cluster: RedisClusterNodes | None = None
     ) -> Target:
@@ -893,11 +904,7 @@ async def bench(
         }
         await asyncio.to_thread(migrate, env["DATABASE_URL"], root)
         port = free_port()
-        api_env = {**env, "PORT": str(port), "REUSE_PORT": str(args.api_processes > 1)}
-        processes = {
-            "api" if args.api_processes == 1 else f"api{n}": spawn("api", api_env, root, **QUIET)
-            for n in range(args.api_processes)
-        }
+        processes = serving("api", "api", {**env, "PORT": str(port)}, root)
         processes["worker"] = spawn("worker", env, root, **QUIET)
         keys = KeySpace(env["REDIS_KEY_PREFIX"], Settings.shard_count)
 
@@ -979,20 +986,11 @@ async def bench(
     try:
         service = await service_at("service", ROOT)
         rowlock_port = free_port()
-        rowlock_env = {
-            **service.env,
-            "PORT": str(rowlock_port),
-            "REUSE_PORT": str(args.api_processes > 1),
-        }
+        rowlock_env = {**service.env, "PORT": str(rowlock_port)}
         rowlock = Target(
             "row lock",
             f"http://127.0.0.1:{rowlock_port}",
-            {
-                "rowlock" if args.api_processes == 1 else f"rowlock{n}": spawn(
-                    "load.rowlock", rowlock_env, **QUIET
-                )
-                for n in range(args.api_processes)
-            },
+            serving("rowlock", "load.rowlock", rowlock_env, ROOT),
             service.pg,
         )
         targets_run.append(rowlock)
