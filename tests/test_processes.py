@@ -151,13 +151,14 @@ async def test_the_locust_scenario_fails_on_a_balance_changed_behind_its_back(
 async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
     """`python -m load.bench --smoke`: a few seconds of both designs in a closed loop and in
     the open model, with operations and with transfers, and of the service with its worker
-    restarted at a BATCH_INTERVAL, for correctness only."""
+    restarted at a BATCH_INTERVAL, for correctness only. Two API processes each, and the row
+    lock also with one: each ratio is to the row lock's better figure."""
     pg_url, redis_url = servers
     run = await asyncio.to_thread(
         subprocess.run,
         [
             sys.executable,
-            *("-m", "load.bench", "--smoke"),
+            *("-m", "load.bench", "--smoke", "--api-processes", "2"),
             *("--intervals", "0.01", "--interval-seconds", "2"),
         ],
         cwd=ROOT,
@@ -193,6 +194,15 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
         ["| 8 connections, 1 wallet", "row lock"],
     ]
     assert all("| exact |" in row for row in closed)
+    two = [
+        line.split(" | ")
+        for line in run.stdout.splitlines()
+        if line.startswith("| 1 connection, 1 wallet | ")
+    ][-3:]  # the report's table: the service, then the row lock with two processes and one
+    assert [row[1] for row in two] == ["service", "row lock, 2 processes", "row lock"]
+    assert "rowlock 0." in two[1][11] or "rowlock 1." in two[1][11]
+    service_rate, *references = (float(row[2]) for row in two)  # rounded to whole req/s
+    assert float(two[0][3].rstrip("x")) == pytest.approx(service_rate / max(references), abs=0.02)
     # Transfers of three shapes, closed loop and constant rate, both designs, exact and
     # money conserved.
     transfers = [line for line in phases if "transfers" in line.split(" | ")[0]]
