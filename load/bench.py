@@ -77,6 +77,7 @@ OPEN_POOL = 64  # connections the open-model generator opens before it starts
 CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000)]
 SMOKE_CLOSED_LOOPS = [(1, 1), (8, 1)]
 ON_CLUSTER = "service on Redis Cluster"  # the design name of --redis-cluster's service
+ONE_PROCESS = "service, 1 API process"  # --one-process-too's
 
 
 @dataclasses.dataclass
@@ -704,7 +705,11 @@ def targets(
 
     def highest(key: str) -> int | None:
         """The highest rate `key` sustained; the row lock's, the best of its process counts."""
-        found = [rate for k, rate in best.items() if k == key or k.startswith(f"{key}, ")]
+        found = [
+            rate
+            for k, rate in best.items()
+            if k == key or (key.endswith(ROW_LOCK) and k.startswith(f"{key}, "))
+        ]
         return max(found) if found else None
 
     def best_ratio(what: str, design: str, reference: str, least: float) -> None:
@@ -924,7 +929,10 @@ async def bench(
         }
 
     async def service_at(
-        design: str, root: Path, cluster: RedisClusterNodes | None = None
+        design: str,
+        root: Path,
+        cluster: RedisClusterNodes | None = None,
+        api_processes: int | None = None,
     ) -> Target:
         """The service as the checkout at `root` has it, on a database and Redis key prefix
         of its own (two sets of workers on one database would fence each other's shards);
@@ -942,7 +950,8 @@ async def bench(
         }
         await asyncio.to_thread(migrate, env["DATABASE_URL"], root)
         port = free_port()
-        processes = serving("api", "api", {**env, "PORT": str(port)}, root, args.api_processes)
+        count = api_processes or args.api_processes
+        processes = serving("api", "api", {**env, "PORT": str(port)}, root, count)
         processes["worker"] = spawn("worker", env, root, **QUIET)
         keys = KeySpace(env["REDIS_KEY_PREFIX"], Settings.shard_count)
 
@@ -1011,7 +1020,7 @@ async def bench(
             return
         ours = [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000]
         theirs = [100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000]
-        for target in (service, *rowlocks):
+        for target in (service, *one_process, *rowlocks):
             name, wallets, workload = shapes_of[target.design][0]
             steps = theirs if is_reference(target.design) else ours
             results.best[f"transfers {target.design}"], more = await find_max(
@@ -1045,6 +1054,10 @@ async def bench(
             compared[1].transfers = (baseline / "api" / "transfers.py").exists()
         if cluster is not None:
             compared.insert(1, await service_at(ON_CLUSTER, ROOT, cluster))
+        one_process = []
+        if args.one_process_too and args.api_processes > 1:
+            one_process.append(await service_at(ONE_PROCESS, ROOT, api_processes=1))
+            compared.insert(1, one_process[0])
         async with aiohttp.ClientSession() as http:
             for target in compared:
                 if target.queued is not None:
@@ -1081,6 +1094,7 @@ async def bench(
                     (t.design, t, 1, theirs if is_reference(t.design) else rates) for t in compared
                 ]
                 searches.append(("many", service, 10_000, rates))
+                searches += [(f"many, {t.design}", t, 10_000, rates) for t in one_process]
                 for key, target, wallet_count, steps in searches:
                     wallets = await new_wallets(target.pg, wallet_count)
                     name = f"max on {wallets_name(wallet_count)}"
@@ -1202,6 +1216,11 @@ def main(argv: list[str] | None = None) -> int:
         help="API processes sharing each design's port (REUSE_PORT), the service's and the "
         "row lock's alike, 1 to 8; the row lock also runs with one, and each phase takes "
         "its better figure (one per core: %(default)s)",
+    )
+    parser.add_argument(
+        "--one-process-too",
+        action="store_true",
+        help=f"also run the service with one API process ('{ONE_PROCESS}'), in the same phases",
     )
     parser.add_argument(
         "--closed-seconds", type=float, default=20, help="each closed-loop phase (20)"
