@@ -78,6 +78,13 @@ CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000)]
 SMOKE_CLOSED_LOOPS = [(1, 1), (8, 1)]
 ON_CLUSTER = "service on Redis Cluster"  # the design name of --redis-cluster's service
 ONE_PROCESS = "service, 1 API process"  # --one-process-too's
+# The steps of the searches for the highest rates. Steps of 500 to the service's top: with
+# steps of 1,000 above 3,000, one step was a sixth of its highest rates, too coarse to
+# compare two of them.
+SERVICE_RATES = [*range(500, 8001, 500), 9000, 10000]
+ROW_LOCK_RATES = [250, 500, 750, 1000, 1250, 1500, 2000, 2500]
+SERVICE_TRANSFER_RATES = [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000]
+ROW_LOCK_TRANSFER_RATES = [100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000]
 
 
 @dataclasses.dataclass
@@ -1018,11 +1025,10 @@ async def bench(
                 print(table(results.transfers_open[-1:]).splitlines()[-1], flush=True)
         if args.smoke or args.constant_only:
             return
-        ours = [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000]
-        theirs = [100, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000]
         for target in (service, *one_process, *rowlocks):
             name, wallets, workload = shapes_of[target.design][0]
-            steps = theirs if is_reference(target.design) else ours
+            reference = is_reference(target.design)
+            steps = ROW_LOCK_TRANSFER_RATES if reference else SERVICE_TRANSFER_RATES
             results.best[f"transfers {target.design}"], more = await find_max(
                 target, f"max transfers {name}", wallets, workload, steps, args
             )
@@ -1086,15 +1092,12 @@ async def bench(
                     )
                     print(table(results.open[-1:]).splitlines()[-1], flush=True)
             if not (args.closed_only or args.smoke or args.constant_only):
-                # Steps of 500 to the top: with steps of 1,000 above 3,000, one step was a
-                # sixth of the highest rates, too coarse to compare two of them.
-                rates = [*range(500, 8001, 500), 9000, 10000]
-                theirs = [250, 500, 750, 1000, 1250, 1500, 2000, 2500]
                 searches = [
-                    (t.design, t, 1, theirs if is_reference(t.design) else rates) for t in compared
+                    (t.design, t, 1, ROW_LOCK_RATES if is_reference(t.design) else SERVICE_RATES)
+                    for t in compared
                 ]
-                searches.append(("many", service, 10_000, rates))
-                searches += [(f"many, {t.design}", t, 10_000, rates) for t in one_process]
+                searches.append(("many", service, 10_000, SERVICE_RATES))
+                searches += [(f"many, {t.design}", t, 10_000, SERVICE_RATES) for t in one_process]
                 for key, target, wallet_count, steps in searches:
                     wallets = await new_wallets(target.pg, wallet_count)
                     name = f"max on {wallets_name(wallet_count)}"
