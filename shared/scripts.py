@@ -30,26 +30,34 @@ end
 return id
 """
 
-# KEYS: wallet stream, shard dirty set, shard queued count
-# ARGV: wallet id, the lowest entry id to keep (everything below it has been committed and
-# answered), how many entries to return at most
-# Called by the owner after COMMIT and the replies, and to read a wallet. Drops the committed
-# entries and returns the next ones. A wallet whose stream is left empty is no longer dirty:
-# its next operation comes through the wake stream. The empty stream itself is kept a
-# minute: a stream keeps handing out ids above its last one, so a wallet's entry ids only
-# grow and "everything up to here is committed" stays true of its ids, whereas a stream
-# deleted and started anew in the same millisecond would hand out ids below the old ones.
+# KEYS: for each wallet, its stream, its shard's dirty set and its shard's queued count
+# ARGV: how many entries to return at most for each wallet, then for each wallet its id and
+# the lowest entry id to keep (everything below it has been committed and answered)
+# Called by the owner after COMMIT and the replies, and to read wallets: one call for many
+# wallets (all of one shard on a Redis Cluster), as a call's own cost is most of a quiet
+# wallet's. Drops each wallet's committed entries and returns its next ones, a list per
+# wallet. A wallet whose stream is left empty is no longer dirty: its next operation comes
+# through the wake stream. The empty stream itself is kept a minute: a stream keeps handing
+# out ids above its last one, so a wallet's entry ids only grow and "everything up to here
+# is committed" stays true of its ids, whereas a stream deleted and started anew in the same
+# millisecond would hand out ids below the old ones.
 ACKNOWLEDGE_READ = """
-local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2])
-if trimmed > 0 and redis.call('DECRBY', KEYS[3], trimmed) < 0 then
-  redis.call('SET', KEYS[3], 0)
+local found = {}
+for i = 1, #KEYS / 3 do
+  local stream, dirty, queued = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local wallet, keep = ARGV[2 * i], ARGV[2 * i + 1]
+  local trimmed = redis.call('XTRIM', stream, 'MINID', keep)
+  if trimmed > 0 and redis.call('DECRBY', queued, trimmed) < 0 then
+    redis.call('SET', queued, 0)
+  end
+  local entries = redis.call('XRANGE', stream, keep, '+', 'COUNT', ARGV[1])
+  if #entries == 0 then
+    redis.call('SREM', dirty, wallet)
+    redis.call('PEXPIRE', stream, 60000)
+  end
+  found[i] = entries
 end
-local entries = redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])
-if #entries == 0 then
-  redis.call('SREM', KEYS[2], ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], 60000)
-end
-return entries
+return found
 """
 
 # KEYS: shard lease. ARGV: worker id, lease time in ms.

@@ -58,6 +58,39 @@ async def test_a_wallet_whose_stream_empties_and_fills_again_is_served_in_order(
     await eventually(acknowledged, what="the last operation to be acknowledged")
 
 
+async def test_each_wallet_of_a_batch_over_several_shards_is_acknowledged(
+    client: Any, settings: Settings, pg: Any, redis: Redis
+) -> None:
+    """Operations on 40 wallets of several shards at once, several per wallet: batches hold
+    many wallets, acknowledged by one call. Every wallet's operations are applied once, and
+    in the end every stream is trimmed, no wallet dirty and no shard counts anything
+    queued."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    wallets = [(await (await client.post("/api/v1/wallets")).json())["id"] for _ in range(40)]
+    assert len({keys.shard_of(w) for w in wallets}) > 1
+    results = await asyncio.gather(
+        *(operate(client, w, "DEPOSIT", minor) for minor in range(1, 6) for w in wallets)
+    )
+    assert {status for status, _, _ in results} == {200}
+    balances = dict(
+        await pg.fetch("SELECT id::text, balance FROM wallets WHERE id = any($1::uuid[])", wallets)
+    )
+    assert balances == dict.fromkeys(wallets, 1500)
+    shards = sorted({keys.shard_of(w) for w in wallets})
+
+    async def all_acknowledged() -> bool:
+        async with redis.pipeline(transaction=False) as pipe:
+            for w in wallets:
+                pipe.xlen(keys.wallet_stream(w, keys.shard_of(w)))
+            for shard in shards:
+                pipe.scard(keys.dirty_set(shard))
+                pipe.get(keys.queued(shard))
+            found = await pipe.execute()
+        return not any(int(n or 0) for n in found)
+
+    await eventually(all_acknowledged, what="every wallet of the batches to be acknowledged")
+
+
 async def test_a_wallet_whose_batches_fail_is_set_aside_and_the_others_go_on(
     api: Any, settings: Settings, pg: Any
 ) -> None:

@@ -1,7 +1,7 @@
 """The worker's Redis I/O on its shards' streams: the wake listener, which reads every owned
 shard's wake stream in one blocking read (on a Redis Cluster, one per shard), and the
-wallets' streams, read and acknowledged (ACKNOWLEDGE_READ) over a connection of the round's
-own, one round trip at a time."""
+wallets' streams, read and acknowledged (ACKNOWLEDGE_READ, one call for all the round's
+wallets) over a connection of the round's own, one round trip at a time."""
 
 from __future__ import annotations
 
@@ -361,28 +361,32 @@ class WalletStreams:
         cursors: Mapping[str, str],
         count: int,
     ) -> list[Reading | None]:
-        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for each wallet.
-        Raises the first error any of them answered."""
-        commands = [
-            *before,
-            *(self._acknowledge_read_command(w, cursors[w], count) for w in wallets),
-        ]
+        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for the wallets, one
+        call for all (on a Redis Cluster, one per shard). Raises the first error any of
+        them answered."""
+        groups: dict[int, list[str]] = defaultdict(list)
+        cluster = isinstance(self._redis, RedisCluster)
+        for wallet in wallets:
+            groups[self._keys.shard_of(wallet) if cluster else 0].append(wallet)
+        calls = [self._acknowledge_read_command(group, cursors, count) for group in groups.values()]
+        commands = [*before, *calls]
         if not commands:
             return []
-        if isinstance(self._redis, RedisCluster) and before:
+        if cluster and before:
             # Ordered within a node only: what goes before has its own round trip, so that
             # the entries are trimmed only after their answers are out.
             answers = await self._direct.round_trip(before)
-            answers += await self._direct.round_trip(commands[len(before) :])
+            answers += await self._direct.round_trip(calls)
         else:
             answers = await self._direct.round_trip(commands)
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        return [
-            reading_of(wallet, found)
-            for wallet, found in zip(wallets, answers[len(before) :], strict=True)
-        ]
+        readings: dict[str, Reading | None] = {}
+        for group, found in zip(groups.values(), answers[len(before) :], strict=True):
+            for wallet, entries in zip(group, found, strict=True):
+                readings[wallet] = reading_of(wallet, entries)
+        return [readings[wallet] for wallet in wallets]
 
     def enqueue_command(self, request: OperationRequest) -> tuple[Any, ...]:
         """ENQUEUE of a transfer's step on its wallet's stream, whatever the queue limits:
@@ -409,19 +413,20 @@ class WalletStreams:
         finally:
             await direct.close()
 
-    def _acknowledge_read_command(self, wallet: str, cursor: str, count: int) -> tuple[Any, ...]:
-        shard = self._keys.shard_of(wallet)
-        return (
-            "EVALSHA",
-            ACKNOWLEDGE_READ_SHA,
-            3,
-            self._keys.wallet_stream(wallet, shard),
-            self._keys.dirty_set(shard),
-            self._keys.queued(shard),
-            wallet,
-            next_entry_id(cursor),
-            count,
-        )
+    def _acknowledge_read_command(
+        self, wallets: list[str], cursors: Mapping[str, str], count: int
+    ) -> tuple[Any, ...]:
+        keys: list[str] = []
+        args: list[Any] = [count]
+        for wallet in wallets:
+            shard = self._keys.shard_of(wallet)
+            keys += (
+                self._keys.wallet_stream(wallet, shard),
+                self._keys.dirty_set(shard),
+                self._keys.queued(shard),
+            )
+            args += (wallet, next_entry_id(cursors[wallet]))
+        return ("EVALSHA", ACKNOWLEDGE_READ_SHA, len(keys), *keys, *args)
 
     async def close(self) -> None:
         await self._direct.close()
