@@ -80,6 +80,14 @@ class WakeListener:
     found there until the round takes them. Trims what it has read, a shard's at a time
     once WAKE_TRIM_AFTER entries have piled up or when nothing came.
 
+    A reader that found wake-ups waits (parks) until the round has committed its batch
+    (`read_again`), then reads at once, without blocking, what came meanwhile, and the
+    round's next batch waits for that read (`caught_up`): a wake-up that comes while a batch
+    commits goes into the next one. Reading on while the round commits would fetch one or
+    two at a time, each read of all the shards' streams costing Redis as much as a batch's
+    acknowledgement; reading only when the round starts a batch would leave what came
+    during the commit for the batch after.
+
     A shard's wake stream is read only once a rescan has said where to start (`start_after`),
     anew for each epoch of the shard: after the last wake entry there was when the rescan
     read the shard's dirty set, in the same transaction. The wallets dirty then are the
@@ -109,15 +117,32 @@ class WakeListener:
         self._wakes: list[Wake] = []
         # shard -> (the epoch it was read under, the id of the last wake entry read)
         self._cursors: dict[int, tuple[int, str]] = {}
-        self._taken = asyncio.Event()
+        self._parked = 0  # readers waiting for read_again()
+        self._go = asyncio.Event()  # set, and replaced, by read_again()
+        self._catching_up = 0  # readers asked to read at once, not done yet
+        self._caught_up = asyncio.Event()
+        self._caught_up.set()
         self._shards_changed = asyncio.Event()
         self._stopping = asyncio.Event()
 
     def take(self) -> list[Wake]:
-        """The wake-ups found since the last call, oldest first; lets the listener read on."""
+        """The wake-ups found since the last call, oldest first."""
         wakes, self._wakes = self._wakes, []
-        self._taken.set()
         return wakes
+
+    def read_again(self) -> None:
+        """The round has committed its batch (or has none): the readers that found wake-ups
+        read what came since, at once."""
+        if self._parked:
+            self._catching_up += self._parked
+            self._parked = 0
+            self._caught_up.clear()
+            self._go.set()
+            self._go = asyncio.Event()
+
+    async def caught_up(self) -> None:
+        """Until the reads read_again() asked for are done."""
+        await self._caught_up.wait()
 
     def has_wake_for(self, wallet: str) -> bool:
         return any(w == wallet for w, _, _ in self._wakes)
@@ -129,7 +154,7 @@ class WakeListener:
     def stop(self) -> None:
         """run() returns within one read's wait."""
         self._stopping.set()
-        self._taken.set()
+        self.read_again()
         self._shards_changed.set()
 
     def start_after(self, shard: int, epoch: int, entry_id: str) -> None:
@@ -181,11 +206,13 @@ class WakeListener:
         direct = connections.direct(self._redis)
         untrimmed: dict[int, int] = {}
         quiet = False  # the last read found nothing: a good time to trim
+        at_once = False  # the round waits for this read: no blocking
         failures = 0
         try:
             while not self._stopping.is_set():
                 shards = readable()
                 if not shards:
+                    at_once = self._done_at_once(at_once)
                     if alone is not None and alone not in self._owned:
                         return
                     self._shards_changed.clear()
@@ -201,8 +228,7 @@ class WakeListener:
                     "XREAD",
                     "COUNT",
                     WAKE_COUNT,
-                    "BLOCK",
-                    int(WAKE_WAIT * 1000),
+                    *(() if at_once else ("BLOCK", int(WAKE_WAIT * 1000))),
                     "STREAMS",
                     *(self._keys.wake_stream(s) for s, _ in shards),
                     *(self._cursors[s][1] for s, _ in shards),
@@ -212,6 +238,7 @@ class WakeListener:
                     if isinstance(answers[-1], Exception):
                         raise answers[-1]
                 except REDIS_ERRORS as e:
+                    at_once = self._done_at_once(at_once)
                     failures += 1
                     log.warning("reading the wake-ups failed (%s)", e)
                     self._cursors.clear()
@@ -225,14 +252,34 @@ class WakeListener:
                     del untrimmed[shard]
                 quiet = answers[-1] is None
                 self._note(shards, answers[-1] or [], untrimmed)
+                at_once = self._done_at_once(at_once)
                 if self._wakes:
-                    # Reading again before the round has taken these would mostly fetch one
-                    # or two at a time while it commits: what comes meanwhile is read in one
-                    # go when it starts its next batch.
-                    self._taken.clear()
-                    await self._taken.wait()
+                    at_once = await self._park()
         finally:
+            self._done_at_once(at_once)
             await direct.close()
+
+    async def _park(self) -> bool:
+        """Waits for read_again(); True: the read that follows is one the round waits for."""
+        self._parked += 1
+        go = self._go
+        try:
+            await go.wait()
+        except asyncio.CancelledError:
+            if go.is_set():
+                self._done_at_once(True)
+            else:
+                self._parked -= 1
+            raise
+        return True
+
+    def _done_at_once(self, at_once: bool) -> bool:
+        """Counts a read the round waits for as done (if `at_once`); False."""
+        if at_once:
+            self._catching_up -= 1
+            if not self._catching_up:
+                self._caught_up.set()
+        return False
 
     def _trim_command(self, shard: int) -> tuple[Any, ...]:
         """Drops the shard's wake entries read so far, if the shard is still this worker's."""

@@ -208,11 +208,14 @@ class Worker:
     async def process_round(self) -> int | None:
         """Commits, answers and acknowledges one batch; returns how many operations it held,
         or None if no wallet had work."""
+        listener = self.listener
+        await listener.caught_up()  # the wake-ups that came while the last batch committed
         self._wakeup.clear()  # what comes from here on is seen by this round or wakes the next
         backlog, streams, owned = self.backlog, self.streams, self.ownership.owned
-        backlog.take_wakes(self.listener.take(), owned)
+        backlog.take_wakes(listener.take(), owned)
         wallets = backlog.pick(owned, time.monotonic())
         if not wallets:
+            listener.read_again()
             return None
         held = dict(owned)  # the shards, and their epochs, this round commits under
         epochs = self.ownership.epochs_of(wallets)
@@ -231,6 +234,7 @@ class Worker:
             )
             epochs |= {s: held[s] for s in map(self.keys.shard_of, credited(entries))}
             outcomes = await self.committer.commit(entries, epochs) if entries else []
+            listener.read_again()  # meanwhile, as the answers go out
             # Only after COMMIT: the replies and the transfers' next steps, then the trims
             # and the next entries.
             replies, steps = follow_ups(entries, outcomes)
@@ -239,6 +243,7 @@ class Worker:
                 self.metrics.transfers.labels(outcome).inc()
             backlog.took_readings(batch, read)
         except BaseException:
+            listener.read_again()
             # How far the round got is unknown: read these wallets again from the start;
             # operation ids keep what was committed from being applied twice.
             backlog.read_again(wallets)
