@@ -99,3 +99,38 @@ async def test_a_lost_connection_drops_the_positions_until_the_next_rescan(
 
     await eventually(woken, what="a wake-up read after the new rescan")
     assert [w for w, _, _ in it.listener.take()] == [later]
+
+
+async def test_after_a_busy_batch_the_round_waits_for_what_came_during_its_commit(
+    listening: tuple[Listening, KeySpace], redis: Redis
+) -> None:
+    """The round took several wake-ups, so they come faster than its batches: once it has
+    committed, the listener reads at once what came meanwhile, and the next batch starts
+    only when that read is done, with those wake-ups in hand. After a batch of one, the
+    listener goes back to its blocking read, and the round does not wait for it."""
+    it, keys = listening
+    await it.rescan()
+    first, second = wallet_in(keys, SHARD), wallet_in(keys, SHARD)
+    await enqueue(redis, keys, first)
+    await enqueue(redis, keys, second)
+
+    async def both_read() -> bool:
+        return it.listener.has_wake_for(first) and it.listener.has_wake_for(second)
+
+    await eventually(both_read, what="both wake-ups")
+    assert {w for w, _, _ in it.listener.take()} == {first, second}
+    during_the_commit = wallet_in(keys, SHARD)
+    await enqueue(redis, keys, during_the_commit)
+    it.listener.read_again(at_once=True)
+    await asyncio.wait_for(it.listener.caught_up(), 5)
+    assert [w for w, _, _ in it.listener.take()] == [during_the_commit]
+
+    it.listener.read_again(at_once=False)
+    await asyncio.wait_for(it.listener.caught_up(), 5)
+    later = wallet_in(keys, SHARD)
+    await enqueue(redis, keys, later)
+
+    async def woken_by_the_blocking_read() -> bool:
+        return it.listener.has_wake_for(later)
+
+    await eventually(woken_by_the_blocking_read, what="the later wake-up")

@@ -81,12 +81,13 @@ class WakeListener:
     once WAKE_TRIM_AFTER entries have piled up or when nothing came.
 
     A reader that found wake-ups waits (parks) until the round has committed its batch
-    (`read_again`), then reads at once, without blocking, what came meanwhile, and the
-    round's next batch waits for that read (`caught_up`): a wake-up that comes while a batch
-    commits goes into the next one. Reading on while the round commits would fetch one or
-    two at a time, each read of all the shards' streams costing Redis as much as a batch's
-    acknowledgement; reading only when the round starts a batch would leave what came
-    during the commit for the batch after.
+    (`read_again`). If the batch took several wake-ups, they come faster than the batches:
+    the reader reads at once, without blocking, what came meanwhile, and the round's next
+    batch waits for that read (`caught_up`), so that a wake-up that comes while a batch
+    commits goes into the next one. Else it goes back to its blocking read. Reading on
+    while the round commits would fetch one or two at a time, each read of all the shards'
+    streams costing Redis as much as a batch's acknowledgement; reading only when the round
+    starts a batch would leave what came during the commit for the batch after.
 
     A shard's wake stream is read only once a rescan has said where to start (`start_after`),
     anew for each epoch of the shard: after the last wake entry there was when the rescan
@@ -118,7 +119,8 @@ class WakeListener:
         # shard -> (the epoch it was read under, the id of the last wake entry read)
         self._cursors: dict[int, tuple[int, str]] = {}
         self._parked = 0  # readers waiting for read_again()
-        self._go = asyncio.Event()  # set, and replaced, by read_again()
+        # what they wait on: whether to read at once (set, and replaced, by read_again())
+        self._go: asyncio.Future[bool] | None = None
         self._catching_up = 0  # readers asked to read at once, not done yet
         self._caught_up = asyncio.Event()
         self._caught_up.set()
@@ -130,15 +132,17 @@ class WakeListener:
         wakes, self._wakes = self._wakes, []
         return wakes
 
-    def read_again(self) -> None:
+    def read_again(self, at_once: bool = False) -> None:
         """The round has committed its batch (or has none): the readers that found wake-ups
-        read what came since, at once."""
-        if self._parked:
-            self._catching_up += self._parked
+        read again, `at_once` what came since (and caught_up() waits for that read), else
+        in a blocking read."""
+        if self._parked and self._go is not None:
+            if at_once:
+                self._catching_up += self._parked
+                self._caught_up.clear()
             self._parked = 0
-            self._caught_up.clear()
-            self._go.set()
-            self._go = asyncio.Event()
+            self._go.set_result(at_once)
+            self._go = None
 
     async def caught_up(self) -> None:
         """Until the reads read_again() asked for are done."""
@@ -261,17 +265,20 @@ class WakeListener:
 
     async def _park(self) -> bool:
         """Waits for read_again(); True: the read that follows is one the round waits for."""
-        self._parked += 1
+        if self._stopping.is_set():  # nobody is left to call read_again()
+            return False
+        if self._go is None:
+            self._go = asyncio.get_running_loop().create_future()
         go = self._go
+        self._parked += 1
         try:
-            await go.wait()
+            return await asyncio.shield(go)
         except asyncio.CancelledError:
-            if go.is_set():
-                self._done_at_once(True)
-            else:
+            if not go.done():
                 self._parked -= 1
+            elif go.result():
+                self._done_at_once(True)
             raise
-        return True
 
     def _done_at_once(self, at_once: bool) -> bool:
         """Counts a read the round waits for as done (if `at_once`); False."""

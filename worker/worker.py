@@ -212,7 +212,8 @@ class Worker:
         await listener.caught_up()  # the wake-ups that came while the last batch committed
         self._wakeup.clear()  # what comes from here on is seen by this round or wakes the next
         backlog, streams, owned = self.backlog, self.streams, self.ownership.owned
-        backlog.take_wakes(listener.take(), owned)
+        wakes = listener.take()
+        backlog.take_wakes(wakes, owned)
         wallets = backlog.pick(owned, time.monotonic())
         if not wallets:
             listener.read_again()
@@ -234,7 +235,9 @@ class Worker:
             )
             epochs |= {s: held[s] for s in map(self.keys.shard_of, credited(entries))}
             outcomes = await self.committer.commit(entries, epochs) if entries else []
-            listener.read_again()  # meanwhile, as the answers go out
+            # Several wake-ups in one batch: they come faster than the batches, and those of
+            # the commit's time are read as the answers go out, for the next batch.
+            listener.read_again(at_once=len(wakes) > 1)
             # Only after COMMIT: the replies and the transfers' next steps, then the trims
             # and the next entries.
             replies, steps = follow_ups(entries, outcomes)
