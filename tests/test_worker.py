@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import uuid
@@ -19,7 +20,7 @@ from shared.connections import round_trip
 from shared.keys import KeySpace
 from shared.settings import Settings
 from tests.conftest import REDIS_CLUSTER, running_worker
-from tests.helpers import eventually, ledger, operate
+from tests.helpers import eventually, ledger, operate, wallet_in
 from worker.apply import (
     EPOCHS,
     READ_WALLETS,
@@ -91,49 +92,72 @@ async def test_each_wallet_of_a_batch_over_several_shards_is_acknowledged(
     await eventually(all_acknowledged, what="every wallet of the batches to be acknowledged")
 
 
-async def test_wake_ups_that_come_while_a_batch_commits_go_into_the_next_batch(
-    client: Any, settings: Settings, pg: Any, redis: Redis
+async def test_after_a_busy_batch_the_wake_ups_of_its_commit_go_into_the_next_batch(
+    client: Any, worker: Worker, settings: Settings, pg: Any, redis: Redis
 ) -> None:
-    """A's batch is held in its commit (a lock on A's row). Meanwhile B's operation comes,
-    then C's, each waking the worker (both wallets were quiet). Once A's batch commits, B
-    and C go into the next batch together: the wake-ups that came during a commit are read
-    before the next batch starts, not one of them per batch as they happened to be read."""
+    """Batches are held in their commits by locks on wallets' rows, so that wake-ups pile up
+    in between: X and Y end up woken in one batch (so wake-ups come faster than the
+    batches), and while that batch commits P's operation comes, then Q's. P and Q then go
+    into the next batch together: after a busy batch, the wake-ups of its commit's time
+    are read before the next batch starts, not one of them per batch as they happened to
+    be read. All of one shard, whose wake stream has one reader on a Redis Cluster too."""
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-    a, b, c = [
-        await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id::text") for _ in range(3)
-    ]
-    async with pg.acquire() as lock, lock.transaction():
-        await lock.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", a)
-        held = asyncio.create_task(operate(client, a, "DEPOSIT", 1))
+    new = "INSERT INTO wallets (id) VALUES ($1) RETURNING id::text"
+    z, w, x, y, p, q = [await pg.fetchval(new, wallet_in(keys, 1)) for _ in range(6)]
+    sent: dict[str, asyncio.Task[Any]] = {}
 
-        async def waiting_for_the_lock() -> bool:
-            return bool(
-                await pg.fetchval(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
-                    " WHERE NOT l.granted AND s.datname = current_database()"
-                )
+    async def send(wallet: str) -> None:
+        sent[wallet] = asyncio.create_task(operate(client, wallet, "DEPOSIT", 1))
+
+        async def queued() -> bool:
+            return bool(await redis.xlen(keys.wallet_stream(wallet, keys.shard_of(wallet))))
+
+        await eventually(queued, what="the operation to be queued")
+
+    async def held_by_a_lock() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
+                " WHERE NOT l.granted AND s.datname = current_database()"
             )
+        )
 
-        await eventually(waiting_for_the_lock, what="A's batch to wait for the row lock")
-        later = []
-        for wallet in (b, c):
-            later.append(asyncio.create_task(operate(client, wallet, "DEPOSIT", 1)))
+    async def the_worker_knows(*wallets: str) -> bool:
+        return all(worker.has_work_for(wallet) for wallet in wallets)
 
-            async def queued(wallet: str = wallet) -> bool:
-                return bool(await redis.xlen(keys.wallet_stream(wallet, keys.shard_of(wallet))))
-
-            await eventually(queued, what="the operation to be queued")
-        assert not held.done()
-    for task in (held, *later):
+    async with contextlib.AsyncExitStack() as locks:
+        held = {}
+        for wallet in (z, w, x):
+            conn = await locks.enter_async_context(pg.acquire())
+            held[wallet] = conn.transaction()
+            await held[wallet].start()
+            await conn.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", wallet)
+        await send(z)
+        await eventually(held_by_a_lock, what="Z's batch to wait for its row")
+        await send(w)
+        await eventually(lambda: the_worker_knows(w), what="W's wake-up to be read")
+        await send(x)
+        await send(y)
+        await held[z].rollback()
+        await eventually(held_by_a_lock, what="W's batch to wait for its row")
+        await eventually(lambda: the_worker_knows(x, y), what="X's and Y's wake-ups")
+        await held[w].rollback()
+        await asyncio.wait_for(sent[w], 30)
+        await eventually(held_by_a_lock, what="X's and Y's batch to wait for X's row")
+        await send(p)
+        await send(q)
+        await held[x].rollback()
+    for task in sent.values():
         status, body, _ = await asyncio.wait_for(task, 30)
         assert status == 200, body
     commits = dict(
         await pg.fetch(
             "SELECT wallet_id::text, xmin::text FROM operations WHERE wallet_id = any($1::uuid[])",
-            [a, b, c],
+            list(sent),
         )
     )
-    assert commits[b] == commits[c] != commits[a]
+    assert commits[x] == commits[y]
+    assert commits[p] == commits[q] != commits[x]
 
 
 async def test_a_wallet_whose_batches_fail_is_set_aside_and_the_others_go_on(

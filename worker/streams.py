@@ -80,14 +80,14 @@ class WakeListener:
     found there until the round takes them. Trims what it has read, a shard's at a time
     once WAKE_TRIM_AFTER entries have piled up or when nothing came.
 
-    A reader that found wake-ups waits (parks) until the round has committed its batch
-    (`read_again`). If the batch took several wake-ups, they come faster than the batches:
-    the reader reads at once, without blocking, what came meanwhile, and the round's next
-    batch waits for that read (`caught_up`), so that a wake-up that comes while a batch
-    commits goes into the next one. Else it goes back to its blocking read. Reading on
-    while the round commits would fetch one or two at a time, each read of all the shards'
-    streams costing Redis as much as a batch's acknowledgement; reading only when the round
-    starts a batch would leave what came during the commit for the batch after.
+    A reader that found wake-ups waits (parks) until the round lets it read again
+    (`read_again`). If the round's batch took several wake-ups, they come faster than the
+    batches: the round lets it once it has committed, the reader reads at once, without
+    blocking, what came meanwhile, and the next batch waits for that read (`caught_up`), so
+    that what comes while a batch commits goes into the next one. Reading on while the
+    round commits would fetch one or two at a time, each read of all the shards' streams
+    costing Redis as much as a batch's acknowledgement. Else the round lets it as the batch
+    starts, for a blocking read that the next wake-up ends.
 
     A shard's wake stream is read only once a rescan has said where to start (`start_after`),
     anew for each epoch of the shard: after the last wake entry there was when the rescan
@@ -133,9 +133,8 @@ class WakeListener:
         return wakes
 
     def read_again(self, at_once: bool = False) -> None:
-        """The round has committed its batch (or has none): the readers that found wake-ups
-        read again, `at_once` what came since (and caught_up() waits for that read), else
-        in a blocking read."""
+        """The readers that found wake-ups read again: `at_once` what has come (and
+        caught_up() waits for that read), else in a blocking read."""
         if self._parked and self._go is not None:
             if at_once:
                 self._catching_up += self._parked
@@ -255,9 +254,9 @@ class WakeListener:
                 for shard in due:
                     del untrimmed[shard]
                 quiet = answers[-1] is None
-                self._note(shards, answers[-1] or [], untrimmed)
+                found = self._note(shards, answers[-1] or [], untrimmed)
                 at_once = self._done_at_once(at_once)
-                if self._wakes:
+                if found:
                     at_once = await self._park()
         finally:
             self._done_at_once(at_once)
@@ -294,8 +293,10 @@ class WakeListener:
         cursor = self._cursors[shard][1]
         return ("EVAL", TRIM_WAKES, 2, *keys, self._worker_id, next_entry_id(cursor))
 
-    def _note(self, shards: list[tuple[int, int]], found: Any, untrimmed: dict[int, int]) -> None:
-        """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2)."""
+    def _note(self, shards: list[tuple[int, int]], found: Any, untrimmed: dict[int, int]) -> bool:
+        """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2); whether
+        it held wake-ups."""
+        held = len(self._wakes)
         read_as = {self._keys.wake_stream(s).encode(): (s, epoch) for s, epoch in shards}
         for stream, items in found.items() if isinstance(found, dict) else found:
             shard, epoch = read_as[stream]
@@ -311,8 +312,10 @@ class WakeListener:
                     log.error("wake entry %s of shard %d is not one", raw_id, shard)
             self._cursors[shard] = (epoch, items[-1][0].decode())
             untrimmed[shard] = untrimmed.get(shard, 0) + len(items)
-        if self._wakes:
-            self._woke()
+        if len(self._wakes) == held:
+            return False
+        self._woke()
+        return True
 
 
 class WalletStreams:

@@ -213,6 +213,12 @@ class Worker:
         self._wakeup.clear()  # what comes from here on is seen by this round or wakes the next
         backlog, streams, owned = self.backlog, self.streams, self.ownership.owned
         wakes = listener.take()
+        # Several wake-ups in one batch: they come faster than the batches, and those of the
+        # commit's time are read after it, for the next batch. Else the listener reads on
+        # meanwhile, blocking till the next one.
+        busy = len(wakes) > 1
+        if not busy:
+            listener.read_again()
         backlog.take_wakes(wakes, owned)
         wallets = backlog.pick(owned, time.monotonic())
         if not wallets:
@@ -235,9 +241,8 @@ class Worker:
             )
             epochs |= {s: held[s] for s in map(self.keys.shard_of, credited(entries))}
             outcomes = await self.committer.commit(entries, epochs) if entries else []
-            # Several wake-ups in one batch: they come faster than the batches, and those of
-            # the commit's time are read as the answers go out, for the next batch.
-            listener.read_again(at_once=len(wakes) > 1)
+            if busy:
+                listener.read_again(at_once=True)  # as the answers go out
             # Only after COMMIT: the replies and the transfers' next steps, then the trims
             # and the next entries.
             replies, steps = follow_ups(entries, outcomes)
