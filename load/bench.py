@@ -468,6 +468,26 @@ async def drive_closed(
     return effects
 
 
+async def ledger_and_balances(
+    conn: Any, wallets: Sequence[str], since: Any
+) -> tuple[list[Any], dict[str, int]]:
+    """Per wallet and in all (the row whose wallet_id is None), the commits, operations,
+    change in balance and money brought in or out of the ledger rows written since
+    `since`; and the wallets' balances."""
+    rows = await conn.fetch(
+        "SELECT wallet_id::text, count(DISTINCT xmin::text) AS commits, count(*) AS operations,"
+        " coalesce(sum(CASE WHEN status <> 'applied' THEN 0"
+        " WHEN kind IN ('WITHDRAW', 'TRANSFER_OUT') THEN -amount ELSE amount END), 0) AS effect,"
+        " coalesce(sum(CASE WHEN status <> 'applied' THEN 0 WHEN kind = 'DEPOSIT' THEN amount"
+        " WHEN kind = 'WITHDRAW' THEN -amount ELSE 0 END), 0) AS brought"
+        " FROM operations WHERE wallet_id = any($1::uuid[]) AND created_at >= $2"
+        " GROUP BY GROUPING SETS ((wallet_id), ())",
+        list(wallets),
+        since,
+    )
+    return rows, await balances(conn, wallets)
+
+
 async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
     rows = await pg.fetch(
         "SELECT id::text, balance FROM wallets WHERE id = any($1::uuid[])", list(wallets)
@@ -501,25 +521,17 @@ async def run_phase(
     phase.wal_bytes = await pg.fetchval(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", wal_at
     )
-    # Each transaction stamps the ledger rows it wrote with its own xid (xmin).
-    rows = await pg.fetch(
-        "SELECT wallet_id::text, count(DISTINCT xmin::text) AS commits, count(*) AS operations,"
-        " coalesce(sum(CASE WHEN status <> 'applied' THEN 0"
-        " WHEN kind IN ('WITHDRAW', 'TRANSFER_OUT') THEN -amount ELSE amount END), 0) AS effect,"
-        " coalesce(sum(CASE WHEN status <> 'applied' THEN 0 WHEN kind = 'DEPOSIT' THEN amount"
-        " WHEN kind = 'WITHDRAW' THEN -amount ELSE 0 END), 0) AS brought"
-        " FROM operations WHERE wallet_id = any($1::uuid[]) AND created_at >= $2"
-        " GROUP BY GROUPING SETS ((wallet_id), ())",
-        list(wallets),
-        started,
-    )
+    # Each transaction stamps the ledger rows it wrote with its own xid (xmin). The ledger
+    # and the balances are read in one snapshot: a design without a queue to wait for (the
+    # row lock) may still be applying requests the generator gave up on.
+    async with pg.acquire() as snapshot, snapshot.transaction(isolation="repeatable_read"):
+        rows, after = await ledger_and_balances(snapshot, wallets, started)
     total = next(r for r in rows if r["wallet_id"] is None) if rows else None
     phase.commits = total["commits"] if total else 0
     phase.operations = total["operations"] if total else 0
     recorded = dict.fromkeys(wallets, 0) | {
         r["wallet_id"]: r["effect"] for r in rows if r["wallet_id"] is not None
     }
-    after = await balances(pg, wallets)
     # The balances must be what the ledger says; and, when every request was answered, what
     # the answers say. With answers missing (requests the generator gave up on, which the
     # server may still have applied) only the ledger knows what happened to those.
