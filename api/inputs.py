@@ -14,12 +14,11 @@ from aiohttp import web
 from api.problems import malformed
 from shared.codec import CANONICAL_UUID
 from shared.errors import InvalidInput, WalletNotFound
+from shared.ids import client_operation_id
 
 PAGE_LIMIT_DEFAULT = 50
 PAGE_LIMIT_MAX = 100
 IDEMPOTENCY_KEY = "Idempotency-Key"
-# A client key that is not a UUID becomes the operation id through this namespace.
-IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c4a52-8f0e-4f3e-9a51-3b2d8c1f7e60")
 # Printable ASCII, without the spaces at either end that HTTP would strip.
 KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$"
 _KEY = re.compile(KEY_PATTERN)
@@ -106,15 +105,10 @@ def idempotency_key(request: web.Request) -> str | None:
 
 
 def operation_id(request: web.Request) -> str:
-    """The Idempotency-Key is the operation id (a UUID key as it is, any other key mapped to
-    a UUID); without one the operation gets a fresh id."""
+    """The id the Idempotency-Key becomes (shared/ids.py: never one of the service's own
+    ids); without a key the operation gets a fresh id."""
     key = idempotency_key(request)
-    if key is None:
-        return random_uuid()
-    try:
-        return str(uuid.UUID(key))
-    except ValueError:
-        return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+    return random_uuid() if key is None else client_operation_id(key)
 
 
 def page_limit(request: web.Request) -> int:

@@ -109,9 +109,10 @@ KEY_HEADER = {
     "in": "header",
     "required": False,
     "schema": {"type": "string", "pattern": KEY_PATTERN},
-    "description": "Makes the request safe to retry: it becomes the operation's id (a UUID "
-    "as it is, any other key mapped to one). The same key with the same request answers the "
-    "stored outcome again, with Idempotent-Replayed: true; with another request, 422.",
+    "description": "Makes the request safe to retry: the key, byte for byte (two spellings of "
+    "one UUID are two keys), names the operation on its wallet; the operation's id is derived "
+    "from it and never equals it. The same key with the same request answers the stored "
+    "outcome again, with Idempotent-Replayed: true; with another request, 422.",
 }
 
 

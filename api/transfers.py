@@ -34,9 +34,9 @@ from shared.codec import (
     OperationRequest,
     Outcome,
     format_time,
-    transfer_id_for,
 )
 from shared.connections import connection_from
+from shared.ids import transfer_id_for
 from shared.money import format_minor
 
 # How long a queued transfer's source is kept for its URL, should its writer never delete it.

@@ -93,10 +93,9 @@ from shared.codec import (
     TRANSFER_RETURN,
     OperationRequest,
     encode_request,
-    return_op_id,
-    transfer_id_for,
 )
 from shared.connections import REDIS_ERRORS, RedisClient, cluster_client
+from shared.ids import client_operation_id, return_op_id, transfer_id_for
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.scripts import ENQUEUE
@@ -186,6 +185,10 @@ class Sent:
     @property
     def transfer_id(self) -> str:
         return transfer_id_for(self.wallet, self.key)
+
+    @property
+    def op_id(self) -> str:
+        return client_operation_id(self.key)
 
 
 @dataclasses.dataclass
@@ -638,7 +641,7 @@ class Chaos:
                 expected[(op.to, t)] = (TRANSFER_IN, op.minor, op.wallet)
                 expected[(op.wallet, return_op_id(t))] = (TRANSFER_RETURN, op.minor, op.to)
             else:
-                expected[(op.wallet, op.key)] = (op.kind, op.minor, None)
+                expected[(op.wallet, op.op_id)] = (op.kind, op.minor, None)
         for key, r in by_id.items():
             if (r["kind"], r["amount"], r["counterparty"]) != expected.get(key):
                 self.problem(f"ledger row {dict(r)} was never sent by a client")
@@ -646,7 +649,7 @@ class Chaos:
             if op.kind == TRANSFER:
                 self.check_transfer(op, by_id)
                 continue
-            row = by_id.get((op.wallet, op.key))
+            row = by_id.get((op.wallet, op.op_id))
             if op.final == 200 and (row is None or row["status"] != "applied"):
                 self.problem(f"200 for {op.key} but the ledger has {row and dict(row)}")
             if op.final == 409 and row is not None and row["status"] == "applied":

@@ -11,8 +11,8 @@ Each user sends RATE_PER_USER (10) requests a second, so -u 100 is a constant 1,
 long as the service keeps up. The test creates and funds its own wallets, and at the end
 checks that every wallet's balance equals its starting balance plus what the applied
 operations imply; a mismatch makes locust exit non-zero. Requests without a final answer
-(cut off when locust stopped, or answered 202) are looked up first by their
-Idempotency-Key, which is the operation's id: the service may well have applied them.
+(cut off when locust stopped, or answered 202) are sent again with their Idempotency-Key
+until they have one: the service answers what it did with each, applying it once.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ log = logging.getLogger("wallet-load")
 wallets: list[str] = []
 start_balance: dict[str, int] = {}
 applied_effect: dict[str, int] = defaultdict(int)
-# operation id -> (wallet, effect if applied) of requests without a final answer yet
-unanswered: dict[str, tuple[str, int]] = {}
+# Idempotency-Key -> (wallet, body, effect if applied) of requests without a final answer
+unanswered: dict[str, tuple[str, dict[str, str], int]] = {}
 RECONCILE_SECONDS = 60  # how long the end of the run waits for pending operations
-NEVER_QUEUED_AFTER = 2.0  # seconds an operation unknown to the service may still arrive
 # With authentication on, the run registers a user of its own and sends its access token
 # (which lasts ACCESS_TOKEN_TTL: longer runs need a longer one).
 auth_headers: dict[str, str] = {}
@@ -89,21 +88,22 @@ def on_test_start(environment: Environment, **kwargs: Any) -> None:
 
 
 def reconcile(http: requests.Session, host: str) -> list[str]:
-    """Looks up every operation without a final answer until none is pending (or
-    RECONCILE_SECONDS pass); adds the applied ones' effects. Returns those still unknown."""
+    """Sends every operation without a final answer again, with its Idempotency-Key, until
+    each has one (or RECONCILE_SECONDS pass); adds the applied ones' effects. Returns the
+    keys still without one."""
     started = time.monotonic()
     while unanswered and time.monotonic() < started + RECONCILE_SECONDS:
-        for op_id, (wallet, effect) in list(unanswered.items()):
-            r = http.get(f"{host}/api/v1/wallets/{wallet}/operations/{op_id}", timeout=10)
-            status = r.json().get("status") if r.status_code == 200 else None
-            # Unknown for a while: cut off before it reached the service (a request whose
-            # client went away may still be on its way to the queue for a moment).
-            if r.status_code == 404 and time.monotonic() > started + NEVER_QUEUED_AFTER:
-                del unanswered[op_id]
-            elif status in ("applied", "rejected"):
-                if status == "applied":
+        for key, (wallet, body, effect) in list(unanswered.items()):
+            r = http.post(
+                f"{host}/api/v1/wallets/{wallet}/operation",
+                json=body,
+                headers={"Idempotency-Key": key},
+                timeout=10,
+            )
+            if r.status_code in (200, 409):
+                if r.status_code == 200:
                     applied_effect[wallet] += effect
-                del unanswered[op_id]
+                del unanswered[key]
         if unanswered:
             time.sleep(0.2)
     return list(unanswered)
@@ -141,28 +141,29 @@ class Operations(FastHttpUser):
 
     def operate(self, wallet: str, kind: str) -> None:
         amount = f"{random.randint(1, 50)}.{random.randint(0, 99):02d}"
-        op_id = str(uuid.uuid4())
+        key = str(uuid.uuid4())
+        body = {"operationType": kind, "amount": amount}
         effect = minor(amount) if kind == "DEPOSIT" else -minor(amount)
-        unanswered[op_id] = (wallet, effect)  # until an answer says what became of it
+        unanswered[key] = (wallet, body, effect)  # until an answer says what became of it
         with self.client.post(
             f"/api/v1/wallets/{wallet}/operation",
-            json={"operationType": kind, "amount": amount},
-            headers={**auth_headers, "Idempotency-Key": op_id},
+            json=body,
+            headers={**auth_headers, "Idempotency-Key": key},
             name=f"{kind} (one wallet)" if len(wallets) == 1 else kind,
             catch_response=True,
         ) as r:
             if r.status_code == 200:
-                del unanswered[op_id]
+                del unanswered[key]
                 applied_effect[wallet] += effect
                 r.success()
             elif r.status_code == 409:
-                del unanswered[op_id]
+                del unanswered[key]
                 r.success()  # refused and recorded: the wallet did not have the funds
             elif r.status_code == 202:
                 r.success()  # queued: its outcome is looked up at the end
             else:
                 if 400 <= r.status_code < 500:  # refused, never queued
-                    del unanswered[op_id]
+                    del unanswered[key]
                 r.failure(f"{r.status_code}: {r.text[:200]}")
 
     def pick(self) -> str:

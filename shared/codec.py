@@ -7,7 +7,6 @@ each API process one message per batch.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -135,24 +134,6 @@ def key_reused(r: OperationRequest, earlier: Mapping[str, Any]) -> Outcome | Non
         transfer_id=r.transfer_id,
         counterparty=counterparty,
     )
-
-
-# A transfer's ids: the debit and the credit are recorded under the transfer's id (on two
-# wallets), the return under an id derived from it.
-TRANSFER_IDS = uuid.UUID("5f0c3e0e-6a3b-4d52-9d8f-2f4f7a1c0b21")
-RETURN_IDS = uuid.UUID("0b7d1c64-0f55-4f0e-8a7e-6f3d2a9c5e10")
-
-
-def transfer_id_for(source_id: str, idempotency_key: str | None) -> str:
-    """A new transfer's id: derived from the source and the client's Idempotency-Key, so a
-    retry is the same transfer and two wallets' keys never meet; else a fresh one."""
-    if idempotency_key is None:
-        return str(uuid.uuid4())
-    return str(uuid.uuid5(TRANSFER_IDS, f"{source_id}/{idempotency_key}"))
-
-
-def return_op_id(transfer_id: str) -> str:
-    return str(uuid.uuid5(RETURN_IDS, transfer_id))
 
 
 _TRANSFER_FIELDS = (

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from devtools.ledger import replay_ledger
+from shared.ids import client_operation_id
 from shared.money import format_minor
 from shared.settings import Settings
 from tests.conftest import running_worker
@@ -102,11 +103,11 @@ async def test_one_idempotency_key_sent_50_times_at_once_applies_once(
     assert {status for status, _, _ in results} == {200}
     bodies = [body for _, body, _ in results]
     assert all(body == bodies[0] for body in bodies)
-    assert bodies[0]["id"] == key
+    assert bodies[0]["id"] == client_operation_id(key)
     first_answers = [h for _, _, h in results if "Idempotent-Replayed" not in h]
     assert len(first_answers) == 1
     rows = await ledger(pg, wallet)
-    assert [(r["id"], r["amount"]) for r in rows] == [(key, 1234)]
+    assert [(r["id"], r["amount"]) for r in rows] == [(client_operation_id(key), 1234)]
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 1234
 
 

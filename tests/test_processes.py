@@ -118,7 +118,7 @@ async def test_the_locust_scenario_runs_and_checks_its_balance(
     service: tuple[str, list[subprocess.Popen[bytes]]],
 ) -> None:
     """It creates and funds its wallet, and at the end reconciles the requests cut off by
-    its stop (looked up by their Idempotency-Keys) before it compares the balance."""
+    its stop (sent again with their Idempotency-Keys) before it compares the balance."""
     url, _ = service
     await until_ready(url)
     run = await asyncio.to_thread(locust, url, 200)

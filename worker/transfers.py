@@ -41,8 +41,8 @@ from shared.codec import (
     OperationRequest,
     Outcome,
     format_time,
-    return_op_id,
 )
+from shared.ids import return_op_id
 from worker.apply import LOCAL_CREDIT, SKIPPED, Entry
 
 RESEND_BATCH = 1000  # transfers resent at most per rescan
