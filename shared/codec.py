@@ -41,6 +41,8 @@ KEY_REUSED = "key_reused"
 IN_FLIGHT = "in_flight"
 RETURNING = "returning"
 COMPLETED = "completed"
+# A return's outcome when the source has no room for it: nothing recorded, it is resent.
+RETURN_WAITING = "return_waiting"
 
 # Reasons for a rejected operation.
 INSUFFICIENT_FUNDS = "insufficient_funds"

@@ -99,6 +99,19 @@ class WorkerMetrics:
             "Transfers debited and not yet credited or returned, from the shards this worker owns",
             registry=self.registry,
         )
+        self.returns_waiting = Gauge(
+            "wallet_transfer_returns_waiting",
+            "Transfers whose amount cannot go back to the source yet (it is at the largest "
+            "balance): resent until it fits, from the shards this worker owns",
+            registry=self.registry,
+        )
+        self.steps_resent = Counter(
+            "wallet_transfer_steps_resent",
+            "Transfer steps found unsettled past TRANSFER_RESEND_AFTER: sent again, or left "
+            "alone while they may still wait in a slow wallet's stream",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.queued = Gauge(
             "wallet_queued_operations",
             "Operations waiting in the shard's streams, for the shards this worker owns",

@@ -116,8 +116,9 @@ operations = Table(
 
 # One row per transfer, written by the source's writer with the debit (or the refusal), and
 # moved on by the destination's writer with the credit (completed) or its refusal
-# (returning), then by the source's again when the amount is back (rejected). The source's
-# writer resends what is in flight or returning until it is settled (worker/transfers.py).
+# (returning), then by the source's again when the amount is back (rejected). The owner of
+# the source's shard resends what is in flight or returning until it is settled, each
+# transfer with a backoff of its own (worker/transfers.py).
 # Keyed by the source wallet first, like the other tables; no foreign keys to the wallets:
 # a check would lock the other writer's wallet row.
 transfers = Table(
@@ -133,6 +134,15 @@ transfers = Table(
     Column("source_balance_after", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The source's shard, whose owner resends what is unsettled (NULL only on rows settled
+    # before the column came).
+    Column("source_shard", Integer),
+    # When the pending step (the credit, or the return) is next sent again if it has not
+    # settled by then, and how often it has been sent again (the backoff).
+    Column("resend_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("resends", Integer, nullable=False, server_default="0"),
+    # The return found no room in the source (the largest balance): it waits, resent.
+    Column("return_waiting", Boolean, nullable=False, server_default=text("false")),
     PrimaryKeyConstraint("source_id", "id"),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint(
@@ -142,10 +152,15 @@ transfers = Table(
         "(status IN ('in_flight', 'completed')) = (reason IS NULL)", name="reason_when_not_moved"
     ),
     CheckConstraint("source_id <> destination_id", name="two_wallets"),
+    CheckConstraint(
+        "status NOT IN ('in_flight', 'returning') OR source_shard IS NOT NULL",
+        name="unsettled_have_shard",
+    ),
     Index("transfers_id_idx", "id"),
     Index(
         "transfers_unsettled_idx",
-        "updated_at",
+        "source_shard",
+        "resend_at",
         postgresql_where=text("status IN ('in_flight', 'returning')"),
     ),
 )

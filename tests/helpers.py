@@ -18,6 +18,7 @@ from devtools.processes import ROOT, free_port, spawn
 from devtools.waiting import until, wait_ready
 from shared.keys import KeySpace
 from shared.settings import Settings
+from worker.apply import Resending
 
 Client = TestClient[Any, Any]
 
@@ -90,3 +91,9 @@ def wallet_in(keys: KeySpace, shard: int) -> str:
         wallet = str(uuid.uuid4())
         if keys.shard_of(wallet) == shard:
             return wallet
+
+
+def resending(settings: Settings) -> Resending:
+    """How the settings' workers schedule the resending of the transfers a batch moves."""
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    return Resending(keys.shard_of, settings.transfer_resend_after)

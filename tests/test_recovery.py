@@ -17,7 +17,7 @@ from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
-from tests.helpers import Client, eventually, ledger, operate
+from tests.helpers import Client, eventually, ledger, operate, resending
 from worker.apply import Entry, apply_batch, take_shard
 from worker.worker import Worker
 
@@ -86,7 +86,10 @@ async def test_entries_committed_but_not_acknowledged_are_not_applied_again(
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "the worker that died")
         first, _ = await apply_batch(
-            conn, [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]], {shard: epoch}
+            conn,
+            [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]],
+            {shard: epoch},
+            resending=resending(settings),
         )
     assert [o.replayed for o in first] == [False] * 3
 
@@ -175,9 +178,15 @@ async def test_a_redelivered_entry_is_answered_as_before_and_a_client_retry_as_a
     first_id, retry_id = (entry_id.decode() for entry_id in added)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker")
-        [applied], _ = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
-        [redelivered], _ = await apply_batch(conn, [Entry(first_id, request)], {shard: epoch})
-        [retried], _ = await apply_batch(conn, [Entry(retry_id, request)], {shard: epoch})
+        [applied], _ = await apply_batch(
+            conn, [Entry(first_id, request)], {shard: epoch}, resending=resending(settings)
+        )
+        [redelivered], _ = await apply_batch(
+            conn, [Entry(first_id, request)], {shard: epoch}, resending=resending(settings)
+        )
+        [retried], _ = await apply_batch(
+            conn, [Entry(retry_id, request)], {shard: epoch}, resending=resending(settings)
+        )
     assert (applied.status, applied.replayed) == ("applied", False)
     assert (redelivered.seq, redelivered.replayed) == (applied.seq, False)
     assert (retried.seq, retried.replayed) == (applied.seq, True)
@@ -229,7 +238,12 @@ async def test_a_reply_published_while_the_api_subscribed_again_is_found_in_the_
     committed = dataclasses.replace(decode_request(fields[b"m"]), amount=committed_minor)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker whose reply is lost")
-        await apply_batch(conn, [Entry(entry_id.decode(), committed)], {shard: epoch})
+        await apply_batch(
+            conn,
+            [Entry(entry_id.decode(), committed)],
+            {shard: epoch},
+            resending=resending(settings),
+        )
     [(node, subscriber)] = [
         (node, c)
         for node, c in await redis_clients(redis)

@@ -19,7 +19,7 @@ from shared.settings import Settings
 from tests.conftest import AiohttpClient, idle_workers, running_worker
 from tests.helpers import Client, eventually, ledger, operate, wallet_in
 from tests.test_inspect import inspect_cli
-from worker.apply import Entry, Fenced, apply_batch, take_shard
+from worker.apply import Entry, Fenced, Resending, apply_batch, take_shard
 from worker.transfers import credit
 
 
@@ -352,7 +352,9 @@ async def debit_by_hand(pg: Any, keys: KeySpace, entry: Entry) -> None:
     shard = keys.shard_of(entry.request.wallet_id)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker about to die")
-        [outcome], _ = await apply_batch(conn, [entry], {shard: epoch})
+        [outcome], _ = await apply_batch(
+            conn, [entry], {shard: epoch}, resending=Resending(keys.shard_of, 5.0)
+        )
     assert outcome.status == "applied"
 
 
@@ -484,11 +486,15 @@ async def test_a_transfer_in_flight_shows_in_inspect_and_the_metrics_until_settl
         after = registry.get_sample_value("wallet_transfers_unsettled")
         assert after is not None
         assert after < before
-        completed = registry.get_sample_value(
-            "wallet_transfers_settled_total", {"outcome": "completed"}
-        )
-        assert completed is not None
-        assert completed >= 1
+
+        async def counted() -> bool:
+            # Counted once the batch's answers are out, just after its COMMIT.
+            found = registry.get_sample_value(
+                "wallet_transfers_settled_total", {"outcome": "completed"}
+            )
+            return found is not None and found >= 1
+
+        await eventually(counted, what="the settled transfer to be counted")
     report = await inspect_cli(settings, "transfers")
     assert request.transfer_id not in {t["transfer"] for t in report["transfers"]}
 

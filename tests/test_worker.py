@@ -27,11 +27,12 @@ from worker.apply import (
     RECORD_BATCH,
     Entry,
     Fenced,
+    Resending,
     WalletState,
     apply_batch,
     take_shard,
 )
-from worker.transfers import UNSETTLED
+from worker.transfers import DUE, RESCHEDULE, UNSETTLED_COUNTS
 from worker.worker import Worker, connect
 
 
@@ -226,6 +227,7 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
     transaction around the two."""
     wallet = str(await pg.fetchval("INSERT INTO wallets DEFAULT VALUES RETURNING id"))
     shard = 7
+    one_shard = Resending(lambda _: shard, 5.0)
     entry_ids = (f"1700000000000-{n}" for n in itertools.count())
 
     def entry(kind: str, minor: int, op_id: str | None = None) -> Entry:
@@ -235,13 +237,17 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
     async with pg.acquire() as conn:
         log = StatementLog(conn)
         epoch = await take_shard(conn, shard, "a worker")
-        _, states = await apply_batch(log, [entry("DEPOSIT", 500)], {shard: epoch})
+        _, states = await apply_batch(
+            log, [entry("DEPOSIT", 500)], {shard: epoch}, resending=one_shard
+        )
         assert states == {wallet: WalletState(500, 1)}
         assert log.sent == [READ_WALLETS, RECORD_BATCH]
 
         log.sent.clear()
         withdrawal = entry("WITHDRAW", 200)
-        [second], states = await apply_batch(log, [withdrawal], {shard: epoch}, states)
+        [second], states = await apply_batch(
+            log, [withdrawal], {shard: epoch}, states, resending=one_shard
+        )
         assert log.sent == [RECORD_BATCH]
         assert (second.status, second.balance_after, second.seq) == ("applied", 300, 2)
         assert states == {wallet: WalletState(300, 2)}
@@ -249,13 +255,17 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         # Not as remembered: someone corrected the balance by hand.
         await pg.execute("UPDATE wallets SET balance = 1000 WHERE id = $1", wallet)
         log.sent.clear()
-        [third], states = await apply_batch(log, [entry("WITHDRAW", 900)], {shard: epoch}, states)
+        [third], states = await apply_batch(
+            log, [entry("WITHDRAW", 900)], {shard: epoch}, states, resending=one_shard
+        )
         assert (third.status, third.balance_after) == ("applied", 100)
         assert log.sent == [RECORD_BATCH, EPOCHS, READ_WALLETS, RECORD_BATCH]
 
         # Recorded before: the client sent the withdrawal's key again.
         retry = entry("WITHDRAW", 200, withdrawal.request.op_id)
-        [again], states = await apply_batch(log, [retry], {shard: epoch}, states)
+        [again], states = await apply_batch(
+            log, [retry], {shard: epoch}, states, resending=one_shard
+        )
         assert (again.seq, again.balance_after, again.replayed) == (2, 300, True)
         assert states == {wallet: WalletState(100, 3)}
 
@@ -265,7 +275,9 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         log.sent.clear()
         log.args.clear()
         mixed = [entry("DEPOSIT", 50), Entry(next(entry_ids), request)]
-        outcomes, states = await apply_batch(log, mixed, {shard: epoch}, states)
+        outcomes, states = await apply_batch(
+            log, mixed, {shard: epoch}, states, resending=one_shard
+        )
         assert log.sent == [READ_WALLETS, RECORD_BATCH]
         assert log.args[0] == ([other], [request.op_id])
         assert [o.balance_after for o in outcomes] == [150, 2]
@@ -273,7 +285,9 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
 
         await take_shard(conn, shard, "the next owner")
         with pytest.raises(Fenced):
-            await apply_batch(log, [entry("DEPOSIT", 1)], {shard: epoch}, states)
+            await apply_batch(
+                log, [entry("DEPOSIT", 1)], {shard: epoch}, states, resending=one_shard
+            )
     assert [r["balance_after"] for r in await ledger(pg, wallet)] == [500, 300, 100, 150]
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 150
 
@@ -324,7 +338,9 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                 "read_wallets": READ_WALLETS,
                 "record_batch": RECORD_BATCH,
                 "epochs": EPOCHS,
-                "unsettled": UNSETTLED,
+                "due": DUE,
+                "reschedule": RESCHEDULE,
+                "unsettled_counts": UNSETTLED_COUNTS,
             }.items():
                 await conn.execute(f"PREPARE {name}_{step} AS {statement}")
                 params = max(int(n) for n in re.findall(r"\$(\d+)", statement))

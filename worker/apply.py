@@ -18,7 +18,7 @@ the caller remembered.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -32,6 +32,7 @@ from shared.codec import (
     IN_FLIGHT,
     INSUFFICIENT_FUNDS,
     REJECTED,
+    RETURN_WAITING,
     RETURNING,
     TRANSFER_IN,
     TRANSFER_OUT,
@@ -111,25 +112,32 @@ recorded AS (
 ),
 started AS (
     INSERT INTO transfers (source_id, id, destination_id, amount, status, reason,
-                           source_balance_after)
-    SELECT t.* FROM unnest($19::uuid[], $20::uuid[], $21::uuid[], $22::bigint[], $23::text[],
-                           $24::text[], $25::bigint[]) AS t,
-                    allowed
+                           source_balance_after, source_shard, resend_at)
+    SELECT t.*, now() + make_interval(secs => $33) FROM unnest(
+               $19::uuid[], $20::uuid[], $21::uuid[], $22::bigint[], $23::text[], $24::text[],
+               $25::bigint[], $31::int[]) AS t,
+           allowed
     WHERE allowed.ok
 ),
 moved AS (
     UPDATE transfers AS t
     SET status = m.status, reason = coalesce(t.reason, m.reason),
-        source_balance_after = coalesce(m.balance, t.source_balance_after), updated_at = now()
-    FROM unnest($26::uuid[], $27::uuid[], $28::text[], $29::text[], $30::bigint[])
-           AS m(source_id, id, status, reason, balance),
+        source_balance_after = coalesce(m.balance, t.source_balance_after), updated_at = now(),
+        -- A step that moved it on restarts the resend clock; a return that waits again
+        -- backs off further (RESCHEDULE's rule).
+        return_waiting = m.waits,
+        resends = CASE WHEN m.waits THEN t.resends ELSE 0 END,
+        resend_at = now() + make_interval(secs => CASE WHEN m.waits
+            THEN least($33 * power(2, t.resends), $34) ELSE $33 END)
+    FROM unnest($26::uuid[], $27::uuid[], $28::text[], $29::text[], $30::bigint[], $32::bool[])
+           AS m(source_id, id, status, reason, balance, waits),
          allowed
     WHERE t.source_id = any($26::uuid[]) AND t.id = any($27::uuid[])
       AND t.source_id = m.source_id AND t.id = m.id
       AND allowed.ok
       -- A CASE, so that the planner does not take it for the unsettled index's predicate
       -- and scan all of that index for these few rows.
-      AND CASE WHEN m.status = 'rejected' THEN t.status IN ('in_flight', 'returning')
+      AND CASE WHEN m.status = 'rejected' OR m.waits THEN t.status IN ('in_flight', 'returning')
                ELSE t.status = 'in_flight' END
 )
 UPDATE wallets AS w
@@ -143,6 +151,7 @@ RETURNING now() AS now
 """
 
 EPOCHS = "SELECT shard, epoch FROM shards WHERE shard = any($1::int[])"
+RESEND_DELAY_MAX = 300.0  # seconds: the longest a transfer's step waits to be sent again
 
 
 # The columns RECORD_BATCH takes, in its order: of the ledger, of a transfer started, of a
@@ -160,7 +169,7 @@ ROW_FIELDS = (
     "counterparty",
 )
 TRANSFER_FIELDS = 7
-MOVE_FIELDS = 5
+MOVE_FIELDS = 6
 
 
 class LedgerConflict(RuntimeError):
@@ -230,8 +239,20 @@ Decision = Outcome | tuple[Mapping[str, Any], bool]
 Row = tuple[str, int, str, str, int, str, str | None, int, str | None, str | None]
 # A transfer started: source, id, destination, amount, status, reason, source balance after.
 Started = tuple[str, str, str, int, str, str | None, int]
-# A transfer moved on: source, id, new status, reason, the source's balance after a return.
-Move = tuple[str, str, str, str | None, int | None]
+# A transfer moved on: source, id, new status, reason, the source's balance after a return,
+# whether its return waits for room in the source.
+Move = tuple[str, str, str, str | None, int | None, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Resending:
+    """How a batch schedules the resending of the transfers it starts or moves on: the
+    shard whose owner resends (the source's), and after how long a step unsettled is sent
+    again, doubling for each time it was, up to `most` seconds."""
+
+    shard_of: Callable[[str], int]
+    after: float
+    most: float = RESEND_DELAY_MAX
 
 
 @dataclass(slots=True)
@@ -250,6 +271,8 @@ async def apply_batch(
     entries: list[Entry],
     epochs: dict[int, int],
     known: Mapping[str, WalletState] | None = None,
+    *,
+    resending: Resending,
 ) -> Applied:
     """Decides, records and commits `entries` (each wallet's in stream order) if every shard
     in `epochs` still has the epoch given there, else raises Fenced. Nothing is written
@@ -259,12 +282,12 @@ async def apply_batch(
     cached = {w: known[w] for w in wallet_ids if w in known} if known else {}
     if cached:
         unknown = [w for w in wallet_ids if w not in cached]
-        applied = await _read_decide_record(conn, entries, epochs, cached, unknown)
+        applied = await _read_decide_record(conn, entries, epochs, cached, unknown, resending)
         if applied is not None:
             return applied
     # The long way: a remembered wallet was not as remembered, or an operation of the batch
     # was recorded before (a redelivered entry, a client's retry).
-    applied = await _read_decide_record(conn, entries, epochs, {}, wallet_ids)
+    applied = await _read_decide_record(conn, entries, epochs, {}, wallet_ids, resending)
     if applied is None:
         raise LedgerConflict(f"wallets {wallet_ids} changed between reading and writing")
     return applied
@@ -276,6 +299,7 @@ async def _read_decide_record(
     epochs: dict[int, int],
     cached: Mapping[str, WalletState],
     unread: list[str],
+    resending: Resending,
 ) -> Applied | None:
     """Reads the `unread` wallets with their earlier operations among the batch's, takes
     the `cached` ones as they are, decides and records. None if a wallet was not as found
@@ -298,7 +322,7 @@ async def _read_decide_record(
     if not wallets:
         return _applied(entries, decided.decisions, wallets, "")
     try:
-        now = await _record(conn, decided, wallets, epochs)
+        now = await _record(conn, decided, wallets, epochs, resending)
     except asyncpg.UniqueViolationError:
         if not cached:
             raise
@@ -357,6 +381,15 @@ def _decide(
             else:
                 wallet.balance -= r.amount
         elif wallet.balance + r.amount > MAX_BALANCE_MINOR:
+            if r.kind == TRANSFER_RETURN:
+                # Refused, the amount would be in no balance: it waits, resent, for room.
+                decided.moves.append(
+                    (r.wallet_id, r.transfer_id, RETURNING, r.reason or None, None, True)
+                )
+                decisions.append(
+                    Outcome(r.tag, r.op_id, r.wallet_id, RETURN_WAITING, r.kind, r.amount)
+                )
+                continue
             reason = BALANCE_LIMIT
         else:
             wallet.balance += r.amount
@@ -402,10 +435,10 @@ def _decide(
             decided.started[at] = (*decided.started[at][:4], status, reason, decided.started[at][6])
         elif r.kind == TRANSFER_IN:
             move = COMPLETED if reason is None else RETURNING
-            decided.moves.append((r.counterparty, r.transfer_id, move, reason, None))
+            decided.moves.append((r.counterparty, r.transfer_id, move, reason, None, False))
         elif r.kind == TRANSFER_RETURN and reason is None:
             decided.moves.append(
-                (r.wallet_id, r.transfer_id, REJECTED, r.reason or None, wallet.balance)
+                (r.wallet_id, r.transfer_id, REJECTED, r.reason or None, wallet.balance, False)
             )
     return decided
 
@@ -416,7 +449,11 @@ def _columns(tuples: list[Any], width: int) -> list[Any]:
 
 
 async def _record(
-    conn: Any, decided: Decided, wallets: dict[str, _Wallet], epochs: dict[int, int]
+    conn: Any,
+    decided: Decided,
+    wallets: dict[str, _Wallet],
+    epochs: dict[int, int],
+    resending: Resending,
 ) -> str | None:
     """Writes the batch (RECORD_BATCH); returns the time it was written, or None if a wallet
     was not as the decision found it. Raises Fenced if a shard has a new owner."""
@@ -433,7 +470,11 @@ async def _record(
         list(epochs),
         list(epochs.values()),
         *_columns(decided.started, TRANSFER_FIELDS),
-        *_columns(decided.moves, MOVE_FIELDS),
+        *_columns([m[:5] for m in decided.moves], MOVE_FIELDS - 1),
+        [resending.shard_of(t[0]) for t in decided.started],
+        [m[5] for m in decided.moves],
+        resending.after,
+        resending.most,
     )
     if written:
         return format_time(written[0]["now"])

@@ -14,7 +14,7 @@ import asyncpg
 from shared.codec import Outcome
 from shared.connections import PG_CONNECTION_LOST, PG_ERRORS
 from shared.metrics import WorkerMetrics
-from worker.apply import Entry, WalletState, apply_batch
+from worker.apply import Entry, Resending, WalletState, apply_batch
 
 # What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
 UNWRITABLE = (
@@ -31,8 +31,15 @@ KNOWN_WALLETS_MAX = 100_000
 class Committer:
     """Commits the rounds' batches: one at a time, over a connection held across them."""
 
-    def __init__(self, pool: Any, shard_of: Callable[[str], int], metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        shard_of: Callable[[str], int],
+        metrics: WorkerMetrics,
+        resend_after: float,
+    ) -> None:
         self._pool = pool
+        self._resending = Resending(shard_of, resend_after)
         # since when the batches have failed to reach PostgreSQL, and since when the batch
         # in hand has been under way
         self._failing_since: float | None = None
@@ -66,7 +73,11 @@ class Committer:
                 # Held across batches: releasing to the pool costs a reset round trip.
                 self._conn = await self._pool.acquire()
             outcomes, states = await apply_batch(
-                self._conn, entries, epochs, self._known_states(entries, epochs)
+                self._conn,
+                entries,
+                epochs,
+                self._known_states(entries, epochs),
+                resending=self._resending,
             )
         except UNWRITABLE:
             if self._failing_since is None:

@@ -470,6 +470,19 @@ class WalletStreams:
         finally:
             await direct.close()
 
+    async def oldest_entries(self, wallets: list[str]) -> dict[str, int | None]:
+        """When (ms, Redis's clock) the first entry of each wallet's stream was queued;
+        None for an empty stream."""
+        unique = list(dict.fromkeys(wallets))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for wallet in unique:
+                pipe.xrange(self._keys.wallet_stream(wallet), count=1)
+            found = await pipe.execute()
+        return {
+            wallet: int(first[0][0].split(b"-")[0]) if first else None
+            for wallet, first in zip(unique, found, strict=True)
+        }
+
     def _acknowledge_read_command(
         self, wallets: list[str], cursors: Mapping[str, str], count: int
     ) -> tuple[Any, ...]:

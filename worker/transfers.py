@@ -16,7 +16,10 @@ Each step's writer queues the next step on the other wallet's stream after its C
 before it acknowledges its own entry: a crash in between leaves the entry, which is read
 again, found recorded, and sends the next step again. Whatever is lost beyond that (Redis
 wiped) the owner of the source's shard finds among the transfers `in_flight` or
-`returning` for a while, and sends again (`resends`).
+`returning` for a while, and sends again (`due_steps`), each transfer with a backoff of its
+own, and not while its step may still wait in a slow wallet's stream (`still_queued`).
+A return the source has no room for (the largest balance) is recorded nowhere: the transfer
+stays `returning`, marked waiting, and the return is sent again until it fits.
 
 When one worker writes both wallets (it owns both shards), steps 1 and 2 are one batch:
 the credit follows the debit in it (`with_local_credits`), and the transfer is recorded as
@@ -26,7 +29,7 @@ it ends up.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared.codec import (
     APPLIED,
@@ -43,22 +46,61 @@ from shared.codec import (
     format_time,
 )
 from shared.ids import return_op_id
-from worker.apply import LOCAL_CREDIT, SKIPPED, Entry
+from worker.apply import LOCAL_CREDIT, RESEND_DELAY_MAX, SKIPPED, Entry
 
-RESEND_BATCH = 1000  # transfers resent at most per rescan
+RESEND_PER_SHARD = 100  # transfers of one shard sent again at most per rescan
+# How far Redis's clock may run ahead of PostgreSQL's before a step still queued behind a
+# slow wallet is taken for lost and sent again (a replay, so only a cost).
+CLOCK_MARGIN_MS = 1000
 
-UNSETTLED = """
-SELECT source_id::text, id::text, destination_id::text, amount, status, reason,
-       source_balance_after, created_at
-FROM transfers
-WHERE status IN ('in_flight', 'returning') AND updated_at < now() - make_interval(secs => $1)
-ORDER BY updated_at
-LIMIT $2
+# Each owned shard's transfers whose pending step is due to be sent again, the longest
+# due first, at most $2 of a shard: a shard's stuck transfers never hold another's back,
+# and each one sent goes to the back (RESCHEDULE), so every unsettled one comes round.
+# `sent_by_ms`: when the step was last sent at the latest (each wait is at least $3).
+DUE = """
+SELECT t.source_id::text, t.id::text, t.destination_id::text, t.amount, t.status,
+       t.reason, t.source_balance_after, t.created_at, t.return_waiting,
+       (extract(epoch FROM t.resend_at) * 1000)::bigint - ($3 * 1000)::bigint AS sent_by_ms
+FROM unnest($1::int[]) AS s(shard)
+CROSS JOIN LATERAL (
+    SELECT * FROM transfers
+    WHERE source_shard = s.shard AND status IN ('in_flight', 'returning')
+      AND resend_at <= now()
+    ORDER BY resend_at
+    LIMIT $2
+) AS t
 """
 
-UNSETTLED_SOURCES = """
-SELECT source_id::text FROM transfers WHERE status IN ('in_flight', 'returning')
+# After a resending: a transfer whose step was sent waits twice as long as the last time
+# (up to $5 seconds); one whose step may still be queued is looked at again after $4. (One
+# settled meanwhile is changed too, harmlessly: naming the unsettled statuses here would
+# have the planner read the whole unsettled index.)
+RESCHEDULE = """
+UPDATE transfers AS t
+SET resends = t.resends + CASE WHEN r.sent THEN 1 ELSE 0 END,
+    resend_at = now() + make_interval(secs => CASE WHEN r.sent
+        THEN least($4 * power(2, t.resends), $5) ELSE $4 END)
+FROM unnest($1::uuid[], $2::uuid[], $3::bool[]) AS r(source_id, id, sent)
+WHERE t.source_id = any($1::uuid[]) AND t.id = any($2::uuid[])
+  AND t.source_id = r.source_id AND t.id = r.id
 """
+
+UNSETTLED_COUNTS = """
+SELECT count(*) AS unsettled, count(*) FILTER (WHERE return_waiting) AS returns_waiting
+FROM transfers WHERE source_shard = any($1::int[]) AND status IN ('in_flight', 'returning')
+"""
+
+
+class Due(NamedTuple):
+    """A transfer's step to send again: to the destination (its credit) or to the source
+    (its return), sent last no later than `sent_by_ms` (PostgreSQL's clock); or a return
+    that was refused for want of room (`waiting`), queued nowhere."""
+
+    source: str
+    transfer_id: str
+    step: OperationRequest
+    sent_by_ms: int
+    waiting: bool
 
 
 def transfer_outcome(
@@ -95,10 +137,11 @@ def settlements(entries: list[Entry], outcomes: list[Outcome]) -> list[str]:
     return settled
 
 
-async def unsettled_count(conn: Any, owned: Collection[int], shard_of: Callable[[str], int]) -> int:
-    """How many transfers from the owned shards' wallets are unsettled."""
-    rows = await conn.fetch(UNSETTLED_SOURCES)
-    return sum(1 for r in rows if shard_of(r["source_id"]) in owned)
+async def unsettled_counts(conn: Any, owned: Collection[int]) -> tuple[int, int]:
+    """How many transfers from the owned shards' wallets are unsettled, and how many of
+    those have a return waiting for room in the source."""
+    row = await conn.fetchrow(UNSETTLED_COUNTS, list(owned))
+    return int(row["unsettled"]), int(row["returns_waiting"])
 
 
 def with_local_credits(entries: list[Entry], writes: Callable[[str], bool]) -> list[Entry]:
@@ -279,40 +322,53 @@ def refund(
     )
 
 
-async def resends(
-    conn: Any, owned: Collection[int], shard_of: Callable[[str], int], after: float
-) -> list[OperationRequest]:
-    """The next steps of the transfers from the owned shards' wallets that have been
-    unsettled for `after` seconds (a transfer settles in milliseconds; one still unsettled
-    that long after its last step lost the message of its next one): the credit of those in
-    flight, the return of those returning. A step sent again that was applied already is a
-    replay, answered as it was."""
-    rows = await conn.fetch(UNSETTLED, after, RESEND_BATCH)
-    steps = []
-    for row in rows:
-        if shard_of(row["source_id"]) not in owned:
-            continue
+async def due_steps(conn: Any, owned: Collection[int], after: float) -> list[Due]:
+    """The next steps of the owned shards' transfers that have stayed unsettled past their
+    time (a transfer settles in milliseconds; one unsettled for TRANSFER_RESEND_AFTER lost
+    its step, or its step waits behind a slow wallet): the credit of those in flight, the
+    return of those returning. A step sent again that was applied already is a replay,
+    answered as it was."""
+    due = []
+    for row in await conn.fetch(DUE, sorted(owned), RESEND_PER_SHARD, after):
         created_at = format_time(row["created_at"])
+        source, transfer_id = row["source_id"], row["id"]
         if row["status"] == IN_FLIGHT:
-            steps.append(
-                credit(
-                    row["id"],
-                    row["source_id"],
-                    row["destination_id"],
-                    row["amount"],
-                    row["source_balance_after"],
-                    created_at,
-                )
+            step = credit(
+                transfer_id,
+                source,
+                row["destination_id"],
+                row["amount"],
+                row["source_balance_after"],
+                created_at,
             )
         else:
-            steps.append(
-                refund(
-                    row["id"],
-                    row["source_id"],
-                    row["destination_id"],
-                    row["amount"],
-                    row["reason"],
-                    created_at=created_at,
-                )
+            step = refund(
+                transfer_id,
+                source,
+                row["destination_id"],
+                row["amount"],
+                row["reason"],
+                created_at=created_at,
             )
-    return steps
+        due.append(Due(source, transfer_id, step, row["sent_by_ms"], row["return_waiting"]))
+    return due
+
+
+def still_queued(due: Due, oldest_entry_ms: int | None) -> bool:
+    """Whether the step may still wait in its wallet's stream: the stream holds an entry
+    from before the step was sent (everything older than its first entry is committed)."""
+    if due.waiting or oldest_entry_ms is None:
+        return False
+    return oldest_entry_ms <= due.sent_by_ms + CLOCK_MARGIN_MS
+
+
+async def reschedule(conn: Any, sent: list[Due], waiting: list[Due], after: float) -> None:
+    done = [*sent, *waiting]
+    await conn.execute(
+        RESCHEDULE,
+        [d.source for d in done],
+        [d.transfer_id for d in done],
+        [True] * len(sent) + [False] * len(waiting),
+        after,
+        RESEND_DELAY_MAX,
+    )

@@ -63,10 +63,12 @@ from worker.streams import (
 )
 from worker.transfers import (
     credited,
+    due_steps,
     follow_ups,
-    resends,
+    reschedule,
     settlements,
-    unsettled_count,
+    still_queued,
+    unsettled_counts,
     with_local_credits,
 )
 
@@ -135,7 +137,9 @@ class Worker:
             use_wake_entries=not settings.batch_interval,
         )
         self.streams = WalletStreams(redis, self.keys, settings.batch_max)
-        self.committer = Committer(pool, self.keys.shard_of, self.metrics)
+        self.committer = Committer(
+            pool, self.keys.shard_of, self.metrics, settings.transfer_resend_after
+        )
 
     def stop(self) -> None:
         """Finish the batch in hand, reply, acknowledge, hand the shards back, then return
@@ -301,30 +305,43 @@ class Worker:
 
     async def _resend_transfers(self) -> None:
         """Every rescan interval, sends again the next step of the owned wallets' transfers
-        that have stayed unsettled too long (worker/transfers.py). A task of its own, each
-        try bounded by a lease: a PostgreSQL that does not answer holds it, not the rounds
-        (whose batches must meet the rule that a worker unable to commit steps aside)."""
+        that have stayed unsettled too long. A task of its own, each try bounded by a lease:
+        a PostgreSQL that does not answer holds it, not the rounds (whose batches must meet
+        the rule that a worker unable to commit steps aside)."""
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.worker_rescan_interval)
             if self._stopping.is_set():
                 return
-            if not self.ownership.owned:  # sidelined, or not yet taking: nothing of its own
-                continue
             try:
                 async with asyncio.timeout(self.settings.worker_lease_ttl):
-                    async with connection_from(self.pool) as conn:
-                        steps = await resends(
-                            conn,
-                            self.ownership.owned,
-                            self.keys.shard_of,
-                            self.settings.transfer_resend_after,
-                        )
-                    if steps:
-                        log.warning("sending again the next step of %d transfers", len(steps))
-                        await self.streams.send(steps)
+                    await self.resend_transfers()
             except (*REDIS_ERRORS, TimeoutError, *PG_ERRORS) as e:
                 log.warning("resending unsettled transfers failed (%s: %s)", type(e).__name__, e)
+
+    async def resend_transfers(self) -> tuple[int, int]:
+        """Sends again the steps of the owned shards' transfers that are due (worker/
+        transfers.py), but not those that may still wait in a slow wallet's stream;
+        returns how many were sent and how many may still be queued."""
+        owned = list(self.ownership.owned)
+        if not owned:  # sidelined, or not yet taking: nothing of its own
+            return 0, 0
+        after = self.settings.transfer_resend_after
+        async with connection_from(self.pool) as conn:
+            due = await due_steps(conn, owned, after)
+        if not due:
+            return 0, 0
+        oldest = await self.streams.oldest_entries([d.step.wallet_id for d in due])
+        sent = [d for d in due if not still_queued(d, oldest[d.step.wallet_id])]
+        queued = [d for d in due if still_queued(d, oldest[d.step.wallet_id])]
+        if sent:
+            log.warning("sending again the next step of %d transfers", len(sent))
+            await self.streams.send([d.step for d in sent])
+        async with connection_from(self.pool) as conn:
+            await reschedule(conn, sent, queued, after)
+        self.metrics.steps_resent.labels("sent").inc(len(sent))
+        self.metrics.steps_resent.labels("still_queued").inc(len(queued))
+        return len(sent), len(queued)
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at
@@ -372,8 +389,9 @@ class Worker:
                 pipe.get(self.keys.queued(shard))
             counts = await pipe.execute()
         async with asyncio.timeout(REDIS_SOCKET_TIMEOUT), connection_from(self.pool) as conn:
-            unsettled = await unsettled_count(conn, owned, self.keys.shard_of)
+            unsettled, returns_waiting = await unsettled_counts(conn, owned)
         self.metrics.transfers_unsettled.set(unsettled)
+        self.metrics.returns_waiting.set(returns_waiting)
         self.metrics.shards_owned.set(len(owned))
         self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
