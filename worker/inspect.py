@@ -6,7 +6,8 @@
                     last applied position and balance in PostgreSQL
     stuck           queued operations older than --older-than seconds (default 10)
     transfers       transfers debited and not yet credited or returned, oldest first, with
-                    their age; how many and the oldest one's age
+                    their age, how often their step was resent and when it is next due,
+                    and whether their return waits for room in the source
 
 Plain text for people, --json for scripts. Reads DATABASE_URL, REDIS_URL and the other
 settings from the environment like the service; changes nothing.
@@ -137,13 +138,17 @@ async def transfers_report(pg: Any) -> dict[str, Any]:
         "SELECT id::text AS transfer, source_id::text AS source,"
         " destination_id::text AS destination, amount, status,"
         " extract(epoch FROM now() - created_at)::float8 AS age_seconds,"
-        " extract(epoch FROM now() - updated_at)::float8 AS since_last_step_seconds"
+        " extract(epoch FROM now() - updated_at)::float8 AS since_last_step_seconds,"
+        " resends, extract(epoch FROM resend_at - now())::float8 AS next_resend_in_seconds,"
+        " return_waiting"
         " FROM transfers WHERE status IN ('in_flight', 'returning') ORDER BY created_at"
     )
     unsettled = [{**r, "amount": format_minor(r["amount"])} for r in rows]
     return {
         "unsettled": len(unsettled),
         "oldest_age_seconds": unsettled[0]["age_seconds"] if unsettled else None,
+        # amounts that cannot go back to their source yet (it is at the largest balance)
+        "returns_waiting": sum(1 for t in unsettled if t["return_waiting"]),
         "transfers": unsettled,
     }
 
@@ -154,7 +159,8 @@ def as_text(command: str, report: Any) -> str:
             return "no transfer in flight"
         head = (
             f"{report['unsettled']} transfers in flight, the oldest "
-            f"{report['oldest_age_seconds']:.3f}s old"
+            f"{report['oldest_age_seconds']:.3f}s old, {report['returns_waiting']} of them "
+            "returns waiting for room in their source"
         )
         return head + "\n" + as_text("", report["transfers"])
     if command == "wallet":
