@@ -32,7 +32,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(if $(strip $(CLUSTER_TESTS)),TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest $(CLUSTER_TESTS))
 
-# BENCH_ARGS=--help for the options; --update-readme rewrites README's figures.
+# BENCH_ARGS=--help for the options; --update-docs rewrites the tables in docs/benchmarks.md.
 bench: $(INSTALLED)
 	$(BIN)/python -m load.bench $(BENCH_ARGS)
 

@@ -67,7 +67,7 @@ from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
 
-README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"  # --update-docs rewrites its marked block
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 CLIENT_TIMEOUT = 10.0
@@ -1191,10 +1191,15 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}"
 
 
-def update_readme(report: str) -> None:
-    text = README.read_text()
+def update_docs(report: str, page: Path = BENCHMARKS) -> None:
+    """Puts `report` between the page's markers, leaving the rest of it as it is."""
+    text = page.read_text()
+    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1:
+        raise ValueError(f"{page} must hold {MARK_START} and {MARK_END} once each")
     start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-    README.write_text(text[:start] + "\n" + report + "\n" + text[end:])
+    if end < start:
+        raise ValueError(f"{page}: {MARK_END} comes before {MARK_START}")
+    page.write_text(text[:start] + "\n" + report + "\n" + text[end:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1276,7 +1281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--transfer-seconds", type=float, default=30, help="each constant transfer phase (30)"
     )
-    parser.add_argument("--update-readme", action="store_true", help="write the tables to README")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="write the tables into docs/benchmarks.md, between its markers (nothing else)",
+    )
     args = parser.parse_args(argv)
     if args.intervals is None:
         args.intervals = []
@@ -1327,8 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
     parts += ["Targets:", targets_table(rows)]
     report = "\n\n".join(parts)
     print("\n" + report)
-    if args.update_readme:
-        update_readme(report)
+    if args.update_docs:
+        update_docs(report)
     phases = results.all()
     mismatched = [p for p in phases if p.balance_ok is False]
     service_failed = any(

@@ -122,7 +122,7 @@ class Settings:
     # is committed, and whatever arrived meanwhile is the next batch. Above 0, a busy worker
     # starts a batch no sooner than this many seconds after the previous one started (after
     # a batch of several operations, not a full one): fewer, fuller commits for up to this
-    # much more latency (README: Performance).
+    # much more latency (docs/decisions.md).
     batch_interval: float = 0.0
     # A worker counts as alive, and keeps its shards, this long after it last renewed them; a
     # worker that stops renewing (crashed, paused, cut off) loses its shards after it.

@@ -1,10 +1,27 @@
 """The benchmark's report, alone: each ratio is to the row lock's better figure, whichever
 of its process counts gave it (the bench runs it with one API process and with as many as
-the service's)."""
+the service's); and where `--update-docs` writes it."""
 
 from __future__ import annotations
 
-from load.bench import Phase, Results, closed_name, closed_table, targets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devtools.processes import ROOT
+from load.bench import (
+    BENCHMARKS,
+    MARK_END,
+    MARK_START,
+    Phase,
+    Results,
+    closed_name,
+    closed_table,
+    targets,
+    update_docs,
+)
 
 SIXTY_FOUR = closed_name(64, 1)
 
@@ -51,3 +68,42 @@ def test_the_highest_rate_ratio_is_to_the_row_locks_better_process_count() -> No
         "3.20x (4000/s against 1250/s)",
         False,
     )
+
+
+def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    before, after = "# Benchmarks\n\nHow to read them.\n\n", "\n\n## Later\n\nMore prose.\n"
+    page.write_text(f"{before}{MARK_START}\nold tables\n{MARK_END}{after}")
+    report = "`python -m load.bench --update-docs` on a fake run\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+
+    update_docs(report, page)
+    assert page.read_text() == f"{before}{MARK_START}\n{report}\n{MARK_END}{after}"
+    update_docs(report, page)  # a second run replaces the first, adds nothing
+    assert page.read_text() == f"{before}{MARK_START}\n{report}\n{MARK_END}{after}"
+
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="once each"):
+        update_docs(report, unmarked)
+    assert unmarked.read_text() == "no markers here\n"
+
+
+def test_the_tables_live_in_docs_benchmarks_and_nowhere_else() -> None:
+    assert BENCHMARKS == ROOT / "docs" / "benchmarks.md"
+    text = BENCHMARKS.read_text()
+    assert text.count(MARK_START) == 1
+    assert text.count(MARK_END) == 1
+    assert text.index(MARK_START) < text.index(MARK_END)
+    for other in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        if other != BENCHMARKS:
+            assert MARK_START not in other.read_text(), other
+    usage = subprocess.run(
+        [sys.executable, "-m", "load.bench", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "--update-docs" in usage
+    assert "--update-readme" not in usage

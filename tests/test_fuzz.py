@@ -3,7 +3,7 @@ document and sends them to real processes. The document is held to the server bo
 every request it allows is accepted (no 4xx but those of state: 401, 404, 409, 429), every
 request it forbids is refused with a 4xx; and no answer may be a 5xx or break the
 documented schema, status codes or content types. Bounded for the suite (FUZZ_EXAMPLES per
-operation, default 100); README says how to run it longer."""
+operation, default 100); docs/testing.md says how to run it longer."""
 
 from __future__ import annotations
 

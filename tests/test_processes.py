@@ -100,7 +100,7 @@ async def test_api_and_worker_processes_serve_and_stop_cleanly(
 
 
 def locust(url: str, users: int = 5) -> subprocess.CompletedProcess[str]:
-    """The hot-wallet locust scenario, briefly, as README runs it."""
+    """The hot-wallet locust scenario, briefly, as docs/benchmarks.md runs it."""
     return subprocess.run(
         [
             *(sys.executable, "-m", "locust", "-f", "load/locustfile.py", "--headless"),
