@@ -26,7 +26,8 @@ run: $(INSTALLED)
 # not, they are skipped, saying why. CLUSTER_TESTS= leaves them out.
 CLUSTER_TESTS ?= tests/test_cluster.py tests/test_operations.py tests/test_wallets.py \
 	tests/test_transfers.py tests/test_recovery.py tests/test_ownership.py tests/test_wakes.py \
-	tests/test_errors.py tests/test_inspect.py tests/test_page.py tests/test_worker.py
+	tests/test_errors.py tests/test_inspect.py tests/test_page.py tests/test_worker.py \
+	tests/test_dead_letters.py
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

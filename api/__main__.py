@@ -1,20 +1,29 @@
-"""`python -m api`: the HTTP service, configured from the environment."""
+"""The HTTP service (`wallet-api`, or `python -m api`): the API on HOST:PORT, configured from
+the environment (DATABASE_URL, REDIS_URL and the rest; docs/configuration.md). It runs until
+SIGTERM or SIGINT, then closes its connections and exits."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvloop
 from aiohttp import web
 
 from api.app import LISTEN_BACKLOG, create_app
-from shared import logs
+from shared import cli, logs
 from shared.settings import Settings
 
+EXIT_CODES = {
+    0: "stopped by SIGTERM or SIGINT",
+    1: "the settings are not valid, or the service could not start (its port taken)",
+}
 
-def main() -> None:
-    logs.configure()
+
+def main(argv: list[str] | None = None) -> int:
+    cli.parser("wallet-api", __doc__, EXIT_CODES).parse_args(argv)
     settings = Settings.from_env_or_exit("api")
+    logs.configure(settings.log_level)
     logging.getLogger("api").info("starting with %r", settings)
     web.run_app(
         create_app(settings),
@@ -26,7 +35,8 @@ def main() -> None:
         loop=uvloop.new_event_loop(),
         print=None,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from api import health, operations, transfers, wallets
 from api.appkeys import (
@@ -28,7 +29,7 @@ from api.auth import auth_middleware, auth_routes
 from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
 from api.live import LiveStats
-from api.observe import live_view, metrics, observe_middleware
+from api.observe import access_log_middleware, live_view, metrics, observe_middleware
 from api.openapi import docs, openapi_json
 from api.page import page, page_asset
 from api.problems import bounded_reads, problem_middleware
@@ -92,7 +93,9 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares = [observe_middleware, problem_middleware, bounded_reads]
+    middlewares: list[Middleware] = [observe_middleware, problem_middleware, bounded_reads]
+    if settings.access_log_sample > 0:  # inside observe's request id, outside the problems
+        middlewares.insert(1, access_log_middleware(settings.access_log_sample))
     if settings.auth_enabled:  # else it would pass every request through unchanged
         middlewares.append(auth_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)

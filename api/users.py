@@ -1,11 +1,10 @@
-"""`python -m api.users grant-admin <username>` (or `revoke-admin`): the admin role, which
-sees and operates on every wallet, is given from the command line only. The change holds
-from the user's next access token (at most ACCESS_TOKEN_TTL later)."""
+"""The admin role, which sees and operates on every wallet: given and taken away from the
+command line only (`wallet-admin grant-admin <username>`, or `revoke-admin`; also
+`python -m api.users ...`, the same commands). The change holds from the user's next access
+token (at most ACCESS_TOKEN_TTL later)."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 
 import asyncpg
@@ -24,18 +23,7 @@ async def set_admin(settings: Settings, username: str, admin: bool) -> bool:
     return bool(status == "UPDATE 1")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m api.users", description=__doc__)
-    parser.add_argument("action", choices=["grant-admin", "revoke-admin"])
-    parser.add_argument("username")
-    args = parser.parse_args(argv)
-    found = asyncio.run(set_admin(Settings.from_env(), args.username, args.action == "grant-admin"))
-    if not found:
-        print(f"no user {args.username!r}", file=sys.stderr)
-        return 1
-    print(f"{args.username}: {'admin' if args.action == 'grant-admin' else 'no longer admin'}")
-    return 0
-
-
 if __name__ == "__main__":
+    from api.admin import main
+
     sys.exit(main())

@@ -1,5 +1,9 @@
 """Structured logs: one JSON object per line, with the request id and the operation id of
-whatever the line is about, for API and worker alike."""
+whatever the line is about, for API and worker alike. A line's own fields, if any, are
+passed as `extra={"fields": {...}}` and come out beside the message.
+
+Nothing secret goes into a line: no header, query string, token, password or URL with
+credentials (Settings' repr masks those)."""
 
 from __future__ import annotations
 
@@ -28,13 +32,16 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None) or var.get()
             if value:
                 line[key] = value
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
 
 
-def configure() -> None:
-    """JSON lines on standard error, INFO and up."""
+def configure(level: str = "INFO") -> None:
+    """JSON lines on standard error, `level` (LOG_LEVEL) and up."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -5,6 +5,10 @@ Each variable is converted by its field's type (int, float, bool, str, or one of
 converter is a SettingsError naming the variable and what it expected, which the
 processes print as one line before they exit 1 (`Settings.from_env_or_exit`). An empty
 variable counts as unset: the field keeps its default.
+
+The secrets can come from files instead (Docker and Kubernetes secrets): JWT_SECRET_FILE,
+DATABASE_URL_FILE and REDIS_URL_FILE name a file whose content, less a trailing newline, is
+the value. Setting both X and X_FILE is an error, as is a file that cannot be read.
 """
 
 from __future__ import annotations
@@ -87,6 +91,33 @@ def _converters(cls: type) -> dict[str, _Converter]:
     return found
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The settings that may come from a file, X_FILE, instead of the variable X.
+FROM_FILES = ("DATABASE_URL", "REDIS_URL", "JWT_SECRET")
+
+
+def _with_secret_files(env: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` with each X_FILE of FROM_FILES read into X."""
+    read: dict[str, str] = {}
+    for name in FROM_FILES:
+        path = env.get(f"{name}_FILE")
+        if not path:
+            continue
+        if env.get(name):
+            raise SettingsError(f"set {name} or {name}_FILE, not both")
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise SettingsError(f"{name}_FILE={path}: cannot read it ({why})") from None
+        value = content.removesuffix("\n").removesuffix("\r")
+        if not value:
+            raise SettingsError(f"{name}_FILE={path}: the file is empty")
+        read[name] = value
+    return {**env, **read} if read else env
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(repr=False)
@@ -154,6 +185,11 @@ class Settings:
     login_user_limit: int = 10
     login_address_limit: int = 50
     login_window: float = 60.0
+    # Log lines at this level and above: DEBUG, INFO, WARNING, ERROR or CRITICAL.
+    log_level: str = "INFO"
+    # The share of requests the API logs an access line for (at INFO: method, route template,
+    # status, duration, request id): 0 none, 1 every one, 0.01 one in a hundred.
+    access_log_sample: float = 0.0
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -166,7 +202,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         """The settings in `environ` (os.environ by default), each converted by its field's
         type, then `overrides`; raises SettingsError."""
-        env = os.environ if environ is None else environ
+        env = _with_secret_files(os.environ if environ is None else environ)
         converters = _converters(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -233,5 +269,9 @@ class Settings:
             raise SettingsError("WORKER_METRICS_PORT must be from 0 to 65535")
         if self.batch_interval < 0:
             raise SettingsError("BATCH_INTERVAL must not be negative")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.access_log_sample <= 1:
+            raise SettingsError("ACCESS_LOG_SAMPLE must be from 0 to 1")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_key_prefix):
             raise SettingsError("REDIS_KEY_PREFIX may hold only letters, digits, '_', '.', '-'")

@@ -7,10 +7,12 @@ import dataclasses
 import decimal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from devtools.processes import ROOT
+from devtools.stack import read_dotenv
 from shared.settings import Settings, SettingsError
 
 REQUIRED = {"DATABASE_URL": "postgresql://app:pw@db.example/wallet", "REDIS_URL": "redis://r/0"}
@@ -153,3 +155,103 @@ def test_an_unsupported_class_is_named_plainly() -> None:
 
     with pytest.raises(SettingsError, match=r"^LIMIT: no converter for its annotation Decimal "):
         WithDecimal.from_env(REQUIRED)
+
+
+def test_secrets_come_from_files_less_a_trailing_newline(tmp_path: Path) -> None:
+    files = {
+        "JWT_SECRET": ("j" * 32 + "\n", "j" * 32),
+        "DATABASE_URL": ("postgresql://app:pw@db/wallet\r\n", "postgresql://app:pw@db/wallet"),
+        "REDIS_URL": ("redis://:pw@r/0", "redis://:pw@r/0"),  # no newline at all
+    }
+    environ = {}
+    for name, (content, _) in files.items():
+        (tmp_path / name).write_text(content, newline="")
+        environ[f"{name}_FILE"] = str(tmp_path / name)
+    settings = Settings.from_env({**environ, "JWT_SECRET": ""})  # empty counts as unset
+    read = (settings.jwt_secret, settings.database_url, settings.redis_url)
+    assert read == tuple(value for _, value in files.values())
+    (tmp_path / "twice").write_text("s" * 32 + "\n\n")
+    kept = Settings.from_env({**REQUIRED, "JWT_SECRET_FILE": str(tmp_path / "twice")})
+    assert kept.jwt_secret == "s" * 32 + "\n"  # one newline is the file's end, not two
+
+
+def test_a_secret_set_twice_or_from_a_missing_or_empty_file_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    with pytest.raises(SettingsError, match=r"^set JWT_SECRET or JWT_SECRET_FILE, not both$"):
+        from_env(JWT_SECRET="t" * 32, JWT_SECRET_FILE=str(secret))
+    missing = tmp_path / "absent"
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REDIS_URL": "redis://r/0", "DATABASE_URL_FILE": str(missing)})
+    assert str(caught.value) == (
+        f"DATABASE_URL_FILE={missing}: cannot read it (No such file or directory)"
+    )
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match=r"REDIS_URL_FILE=.*: the file is empty"):
+        from_env(REDIS_URL="", REDIS_URL_FILE=str(tmp_path / "empty"))
+
+
+def test_a_process_with_a_missing_secret_file_stops_at_start_with_one_line(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "jwt"
+    run = subprocess.run(
+        [sys.executable, "-m", "api"],
+        cwd=ROOT,
+        env={**REQUIRED, "JWT_SECRET_FILE": str(missing)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stderr == (
+        f"api: invalid settings: JWT_SECRET_FILE={missing}: cannot read it"
+        " (No such file or directory)\n"
+    )
+
+
+def test_log_settings_are_checked() -> None:
+    assert from_env().log_level == "INFO"
+    assert from_env(LOG_LEVEL="debug").log_level == "debug"  # any case
+    with pytest.raises(SettingsError, match="LOG_LEVEL must be one of DEBUG, INFO, WARNING"):
+        from_env(LOG_LEVEL="verbose")
+    assert from_env().access_log_sample == 0.0  # off
+    assert from_env(ACCESS_LOG_SAMPLE="0.25").access_log_sample == 0.25
+    for wrong in ("-0.1", "1.5"):
+        with pytest.raises(SettingsError, match="ACCESS_LOG_SAMPLE must be from 0 to 1"):
+            from_env(ACCESS_LOG_SAMPLE=wrong)
+
+
+def test_make_run_reads_dotenv_without_overriding_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(
+        "# a comment\n"
+        "\n"
+        "PORT=8001\n"
+        "export SHARD_COUNT=16\n"
+        "JWT_SECRET='a # kept' \n"
+        'JWT_ISSUER="quoted"\n'
+        "REDIS_KEY_PREFIX=plain # a comment after it\n"
+        "LOG_LEVEL=\n"
+    )
+    environ = {"PORT": "9000"}
+    added = read_dotenv(path, environ)
+    assert sorted(added) == [
+        "JWT_ISSUER",
+        "JWT_SECRET",
+        "LOG_LEVEL",
+        "REDIS_KEY_PREFIX",
+        "SHARD_COUNT",
+    ]
+    assert environ == {
+        "PORT": "9000",  # set before: kept
+        "SHARD_COUNT": "16",
+        "JWT_SECRET": "a # kept",
+        "JWT_ISSUER": "quoted",
+        "REDIS_KEY_PREFIX": "plain",
+        "LOG_LEVEL": "",
+    }
+    assert read_dotenv(tmp_path / "absent", environ) == []
+    path.write_text("NOT A SETTING\n")
+    with pytest.raises(ValueError, match=r"\.env:1: not NAME=value"):
+        read_dotenv(path, {})

@@ -1,9 +1,9 @@
-"""`python -m worker`: one shard worker, configured from the environment. SIGTERM drains it:
-the batch in hand is finished and answered, the shards are handed back, and it exits 0;
-past WORKER_STOP_GRACE (a dependency down mid-batch) it leaves that batch to the next owner
-and exits 0 all the same.
+"""One shard worker (`wallet-worker`, or `python -m worker`), configured from the environment
+like the API. SIGTERM or SIGINT drains it: the batch in hand is finished and answered, the
+shards are handed back, and it exits 0; past WORKER_STOP_GRACE (a dependency down
+mid-batch) it leaves that batch to the next owner and exits 0 all the same.
 
-`python -m worker --check` (a container's health check) exits 0 if a worker of this host
+--check, a container's health check, starts no worker: it exits 0 if a worker of this host
 has a live heartbeat, else 1."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import uvloop
 from aiohttp import web
 
-from shared import logs
+from shared import cli, logs
 from shared.connections import PG_ERRORS, REDIS_ERRORS, open_redis
 from shared.keys import KeySpace
 from shared.metrics import CONTENT_TYPE, exposition
@@ -30,9 +30,13 @@ from worker.worker import Worker, connect, new_worker_id
 log = logging.getLogger("worker")
 
 METRICS_PORTS_TRIED = 100  # WORKER_METRICS_PORT and the next ones, for workers sharing a host
+EXIT_CODES = {
+    0: "stopped by SIGTERM or SIGINT (drained); with --check: healthy",
+    1: "the settings are not valid, or the worker failed; with --check: unhealthy",
+}
 
 
-async def main(settings: Settings) -> None:
+async def serve(settings: Settings) -> None:
     worker_id = new_worker_id()
     redis, pool = await connect(settings, worker_id)
     worker = Worker(settings, redis, pool, worker_id=worker_id)
@@ -135,10 +139,22 @@ async def check(settings: Settings) -> int:
     return 0 if ours else 1
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser("wallet-worker", __doc__, EXIT_CODES)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="health check: whether a worker of this host has a live heartbeat; starts none",
+    )
+    args = parser.parse_args(argv)
     # Settings that are not valid end it here with one line, for the health check too.
     settings = Settings.from_env_or_exit("worker")
-    if sys.argv[1:] == ["--check"]:
-        sys.exit(asyncio.run(check(settings)))
-    logs.configure()
-    uvloop.run(main(settings))
+    if args.check:
+        return asyncio.run(check(settings))
+    logs.configure(settings.log_level)
+    uvloop.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

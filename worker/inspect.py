@@ -1,4 +1,4 @@
-"""Looking into the write path: `python -m worker.inspect {shards,wallet,stuck,transfers}`.
+"""Looking into the write path (`wallet-inspect`, or `python -m worker.inspect`).
 
     shards          each shard: its owner, how long ago the owner last renewed its lease,
                     its epoch, how many operations wait in it and how old the oldest is
@@ -8,6 +8,9 @@
     transfers       transfers debited and not yet credited or returned, oldest first, with
                     their age, how often their step was resent and when it is next due,
                     and whether their return waits for room in the source
+    dead-letters    entries no worker could read as an operation, set aside: each with its
+                    wallet, entry id, age, error and what it says of its operation
+                    (`wallet-admin requeue-dead-letters` puts them back)
 
 Plain text for people, --json for scripts. Reads DATABASE_URL, REDIS_URL and the other
 settings from the environment like the service; changes nothing.
@@ -23,8 +26,9 @@ from typing import Any
 import asyncpg
 import orjson
 
+from shared import cli, deadletters
 from shared.codec import MessageError, decode_request
-from shared.connections import RedisClient, open_redis
+from shared.connections import PG_ERRORS, REDIS_ERRORS, RedisClient, open_redis
 from shared.keys import KeySpace
 from shared.money import format_minor
 from shared.settings import Settings
@@ -153,7 +157,49 @@ async def transfers_report(pg: Any) -> dict[str, Any]:
     }
 
 
+async def dead_letters_report(
+    settings: Settings, redis: RedisClient, wallets: list[str]
+) -> list[dict[str, Any]]:
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    now_ms = await redis_now_ms(redis)
+    letters = deadletters.chosen(await deadletters.read(redis, keys), wallets=wallets)
+    return [
+        {
+            "shard": letter.shard,
+            "id": letter.id,
+            "wallet": letter.wallet,
+            "entry": letter.entry,
+            "age_seconds": entry_age(letter.entry, now_ms) if letter.entry else None,
+            "dead_lettered_seconds_ago": entry_age(letter.id, now_ms),
+            "error": letter.error,
+            **deadletters.operation(letter.message),
+            "message": letter.message.decode(errors="replace"),
+        }
+        for letter in letters
+    ]
+
+
+def dead_letters_text(report: list[dict[str, Any]]) -> str:
+    if not report:
+        return "no dead letters"
+    lines = [f"{len(report)} dead letter{'' if len(report) == 1 else 's'}"]
+    for d in report:
+        age = "-" if d["age_seconds"] is None else f"{d['age_seconds']:.3f}s"
+        said = " ".join(d[k] for k in ("type", "amount") if k in d)
+        if "operation" in d:
+            said += f"  op {d['operation']}"
+        lines += [
+            f"  wallet {d['wallet']}  entry {d['entry']}  age {age}  (shard {d['shard']},"
+            f" dead letter {d['id']})",
+            "    " + (said.strip() or f"message {d['message'][:200]!r}"),
+            f"    error: {d['error']}",
+        ]
+    return "\n".join(lines)
+
+
 def as_text(command: str, report: Any) -> str:
+    if command == "dead-letters":
+        return dead_letters_text(report)
     if command == "transfers":
         if not report["unsettled"]:
             return "no transfer in flight"
@@ -197,24 +243,32 @@ def as_text(command: str, report: Any) -> str:
 
 async def inspect(args: argparse.Namespace, settings: Settings) -> Any:
     redis = open_redis(settings, name=f"{settings.redis_key_prefix}:inspect")
-    pg = await asyncpg.connect(settings.database_url)
+    pg = None
     try:
+        if args.command == "stuck":
+            return await stuck_report(settings, redis, args.older_than)
+        if args.command == "dead-letters":
+            return await dead_letters_report(settings, redis, args.wallet or [])
+        pg = await asyncpg.connect(settings.database_url)
         if args.command == "shards":
             return await shards_report(settings, redis, pg)
         if args.command == "wallet":
             return await wallet_report(settings, redis, pg, args.wallet_id.lower())
-        if args.command == "transfers":
-            return await transfers_report(pg)
-        return await stuck_report(settings, redis, args.older_than)
+        return await transfers_report(pg)
     finally:
-        await pg.close()
+        if pg is not None:
+            await pg.close()
         await redis.aclose()
 
 
+EXIT_CODES = {
+    0: "the report is printed",
+    1: "the settings are not valid, or PostgreSQL or Redis cannot be reached",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.inspect", description=__doc__.splitlines()[0] if __doc__ else None
-    )
+    parser = cli.parser("wallet-inspect", __doc__, EXIT_CODES)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("shards", help="owner, epoch, backlog and lag of every shard")
@@ -223,8 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     stuck = commands.add_parser("stuck", help="queued operations older than a threshold")
     stuck.add_argument("--older-than", type=float, default=10.0, help="seconds (10)")
     commands.add_parser("transfers", help="transfers in flight, oldest first")
+    dead = commands.add_parser("dead-letters", help="entries set aside as unreadable, oldest first")
+    dead.add_argument(
+        "--wallet", action="append", metavar="WALLET_ID", help="only this wallet's (repeatable)"
+    )
     args = parser.parse_args(argv)
-    report = asyncio.run(inspect(args, Settings.from_env_or_exit("worker.inspect")))
+    settings = Settings.from_env_or_exit("wallet-inspect")
+    try:
+        report = asyncio.run(inspect(args, settings))
+    except (*REDIS_ERRORS, *PG_ERRORS) as e:
+        print(f"wallet-inspect: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:
