@@ -1,5 +1,7 @@
-"""The API described: an OpenAPI 3.1 document at /api/openapi.json, and a page for people at
-/docs rendered from it on the server (no script, no CDN: it works offline).
+"""The API described: an OpenAPI 3.1 document at /api/openapi.json, generated from the
+declarations of api/bodies.py, with an operationId and a tag on every operation so that
+client generators name what they make after them; and a page for people at /docs
+rendered from it on the server (no script, no CDN: it works offline).
 
 tests/test_openapi.py holds the document to the server: every route served is described,
 and the answers the server gives match the schemas described here.
@@ -115,8 +117,10 @@ KEY_HEADER = {
 }
 
 
-def operation_post(summary: str, body: type[Struct]) -> dict[str, Any]:
+def operation_post(operation_id: str, summary: str, body: type[Struct]) -> dict[str, Any]:
     return {
+        "operationId": operation_id,
+        "tags": ["operations"],
         "summary": summary,
         "parameters": [KEY_HEADER],
         "requestBody": {"required": True, "content": json_content(ref(body))},
@@ -143,12 +147,23 @@ def operation_post(summary: str, body: type[Struct]) -> dict[str, Any]:
     }
 
 
+def typed_enums(schema: Any) -> Any:
+    """`schema` with a type on each enum of strings: msgspec leaves a Literal's enum
+    untyped, and client generators then make it an untyped value instead of an enum."""
+    if isinstance(schema, list):
+        return [typed_enums(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    typed = {key: typed_enums(value) for key, value in schema.items()}
+    if "enum" in typed and "type" not in typed and all(isinstance(v, str) for v in typed["enum"]):
+        typed["type"] = "string"
+    return typed
+
+
 def components() -> dict[str, Any]:
     """The schemas of every body, from their declarations in api/bodies.py."""
     _, schemas = msgspec.json.schema_components(BODIES, ref_template=REF + "{name}")
-    for body in BODIES:
-        schemas[body.__name__].update(getattr(body, "schema_extra", {}))
-    return schemas
+    return {name: typed_enums(schema) for name, schema in schemas.items()}
 
 
 SCHEMAS = components()
@@ -156,6 +171,8 @@ SCHEMAS = components()
 PATHS: dict[str, Any] = {
     "/api/v1/wallets": {
         "post": {
+            "operationId": "createWallet",
+            "tags": ["wallets"],
             "summary": "Create a wallet (balance 0.00)",
             "responses": {
                 "201": {
@@ -167,6 +184,8 @@ PATHS: dict[str, Any] = {
             },
         },
         "get": {
+            "operationId": "listWallets",
+            "tags": ["wallets"],
             "summary": "List wallets, newest first",
             "parameters": paging(WALLETS_CURSOR),
             "responses": {
@@ -178,6 +197,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}": {
         "get": {
+            "operationId": "getWallet",
+            "tags": ["wallets"],
             "summary": "A wallet and its balance",
             "parameters": [WALLET_ID],
             "responses": {
@@ -189,18 +210,23 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}/operation": {
         "post": {
-            **operation_post("Deposit to or withdraw from the wallet", OperationRequest),
+            **operation_post(
+                "postOperation", "Deposit to or withdraw from the wallet", OperationRequest
+            ),
             "parameters": [WALLET_ID, KEY_HEADER],
         }
     },
     "/api/v1/wallet": {
         "post": operation_post(
+            "postOperationForm",
             "The same operation, in its original form: the wallet id in the body",
             OperationFormRequest,
         )
     },
     "/api/v1/wallets/{wallet_id}/operations": {
         "get": {
+            "operationId": "listOperations",
+            "tags": ["operations"],
             "summary": "The wallet's ledger, newest first",
             "parameters": [WALLET_ID, *paging(OPERATIONS_CURSOR)],
             "responses": {
@@ -213,6 +239,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}/operations/{operation_id}": {
         "get": {
+            "operationId": "getOperation",
+            "tags": ["operations"],
             "summary": "One operation and its outcome: applied, rejected, or pending",
             "parameters": [WALLET_ID, OPERATION_ID],
             "responses": {
@@ -227,6 +255,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/transfers": {
         "post": {
+            "operationId": "createTransfer",
+            "tags": ["transfers"],
             "summary": "Move an amount from one wallet to another",
             "parameters": [
                 {
@@ -269,6 +299,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/transfers/{transfer_id}": {
         "get": {
+            "operationId": "getTransfer",
+            "tags": ["transfers"],
             "summary": "Where a transfer stands: pending, in_flight, completed or rejected",
             "parameters": [{"name": "transfer_id", "in": "path", "required": True, "schema": UUID}],
             "responses": {
@@ -280,12 +312,16 @@ PATHS: dict[str, Any] = {
     },
     "/health": {
         "get": {
+            "operationId": "health",
+            "tags": ["health"],
             "summary": "The process is alive",
             "responses": {"200": {"description": "Alive", "content": json_content(ref(Health))}},
         }
     },
     "/ready": {
         "get": {
+            "operationId": "ready",
+            "tags": ["health"],
             "summary": "PostgreSQL and Redis answer and at least one worker is alive",
             "responses": {
                 "200": {"description": "Ready", "content": json_content(ref(Ready))},
@@ -295,6 +331,8 @@ PATHS: dict[str, Any] = {
     },
     "/metrics": {
         "get": {
+            "operationId": "metrics",
+            "tags": ["health"],
             "summary": "Prometheus metrics of this API process",
             "responses": {
                 "200": {
@@ -306,6 +344,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/openapi.json": {
         "get": {
+            "operationId": "openapiDocument",
+            "tags": ["web"],
             "summary": "This document",
             "responses": {
                 "200": {
@@ -317,6 +357,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/live": {
         "get": {
+            "operationId": "live",
+            "tags": ["web"],
             "summary": "The write path per second over the last minutes, for the web page",
             "responses": {
                 "200": {
@@ -331,6 +373,8 @@ PATHS: dict[str, Any] = {
     },
     "/": {
         "get": {
+            "operationId": "page",
+            "tags": ["web"],
             "summary": "The web page for people",
             "responses": {
                 "200": {
@@ -342,6 +386,8 @@ PATHS: dict[str, Any] = {
     },
     "/static/{name}": {
         "get": {
+            "operationId": "pageAsset",
+            "tags": ["web"],
             "summary": "The page's script and style sheet",
             "parameters": [
                 {
@@ -365,6 +411,8 @@ PATHS: dict[str, Any] = {
     },
     "/docs": {
         "get": {
+            "operationId": "docs",
+            "tags": ["web"],
             "summary": "This document as a page for people",
             "responses": {
                 "200": {
@@ -379,9 +427,13 @@ PATHS: dict[str, Any] = {
 AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
 
 
-def auth_post(summary: str, body: type[Struct], answers: dict[str, Any]) -> dict[str, Any]:
+def auth_post(
+    operation_id: str, summary: str, body: type[Struct], answers: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "post": {
+            "operationId": operation_id,
+            "tags": ["auth"],
             "summary": summary,
             "requestBody": {"required": True, "content": json_content(ref(body))},
             "responses": {**answers, **BODY_ERRORS, "404": AUTH_OFF, "503": UNAVAILABLE},
@@ -392,6 +444,7 @@ def auth_post(summary: str, body: type[Struct], answers: dict[str, Any]) -> dict
 TOKENS = {"description": "A new pair of tokens", "content": json_content(ref(Tokens))}
 PATHS |= {
     "/api/auth/users": auth_post(
+        "registerUser",
         "Register a user",
         Credentials,
         {
@@ -400,6 +453,7 @@ PATHS |= {
         },
     ),
     "/api/auth/token": auth_post(
+        "createToken",
         "Log in: an access token and a refresh token",
         Credentials,
         {
@@ -409,11 +463,13 @@ PATHS |= {
         },
     ),
     "/api/auth/token/refresh": auth_post(
+        "refreshToken",
         "Spend a refresh token for a new pair; a spent one presented again revokes its family",
         RefreshToken,
         {"200": TOKENS, "401": problem("Not a valid, unspent, unrevoked refresh token")},
     ),
     "/api/auth/logout": auth_post(
+        "logout",
         "Revoke a refresh token and its family",
         RefreshToken,
         {
@@ -426,7 +482,7 @@ PATHS |= {
 for path, methods in PATHS.items():
     if path.startswith("/api/v1/"):
         for spec in methods.values():
-            spec["security"] = [{"bearer": []}, {}]
+            spec["security"] = [{"bearerAuth": []}, {}]
             spec["responses"]["401"] = problem(
                 "Authentication is on and the access token is missing or not valid "
                 "(see WWW-Authenticate)"
@@ -442,10 +498,26 @@ DOCUMENT: dict[str, Any] = {
         "requests). Errors are RFC 9457 problem documents. An operation is answered 200 "
         "only after it is committed.",
     },
+    "tags": [
+        {"name": "wallets", "description": "Wallets and their balances"},
+        {"name": "operations", "description": "Deposits, withdrawals, and the ledger"},
+        {"name": "transfers", "description": "Moving an amount from one wallet to another"},
+        {"name": "auth", "description": "Accounts and tokens, where AUTH_ENABLED is on"},
+        {"name": "health", "description": "Liveness, readiness and metrics"},
+        {"name": "web", "description": "The web page and this document"},
+    ],
     "paths": PATHS,
     "components": {
         "schemas": SCHEMAS,
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "securitySchemes": {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "An access token from POST /api/auth/token (createToken); "
+                "needed only where AUTH_ENABLED is on",
+            }
+        },
     },
 }
 DOCUMENT_JSON = to_json(DOCUMENT)
