@@ -1,7 +1,6 @@
 """The API described: an OpenAPI 3.1 document at /api/openapi.json, generated from the
 declarations of api/bodies.py, with an operationId and a tag on every operation so that
-client generators name what they make after them; and a page for people at /docs
-rendered from it on the server (no script, no CDN: it works offline).
+client generators name what they make after them. /docs explores it (api/page.py).
 
 tests/test_openapi.py holds the document to the server: every route served is described,
 and the answers the server gives match the schemas described here.
@@ -9,7 +8,6 @@ and the answers the server gives match the schemas described here.
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Any
 
@@ -45,6 +43,7 @@ from api.inputs import (
     PAGE_LIMIT_MAX,
     WALLETS_CURSOR,
 )
+from api.page import DOCS_ASSETS, PAGE_ASSETS
 from shared.codec import to_json
 
 REF = "#/components/schemas/"
@@ -394,7 +393,7 @@ PATHS: dict[str, Any] = {
                     "name": "name",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "enum": ["app.js", "style.css"]},
+                    "schema": {"type": "string", "enum": list(PAGE_ASSETS)},
                 }
             ],
             "responses": {
@@ -413,12 +412,38 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "docs",
             "tags": ["web"],
-            "summary": "This document as a page for people",
+            "summary": "This document to explore and try, in Swagger UI (served here, no CDN)",
             "responses": {
                 "200": {
                     "description": "HTML",
                     "content": {"text/html": {"schema": {"type": "string"}}},
                 }
+            },
+        }
+    },
+    "/docs/{name}": {
+        "get": {
+            "operationId": "docsAsset",
+            "tags": ["web"],
+            "summary": "The explorer's script, style sheet and icon",
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": list(DOCS_ASSETS)},
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file",
+                    "content": {
+                        "text/javascript": {"schema": {"type": "string"}},
+                        "text/css": {"schema": {"type": "string"}},
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "404": problem("No such file"),
             },
         }
     },
@@ -504,7 +529,7 @@ DOCUMENT: dict[str, Any] = {
         {"name": "transfers", "description": "Moving an amount from one wallet to another"},
         {"name": "auth", "description": "Accounts and tokens, where AUTH_ENABLED is on"},
         {"name": "health", "description": "Liveness, readiness and metrics"},
-        {"name": "web", "description": "The web page and this document"},
+        {"name": "web", "description": "The web page, this document, and /docs to try it"},
     ],
     "paths": PATHS,
     "components": {
@@ -525,75 +550,3 @@ DOCUMENT_JSON = to_json(DOCUMENT)
 
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=DOCUMENT_JSON, content_type="application/json")
-
-
-def _schema_name(schema: dict[str, Any]) -> str:
-    if "$ref" in schema:
-        return str(schema["$ref"]).removeprefix(REF)
-    if "oneOf" in schema:
-        return " or ".join(_schema_name(s) for s in schema["oneOf"])
-    return str(schema.get("type", "value"))
-
-
-def render_page() -> str:
-    """The document as HTML: each path and method with its parameters and answers, then
-    each schema."""
-    e = html.escape
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{e(DOCUMENT['info']['title'])} API</title>",
-        "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:60rem;margin:auto;"
-        "padding:1rem;color:#111}code,pre{background:#f3f3f3;padding:0 .2rem}"
-        "h3{border-top:1px solid #ccc;padding-top:1rem}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:left}</style></head><body>",
-        f"<h1>{e(DOCUMENT['info']['title'])} API</h1>",
-        f"<p>{e(DOCUMENT['info']['description'])}</p>",
-        "<p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a> "
-        "(OpenAPI 3.1).</p><h2>Endpoints</h2>",
-    ]
-    for path, methods in PATHS.items():
-        for method, spec in methods.items():
-            parts.append(f"<h3><code>{e(method.upper())} {e(path)}</code></h3>")
-            parts.append(f"<p>{e(spec['summary'])}</p>")
-            if spec.get("security"):
-                parts.append(
-                    "<p>With authentication on: <code>Authorization: Bearer</code> and an "
-                    "access token from <code>POST /api/auth/token</code>.</p>"
-                )
-            if spec.get("parameters"):
-                parts.append("<table><tr><th>parameter</th><th>in</th><th>about</th></tr>")
-                for p in spec["parameters"]:
-                    about = p.get("description", _schema_name(p["schema"]))
-                    parts.append(
-                        f"<tr><td><code>{e(p['name'])}</code></td><td>{e(p['in'])}</td>"
-                        f"<td>{e(about)}</td></tr>"
-                    )
-                parts.append("</table>")
-            if "requestBody" in spec:
-                body = spec["requestBody"]["content"]["application/json"]["schema"]
-                parts.append(f"<p>Body: <code>{e(_schema_name(body))}</code></p>")
-            parts.append("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>")
-            for status, response in spec["responses"].items():
-                content = response.get("content", {})
-                body_names = ", ".join(
-                    f"{_schema_name(c['schema'])} ({kind})" for kind, c in content.items()
-                )
-                parts.append(
-                    f"<tr><td>{e(status)}</td><td>{e(response['description'])}</td>"
-                    f"<td>{e(body_names)}</td></tr>"
-                )
-            parts.append("</table>")
-    parts.append("<h2>Schemas</h2>")
-    for name, schema in SCHEMAS.items():
-        parts.append(f"<h3 id='{e(name)}'>{e(name)}</h3>")
-        parts.append(f"<pre>{e(to_json(schema).decode())}</pre>")
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-PAGE = render_page()
-
-
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(text=PAGE, content_type="text/html")

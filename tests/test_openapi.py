@@ -14,6 +14,7 @@ from aiohttp.web import Application
 
 from api.app import create_app
 from api.openapi import DOCUMENT, PATHS
+from api.page import DOCS_ASSETS
 from shared.settings import Settings
 from tests.conftest import AiohttpClient
 from tests.helpers import Client
@@ -113,8 +114,10 @@ class Checked:
             )
             errors = [e.message for e in validator.iter_errors(body)]
             assert not errors, f"{method} {url} {status}: {errors} in {body}"
-        else:
+        elif content_type.startswith("text/"):
             body = await r.text()
+        else:
+            body = await r.read()
         self.seen.add((template, method.lower(), status))
         return body
 
@@ -202,6 +205,8 @@ async def test_answers_match_the_documented_schemas(
         await check("GET", path, path)
     for asset in ("app.js", "style.css", "nothing.js"):
         await check("GET", "/static/{name}", f"/static/{asset}")
+    for asset in (*DOCS_ASSETS, "app.js", "index.html", "nothing.js"):
+        await check("GET", "/docs/{name}", f"/docs/{asset}")
 
     # Without a worker: the queued operation is pending, and the queue fills up.
     alone: TestClient[Any, Any] = await aiohttp_client(
