@@ -30,8 +30,8 @@ from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
 from api.live import LiveStats
 from api.observe import access_log_middleware, live_view, metrics, observe_middleware
-from api.openapi import docs, openapi_json
-from api.page import page, page_asset
+from api.openapi import openapi_json
+from api.page import docs, docs_asset, page, page_asset
 from api.problems import bounded_reads, problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
+    app.router.add_get("/docs/{name}", docs_asset)
     app.router.add_get("/api/live", live_view)
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", page_asset)

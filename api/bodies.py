@@ -2,13 +2,16 @@
 
 Each declaration is a msgspec Struct. From it come the validation of what clients send
 (`decode`), the rendering of what the API answers (`json_response`), and the schemas of the
-OpenAPI document (api/openapi.py). A rule msgspec's types cannot hold (exactly one of two
-spellings of a field, an amount's exactness) is checked in the declaration's
-`__post_init__`, and stated beside it for the document (`schema_extra`, `AMOUNT_SCHEMA`).
+OpenAPI document (api/openapi.py). A rule msgspec's types cannot hold (an amount's
+exactness) is checked in the declaration's `__post_init__`, and stated beside it for the
+document (`AMOUNT_SCHEMA`). A second spelling of a field that the API accepts is an alias
+(`aliases`), renamed before decoding and named only in the body's description, so that
+the document declares one typed body.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -42,10 +45,18 @@ Money = Annotated[
     ),
 ]
 
-OperationType = Literal["DEPOSIT", "WITHDRAW"]
-assert OperationType.__args__ == OPERATION_TYPES  # type: ignore[attr-defined]
-TransferLeg = Literal["TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_RETURN"]
-assert TransferLeg.__args__ == TRANSFER_LEGS  # type: ignore[attr-defined]
+
+class OperationType(enum.StrEnum):
+    """A deposit or a withdrawal: an enum of its own, so that the document names it once."""
+
+    DEPOSIT = "DEPOSIT"
+    WITHDRAW = "WITHDRAW"
+
+
+assert tuple(OperationType) == OPERATION_TYPES
+# Every kind the ledger holds, in one enum (a union of two is two types to generators).
+LedgerKind = Literal["DEPOSIT", "WITHDRAW", "TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_RETURN"]
+assert LedgerKind.__args__ == OPERATION_TYPES + TRANSFER_LEGS  # type: ignore[attr-defined]
 Amount = Annotated[Any, Meta(extra_json_schema=AMOUNT_SCHEMA)]
 USERNAME_PATTERN = "^[A-Za-z0-9_.-]{3,64}$"
 PASSWORD_LENGTH = (10, 256)
@@ -56,36 +67,29 @@ class Body(Struct, forbid_unknown_fields=True):
 
 
 class OperationRequest(Body, kw_only=True):
-    """A deposit to or a withdrawal from the wallet."""
+    """A deposit to or a withdrawal from the wallet. `operation_type` is accepted in place of
+    `operationType` (one of the two, not both)."""
 
     # After decoding, `amount` is in minor units.
 
-    operationType: OperationType | UnsetType = UNSET
-    operation_type: Annotated[
-        OperationType | UnsetType, Meta(description="Another spelling of operationType")
-    ] = UNSET
+    operationType: OperationType
     amount: Amount
 
-    schema_extra: ClassVar[dict[str, Any]] = {
-        "oneOf": [{"required": ["operationType"]}, {"required": ["operation_type"]}]
-    }
+    # Accepted, and left out of the document: a body declared with two spellings of one
+    # required field is a union to client generators, which then cannot type it.
+    aliases: ClassVar[dict[str, str]] = {"operation_type": "operationType"}
 
     def __post_init__(self) -> None:
-        if self.operationType is UNSET and self.operation_type is UNSET:
-            raise InvalidInput("operationType", "is required")
-        if self.operationType is not UNSET and self.operation_type is not UNSET:
-            raise InvalidInput("operationType", "give operationType or operation_type, not both")
         self.amount = parse_amount(self.amount)
 
     @property
     def kind(self) -> str:
-        kind = self.operation_type if self.operationType is UNSET else self.operationType
-        assert kind is not UNSET
-        return kind
+        return self.operationType.value
 
 
 class OperationFormRequest(OperationRequest, kw_only=True):
-    """The original form of the operation request: the wallet id travels in the body."""
+    """The original form of the operation request: the wallet id travels in the body.
+    `operation_type` is accepted in place of `operationType` (one of the two, not both)."""
 
     walletId: uuid.UUID
 
@@ -119,7 +123,7 @@ class Operation(Body):
 
     id: Uuid
     wallet_id: Uuid
-    operation_type: OperationType | TransferLeg
+    operation_type: LedgerKind
     amount: Money
     status: Literal["applied", "rejected"]
     reason: Literal["insufficient_funds", "balance_limit"] | None
@@ -271,6 +275,9 @@ Declared = TypeVar("Declared", bound=Body)
 def decode(data: dict[str, Any], body: type[Declared]) -> Declared:
     """`data` (a JSON object, numbers as Decimal) as the declared body, or InvalidInput
     naming the first field at fault."""
+    aliases: dict[str, str] = getattr(body, "aliases", {})
+    if aliases:
+        data = _unalias(data, aliases)
     try:
         return msgspec.convert(data, body)
     except msgspec.ValidationError as e:
@@ -287,6 +294,16 @@ def _invalid(message: str) -> InvalidInput:
         reason = at[1].replace("`", "").replace("Expected", "must be")
         return InvalidInput(at[2], reason[0].lower() + reason[1:])
     return InvalidInput("body", message)
+
+
+def _unalias(data: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """`data` with each accepted alias renamed to the field it spells."""
+    for alias, name in aliases.items():
+        if alias in data:
+            if name in data:
+                raise InvalidInput(name, f"give {name} or {alias}, not both")
+            data = {(name if key == alias else key): value for key, value in data.items()}
+    return data
 
 
 def json_response(

@@ -1,5 +1,6 @@
-"""The API described: an OpenAPI 3.1 document at /api/openapi.json, and a page for people at
-/docs rendered from it on the server (no script, no CDN: it works offline).
+"""The API described: an OpenAPI 3.1 document at /api/openapi.json, generated from the
+declarations of api/bodies.py, with an operationId and a tag on every operation so that
+client generators name what they make after them. /docs explores it (api/page.py).
 
 tests/test_openapi.py holds the document to the server: every route served is described,
 and the answers the server gives match the schemas described here.
@@ -7,7 +8,6 @@ and the answers the server gives match the schemas described here.
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Any
 
@@ -43,6 +43,7 @@ from api.inputs import (
     PAGE_LIMIT_MAX,
     WALLETS_CURSOR,
 )
+from api.page import DOCS_ASSETS, PAGE_ASSETS
 from shared.codec import to_json
 
 REF = "#/components/schemas/"
@@ -116,8 +117,10 @@ KEY_HEADER = {
 }
 
 
-def operation_post(summary: str, body: type[Struct]) -> dict[str, Any]:
+def operation_post(operation_id: str, summary: str, body: type[Struct]) -> dict[str, Any]:
     return {
+        "operationId": operation_id,
+        "tags": ["operations"],
         "summary": summary,
         "parameters": [KEY_HEADER],
         "requestBody": {"required": True, "content": json_content(ref(body))},
@@ -144,12 +147,23 @@ def operation_post(summary: str, body: type[Struct]) -> dict[str, Any]:
     }
 
 
+def typed_enums(schema: Any) -> Any:
+    """`schema` with a type on each enum of strings: msgspec leaves a Literal's enum
+    untyped, and client generators then make it an untyped value instead of an enum."""
+    if isinstance(schema, list):
+        return [typed_enums(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    typed = {key: typed_enums(value) for key, value in schema.items()}
+    if "enum" in typed and "type" not in typed and all(isinstance(v, str) for v in typed["enum"]):
+        typed["type"] = "string"
+    return typed
+
+
 def components() -> dict[str, Any]:
     """The schemas of every body, from their declarations in api/bodies.py."""
     _, schemas = msgspec.json.schema_components(BODIES, ref_template=REF + "{name}")
-    for body in BODIES:
-        schemas[body.__name__].update(getattr(body, "schema_extra", {}))
-    return schemas
+    return {name: typed_enums(schema) for name, schema in schemas.items()}
 
 
 SCHEMAS = components()
@@ -157,6 +171,8 @@ SCHEMAS = components()
 PATHS: dict[str, Any] = {
     "/api/v1/wallets": {
         "post": {
+            "operationId": "createWallet",
+            "tags": ["wallets"],
             "summary": "Create a wallet (balance 0.00)",
             "responses": {
                 "201": {
@@ -168,6 +184,8 @@ PATHS: dict[str, Any] = {
             },
         },
         "get": {
+            "operationId": "listWallets",
+            "tags": ["wallets"],
             "summary": "List wallets, newest first",
             "parameters": paging(WALLETS_CURSOR),
             "responses": {
@@ -179,6 +197,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}": {
         "get": {
+            "operationId": "getWallet",
+            "tags": ["wallets"],
             "summary": "A wallet and its balance",
             "parameters": [WALLET_ID],
             "responses": {
@@ -190,18 +210,23 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}/operation": {
         "post": {
-            **operation_post("Deposit to or withdraw from the wallet", OperationRequest),
+            **operation_post(
+                "postOperation", "Deposit to or withdraw from the wallet", OperationRequest
+            ),
             "parameters": [WALLET_ID, KEY_HEADER],
         }
     },
     "/api/v1/wallet": {
         "post": operation_post(
+            "postOperationForm",
             "The same operation, in its original form: the wallet id in the body",
             OperationFormRequest,
         )
     },
     "/api/v1/wallets/{wallet_id}/operations": {
         "get": {
+            "operationId": "listOperations",
+            "tags": ["operations"],
             "summary": "The wallet's ledger, newest first",
             "parameters": [WALLET_ID, *paging(OPERATIONS_CURSOR)],
             "responses": {
@@ -214,6 +239,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/wallets/{wallet_id}/operations/{operation_id}": {
         "get": {
+            "operationId": "getOperation",
+            "tags": ["operations"],
             "summary": "One operation and its outcome: applied, rejected, or pending",
             "parameters": [WALLET_ID, OPERATION_ID],
             "responses": {
@@ -228,6 +255,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/transfers": {
         "post": {
+            "operationId": "createTransfer",
+            "tags": ["transfers"],
             "summary": "Move an amount from one wallet to another",
             "parameters": [
                 {
@@ -270,6 +299,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/v1/transfers/{transfer_id}": {
         "get": {
+            "operationId": "getTransfer",
+            "tags": ["transfers"],
             "summary": "Where a transfer stands: pending, in_flight, completed or rejected",
             "parameters": [{"name": "transfer_id", "in": "path", "required": True, "schema": UUID}],
             "responses": {
@@ -281,12 +312,16 @@ PATHS: dict[str, Any] = {
     },
     "/health": {
         "get": {
+            "operationId": "health",
+            "tags": ["health"],
             "summary": "The process is alive",
             "responses": {"200": {"description": "Alive", "content": json_content(ref(Health))}},
         }
     },
     "/ready": {
         "get": {
+            "operationId": "ready",
+            "tags": ["health"],
             "summary": "PostgreSQL and Redis answer and at least one worker is alive",
             "responses": {
                 "200": {"description": "Ready", "content": json_content(ref(Ready))},
@@ -296,6 +331,8 @@ PATHS: dict[str, Any] = {
     },
     "/metrics": {
         "get": {
+            "operationId": "metrics",
+            "tags": ["health"],
             "summary": "Prometheus metrics of this API process",
             "responses": {
                 "200": {
@@ -307,6 +344,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/openapi.json": {
         "get": {
+            "operationId": "openapiDocument",
+            "tags": ["web"],
             "summary": "This document",
             "responses": {
                 "200": {
@@ -318,6 +357,8 @@ PATHS: dict[str, Any] = {
     },
     "/api/live": {
         "get": {
+            "operationId": "live",
+            "tags": ["web"],
             "summary": "The write path per second over the last minutes, for the web page",
             "responses": {
                 "200": {
@@ -332,6 +373,8 @@ PATHS: dict[str, Any] = {
     },
     "/": {
         "get": {
+            "operationId": "page",
+            "tags": ["web"],
             "summary": "The web page for people",
             "responses": {
                 "200": {
@@ -343,13 +386,15 @@ PATHS: dict[str, Any] = {
     },
     "/static/{name}": {
         "get": {
+            "operationId": "pageAsset",
+            "tags": ["web"],
             "summary": "The page's script and style sheet",
             "parameters": [
                 {
                     "name": "name",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "enum": ["app.js", "style.css"]},
+                    "schema": {"type": "string", "enum": list(PAGE_ASSETS)},
                 }
             ],
             "responses": {
@@ -366,7 +411,9 @@ PATHS: dict[str, Any] = {
     },
     "/docs": {
         "get": {
-            "summary": "This document as a page for people",
+            "operationId": "docs",
+            "tags": ["web"],
+            "summary": "This document to explore and try, in Swagger UI (served here, no CDN)",
             "responses": {
                 "200": {
                     "description": "HTML",
@@ -375,14 +422,44 @@ PATHS: dict[str, Any] = {
             },
         }
     },
+    "/docs/{name}": {
+        "get": {
+            "operationId": "docsAsset",
+            "tags": ["web"],
+            "summary": "The explorer's script, style sheet and icon",
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": list(DOCS_ASSETS)},
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file",
+                    "content": {
+                        "text/javascript": {"schema": {"type": "string"}},
+                        "text/css": {"schema": {"type": "string"}},
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "404": problem("No such file"),
+            },
+        }
+    },
 }
 
 AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
 
 
-def auth_post(summary: str, body: type[Struct], answers: dict[str, Any]) -> dict[str, Any]:
+def auth_post(
+    operation_id: str, summary: str, body: type[Struct], answers: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "post": {
+            "operationId": operation_id,
+            "tags": ["auth"],
             "summary": summary,
             "requestBody": {"required": True, "content": json_content(ref(body))},
             "responses": {**answers, **BODY_ERRORS, "404": AUTH_OFF, "503": UNAVAILABLE},
@@ -393,6 +470,7 @@ def auth_post(summary: str, body: type[Struct], answers: dict[str, Any]) -> dict
 TOKENS = {"description": "A new pair of tokens", "content": json_content(ref(Tokens))}
 PATHS |= {
     "/api/auth/users": auth_post(
+        "registerUser",
         "Register a user",
         Credentials,
         {
@@ -401,6 +479,7 @@ PATHS |= {
         },
     ),
     "/api/auth/token": auth_post(
+        "createToken",
         "Log in: an access token and a refresh token",
         Credentials,
         {
@@ -410,11 +489,13 @@ PATHS |= {
         },
     ),
     "/api/auth/token/refresh": auth_post(
+        "refreshToken",
         "Spend a refresh token for a new pair; a spent one presented again revokes its family",
         RefreshToken,
         {"200": TOKENS, "401": problem("Not a valid, unspent, unrevoked refresh token")},
     ),
     "/api/auth/logout": auth_post(
+        "logout",
         "Revoke a refresh token and its family",
         RefreshToken,
         {
@@ -427,7 +508,7 @@ PATHS |= {
 for path, methods in PATHS.items():
     if path.startswith("/api/v1/"):
         for spec in methods.values():
-            spec["security"] = [{"bearer": []}, {}]
+            spec["security"] = [{"bearerAuth": []}, {}]
             spec["responses"]["401"] = problem(
                 "Authentication is on and the access token is missing or not valid "
                 "(see WWW-Authenticate)"
@@ -443,10 +524,26 @@ DOCUMENT: dict[str, Any] = {
         "requests). Errors are RFC 9457 problem documents. An operation is answered 200 "
         "only after it is committed.",
     },
+    "tags": [
+        {"name": "wallets", "description": "Wallets and their balances"},
+        {"name": "operations", "description": "Deposits, withdrawals, and the ledger"},
+        {"name": "transfers", "description": "Moving an amount from one wallet to another"},
+        {"name": "auth", "description": "Accounts and tokens, where AUTH_ENABLED is on"},
+        {"name": "health", "description": "Liveness, readiness and metrics"},
+        {"name": "web", "description": "The web page, this document, and /docs to try it"},
+    ],
     "paths": PATHS,
     "components": {
         "schemas": SCHEMAS,
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "securitySchemes": {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "An access token from POST /api/auth/token (createToken); "
+                "needed only where AUTH_ENABLED is on",
+            }
+        },
     },
 }
 DOCUMENT_JSON = to_json(DOCUMENT)
@@ -454,75 +551,3 @@ DOCUMENT_JSON = to_json(DOCUMENT)
 
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=DOCUMENT_JSON, content_type="application/json")
-
-
-def _schema_name(schema: dict[str, Any]) -> str:
-    if "$ref" in schema:
-        return str(schema["$ref"]).removeprefix(REF)
-    if "oneOf" in schema:
-        return " or ".join(_schema_name(s) for s in schema["oneOf"])
-    return str(schema.get("type", "value"))
-
-
-def render_page() -> str:
-    """The document as HTML: each path and method with its parameters and answers, then
-    each schema."""
-    e = html.escape
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{e(DOCUMENT['info']['title'])} API</title>",
-        "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:60rem;margin:auto;"
-        "padding:1rem;color:#111}code,pre{background:#f3f3f3;padding:0 .2rem}"
-        "h3{border-top:1px solid #ccc;padding-top:1rem}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:left}</style></head><body>",
-        f"<h1>{e(DOCUMENT['info']['title'])} API</h1>",
-        f"<p>{e(DOCUMENT['info']['description'])}</p>",
-        "<p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a> "
-        "(OpenAPI 3.1).</p><h2>Endpoints</h2>",
-    ]
-    for path, methods in PATHS.items():
-        for method, spec in methods.items():
-            parts.append(f"<h3><code>{e(method.upper())} {e(path)}</code></h3>")
-            parts.append(f"<p>{e(spec['summary'])}</p>")
-            if spec.get("security"):
-                parts.append(
-                    "<p>With authentication on: <code>Authorization: Bearer</code> and an "
-                    "access token from <code>POST /api/auth/token</code>.</p>"
-                )
-            if spec.get("parameters"):
-                parts.append("<table><tr><th>parameter</th><th>in</th><th>about</th></tr>")
-                for p in spec["parameters"]:
-                    about = p.get("description", _schema_name(p["schema"]))
-                    parts.append(
-                        f"<tr><td><code>{e(p['name'])}</code></td><td>{e(p['in'])}</td>"
-                        f"<td>{e(about)}</td></tr>"
-                    )
-                parts.append("</table>")
-            if "requestBody" in spec:
-                body = spec["requestBody"]["content"]["application/json"]["schema"]
-                parts.append(f"<p>Body: <code>{e(_schema_name(body))}</code></p>")
-            parts.append("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>")
-            for status, response in spec["responses"].items():
-                content = response.get("content", {})
-                body_names = ", ".join(
-                    f"{_schema_name(c['schema'])} ({kind})" for kind, c in content.items()
-                )
-                parts.append(
-                    f"<tr><td>{e(status)}</td><td>{e(response['description'])}</td>"
-                    f"<td>{e(body_names)}</td></tr>"
-                )
-            parts.append("</table>")
-    parts.append("<h2>Schemas</h2>")
-    for name, schema in SCHEMAS.items():
-        parts.append(f"<h3 id='{e(name)}'>{e(name)}</h3>")
-        parts.append(f"<pre>{e(to_json(schema).decode())}</pre>")
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-PAGE = render_page()
-
-
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(text=PAGE, content_type="text/html")

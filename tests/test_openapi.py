@@ -14,6 +14,7 @@ from aiohttp.web import Application
 
 from api.app import create_app
 from api.openapi import DOCUMENT, PATHS
+from api.page import DOCS_ASSETS
 from shared.settings import Settings
 from tests.conftest import AiohttpClient
 from tests.helpers import Client
@@ -34,6 +35,50 @@ def test_every_route_served_is_described_and_every_described_route_is_served(
 ) -> None:
     described = {(path, method) for path, methods in PATHS.items() for method in methods}
     assert served_routes(create_app(settings)) == described
+
+
+def test_every_operation_has_a_unique_operation_id_and_a_declared_tag() -> None:
+    """Client generators name their functions after operationIds and group them by tag."""
+    operations = [spec for methods in PATHS.values() for spec in methods.values()]
+    ids = [spec["operationId"] for spec in operations]
+    assert all(isinstance(i, str) and i.isidentifier() for i in ids)
+    assert len(set(ids)) == len(ids)
+    declared = {tag["name"] for tag in DOCUMENT["tags"]}
+    assert all(len(spec["tags"]) == 1 and spec["tags"][0] in declared for spec in operations)
+    assert {tag for spec in operations for tag in spec["tags"]} == declared
+
+
+def test_every_secured_operation_names_the_declared_bearer_scheme() -> None:
+    schemes = DOCUMENT["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {**schemes["bearerAuth"], "type": "http", "scheme": "bearer"}
+    for path, methods in PATHS.items():
+        for spec in methods.values():
+            assert (spec.get("security") == [{"bearerAuth": []}, {}]) == path.startswith("/api/v1/")
+
+
+def test_request_bodies_are_one_typed_object_each() -> None:
+    """No top-level oneOf/anyOf, and every enum typed: generators then model each body."""
+    schemas = DOCUMENT["components"]["schemas"]
+
+    def enums(schema: Any) -> list[dict[str, Any]]:
+        if isinstance(schema, list):
+            return [e for s in schema for e in enums(s)]
+        if not isinstance(schema, dict):
+            return []
+        return [schema] * ("enum" in schema) + enums(list(schema.values()))
+
+    assert all(e.get("type") == "string" for e in enums(schemas))
+    for methods in PATHS.values():
+        for spec in methods.values():
+            if "requestBody" in spec:
+                body = spec["requestBody"]["content"]["application/json"]["schema"]
+                declared = schemas[body["$ref"].removeprefix("#/components/schemas/")]
+                assert declared["type"] == "object"
+                assert not {"oneOf", "anyOf", "allOf"} & declared.keys()
+    assert schemas["OperationRequest"]["required"] == ["operationType", "amount"]
+    assert schemas["OperationRequest"]["properties"]["operationType"] == {
+        "$ref": "#/components/schemas/OperationType"
+    }
 
 
 def test_every_schema_of_the_document_is_valid_json_schema() -> None:
@@ -69,8 +114,10 @@ class Checked:
             )
             errors = [e.message for e in validator.iter_errors(body)]
             assert not errors, f"{method} {url} {status}: {errors} in {body}"
-        else:
+        elif content_type.startswith("text/"):
             body = await r.text()
+        else:
+            body = await r.read()
         self.seen.add((template, method.lower(), status))
         return body
 
@@ -158,6 +205,8 @@ async def test_answers_match_the_documented_schemas(
         await check("GET", path, path)
     for asset in ("app.js", "style.css", "nothing.js"):
         await check("GET", "/static/{name}", f"/static/{asset}")
+    for asset in (*DOCS_ASSETS, "app.js", "index.html", "nothing.js"):
+        await check("GET", "/docs/{name}", f"/docs/{asset}")
 
     # Without a worker: the queued operation is pending, and the queue fills up.
     alone: TestClient[Any, Any] = await aiohttp_client(

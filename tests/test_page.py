@@ -1,16 +1,19 @@
-"""The web page in a real headless Chromium (Debian's, driven by Playwright): the flow a
-person goes through, with authentication off and on. A screenshot of the page after the
-flow is written to .run/screenshots/ (not committed). Skipped, saying why, where no browser
-is installed (.ci/run installs Debian's chromium)."""
+"""The web page and the API docs in a real headless Chromium (Debian's, driven by
+Playwright): the flow a person goes through, with authentication off and on. A screenshot
+of each page after the flow is written to .run/screenshots/ (not committed). Skipped,
+saying why, where no browser is installed (.ci/run installs Debian's chromium)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
@@ -152,4 +155,64 @@ async def test_a_person_creates_a_wallet_operates_and_watches_the_hot_wallet(
         await page.screenshot(path=str(shot), full_page=True)
         print(f"screenshot: {shot}")
         await browser.close()
+    assert problems == []
+
+
+async def access_token(base: str) -> str:
+    user = {"username": f"d{uuid.uuid4().hex[:8]}", "password": "a long enough password"}
+    async with aiohttp.ClientSession(base) as http:
+        async with http.post("/api/auth/users", json=user) as r:
+            assert r.status == 201
+        async with http.post("/api/auth/token", json=user) as r:
+            return str((await r.json())["access_token"])
+
+
+async def test_the_api_docs_load_from_this_server_alone_and_send_a_request(
+    site: tuple[str, bool],
+) -> None:
+    base, auth = site
+    token = await access_token(base) if auth else ""
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        await page.goto(base + "/docs")
+        await expect(page.locator(".info .title")).to_contain_text("Wallet service")
+        await expect(page.locator(".opblock-tag-section")).to_have_count(6)  # one per tag
+
+        if auth:  # the token goes in through Authorize, as a person would paste it
+            await page.locator(".scheme-container button.authorize").click()
+            dialog = page.locator(".modal-ux")
+            await dialog.locator("input").fill(token)
+            await dialog.locator(".auth-btn-wrapper button.authorize").click()
+            await dialog.locator("button.btn-done").click()
+
+        operation = page.locator("#operations-wallets-createWallet")
+        await operation.locator(".opblock-summary").click()
+        await operation.get_by_role("button", name="Try it out").click()
+        await operation.get_by_role("button", name="Execute").click()
+        answer = operation.locator(".live-responses-table .response")
+        await expect(answer.locator(".response-col_status")).to_have_text("201")
+        wallet = json.loads(await answer.locator(".highlight-code pre").inner_text())
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shot = SCREENSHOTS / f"api-docs-{'auth' if auth else 'open'}.png"
+        await page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot: {shot}")
+        await browser.close()
+
+    # The wallet the docs created exists; with authentication on, it took the token.
+    headers = {"Authorization": f"Bearer {token}"} if auth else {}
+    async with (
+        aiohttp.ClientSession(base, headers=headers) as http,
+        http.get(f"/api/v1/wallets/{wallet['id']}") as r,
+    ):
+        assert r.status == 200
+        assert (await r.json())["balance"] == "0.00"
+    assert base + "/api/v1/wallets" in requested
+    assert [url for url in requested if not url.startswith(base + "/")] == []
     assert problems == []
