@@ -112,6 +112,12 @@ class WorkerMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.held_back = Counter(
+            "wallet_held_back_wallets",
+            "Wallets whose committed batch could not hand on a transfer's next step or a "
+            "dead letter (Redis full, a slot moving): their entries are kept and tried again",
+            registry=self.registry,
+        )
         self.queued = Gauge(
             "wallet_queued_operations",
             "Operations waiting in the shard's streams, for the shards this worker owns",

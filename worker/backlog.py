@@ -22,6 +22,7 @@ log = logging.getLogger("worker")
 START = "0-0"  # the position before a stream's first entry
 PARKED_DELAY_FIRST = 2.0  # seconds before a parked wallet's first new try; it doubles
 PARKED_DELAY_MAX = 60.0
+HELD_DELAY_FIRST = 0.5  # seconds before a held-back wallet's first new try; it doubles
 
 # A wake-up as the wake listener found it: the wallet, the first entry of its stream (its
 # id and message)
@@ -216,6 +217,18 @@ class Backlog:
             if w in self._active:
                 self._active[w] = START
             self._ready.pop(w, None)
+
+    def hold_back(self, wallets: list[str], now: float) -> None:
+        """The round of `wallets` was committed but what they hand on (a transfer's next
+        step, a dead letter) could not be queued: their entries stay, read again from the
+        start after a while (less and less often), and handed on again then."""
+        self.read_again(wallets)
+        for wallet in wallets:
+            failures = self._parked.get(wallet, (0.0, 0))[1] + 1
+            self._parked[wallet] = (
+                now + backoff(failures, HELD_DELAY_FIRST, PARKED_DELAY_MAX),
+                failures,
+            )
 
     def blame(self, error: Exception, now: float) -> None:
         """After a bad batch (of the last round picked): take it apart, or, if it held one

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
 
@@ -73,6 +73,21 @@ def reading_of(wallet: str, found: Any) -> Reading | None:
             log.error("entry %s of wallet %s goes to the dead letters: %s", entry_id, wallet, e)
             dead.append(DeadLetter(wallet, entry_id, message, str(e)))
     return Reading(entries, dead, found[-1][0].decode())
+
+
+class Answered(NamedTuple):
+    """What answering a batch did: the wallets acknowledged and their next entries (None:
+    none left), and the wallets held back, whose entries stay to be handed on again."""
+
+    acknowledged: list[str]
+    readings: list[Reading | None]
+    held: list[str]
+
+
+def _raise_first(answers: list[Any]) -> None:
+    for answer in answers:
+        if isinstance(answer, Exception):
+            raise answer
 
 
 class WakeListener:
@@ -361,14 +376,18 @@ class WalletStreams:
         self,
         entries: list[Entry],
         replies: list[tuple[str, Outcome]],
-        steps: list[OperationRequest],
+        steps: list[tuple[str, OperationRequest]],
         batch: dict[str, Reading],
         cursors: Mapping[str, str],
-    ) -> list[Reading | None]:
-        """One round trip after COMMIT: the answers to the API processes that wait for them
-        (channel, outcome), the transfers' next steps queued on their wallets' streams, the
-        dead letters kept, then each wallet of the batch acknowledged (its committed entries
-        trimmed) and its next entries read for the next batch (in the order of `batch`)."""
+    ) -> Answered:
+        """After COMMIT: the answers to the API processes that wait for them (channel,
+        outcome), then each wallet of the batch acknowledged (its committed entries trimmed)
+        and its next entries read for the next batch, in one round trip. What an entry hands
+        on (a transfer's next step, queued on its wallet's stream: (the entry's wallet,
+        step); a dead letter) must be queued before the entry is trimmed: then that goes
+        first, with the answers, in a round trip of its own, and a wallet whose hand-on
+        failed (Redis full, a slot moving) is not acknowledged: it is held back, its entries
+        kept, to be read and handed on again."""
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
         for channel, outcome in replies:
             by_channel[channel].append(outcome)
@@ -377,39 +396,59 @@ class WalletStreams:
             (publish, channel, encode_outcomes(outcomes))
             for channel, outcomes in by_channel.items()
         ]
-        commands += [self.enqueue_command(step) for step in steps]
         commands += [
             ("DEL", self._keys.pending_transfer(e.request.transfer_id))
             for e in entries
             if e.request.kind == TRANSFER_OUT
         ]
-        if entries:  # for the live view; after the replies, as it matters less
+        counters: list[tuple[Any, ...]] = []
+        if entries:  # for the live view: never fails the batch
             second = self._keys.committed(int(time.time()))
-            commands += [
+            counters = [
                 ("HINCRBY", second, "batches", 1),
                 ("HINCRBY", second, "operations", len(entries)),
                 ("EXPIRE", second, COMMITTED_KEPT_SECONDS),
             ]
-        for reading in batch.values():
-            for letter in reading.dead:
-                commands.append(
-                    (
-                        "XADD",
-                        self._keys.dead_letters(self._keys.shard_of(letter.wallet_id)),
-                        "*",
-                        "wallet",
-                        letter.wallet_id,
-                        "entry",
-                        letter.entry_id,
-                        "m",
-                        letter.message,
-                        "error",
-                        letter.error,
-                    )
-                )
+        hand_ons = [(wallet, self.enqueue_command(step)) for wallet, step in steps]
+        hand_ons += [
+            (letter.wallet_id, self._dead_letter_command(letter))
+            for reading in batch.values()
+            for letter in reading.dead
+        ]
         wallets = list(batch)
         count = max(1, self._batch_max // max(1, len(wallets)))
-        return await self._acknowledge_read(commands, wallets, cursors, count)
+        if not hand_ons:
+            readings = await self._acknowledge_read(commands, wallets, cursors, count, counters)
+            return Answered(wallets, readings, [])
+        handed = [command for _, command in hand_ons]
+        answers = await self._direct.round_trip([*handed, *commands, *counters])
+        _raise_first(answers[len(handed) : len(handed) + len(commands)])
+        held: dict[str, Exception] = {}
+        for (wallet, _), answer in zip(hand_ons, answers, strict=False):
+            if isinstance(answer, Exception):
+                held.setdefault(wallet, answer)
+        for wallet, error in held.items():
+            log.warning(
+                "wallet %s is held back: what it hands on was not queued (%s)", wallet, error
+            )
+        acknowledged = [w for w in wallets if w not in held]
+        readings = await self._acknowledge_read([], acknowledged, cursors, count)
+        return Answered(acknowledged, readings, list(held))
+
+    def _dead_letter_command(self, letter: DeadLetter) -> tuple[Any, ...]:
+        return (
+            "XADD",
+            self._keys.dead_letters(self._keys.shard_of(letter.wallet_id)),
+            "*",
+            "wallet",
+            letter.wallet_id,
+            "entry",
+            letter.entry_id,
+            "m",
+            letter.message,
+            "error",
+            letter.error,
+        )
 
     async def _acknowledge_read(
         self,
@@ -417,30 +456,30 @@ class WalletStreams:
         wallets: list[str],
         cursors: Mapping[str, str],
         count: int,
+        unchecked: list[tuple[Any, ...]] | None = None,
     ) -> list[Reading | None]:
-        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for the wallets, one
-        call for all (on a Redis Cluster, one per shard). Raises the first error any of
-        them answered."""
+        """One round trip: the commands `before` and `unchecked`, then ACKNOWLEDGE_READ for
+        the wallets, one call for all (on a Redis Cluster, one per shard). Raises the first
+        error any of them but `unchecked` answered."""
         groups: dict[int, list[str]] = defaultdict(list)
         cluster = isinstance(self._redis, RedisCluster)
         for wallet in wallets:
             groups[self._keys.shard_of(wallet) if cluster else 0].append(wallet)
         calls = [self._acknowledge_read_command(group, cursors, count) for group in groups.values()]
-        commands = [*before, *calls]
-        if not commands:
+        first = [*before, *(unchecked or ())]
+        if not first and not calls:
             return []
-        if cluster and before:
+        if cluster and first:
             # Ordered within a node only: what goes before has its own round trip, so that
             # the entries are trimmed only after their answers are out.
-            answers = await self._direct.round_trip(before)
-            answers += await self._direct.round_trip(calls)
+            answers = await self._direct.round_trip(first)
+            answers += await self._direct.round_trip(calls) if calls else []
         else:
-            answers = await self._direct.round_trip(commands)
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
+            answers = await self._direct.round_trip([*first, *calls])
+        _raise_first(answers[: len(before)])
+        _raise_first(answers[len(first) :])
         readings: dict[str, Reading | None] = {}
-        for group, found in zip(groups.values(), answers[len(before) :], strict=True):
+        for group, found in zip(groups.values(), answers[len(first) :], strict=True):
             for wallet, entries in zip(group, found, strict=True):
                 readings[wallet] = reading_of(wallet, entries)
         return [readings[wallet] for wallet in wallets]

@@ -165,11 +165,12 @@ def credited(entries: list[Entry]) -> list[str]:
 
 def follow_ups(
     entries: list[Entry], outcomes: list[Outcome]
-) -> tuple[list[tuple[str, Outcome]], list[OperationRequest]]:
+) -> tuple[list[tuple[str, Outcome]], list[tuple[str, OperationRequest]]]:
     """For a committed batch: the answers to publish (reply channel, outcome), and the next
-    steps of its transfers, to queue on their wallets' streams."""
+    steps of its transfers, to queue on their wallets' streams, each with the wallet whose
+    entry hands it on."""
     replies: list[tuple[str, Outcome]] = []
-    steps: list[OperationRequest] = []
+    steps: list[tuple[str, OperationRequest]] = []
     for i, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
         r = entry.request
         answer: Outcome | None = outcome
@@ -190,7 +191,7 @@ def follow_ups(
         if answer is not None and r.reply_to:
             replies.append((r.reply_to, answer))
         if step is not None:
-            steps.append(step)
+            steps.append((r.wallet_id, step))
     return replies, steps
 
 

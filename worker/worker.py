@@ -250,10 +250,10 @@ class Worker:
             # Only after COMMIT: the replies and the transfers' next steps, then the trims
             # and the next entries.
             replies, steps = follow_ups(entries, outcomes)
-            read = await streams.answer(entries, replies, steps, batch, backlog.cursors)
+            answered = await streams.answer(entries, replies, steps, batch, backlog.cursors)
             for outcome in settlements(entries, outcomes):
                 self.metrics.transfers.labels(outcome).inc()
-            backlog.took_readings(batch, read)
+            backlog.took_readings(answered.acknowledged, answered.readings)
         except BaseException:
             listener.read_again()
             # How far the round got is unknown: read these wallets again from the start;
@@ -261,7 +261,11 @@ class Worker:
             backlog.read_again(wallets)
             self.committer.forget([*wallets, *credited(entries)])
             raise
-        backlog.went_through(wallets)
+        if answered.held:
+            # Committed, but what they hand on was not queued: read again, later.
+            backlog.hold_back(answered.held, time.monotonic())
+            self.metrics.held_back.inc(len(answered.held))
+        backlog.went_through([w for w in wallets if w not in answered.held])
         return len(entries)
 
     async def _settle(self) -> None:
