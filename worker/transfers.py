@@ -57,7 +57,8 @@ LIMIT $2
 """
 
 UNSETTLED_SOURCES = """
-SELECT source_id::text FROM transfers WHERE status IN ('in_flight', 'returning')
+SELECT source_id::text, extract(epoch FROM now() - created_at)::float8 AS age
+FROM transfers WHERE status IN ('in_flight', 'returning')
 """
 
 
@@ -95,10 +96,15 @@ def settlements(entries: list[Entry], outcomes: list[Outcome]) -> list[str]:
     return settled
 
 
-async def unsettled_count(conn: Any, owned: Collection[int], shard_of: Callable[[str], int]) -> int:
-    """How many transfers from the owned shards' wallets are unsettled."""
-    rows = await conn.fetch(UNSETTLED_SOURCES)
-    return sum(1 for r in rows if shard_of(r["source_id"]) in owned)
+async def unsettled(
+    conn: Any, owned: Collection[int], shard_of: Callable[[str], int]
+) -> tuple[int, float]:
+    """How many transfers from the owned shards' wallets are unsettled, and the age in
+    seconds of the oldest of them (0 when there is none)."""
+    ages = [
+        r["age"] for r in await conn.fetch(UNSETTLED_SOURCES) if shard_of(r["source_id"]) in owned
+    ]
+    return len(ages), max(ages, default=0.0)
 
 
 def with_local_credits(entries: list[Entry], writes: Callable[[str], bool]) -> list[Entry]:

@@ -66,7 +66,7 @@ from worker.transfers import (
     follow_ups,
     resends,
     settlements,
-    unsettled_count,
+    unsettled,
     with_local_credits,
 )
 
@@ -366,14 +366,20 @@ class Worker:
     async def refresh_gauges(self) -> None:
         """Reads the figures that live in Redis and PostgreSQL into the metrics, before they
         are exposed."""
+        self.metrics.shard_count.set(self.settings.shard_count)
         owned = sorted(self.ownership.owned)
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
-            counts = await pipe.execute()
+            for shard in owned:
+                pipe.xlen(self.keys.dead_letters(shard))
+            answers = await pipe.execute()
+        counts, dead = answers[: len(owned)], answers[len(owned) :]
         async with asyncio.timeout(REDIS_SOCKET_TIMEOUT), connection_from(self.pool) as conn:
-            unsettled = await unsettled_count(conn, owned, self.keys.shard_of)
-        self.metrics.transfers_unsettled.set(unsettled)
+            count, oldest = await unsettled(conn, owned, self.keys.shard_of)
+        self.metrics.transfers_unsettled.set(count)
+        self.metrics.transfers_unsettled_oldest.set(oldest)
+        self.metrics.dead_letters.set(sum(dead))
         self.metrics.shards_owned.set(len(owned))
         self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
