@@ -79,6 +79,10 @@ class WorkerMetrics:
             ["change"],
             registry=self.registry,
         )
+        # Each label's series from the start, at 0: a rate or increase() over a series
+        # misses the step from no series to 1.
+        for change in ("taken", "handed_back", "lost"):
+            self.lease_changes.labels(change)
         self.parked_wallets = Gauge(
             "wallet_parked_wallets",
             "Wallets whose batch keeps failing, set aside so the others go on",
@@ -87,6 +91,10 @@ class WorkerMetrics:
         self.shards_owned = Gauge(
             "wallet_shards_owned", "Shards this worker owns", registry=self.registry
         )
+        # What the sum of wallet_shards_owned over the workers should reach.
+        self.shard_count = Gauge(
+            "wallet_shard_count", "SHARD_COUNT: the shards there are to own", registry=self.registry
+        )
         self.transfers = Counter(
             "wallet_transfers_settled",
             "Transfers settled by this worker: completed (credited), refused (insufficient "
@@ -94,6 +102,8 @@ class WorkerMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        for outcome in ("completed", "refused", "returned"):
+            self.transfers.labels(outcome)
         self.transfers_unsettled = Gauge(
             "wallet_transfers_unsettled",
             "Transfers debited and not yet credited or returned, from the shards this worker owns",
@@ -116,6 +126,16 @@ class WorkerMetrics:
             "wallet_held_back_wallets",
             "Wallets whose committed batch could not hand on a transfer's next step or a "
             "dead letter (Redis full, a slot moving): their entries are kept and tried again",
+            registry=self.registry,
+        )
+        self.transfers_unsettled_oldest = Gauge(
+            "wallet_transfers_unsettled_oldest_seconds",
+            "Age of the oldest of those unsettled transfers (0 when there is none)",
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "wallet_dead_letters",
+            "Entries in the dead-letter streams of the shards this worker owns",
             registry=self.registry,
         )
         self.queued = Gauge(

@@ -86,9 +86,16 @@ WHERE t.source_id = any($1::uuid[]) AND t.id = any($2::uuid[])
 """
 
 UNSETTLED_COUNTS = """
-SELECT count(*) AS unsettled, count(*) FILTER (WHERE return_waiting) AS returns_waiting
+SELECT count(*) AS unsettled, count(*) FILTER (WHERE return_waiting) AS returns_waiting,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_seconds
 FROM transfers WHERE source_shard = any($1::int[]) AND status IN ('in_flight', 'returning')
 """
+
+
+class Unsettled(NamedTuple):
+    transfers: int
+    returns_waiting: int
+    oldest_seconds: float
 
 
 class Due(NamedTuple):
@@ -137,11 +144,11 @@ def settlements(entries: list[Entry], outcomes: list[Outcome]) -> list[str]:
     return settled
 
 
-async def unsettled_counts(conn: Any, owned: Collection[int]) -> tuple[int, int]:
-    """How many transfers from the owned shards' wallets are unsettled, and how many of
-    those have a return waiting for room in the source."""
+async def unsettled(conn: Any, owned: Collection[int]) -> Unsettled:
+    """The transfers from the owned shards' wallets that are unsettled: how many, how many
+    of them have a return waiting for room in the source, the oldest one's age."""
     row = await conn.fetchrow(UNSETTLED_COUNTS, list(owned))
-    return int(row["unsettled"]), int(row["returns_waiting"])
+    return Unsettled(row["unsettled"], row["returns_waiting"], row["oldest_seconds"])
 
 
 def with_local_credits(entries: list[Entry], writes: Callable[[str], bool]) -> list[Entry]:

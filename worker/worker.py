@@ -68,7 +68,7 @@ from worker.transfers import (
     reschedule,
     settlements,
     still_queued,
-    unsettled_counts,
+    unsettled,
     with_local_credits,
 )
 
@@ -387,15 +387,21 @@ class Worker:
     async def refresh_gauges(self) -> None:
         """Reads the figures that live in Redis and PostgreSQL into the metrics, before they
         are exposed."""
+        self.metrics.shard_count.set(self.settings.shard_count)
         owned = sorted(self.ownership.owned)
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
-            counts = await pipe.execute()
+            for shard in owned:
+                pipe.xlen(self.keys.dead_letters(shard))
+            answers = await pipe.execute()
+        counts, dead = answers[: len(owned)], answers[len(owned) :]
         async with asyncio.timeout(REDIS_SOCKET_TIMEOUT), connection_from(self.pool) as conn:
-            unsettled, returns_waiting = await unsettled_counts(conn, owned)
-        self.metrics.transfers_unsettled.set(unsettled)
-        self.metrics.returns_waiting.set(returns_waiting)
+            found = await unsettled(conn, owned)
+        self.metrics.transfers_unsettled.set(found.transfers)
+        self.metrics.returns_waiting.set(found.returns_waiting)
+        self.metrics.transfers_unsettled_oldest.set(found.oldest_seconds)
+        self.metrics.dead_letters.set(sum(dead))
         self.metrics.shards_owned.set(len(owned))
         self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
