@@ -316,12 +316,14 @@ async def test_the_worker_counts_its_shards_dead_letters_and_oldest_unsettled_tr
     week = 7 * 86400  # older than anything this run leaves unsettled
     await pg.execute(
         "INSERT INTO transfers (source_id, id, destination_id, amount, status,"
-        " source_balance_after, created_at, updated_at)"
-        " VALUES ($1, $2, $3, 100, 'in_flight', 0, now() - make_interval(secs => $4), now())",
+        " source_balance_after, created_at, updated_at, source_shard, resend_at)"
+        " VALUES ($1, $2, $3, 100, 'in_flight', 0, now() - make_interval(secs => $4), now(),"
+        "         $5, now() + interval '1 hour')",
         wallet,
         transfer,
         str(uuid.uuid4()),
         float(week),
+        KeySpace(settings.redis_key_prefix, settings.shard_count).shard_of(wallet),
     )
     try:
         await worker.refresh_gauges()
