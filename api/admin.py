@@ -19,7 +19,8 @@ import argparse
 import asyncio
 import sys
 
-from api.users import set_admin
+import asyncpg
+
 from shared import cli, deadletters
 from shared.connections import PG_ERRORS, REDIS_ERRORS, open_redis
 from shared.keys import KeySpace
@@ -112,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     except (*REDIS_ERRORS, *PG_ERRORS) as e:
         print(f"wallet-admin: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+async def set_admin(settings: Settings, username: str, admin: bool) -> bool:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        status = await conn.execute(
+            "UPDATE users SET is_admin = $2 WHERE username = $1", username.lower(), admin
+        )
+    finally:
+        await conn.close()
+    return bool(status == "UPDATE 1")
 
 
 def grant(username: str, admin: bool, settings: Settings) -> int:
