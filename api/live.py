@@ -1,7 +1,8 @@
 """What the live view (GET /api/live, api/observe.py) remembers in an API process: its
 operation answers per second with their latencies, the shards' queue lengths sampled
 when the view was computed, each for the last WINDOW_SECONDS, and the view itself, computed
-at most once a second however many ask (it costs about 120 Redis commands)."""
+at most once a second however many ask (it reads a Redis key per second of the window and
+one per shard)."""
 
 from __future__ import annotations
 
