@@ -15,6 +15,7 @@ from api import health, operations, transfers, wallets
 from api.appkeys import (
     DEADLINES,
     ENQUEUE,
+    HASHING,
     KEYS,
     KNOWN_WALLETS,
     LIVE,
@@ -28,15 +29,16 @@ from api.appkeys import (
 from api.auth import auth_middleware, auth_routes
 from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
+from api.limits import Slots
 from api.live import LiveStats
-from api.observe import access_log_middleware, live_view, metrics, observe_middleware
+from api.observe import access_log_middleware, live_view, observe_middleware
 from api.openapi import openapi_json
 from api.page import docs, docs_asset, page, page_asset
 from api.problems import bounded_reads, problem_middleware
 from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
 from shared.keys import KeySpace
-from shared.metrics import ApiMetrics
+from shared.metrics import ApiMetrics, metrics_response, start_metrics_listener
 from shared.settings import Settings
 
 log = logging.getLogger("api")
@@ -92,6 +94,23 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
     await redis.aclose()
 
 
+async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """GET /metrics on API_METRICS_PORT, apart from the public port: this process's
+    metrics, for a scraper on the internal network. Processes sharing PORT (REUSE_PORT) each
+    take a port of their own, the next free one, so that every scrape reads one process."""
+    settings = app[SETTINGS]
+
+    async def expose(request: web.Request) -> web.Response:
+        return metrics_response(app[METRICS].registry)
+
+    runner = await start_metrics_listener(
+        expose, settings.host, settings.api_metrics_port, "API_METRICS_PORT", log
+    )
+    yield
+    if runner is not None:
+        await runner.cleanup()
+
+
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Middleware] = [observe_middleware, problem_middleware, bounded_reads]
     if settings.access_log_sample > 0:  # inside observe's request id, outside the problems
@@ -105,11 +124,11 @@ def create_app(settings: Settings) -> web.Application:
     app[OWNERS] = {}
     app[KNOWN_WALLETS] = {}
     app[LIVE] = LiveStats()
-    app.cleanup_ctx.extend([request_deadlines, postgres, redis_and_replies])
+    app[HASHING] = Slots(settings.password_hash_concurrency, settings.password_hash_queue)
+    app.cleanup_ctx.extend([request_deadlines, postgres, redis_and_replies, metrics_listener])
     for resource in (wallets, operations, transfers, health):
         app.add_routes(resource.routes)
     app.add_routes(auth_routes)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
     app.router.add_get("/docs/{name}", docs_asset)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
+from api.limits import Slots
 from api.live import LiveStats
 from api.replies import ReplyListener
 from shared.connections import RedisClient
@@ -23,6 +24,8 @@ ENQUEUE = web.AppKey("enqueue", Enqueuer)
 METRICS = web.AppKey("metrics", ApiMetrics)
 LIVE = web.AppKey("live", LiveStats)
 DEADLINES = web.AppKey("deadlines", Deadlines)
+# password hashes at once in this process (registration, login)
+HASHING = web.AppKey("hashing", Slots)
 # wallet id -> owner's user id, as far as this process has looked them up
 OWNERS = web.AppKey("owners", dict[str, str])
 # ids of wallets this process has found to exist (wallets are never deleted)

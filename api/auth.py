@@ -1,13 +1,15 @@
 """Accounts and access: registration, tokens, and the middleware that lets only a valid
-bearer token through to /api/v1 when AUTH_ENABLED is on.
+bearer token through to /api/v1 and the live view when AUTH_ENABLED is on.
 
 Passwords are hashed with argon2id (argon2-cffi's defaults), in a thread so that a login
-does not stall the event loop. Tokens are HS256 JWTs with issuer, audience, expiry and a
-type: a short-lived access token, and a refresh token that is used once: refreshing spends
-it and issues the next of its family; a spent or revoked token presented again revokes the
-whole family (a stolen token was replayed). Logging out revokes the family. Login attempts
-are counted per username and per client address in Redis, and refused with 429 past a
-limit. Nothing here logs a password or a token.
+does not stall the event loop, and at most PASSWORD_HASH_CONCURRENCY at once per process
+(api/limits.py). Tokens are HS256 JWTs with issuer, audience, expiry and a type: a
+short-lived access token, and a refresh token that is used once: refreshing spends it and
+issues the next of its family; a spent or revoked token presented again revokes the whole
+family (a stolen token was replayed). Logging out revokes the family. Registrations are
+counted per client address and in all; failed logins per username and client address, and
+per client address: never per username alone, so that nobody can lock another person out
+(api/clients.py says who the client is). Nothing here logs a password or a token.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from aiohttp.typedefs import Handler
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from api.appkeys import KEYS, PG, REDIS, SETTINGS
+from api.appkeys import HASHING, KEYS, PG, REDIS, SETTINGS
 from api.bodies import Credentials, RefreshToken, Tokens, User, decode, json_response
+from api.clients import client_of
 from api.inputs import read_json_object
+from api.limits import count, uncount
 from shared import errors
 from shared.codec import format_time
 from shared.connections import connection_from
@@ -35,15 +39,6 @@ from shared.settings import Settings
 
 ALGORITHM = "HS256"
 ACCESS, REFRESH = "access", "refresh"
-
-# KEYS: the attempt counter. ARGV: the window in ms. Counts one attempt; returns the count
-# and the ms left in the window. (INCR first, then judge: concurrent attempts cannot all
-# slip under the limit.)
-COUNT_ATTEMPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return {n, redis.call('PTTL', KEYS[1])}
-"""
 
 auth_routes = web.RouteTableDef()
 passwords = PasswordHasher()
@@ -101,7 +96,7 @@ def read_token(settings: Settings, token: str, kind: str) -> dict[str, Any]:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Installed when AUTH_ENABLED is on (api/app.py)."""
-    if request.path.startswith("/api/v1/"):
+    if request.path.startswith("/api/v1/") or request.path == "/api/live":
         settings = request.app[SETTINGS]
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -120,10 +115,26 @@ def _require_enabled(request: web.Request) -> Settings:
 
 @auth_routes.post("/api/auth/users")
 async def register(request: web.Request) -> web.Response:
-    _require_enabled(request)
+    settings = _require_enabled(request)
     body = decode(await read_json_object(request), Credentials)
     username = body.username.lower()
-    password_hash = await asyncio.to_thread(passwords.hash, body.password)
+    keys, redis = request.app[KEYS], request.app[REDIS]
+    limits = (
+        (
+            keys.attempts("register-address", client_of(request)),
+            settings.registration_address_limit,
+        ),
+        (keys.attempts("register", "all"), settings.registration_total_limit),
+    )
+    counted = await count(
+        redis, limits, settings.registration_window, "Too many registrations; wait"
+    )
+    try:
+        async with request.app[HASHING].slot():
+            password_hash = await asyncio.to_thread(passwords.hash, body.password)
+    except errors.Busy:
+        await uncount(redis, counted)  # not an attempt: nothing was done
+        raise
     async with connection_from(request.app[PG]) as conn:
         row = await conn.fetchrow(
             "INSERT INTO users (username, password_hash) VALUES ($1, $2)"
@@ -136,26 +147,6 @@ async def register(request: web.Request) -> web.Response:
     return json_response(
         User(row["id"], row["username"], format_time(row["created_at"])), status=201
     )
-
-
-async def _count_attempt(request: web.Request, username: str) -> None:
-    settings = request.app[SETTINGS]
-    keys, window_ms = request.app[KEYS], int(settings.login_window * 1000)
-    address = request.remote or "unknown"
-    limits = (
-        (keys.login_attempts("user", username), settings.login_user_limit),
-        (keys.login_attempts("address", address), settings.login_address_limit),
-    )
-    async with request.app[REDIS].pipeline(transaction=False) as pipe:
-        for key, _ in limits:
-            pipe.eval(COUNT_ATTEMPT, 1, key, window_ms)
-        counts = await pipe.execute()
-    for (_, limit), (count, left_ms) in zip(limits, counts, strict=True):
-        if count > limit:
-            raise errors.TooManyAttempts(
-                "Too many login attempts; wait before trying again",
-                retry_after=max(1, -(-int(left_ms) // 1000)),
-            )
 
 
 async def _issue(
@@ -184,24 +175,46 @@ async def _issue(
     )
 
 
+def _verify(password_hash: str | None, password: str) -> bool:
+    try:
+        # An unknown user costs a hash all the same, so the two cannot be told apart.
+        return passwords.verify(password_hash or _decoy_hash(), password) and bool(password_hash)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
 @auth_routes.post("/api/auth/token")
 async def login(request: web.Request) -> web.Response:
+    """Only failures count against the limits (a success takes its attempt back), and never
+    per username alone: a stranger's failures from elsewhere cannot turn away the right
+    password from an address that is not itself over its limit."""
     settings = _require_enabled(request)
     body = decode(await read_json_object(request), Credentials)
     username, password = body.username.lower(), body.password
-    await _count_attempt(request, username)
-    async with connection_from(request.app[PG]) as conn:
-        user = await conn.fetchrow(
-            "SELECT id::text, password_hash, is_admin FROM users WHERE username = $1", username
-        )
+    keys, redis, client = request.app[KEYS], request.app[REDIS], client_of(request)
+    limits = (
+        (keys.attempts("login", f"{client} {username}"), settings.login_user_limit),
+        (keys.attempts("login-address", client), settings.login_address_limit),
+    )
+    counted = await count(
+        redis, limits, settings.login_window, "Too many failed logins; wait before trying again"
+    )
     try:
-        await asyncio.to_thread(
-            passwords.verify, user["password_hash"] if user else _decoy_hash(), password
-        )
-    except (VerificationError, InvalidHashError):
-        user = None
-    if user is None:
+        async with connection_from(request.app[PG]) as conn:
+            user = await conn.fetchrow(
+                "SELECT id::text, password_hash, is_admin FROM users WHERE username = $1",
+                username,
+            )
+        async with request.app[HASHING].slot():
+            verified = await asyncio.to_thread(
+                _verify, user["password_hash"] if user else None, password
+            )
+    except Exception:
+        await uncount(redis, counted)  # never judged: a dependency down, or too busy
+        raise
+    if user is None or not verified:
         raise errors.InvalidCredentials("The username or the password is wrong")
+    await uncount(redis, counted)  # a success counts against nobody
     async with connection_from(request.app[PG]) as conn:
         return await _issue(conn, settings, user["id"], user["is_admin"], str(uuid.uuid4()))
 

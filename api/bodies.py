@@ -234,6 +234,9 @@ class Live(Body):
     window_seconds: int
     shard_count: int
     series: list[LiveSecond]
+    computed_at: Annotated[
+        float, Meta(description="Unix time the view was computed (at most once a second)")
+    ]
 
 
 class Health(Body):

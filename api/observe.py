@@ -20,7 +20,6 @@ from api.bodies import Live, LiveSecond, json_response
 from api.inputs import random_bytes
 from api.live import WINDOW_SECONDS, percentile_ms
 from shared.logs import REQUEST_ID
-from shared.metrics import CONTENT_TYPE, exposition
 
 REQUEST_ID_HEADER = "X-Request-Id"
 OPERATION_ROUTES = frozenset({"/api/v1/wallets/{wallet_id}/operation", "/api/v1/wallet"})
@@ -92,16 +91,15 @@ def access_log_middleware(sample: float) -> Middleware:
     return access_log
 
 
-async def metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=exposition(request.app[METRICS].registry))
-    response.headers["Content-Type"] = CONTENT_TYPE
-    return response
-
-
 async def live_view(request: web.Request) -> web.Response:
     app = request.app
+    return json_response(await app[LIVE].view.get(lambda: _compute_live(app)))
+
+
+async def _compute_live(app: web.Application) -> Live:
     settings, keys, stats, redis = app[SETTINGS], app[KEYS], app[LIVE], app[REDIS]
-    now = int(time.time())
+    computed_at = time.time()
+    now = int(computed_at)
     seconds = range(now - WINDOW_SECONDS + 1, now + 1)
     async with redis.pipeline(transaction=False) as pipe:
         for at in seconds:
@@ -134,4 +132,4 @@ async def live_view(request: web.Request) -> web.Response:
                 queued_by_shard=shards,
             )
         )
-    return json_response(Live(WINDOW_SECONDS, settings.shard_count, series))
+    return Live(WINDOW_SECONDS, settings.shard_count, series, round(computed_at, 3))

@@ -329,19 +329,6 @@ PATHS: dict[str, Any] = {
             },
         }
     },
-    "/metrics": {
-        "get": {
-            "operationId": "metrics",
-            "tags": ["health"],
-            "summary": "Prometheus metrics of this API process",
-            "responses": {
-                "200": {
-                    "description": "Prometheus text format",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
-            },
-        }
-    },
     "/api/openapi.json": {
         "get": {
             "operationId": "openapiDocument",
@@ -453,6 +440,13 @@ PATHS: dict[str, Any] = {
 AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
 
 
+# Registration and login hash a password: a bounded number at once per process.
+HASHING_OR_UNAVAILABLE = problem(
+    "PostgreSQL or Redis is unreachable, or too many passwords are being hashed",
+    retry_after=True,
+)
+
+
 def auth_post(
     operation_id: str, summary: str, body: type[Struct], answers: dict[str, Any]
 ) -> dict[str, Any]:
@@ -462,7 +456,7 @@ def auth_post(
             "tags": ["auth"],
             "summary": summary,
             "requestBody": {"required": True, "content": json_content(ref(body))},
-            "responses": {**answers, **BODY_ERRORS, "404": AUTH_OFF, "503": UNAVAILABLE},
+            "responses": {**BODY_ERRORS, "404": AUTH_OFF, "503": UNAVAILABLE, **answers},
         }
     }
 
@@ -476,6 +470,8 @@ PATHS |= {
         {
             "201": {"description": "Registered", "content": json_content(ref(User))},
             "409": problem("The username is taken (usernames are not case-sensitive)"),
+            "429": problem("Too many registrations from this address, or in all", retry_after=True),
+            "503": HASHING_OR_UNAVAILABLE,
         },
     ),
     "/api/auth/token": auth_post(
@@ -485,7 +481,11 @@ PATHS |= {
         {
             "200": TOKENS,
             "401": problem("Wrong username or password"),
-            "429": problem("Too many attempts for this username or address", retry_after=True),
+            "429": problem(
+                "Too many failed logins from this address, for this username or for any",
+                retry_after=True,
+            ),
+            "503": HASHING_OR_UNAVAILABLE,
         },
     ),
     "/api/auth/token/refresh": auth_post(
@@ -504,9 +504,10 @@ PATHS |= {
         },
     ),
 }
-# With AUTH_ENABLED every /api/v1 route needs a bearer access token; without, none does.
+# With AUTH_ENABLED every /api/v1 route and the live view need a bearer access token;
+# without, none does.
 for path, methods in PATHS.items():
-    if path.startswith("/api/v1/"):
+    if path.startswith("/api/v1/") or path == "/api/live":
         for spec in methods.values():
             spec["security"] = [{"bearerAuth": []}, {}]
             spec["responses"]["401"] = problem(

@@ -41,7 +41,8 @@ DOMAIN_PROBLEMS: dict[type[errors.WalletError], tuple[int, str, str]] = {
     errors.Unauthorized: (401, "unauthorized", "Authentication required"),
     errors.InvalidCredentials: (401, "invalid-credentials", "Wrong username or password"),
     errors.UsernameTaken: (409, "username-taken", "The username is taken"),
-    errors.TooManyAttempts: (429, "too-many-attempts", "Too many login attempts"),
+    errors.TooManyAttempts: (429, "too-many-attempts", "Too many attempts"),
+    errors.Busy: (503, "busy", "Too busy"),
     errors.AuthDisabled: (404, "auth-disabled", "Authentication is turned off"),
     errors.PageNotFound: (404, "not-found", "Not found"),
 }

@@ -81,6 +81,12 @@ class TooManyAttempts(WalletError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class Busy(WalletError):
+    """More of an expensive step (a password hash) at once than the process takes."""
+
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - never mutated
+
+
 class AuthDisabled(WalletError):
     pass
 

@@ -82,11 +82,11 @@ class KeySpace:
         time), for the live view; it expires after a few minutes."""
         return f"{self.prefix}:committed:{second}"
 
-    def login_attempts(self, kind: str, who: str) -> str:
-        """Login attempts in the current window, per username or per client address
-        (hashed: both come from outside and may be long)."""
+    def attempts(self, kind: str, who: str) -> str:
+        """Attempts (logins, registrations) in the current window of `kind`, per username,
+        client address or both (hashed: they come from outside and may be long)."""
         digest = hashlib.sha256(who.encode()).hexdigest()[:32]
-        return f"{self.prefix}:login:{kind}:{digest}"
+        return f"{self.prefix}:attempts:{kind}:{digest}"
 
     def pattern(self) -> str:
         """Matches every key of this namespace (for clean-up in tests and tools)."""

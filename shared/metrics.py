@@ -1,16 +1,22 @@
 """Prometheus metrics of the API and of the worker; each process (and each app or worker in
-a test) has a registry of its own, exposed at GET /metrics."""
+a test) has a registry of its own, exposed at GET /metrics on a port of its own (never the
+API's public one)."""
 
 from __future__ import annotations
 
+import errno
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+PORTS_TRIED = 100  # the configured port and the next ones, for processes sharing a host
 
 
 @dataclass
@@ -148,3 +154,40 @@ class WorkerMetrics:
 
 def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+def metrics_response(registry: CollectorRegistry) -> web.Response:
+    response = web.Response(body=exposition(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def start_metrics_listener(
+    expose: Handler, host: str, port: int, setting: str, log: logging.Logger
+) -> web.AppRunner | None:
+    """GET /metrics answered by `expose` on `host`:`port`, or, when another process holds
+    that port (a second one of its kind on the host), on the next free port above it; the
+    port is logged. None if `port` is 0 or no port is free."""
+    if not port:
+        return None
+    app = web.Application()
+    app.router.add_get("/metrics", expose)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    for candidate in range(port, min(port + PORTS_TRIED, 65536)):
+        try:
+            await web.TCPSite(runner, host, candidate).start()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        log.log(
+            logging.INFO if candidate == port else logging.WARNING,
+            "metrics on port %d%s",
+            candidate,
+            "" if candidate == port else f" ({setting} {port} is taken)",
+        )
+        return runner
+    log.warning("no metrics: ports %d to %d are taken", port, candidate)
+    await runner.cleanup()
+    return None

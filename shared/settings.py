@@ -13,14 +13,24 @@ the value. Setting both X and X_FILE is an error, as is a file that cannot be re
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple, Self
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Values copied from an example and never changed: refused as secrets and as the password
+# in DATABASE_URL.
+PLACEHOLDER = re.compile(
+    r"change[-_ ]?me|replace[-_ ]?me|placeholder|example|your[-_ ]?secret", re.I
+)
 
 
 class SettingsError(ValueError):
@@ -30,6 +40,18 @@ class SettingsError(ValueError):
 
 def _masked(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def ip_networks(text: str) -> tuple[IPNetwork, ...]:
+    """FORWARDED_ALLOW_IPS read: addresses or networks (CIDR), comma-separated; `*` is every
+    address. Raises ValueError."""
+    found: list[IPNetwork] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "*":
+            found += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+        elif part:
+            found.append(ipaddress.ip_network(part, strict=False))
+    return tuple(found)
 
 
 def _integer(raw: str) -> int:
@@ -190,6 +212,22 @@ class Settings:
     # The share of requests the API logs an access line for (at INFO: method, route template,
     # status, duration, request id): 0 none, 1 every one, 0.01 one in a hundred.
     access_log_sample: float = 0.0
+    # Registrations (POST /api/auth/users) per client address, and in all, in one window;
+    # past either, 429 until the window ends.
+    registration_address_limit: int = 10
+    registration_total_limit: int = 1000
+    registration_window: float = 3600.0
+    # argon2 hashes (registration, login) at once per API process, each about 64 MiB and a
+    # few cores for a tenth of a second; this many more wait for a slot, the rest get 503.
+    password_hash_concurrency: int = 2
+    password_hash_queue: int = 16
+    # Peers (addresses or CIDR networks, comma-separated; `*`: any) whose X-Forwarded-For
+    # names the client, as uvicorn's and gunicorn's forwarded-allow-ips. Empty: none, the
+    # TCP peer is the client.
+    forwarded_allow_ips: str = ""
+    # Where the API serves GET /metrics, apart from PORT (not published by compose); taken,
+    # the next free port above it. 0 turns it off.
+    api_metrics_port: int = 9101
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -257,6 +295,10 @@ class Settings:
             "login_user_limit",
             "login_address_limit",
             "login_window",
+            "registration_address_limit",
+            "registration_total_limit",
+            "registration_window",
+            "password_hash_concurrency",
             "worker_rescan_interval",
             "transfer_resend_after",
         )
@@ -265,8 +307,24 @@ class Settings:
                 raise SettingsError(f"{name.upper()} must be greater than 0")
         if self.auth_enabled and len(self.jwt_secret.encode()) < 32:
             raise SettingsError("AUTH_ENABLED needs JWT_SECRET of at least 32 bytes")
-        if not 0 <= self.worker_metrics_port < 65536:
-            raise SettingsError("WORKER_METRICS_PORT must be from 0 to 65535")
+        if self.auth_enabled and PLACEHOLDER.search(self.jwt_secret):
+            raise SettingsError(
+                "JWT_SECRET is a placeholder; set a random one (openssl rand -hex 48)"
+            )
+        password = re.search(r"://[^:/@]*:([^@]*)@", self.database_url)
+        if password and PLACEHOLDER.search(urllib.parse.unquote(password[1])):
+            raise SettingsError("DATABASE_URL's password is a placeholder; choose a real one")
+        for name in ("worker_metrics_port", "api_metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise SettingsError(f"{name.upper()} must be from 0 to 65535")
+        if self.api_metrics_port and self.api_metrics_port == self.port:
+            raise SettingsError("API_METRICS_PORT must differ from PORT (or be 0: off)")
+        if self.password_hash_queue < 0:
+            raise SettingsError("PASSWORD_HASH_QUEUE must not be negative")
+        try:
+            ip_networks(self.forwarded_allow_ips)
+        except ValueError as e:
+            raise SettingsError(f"FORWARDED_ALLOW_IPS: {e}") from None
         if self.batch_interval < 0:
             raise SettingsError("BATCH_INTERVAL must not be negative")
         if self.log_level.upper() not in LOG_LEVELS:

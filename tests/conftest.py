@@ -114,6 +114,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
         reply_timeout=30.0,
         pg_pool_max=5,
         worker_metrics_port=0,  # tests start several workers on this host
+        api_metrics_port=0,
     )
 
 

@@ -42,6 +42,8 @@ async def service(
         "jwt_secret": "fuzz-" + "k" * 40 if request.param else "",
         "login_user_limit": 1_000_000,
         "login_address_limit": 1_000_000,
+        "registration_address_limit": 1_000_000,
+        "registration_total_limit": 1_000_000,
     }
     async with serving(settings, **auth) as (base, _):
         headers: dict[str, str] = {}

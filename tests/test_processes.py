@@ -43,7 +43,11 @@ async def until_ready(url: str) -> None:
 @pytest.fixture
 def served(settings: Settings) -> Settings:
     return dataclasses.replace(
-        settings, host="127.0.0.1", port=free_port(), worker_metrics_port=free_port()
+        settings,
+        host="127.0.0.1",
+        port=free_port(),
+        worker_metrics_port=free_port(),
+        api_metrics_port=free_port(),
     )
 
 
@@ -82,11 +86,14 @@ async def test_api_and_worker_processes_serve_and_stop_cleanly(
             assert (await r.json())["balance"] == f"{sum(range(100)) + 1}.00"
             assert r.headers["X-Request-Id"]
         async with http.get("/metrics") as r:
-            api_metrics = await r.text()
-        route = 'route="/api/v1/wallets/{wallet_id}/operation"'
-        assert f'wallet_http_requests_total{{method="POST",{route},status="200"}} 100.0' in (
-            api_metrics
-        )
+            assert r.status == 404  # not on the public port
+    api_metrics_url = f"http://127.0.0.1:{served.api_metrics_port}"
+    async with aiohttp.ClientSession(api_metrics_url) as http, http.get("/metrics") as r:
+        api_metrics = await r.text()
+    route = 'route="/api/v1/wallets/{wallet_id}/operation"'
+    assert f'wallet_http_requests_total{{method="POST",{route},status="200"}} 100.0' in (
+        api_metrics
+    )
     worker_url = f"http://127.0.0.1:{served.worker_metrics_port}"
     async with aiohttp.ClientSession(worker_url) as http, http.get("/metrics") as r:
         worker_metrics = await r.text()

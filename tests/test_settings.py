@@ -119,6 +119,12 @@ def test_missing_and_out_of_range_values_are_settings_errors() -> None:
         from_env(SHARD_COUNT="0")
     with pytest.raises(SettingsError, match="BATCH_INTERVAL must not be negative"):
         from_env(BATCH_INTERVAL="-1")
+    with pytest.raises(SettingsError, match="API_METRICS_PORT must differ from PORT"):
+        from_env(PORT="9000", API_METRICS_PORT="9000")
+    with pytest.raises(SettingsError, match="FORWARDED_ALLOW_IPS: 'proxy'"):
+        from_env(FORWARDED_ALLOW_IPS="10.0.0.0/8, proxy")
+    assert from_env(FORWARDED_ALLOW_IPS="10.0.0.1, fd00::/8,*").forwarded_allow_ips
+    assert from_env(API_METRICS_PORT="0").api_metrics_port == 0
 
 
 def test_the_repr_masks_secrets() -> None:

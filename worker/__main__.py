@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
 import socket
@@ -22,14 +21,13 @@ from aiohttp import web
 from shared import cli, logs
 from shared.connections import PG_ERRORS, REDIS_ERRORS, open_redis
 from shared.keys import KeySpace
-from shared.metrics import CONTENT_TYPE, exposition
+from shared.metrics import metrics_response, start_metrics_listener
 from shared.scripts import live_workers, sidelined_workers
 from shared.settings import Settings
 from worker.worker import Worker, connect, new_worker_id
 
 log = logging.getLogger("worker")
 
-METRICS_PORTS_TRIED = 100  # WORKER_METRICS_PORT and the next ones, for workers sharing a host
 EXIT_CODES = {
     0: "stopped by SIGTERM or SIGINT (drained); with --check: healthy",
     1: "the settings are not valid, or the worker failed; with --check: unhealthy",
@@ -81,41 +79,17 @@ async def serve(settings: Settings) -> None:
 
 
 async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
-    """GET /metrics on `port` (all interfaces, for a scraper in the same network), or, when
-    another process holds it (a second worker on the host), on the next free port above it;
-    the port is logged."""
-    if not port:
-        return None
+    """GET /metrics on `port` of all interfaces, for a scraper in the same network (or the
+    next free port above it: shared.metrics.start_metrics_listener)."""
 
     async def expose(request: web.Request) -> web.Response:
         # The rest is still worth reading.
         with contextlib.suppress(*REDIS_ERRORS, TimeoutError, *PG_ERRORS):
             await worker.refresh_gauges()
-        response = web.Response(body=exposition(worker.metrics.registry))
-        response.headers["Content-Type"] = CONTENT_TYPE
-        return response
+        return metrics_response(worker.metrics.registry)
 
-    app = web.Application()
-    app.router.add_get("/metrics", expose)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    for candidate in range(port, min(port + METRICS_PORTS_TRIED, 65536)):
-        try:
-            await web.TCPSite(runner, "0.0.0.0", candidate).start()  # noqa: S104 - a container's port
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise
-            continue
-        log.log(
-            logging.INFO if candidate == port else logging.WARNING,
-            "metrics on port %d%s",
-            candidate,
-            "" if candidate == port else f" (WORKER_METRICS_PORT {port} is taken)",
-        )
-        return runner
-    log.warning("no metrics: ports %d to %d are taken", port, candidate)
-    await runner.cleanup()
-    return None
+    all_interfaces = "0.0.0.0"  # noqa: S104 - a container's port
+    return await start_metrics_listener(expose, all_interfaces, port, "WORKER_METRICS_PORT", log)
 
 
 async def check(settings: Settings) -> int:
