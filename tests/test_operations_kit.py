@@ -52,7 +52,7 @@ needs_prometheus = pytest.mark.skipif(
 
 def api_metrics_target(served: Settings) -> str:
     """Where Prometheus scrapes the API: the port it serves /metrics on."""
-    return f"127.0.0.1:{served.port}"
+    return f"127.0.0.1:{served.api_metrics_port}"
 
 
 def worker_metrics_target(served: Settings) -> str:
@@ -227,7 +227,11 @@ def test_the_dashboard_loads_as_grafanas_dashboard_model() -> None:
 @pytest.fixture
 def served(settings: Settings) -> Settings:
     return dataclasses.replace(
-        settings, host="127.0.0.1", port=free_port(), worker_metrics_port=free_port()
+        settings,
+        host="127.0.0.1",
+        port=free_port(),
+        api_metrics_port=free_port(),
+        worker_metrics_port=free_port(),
     )
 
 
