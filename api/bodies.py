@@ -53,7 +53,7 @@ class OperationType(enum.StrEnum):
     WITHDRAW = "WITHDRAW"
 
 
-assert tuple(OperationType) == OPERATION_TYPES
+assert tuple(map(str, OperationType)) == OPERATION_TYPES
 # Every kind the ledger holds, in one enum (a union of two is two types to generators).
 LedgerKind = Literal["DEPOSIT", "WITHDRAW", "TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_RETURN"]
 assert LedgerKind.__args__ == OPERATION_TYPES + TRANSFER_LEGS  # type: ignore[attr-defined]

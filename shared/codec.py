@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -18,35 +19,58 @@ from shared.money import MAX_AMOUNT_MINOR
 
 VERSION = 1
 
-DEPOSIT = "DEPOSIT"
-WITHDRAW = "WITHDRAW"
+class Kind(StrEnum):
+    """What an operation does: a queued operation's kind, and a ledger row's."""
+
+    DEPOSIT = "DEPOSIT"
+    WITHDRAW = "WITHDRAW"
+    # A transfer's legs in the ledger: the debit of the source, the credit of the
+    # destination, and, when the destination cannot take it, the amount credited back.
+    TRANSFER_OUT = "TRANSFER_OUT"
+    TRANSFER_IN = "TRANSFER_IN"
+    TRANSFER_RETURN = "TRANSFER_RETURN"
+    # The kind of a transfer's outcome as its client gets it (never a ledger row's).
+    TRANSFER = "TRANSFER"
+
+
+class Status(StrEnum):
+    """An outcome's status. APPLIED and REJECTED are ledger states; the others never reach
+    the ledger, but for a transfer's states (transfers.status, REJECTED one of them too)."""
+
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    WALLET_NOT_FOUND = "wallet_not_found"
+    KEY_REUSED = "key_reused"
+    # A return the source has no room for: nothing recorded, it is resent.
+    RETURN_WAITING = "return_waiting"
+    IN_FLIGHT = "in_flight"
+    # The destination could not take it: the amount is on its way back to the source.
+    RETURNING = "returning"
+    COMPLETED = "completed"
+
+
+class Reason(StrEnum):
+    """Why an operation was rejected (or a transfer came back)."""
+
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    BALANCE_LIMIT = "balance_limit"
+    WALLET_NOT_FOUND = "wallet_not_found"
+
+
+DEPOSIT, WITHDRAW = Kind.DEPOSIT, Kind.WITHDRAW
+TRANSFER_OUT, TRANSFER_IN, TRANSFER_RETURN = (
+    Kind.TRANSFER_OUT,
+    Kind.TRANSFER_IN,
+    Kind.TRANSFER_RETURN,
+)
+TRANSFER = Kind.TRANSFER
 OPERATION_TYPES = (DEPOSIT, WITHDRAW)
-# A transfer's legs in the ledger: the debit of the source, the credit of the destination,
-# and, when the destination cannot take it, the amount credited back to the source.
-TRANSFER_OUT = "TRANSFER_OUT"
-TRANSFER_IN = "TRANSFER_IN"
-TRANSFER_RETURN = "TRANSFER_RETURN"
 TRANSFER_LEGS = (TRANSFER_OUT, TRANSFER_IN, TRANSFER_RETURN)
 DEBITS = (WITHDRAW, TRANSFER_OUT)
-# The kind of a transfer's outcome as its client gets it (never a ledger row's).
-TRANSFER = "TRANSFER"
-
-# Outcome statuses. The first two are ledger states; the others never reach the ledger.
-APPLIED = "applied"
-REJECTED = "rejected"
-WALLET_NOT_FOUND = "wallet_not_found"
-KEY_REUSED = "key_reused"
-# A transfer's states (transfers.status); REJECTED is one too. `returning`: the destination
-# could not take it, and the amount is on its way back to the source.
-IN_FLIGHT = "in_flight"
-RETURNING = "returning"
-COMPLETED = "completed"
-# A return's outcome when the source has no room for it: nothing recorded, it is resent.
-RETURN_WAITING = "return_waiting"
-
-# Reasons for a rejected operation.
-INSUFFICIENT_FUNDS = "insufficient_funds"
-BALANCE_LIMIT = "balance_limit"
+APPLIED, REJECTED, KEY_REUSED = Status.APPLIED, Status.REJECTED, Status.KEY_REUSED
+WALLET_NOT_FOUND, RETURN_WAITING = Status.WALLET_NOT_FOUND, Status.RETURN_WAITING
+IN_FLIGHT, RETURNING, COMPLETED = Status.IN_FLIGHT, Status.RETURNING, Status.COMPLETED
+INSUFFICIENT_FUNDS, BALANCE_LIMIT = Reason.INSUFFICIENT_FUNDS, Reason.BALANCE_LIMIT
 
 
 # A UUID as the service writes it: lower-case hex with hyphens.
