@@ -19,6 +19,7 @@ from shared.money import MAX_AMOUNT_MINOR
 
 VERSION = 1
 
+
 class Kind(StrEnum):
     """What an operation does: a queued operation's kind, and a ledger row's."""
 

@@ -7,8 +7,8 @@ import uuid
 import pytest
 
 from shared.codec import OperationRequest, encode_request
-from worker.apply import Entry
 from worker.backlog import START, Backlog, Reading, Wake
+from worker.decide import Entry
 
 OWNED = {0, 1}
 

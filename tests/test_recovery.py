@@ -18,7 +18,9 @@ from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
 from tests.helpers import Client, eventually, ledger, operate, resending
-from worker.apply import Entry, apply_batch, take_shard
+from worker.apply import apply_batch
+from worker.decide import Entry
+from worker.ownership import take_shard
 from worker.worker import Worker
 
 

@@ -26,7 +26,9 @@ from tests.test_transfers import (
     transfer_out,
     transfer_state,
 )
-from worker.apply import Entry, apply_batch, take_shard
+from worker.apply import apply_batch
+from worker.decide import Entry
+from worker.ownership import take_shard
 from worker.transfers import RESEND_PER_SHARD, credit
 
 STUCK = 3 * RESEND_PER_SHARD  # per shard: more than one resending takes of a shard

@@ -19,7 +19,9 @@ from shared.settings import Settings
 from tests.conftest import AiohttpClient, idle_workers, running_worker
 from tests.helpers import Client, eventually, ledger, operate, wallet_in
 from tests.test_inspect import inspect_cli
-from worker.apply import Entry, Fenced, Resending, apply_batch, take_shard
+from worker.apply import Fenced, Resending, apply_batch
+from worker.decide import Entry
+from worker.ownership import take_shard
 from worker.transfers import credit
 
 

@@ -21,18 +21,10 @@ from shared.keys import KeySpace
 from shared.settings import Settings
 from tests.conftest import REDIS_CLUSTER, running_worker
 from tests.helpers import eventually, ledger, operate, wallet_in
-from worker.apply import (
-    EPOCHS,
-    READ_WALLETS,
-    RECORD_BATCH,
-    Entry,
-    Fenced,
-    Resending,
-    WalletState,
-    apply_batch,
-    take_shard,
-)
-from worker.transfers import DUE, RESCHEDULE, UNSETTLED_COUNTS
+from worker.apply import Fenced, Resending, apply_batch
+from worker.decide import Entry, WalletState
+from worker.ownership import take_shard
+from worker.sql import DUE, EPOCHS, READ_WALLETS, RECORD_BATCH, RESCHEDULE, UNSETTLED_COUNTS
 from worker.worker import Worker, connect
 
 

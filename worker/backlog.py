@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from shared.backoff import backoff
 from shared.codec import MessageError, decode_request
-from worker.apply import Entry
+from worker.decide import Entry
 
 log = logging.getLogger("worker")
 

@@ -14,7 +14,8 @@ import asyncpg
 from shared.codec import Outcome
 from shared.connections import PG_CONNECTION_LOST, PG_ERRORS
 from shared.metrics import WorkerMetrics
-from worker.apply import Entry, Resending, WalletState, apply_batch
+from worker.apply import Resending, apply_batch
+from worker.decide import Entry, WalletState
 
 # What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
 UNWRITABLE = (

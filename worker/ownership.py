@@ -22,12 +22,18 @@ from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
 from shared.settings import Settings
-from worker.apply import take_shard
 from worker.commit import UNWRITABLE
+from worker.sql import TAKE_SHARD
 
 log = logging.getLogger("worker")
 
 RENEWALS_PER_LEASE = 5
+
+
+async def take_shard(conn: Any, shard: int, owner: str) -> int:
+    """Makes `owner` the shard's writer in PostgreSQL; returns its epoch: the fencing
+    token of every batch the new owner commits (worker/sql.py TAKE_SHARD)."""
+    return int(await conn.fetchval(TAKE_SHARD, shard, owner))
 
 
 def fair_share(live_workers: Iterable[str], worker_id: str, shard_count: int) -> int:

@@ -37,8 +37,8 @@ from shared.scripts import (
     TRIM_WAKES,
     next_entry_id,
 )
-from worker.apply import Entry
 from worker.backlog import START, DeadLetter, Reading, Wake, decode_entry
+from worker.decide import Entry
 
 log = logging.getLogger("worker")
 

@@ -46,50 +46,14 @@ from shared.codec import (
     format_time,
 )
 from shared.ids import return_op_id
-from worker.apply import LOCAL_CREDIT, RESEND_DELAY_MAX, SKIPPED, Entry
+from worker.apply import RESEND_DELAY_MAX
+from worker.decide import LOCAL_CREDIT, SKIPPED, Entry
+from worker.sql import DUE, RESCHEDULE, UNSETTLED_COUNTS
 
 RESEND_PER_SHARD = 100  # transfers of one shard sent again at most per rescan
 # How far Redis's clock may run ahead of PostgreSQL's before a step still queued behind a
 # slow wallet is taken for lost and sent again (a replay, so only a cost).
 CLOCK_MARGIN_MS = 1000
-
-# Each owned shard's transfers whose pending step is due to be sent again, the longest
-# due first, at most $2 of a shard: a shard's stuck transfers never hold another's back,
-# and each one sent goes to the back (RESCHEDULE), so every unsettled one comes round.
-# `sent_by_ms`: when the step was last sent at the latest (each wait is at least $3).
-DUE = """
-SELECT t.source_id::text, t.id::text, t.destination_id::text, t.amount, t.status,
-       t.reason, t.source_balance_after, t.created_at, t.return_waiting,
-       (extract(epoch FROM t.resend_at) * 1000)::bigint - ($3 * 1000)::bigint AS sent_by_ms
-FROM unnest($1::int[]) AS s(shard)
-CROSS JOIN LATERAL (
-    SELECT * FROM transfers
-    WHERE source_shard = s.shard AND status IN ('in_flight', 'returning')
-      AND resend_at <= now()
-    ORDER BY resend_at
-    LIMIT $2
-) AS t
-"""
-
-# After a resending: a transfer whose step was sent waits twice as long as the last time
-# (up to $5 seconds); one whose step may still be queued is looked at again after $4. (One
-# settled meanwhile is changed too, harmlessly: naming the unsettled statuses here would
-# have the planner read the whole unsettled index.)
-RESCHEDULE = """
-UPDATE transfers AS t
-SET resends = t.resends + CASE WHEN r.sent THEN 1 ELSE 0 END,
-    resend_at = now() + make_interval(secs => CASE WHEN r.sent
-        THEN least($4 * power(2, t.resends), $5) ELSE $4 END)
-FROM unnest($1::uuid[], $2::uuid[], $3::bool[]) AS r(source_id, id, sent)
-WHERE t.source_id = any($1::uuid[]) AND t.id = any($2::uuid[])
-  AND t.source_id = r.source_id AND t.id = r.id
-"""
-
-UNSETTLED_COUNTS = """
-SELECT count(*) AS unsettled, count(*) FILTER (WHERE return_waiting) AS returns_waiting,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_seconds
-FROM transfers WHERE source_shard = any($1::int[]) AND status IN ('in_flight', 'returning')
-"""
 
 
 class Unsettled(NamedTuple):

@@ -50,9 +50,10 @@ from shared.connections import (
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
 from shared.settings import Settings
-from worker.apply import Entry, Fenced, LedgerConflict
+from worker.apply import Fenced, LedgerConflict
 from worker.backlog import Backlog
 from worker.commit import Committer
+from worker.decide import Entry
 from worker.ownership import Ownership
 from worker.streams import (
     RETRY_DELAY_FIRST,

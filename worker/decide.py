@@ -1,0 +1,262 @@
+"""The rules that decide a batch: each entry in stream order, over the wallets as the batch
+found them. Pure (no Redis, no PostgreSQL), so each rule is tested alone
+(tests/test_decide.py); worker/apply.py reads the wallets, and writes what is decided here.
+
+- A deposit, a transfer's credit or its return adds to the balance, unless that would take
+  it past the largest balance: a deposit or a credit is then rejected (`balance_limit`),
+  and a return waits, recorded nowhere (it is sent again until it fits).
+- A withdrawal or a transfer's debit takes from the balance, unless the balance is short:
+  rejected (`insufficient_funds`).
+- An operation whose id the wallet has recorded before is answered from that record: as a
+  replay if it is a client's retry, as it was if it is the same entry delivered again, and
+  as a reused key if the record is of another operation.
+- A transfer's debit starts the transfer (`in_flight`, or `rejected`); its credit moves it
+  on (`completed`, or `returning`); its return settles it (`rejected`). When one writer
+  writes both wallets, the credit follows the debit in the batch and the transfer is
+  started as it ends up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from shared.codec import (
+    DEBITS,
+    Kind,
+    OperationRequest,
+    Outcome,
+    Reason,
+    Status,
+    key_reused,
+)
+from shared.money import MAX_BALANCE_MINOR
+
+# The entry id of a credit that follows its transfer's debit in the same batch (the writer
+# writes both wallets): it comes from no stream, and is applied only if the debit is.
+LOCAL_CREDIT = ""
+# The outcome of such a credit when its debit was not applied now (refused, or a replay):
+# nothing is written, and nobody is answered for it.
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry: its id in the wallet's stream and the operation it carries."""
+
+    entry_id: str
+    request: OperationRequest
+
+
+class WalletState(NamedTuple):
+    """A wallet as a committed batch left it."""
+
+    balance: int
+    op_seq: int
+
+
+@dataclass(slots=True)
+class Wallet:
+    """A wallet while its batch is decided: as the batch found it, and as it goes."""
+
+    start: WalletState
+    # The newest stream entry applied before this batch; entries up to it are redeliveries.
+    applied_before: tuple[int, int] = (-1, -1)
+    balance: int = field(init=False)
+    op_seq: int = field(init=False)
+    entry: str = ""  # the newest entry of the batch, if newer than applied_before
+
+    def __post_init__(self) -> None:
+        self.balance, self.op_seq = self.start
+
+
+class LedgerRow(NamedTuple):
+    """A new row of a wallet's ledger, in the columns RECORD_BATCH takes."""
+
+    wallet_id: str
+    seq: int
+    id: str
+    kind: str
+    amount: int
+    status: str
+    reason: str | None
+    balance_after: int
+    transfer_id: str | None
+    counterparty: str | None
+
+
+class TransferStart(NamedTuple):
+    """A transfer its debit starts (or refuses)."""
+
+    source_id: str
+    id: str
+    destination_id: str
+    amount: int
+    status: str
+    reason: str | None
+    source_balance_after: int
+
+
+class TransferMove(NamedTuple):
+    """A transfer a later step moves on: to `status`, with the reason the amount comes
+    back, the source's balance after a return, whether its return waits for room."""
+
+    source_id: str
+    id: str
+    status: str
+    reason: str | None
+    balance: int | None
+    return_waiting: bool
+
+
+class Recorded(NamedTuple):
+    """An entry answered by a ledger row (new, or recorded before), and whether the entry
+    repeats an operation recorded earlier (a client's retry)."""
+
+    row: Mapping[str, Any]
+    replayed: bool
+
+
+# What became of one entry: an answer already, or the ledger row that answers it.
+Decision = Outcome | Recorded
+
+
+@dataclass(slots=True)
+class Decided:
+    """What a batch writes: the ledger rows, the transfers started and moved on; and each
+    entry's decision, in the entries' order."""
+
+    rows: list[LedgerRow] = field(default_factory=list)
+    started: list[TransferStart] = field(default_factory=list)
+    moves: list[TransferMove] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    # transfer id -> its start's place in `started`, for a debit applied in this batch
+    debited: dict[str, int] = field(default_factory=dict)
+
+
+def entry_order(entry_id: str | None) -> tuple[int, int]:
+    """A stream entry id ("1700000000000-3") as something that sorts like it."""
+    if not entry_id:
+        return (-1, -1)
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq))
+
+
+def decide(
+    entries: list[Entry],
+    wallets: dict[str, Wallet],
+    recorded: dict[tuple[str, str], Mapping[str, Any]],
+) -> Decided:
+    """Each entry's fate, in order, moving the wallets' balances; what the batch writes.
+    `recorded`: the rows the wallets recorded before under the batch's operation ids, by
+    (wallet, id); the batch's new rows are added to it."""
+    decided = Decided()
+    for entry in entries:
+        decided.decisions.append(_decide_entry(entry, wallets, recorded, decided))
+    return decided
+
+
+def _decide_entry(
+    entry: Entry,
+    wallets: dict[str, Wallet],
+    recorded: dict[tuple[str, str], Mapping[str, Any]],
+    decided: Decided,
+) -> Decision:
+    r = entry.request
+    if entry.entry_id == LOCAL_CREDIT and r.transfer_id not in decided.debited:
+        return Outcome(r.tag, r.op_id, r.wallet_id, SKIPPED, r.kind, r.amount)
+    wallet = wallets.get(r.wallet_id)
+    if wallet is None:
+        return Outcome(
+            r.tag,
+            r.op_id,
+            r.wallet_id,
+            Status.WALLET_NOT_FOUND,
+            kind=r.kind,
+            amount=r.amount,
+            transfer_id=r.transfer_id,
+            counterparty=r.counterparty,
+        )
+    redelivered = entry_order(entry.entry_id) <= wallet.applied_before
+    if not redelivered:
+        wallet.entry = entry.entry_id
+    earlier = recorded.get((r.wallet_id, r.op_id))
+    if earlier is not None:
+        # Not a client's retry if the entry was applied before: the same entry read anew
+        # after its first delivery died between COMMIT and acknowledgement.
+        return key_reused(r, earlier) or Recorded(earlier, not redelivered)
+    reason = _refusal(r, wallet.balance)
+    if reason == Reason.BALANCE_LIMIT and r.kind == Kind.TRANSFER_RETURN:
+        # Refused, the amount would be in no balance: it waits, resent, for room.
+        decided.moves.append(
+            TransferMove(r.wallet_id, r.transfer_id, Status.RETURNING, r.reason or None, None, True)
+        )
+        return Outcome(r.tag, r.op_id, r.wallet_id, Status.RETURN_WAITING, r.kind, r.amount)
+    if reason is None:
+        wallet.balance += -r.amount if r.kind in DEBITS else r.amount
+    wallet.op_seq += 1
+    row = LedgerRow(
+        r.wallet_id,
+        wallet.op_seq,
+        r.op_id,
+        r.kind,
+        r.amount,
+        Status.APPLIED if reason is None else Status.REJECTED,
+        reason,
+        wallet.balance,
+        r.transfer_id or None,
+        r.counterparty or None,
+    )
+    decided.rows.append(row)
+    as_recorded = row._asdict()
+    recorded[(r.wallet_id, r.op_id)] = as_recorded
+    _move_transfer(entry, row, decided)
+    return Recorded(as_recorded, False)
+
+
+def _refusal(r: OperationRequest, balance: int) -> Reason | None:
+    """Why the operation cannot apply to `balance`, if it cannot."""
+    if r.kind in DEBITS:
+        return Reason.INSUFFICIENT_FUNDS if balance < r.amount else None
+    return Reason.BALANCE_LIMIT if balance + r.amount > MAX_BALANCE_MINOR else None
+
+
+def _move_transfer(entry: Entry, row: LedgerRow, decided: Decided) -> None:
+    """What a transfer's leg, just decided as `row`, does to its transfer."""
+    r = entry.request
+    if r.kind == Kind.TRANSFER_OUT:
+        if row.reason is None:
+            decided.debited[r.transfer_id] = len(decided.started)
+        decided.started.append(
+            TransferStart(
+                r.wallet_id,
+                r.transfer_id,
+                r.counterparty,
+                r.amount,
+                Status.IN_FLIGHT if row.reason is None else Status.REJECTED,
+                row.reason,
+                row.balance_after,
+            )
+        )
+    elif entry.entry_id == LOCAL_CREDIT:
+        # Both sides in this transaction: the transfer is started as it ends up.
+        at = decided.debited[r.transfer_id]
+        status = Status.COMPLETED if row.reason is None else Status.RETURNING
+        decided.started[at] = decided.started[at]._replace(status=status, reason=row.reason)
+    elif r.kind == Kind.TRANSFER_IN:
+        status = Status.COMPLETED if row.reason is None else Status.RETURNING
+        decided.moves.append(
+            TransferMove(r.counterparty, r.transfer_id, status, row.reason, None, False)
+        )
+    elif r.kind == Kind.TRANSFER_RETURN and row.reason is None:
+        decided.moves.append(
+            TransferMove(
+                r.wallet_id,
+                r.transfer_id,
+                Status.REJECTED,
+                r.reason or None,
+                row.balance_after,
+                False,
+            )
+        )
