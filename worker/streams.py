@@ -12,6 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
@@ -39,6 +40,7 @@ from shared.scripts import (
 )
 from worker.backlog import START, DeadLetter, Reading, Wake, decode_entry
 from worker.decide import Entry
+from worker.gate import ReadGate
 
 log = logging.getLogger("worker")
 
@@ -90,6 +92,14 @@ def _raise_first(answers: list[Any]) -> None:
             raise answer
 
 
+@dataclass(slots=True)
+class _Untrimmed:
+    """What one reader has read of each shard's wake stream and not trimmed yet."""
+
+    read: dict[int, int] = field(default_factory=dict)  # shard -> wake entries
+    quiet: bool = False  # the last read found nothing: a good time to trim
+
+
 class WakeListener:
     """Reads the owned shards' wake streams, all in one blocking read, and holds the wake-ups
     found there until the round takes them. Trims what it has read, a shard's at a time
@@ -133,12 +143,7 @@ class WakeListener:
         self._wakes: list[Wake] = []
         # shard -> (the epoch it was read under, the id of the last wake entry read)
         self._cursors: dict[int, tuple[int, str]] = {}
-        self._parked = 0  # readers waiting for read_again()
-        # what they wait on: whether to read at once (set, and replaced, by read_again())
-        self._go: asyncio.Future[bool] | None = None
-        self._catching_up = 0  # readers asked to read at once, not done yet
-        self._caught_up = asyncio.Event()
-        self._caught_up.set()
+        self._gate = ReadGate()
         self._shards_changed = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -150,17 +155,11 @@ class WakeListener:
     def read_again(self, at_once: bool = False) -> None:
         """The readers that found wake-ups read again: `at_once` what has come (and
         caught_up() waits for that read), else in a blocking read."""
-        if self._parked and self._go is not None:
-            if at_once:
-                self._catching_up += self._parked
-                self._caught_up.clear()
-            self._parked = 0
-            self._go.set_result(at_once)
-            self._go = None
+        self._gate.open(at_once)
 
     async def caught_up(self) -> None:
-        """Until the reads read_again() asked for are done."""
-        await self._caught_up.wait()
+        """Until the reads read_again() asked for at once are done."""
+        await self._gate.reads_done()
 
     def has_wake_for(self, wallet: str) -> bool:
         return any(w == wallet for w, _, _ in self._wakes)
@@ -222,85 +221,74 @@ class WakeListener:
         """Reads the wake streams of the shards `readable` names until stop(), or, for the
         reader of shard `alone`, until the shard is no longer owned."""
         direct = connections.direct(self._redis)
-        untrimmed: dict[int, int] = {}
-        quiet = False  # the last read found nothing: a good time to trim
-        at_once = False  # the round waits for this read: no blocking
+        trims = _Untrimmed()
+        owed = False  # the round waits for this read: no blocking
         failures = 0
         try:
             while not self._stopping.is_set():
                 shards = readable()
-                if not shards:
-                    at_once = self._done_at_once(at_once)
-                    if alone is not None and alone not in self._owned:
-                        return
-                    self._shards_changed.clear()
-                    await self._shards_changed.wait()
-                    continue
-                read_now = dict(shards)
-                due = [
-                    s
-                    for s, n in untrimmed.items()
-                    if s in read_now and (quiet or n >= WAKE_TRIM_AFTER)
-                ]
-                read = (
-                    "XREAD",
-                    "COUNT",
-                    WAKE_COUNT,
-                    *(() if at_once else ("BLOCK", int(WAKE_WAIT * 1000))),
-                    "STREAMS",
-                    *(self._keys.wake_stream(s) for s, _ in shards),
-                    *(self._cursors[s][1] for s, _ in shards),
-                )
+                found = False
                 try:
-                    answers = await direct.round_trip([*(self._trim_command(s) for s in due), read])
-                    if isinstance(answers[-1], Exception):
-                        raise answers[-1]
+                    if not shards:
+                        if alone is not None and alone not in self._owned:
+                            return
+                        self._shards_changed.clear()
+                        await self._shards_changed.wait()
+                        continue
+                    found = await self._read_once(direct, shards, trims, block=not owed)
+                    failures = 0
                 except REDIS_ERRORS as e:
-                    at_once = self._done_at_once(at_once)
                     failures += 1
                     log.warning("reading the wake-ups failed (%s)", e)
                     self._cursors.clear()
-                    untrimmed.clear()
+                    trims.read.clear()
                     self._lost()
                     await direct.close()
+                finally:
+                    if owed:
+                        self._gate.read_done()
+                        owed = False
+                if failures:
                     await asyncio.sleep(backoff(failures, RETRY_DELAY_FIRST, RETRY_DELAY_MAX))
-                    continue
-                failures = 0
-                for shard in due:
-                    del untrimmed[shard]
-                quiet = answers[-1] is None
-                found = self._note(shards, answers[-1] or [], untrimmed)
-                at_once = self._done_at_once(at_once)
-                if found:
-                    at_once = await self._park()
+                elif found and not self._stopping.is_set():  # else nobody would open the gate
+                    owed = await self._gate.wait()
         finally:
-            self._done_at_once(at_once)
+            if owed:
+                self._gate.read_done()
             await direct.close()
 
-    async def _park(self) -> bool:
-        """Waits for read_again(); True: the read that follows is one the round waits for."""
-        if self._stopping.is_set():  # nobody is left to call read_again()
-            return False
-        if self._go is None:
-            self._go = asyncio.get_running_loop().create_future()
-        go = self._go
-        self._parked += 1
-        try:
-            return await asyncio.shield(go)
-        except asyncio.CancelledError:
-            if not go.done():
-                self._parked -= 1
-            elif go.result():
-                self._done_at_once(True)
-            raise
-
-    def _done_at_once(self, at_once: bool) -> bool:
-        """Counts a read the round waits for as done (if `at_once`); False."""
-        if at_once:
-            self._catching_up -= 1
-            if not self._catching_up:
-                self._caught_up.set()
-        return False
+    async def _read_once(
+        self,
+        direct: connections.DirectLine,
+        shards: list[tuple[int, int]],
+        trims: _Untrimmed,
+        block: bool,
+    ) -> bool:
+        """One read of the shards' wake streams, after trimming those whose entries have
+        piled up (or every one read, after a read that found nothing); whether it found
+        wake-ups."""
+        read_now = dict(shards)
+        due = [
+            s
+            for s, n in trims.read.items()
+            if s in read_now and (trims.quiet or n >= WAKE_TRIM_AFTER)
+        ]
+        read = (
+            "XREAD",
+            "COUNT",
+            WAKE_COUNT,
+            *(("BLOCK", int(WAKE_WAIT * 1000)) if block else ()),
+            "STREAMS",
+            *(self._keys.wake_stream(s) for s, _ in shards),
+            *(self._cursors[s][1] for s, _ in shards),
+        )
+        answers = await direct.round_trip([*(self._trim_command(s) for s in due), read])
+        if isinstance(answers[-1], Exception):
+            raise answers[-1]
+        for shard in due:
+            del trims.read[shard]
+        trims.quiet = answers[-1] is None
+        return self._note(shards, answers[-1] or [], trims.read)
 
     def _trim_command(self, shard: int) -> tuple[Any, ...]:
         """Drops the shard's wake entries read so far, if the shard is still this worker's."""
