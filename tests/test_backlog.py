@@ -183,3 +183,26 @@ def test_the_wallets_of_shards_no_longer_owned_are_forgotten(wallets: Wallets) -
     assert not backlog.is_parked(lost_parked)
     assert backlog.take_ready([lost]) == {}
     assert backlog.next_retry() == float("inf")
+
+
+def test_a_held_back_wallet_waits_its_time_each_time_and_the_others_go_on(
+    wallets: Wallets,
+) -> None:
+    """Held back twice (what it hands on could not be queued), it is tried alone once its
+    time comes, never before, and the other wallets are picked meanwhile."""
+    backlog = backlog_of(wallets)
+    held, other = wallets.new(), wallets.new()
+    backlog.mark_active([held, other])
+    now = 0.0
+    assert set(backlog.pick(OWNED, now)) == {held, other}
+    backlog.went_through([other])
+    for _ in range(3):
+        backlog.hold_back([held], now)
+        due = backlog.next_retry()
+        assert due > now
+        for t in (now + 0.001, (now + due) / 2, due - 0.001):
+            assert backlog.pick(OWNED, t) == [other]
+            backlog.went_through([other])
+        assert backlog.pick(OWNED, due) == [held]  # alone, once its time has come
+        now = due
+    assert backlog.cursors[held] == START  # read again from the start each time

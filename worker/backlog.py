@@ -166,8 +166,11 @@ class Backlog:
 
     def _pick(self, owned: Collection[int], now: float) -> list[str]:
         shard_of = self._shard_of
-        self._isolating.update(w for w, (due, _) in self._parked.items() if due <= now)
+        parked = self._parked
+        self._isolating.update(w for w, (due, _) in parked.items() if due <= now)
         for w in list(self._isolating):
+            if w in parked and parked[w][0] > now:  # parked again since: not yet
+                continue
             if w in self._active and shard_of(w) in owned:
                 return [w]
             self._isolating.discard(w)
@@ -224,6 +227,7 @@ class Backlog:
         start after a while (less and less often), and handed on again then."""
         self.read_again(wallets)
         for wallet in wallets:
+            self._isolating.discard(wallet)
             failures = self._parked.get(wallet, (0.0, 0))[1] + 1
             self._parked[wallet] = (
                 now + backoff(failures, HELD_DELAY_FIRST, PARKED_DELAY_MAX),
