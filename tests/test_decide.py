@@ -236,3 +236,61 @@ def test_a_return_with_no_room_waits_recorded_nowhere() -> None:
         TransferMove(A, T, Status.RETURNING, Reason.BALANCE_LIMIT, None, True),
     ]
     assert (found[A].balance, found[A].op_seq) == (MAX_BALANCE_MINOR - 10, 3)
+
+
+def test_a_waiting_return_and_a_copy_that_fits_later_in_the_batch_make_one_move() -> None:
+    """PostgreSQL would apply one of two moves of one transfer at random: the last wins."""
+    found = wallets(a=MAX_BALANCE_MINOR - 10)
+    op_id = str(uuid.uuid4())
+    withdraw = entry(Kind.WITHDRAW, 100)
+    first, copy = (
+        entry(
+            Kind.TRANSFER_RETURN,
+            30,
+            op_id=op_id,
+            transfer_id=T,
+            counterparty=B,
+            reason=Reason.BALANCE_LIMIT,
+        )
+        for _ in range(2)
+    )
+    decided = run([first, withdraw, copy], found)
+    assert [d.status if isinstance(d, Outcome) else d.row["status"] for d in decided.decisions] == [
+        Status.RETURN_WAITING,
+        Status.APPLIED,
+        Status.APPLIED,
+    ]
+    assert decided.moves == [
+        TransferMove(A, T, Status.REJECTED, Reason.BALANCE_LIMIT, MAX_BALANCE_MINOR - 80, False),
+    ]
+
+
+def test_a_replayed_credit_or_return_moves_its_transfer_on_again() -> None:
+    """Should the move that went with the first delivery have been lost, the replay makes
+    it (PostgreSQL moves a transfer only forward, so it is harmless otherwise)."""
+    credit_row = {
+        "kind": Kind.TRANSFER_IN,
+        "amount": 30,
+        "counterparty": A,
+        "status": Status.REJECTED,
+        "reason": Reason.BALANCE_LIMIT,
+        "balance_after": 0,
+    }
+    decided = decide([credit(30)], wallets(b=0), {(B, T): credit_row})
+    assert decided.moves == [
+        TransferMove(A, T, Status.RETURNING, Reason.BALANCE_LIMIT, None, False),
+    ]
+    back = transfer_return(30)
+    return_row = {
+        "kind": Kind.TRANSFER_RETURN,
+        "amount": 30,
+        "counterparty": B,
+        "status": Status.APPLIED,
+        "reason": None,
+        "balance_after": 100,
+    }
+    decided = decide([back], wallets(a=100), {(A, back.request.op_id): return_row})
+    assert decided.moves == [
+        TransferMove(A, T, Status.REJECTED, Reason.BALANCE_LIMIT, 100, False),
+    ]
+    assert decided.rows == []

@@ -133,6 +133,8 @@ class Decided:
     decisions: list[Decision] = field(default_factory=list)
     # transfer id -> its start's place in `started`, for a debit applied in this batch
     debited: dict[str, int] = field(default_factory=dict)
+    # (source, transfer id) -> its move's place in `moves`
+    moved: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def entry_order(entry_id: str | None) -> tuple[int, int]:
@@ -183,14 +185,21 @@ def _decide_entry(
         wallet.entry = entry.entry_id
     earlier = recorded.get((r.wallet_id, r.op_id))
     if earlier is not None:
+        reused = key_reused(r, earlier)
+        if reused is not None:
+            return reused
+        _move_again(r, earlier, decided)
         # Not a client's retry if the entry was applied before: the same entry read anew
         # after its first delivery died between COMMIT and acknowledgement.
-        return key_reused(r, earlier) or Recorded(earlier, not redelivered)
+        return Recorded(earlier, not redelivered)
     reason = _refusal(r, wallet.balance)
     if reason == Reason.BALANCE_LIMIT and r.kind == Kind.TRANSFER_RETURN:
         # Refused, the amount would be in no balance: it waits, resent, for room.
-        decided.moves.append(
-            TransferMove(r.wallet_id, r.transfer_id, Status.RETURNING, r.reason or None, None, True)
+        _move(
+            decided,
+            TransferMove(
+                r.wallet_id, r.transfer_id, Status.RETURNING, r.reason or None, None, True
+            ),
         )
         return Outcome(r.tag, r.op_id, r.wallet_id, Status.RETURN_WAITING, r.kind, r.amount)
     if reason is None:
@@ -211,7 +220,8 @@ def _decide_entry(
     decided.rows.append(row)
     as_recorded = row._asdict()
     recorded[(r.wallet_id, r.op_id)] = as_recorded
-    _move_transfer(entry, row, decided)
+    if r.transfer_id:
+        _move_transfer(entry, row, as_recorded, decided)
     return Recorded(as_recorded, False)
 
 
@@ -222,7 +232,9 @@ def _refusal(r: OperationRequest, balance: int) -> Reason | None:
     return Reason.BALANCE_LIMIT if balance + r.amount > MAX_BALANCE_MINOR else None
 
 
-def _move_transfer(entry: Entry, row: LedgerRow, decided: Decided) -> None:
+def _move_transfer(
+    entry: Entry, row: LedgerRow, as_recorded: Mapping[str, Any], decided: Decided
+) -> None:
     """What a transfer's leg, just decided as `row`, does to its transfer."""
     r = entry.request
     if r.kind == Kind.TRANSFER_OUT:
@@ -244,19 +256,38 @@ def _move_transfer(entry: Entry, row: LedgerRow, decided: Decided) -> None:
         at = decided.debited[r.transfer_id]
         status = Status.COMPLETED if row.reason is None else Status.RETURNING
         decided.started[at] = decided.started[at]._replace(status=status, reason=row.reason)
-    elif r.kind == Kind.TRANSFER_IN:
-        status = Status.COMPLETED if row.reason is None else Status.RETURNING
-        decided.moves.append(
-            TransferMove(r.counterparty, r.transfer_id, status, row.reason, None, False)
+    else:
+        _move_again(r, as_recorded, decided)
+
+
+def _move_again(r: OperationRequest, row: Mapping[str, Any], decided: Decided) -> None:
+    """What a transfer's credit or return, recorded as `row` (now, or before: a replay
+    moves its transfer on again, should an earlier move have been lost), does to its
+    transfer. PostgreSQL moves a transfer only forward (RECORD_BATCH)."""
+    if r.kind == Kind.TRANSFER_IN:
+        applied = row["status"] == Status.APPLIED
+        status = Status.COMPLETED if applied else Status.RETURNING
+        reason = None if applied else row["reason"]
+        _move(decided, TransferMove(r.counterparty, r.transfer_id, status, reason, None, False))
+    elif r.kind == Kind.TRANSFER_RETURN and row["status"] == Status.APPLIED:
+        settled = TransferMove(
+            r.wallet_id,
+            r.transfer_id,
+            Status.REJECTED,
+            r.reason or None,
+            row["balance_after"],
+            False,
         )
-    elif r.kind == Kind.TRANSFER_RETURN and row.reason is None:
-        decided.moves.append(
-            TransferMove(
-                r.wallet_id,
-                r.transfer_id,
-                Status.REJECTED,
-                r.reason or None,
-                row.balance_after,
-                False,
-            )
-        )
+        _move(decided, settled)
+
+
+def _move(decided: Decided, move: TransferMove) -> None:
+    """One move per transfer in a batch, the last decided: PostgreSQL would apply one of
+    two at random."""
+    key = (move.source_id, move.id)
+    at = decided.moved.get(key)
+    if at is None:
+        decided.moved[key] = len(decided.moves)
+        decided.moves.append(move)
+    else:
+        decided.moves[at] = move
