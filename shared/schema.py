@@ -141,6 +141,9 @@ transfers = Table(
     # settled by then, and how often it has been sent again (the backoff).
     Column("resend_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("resends", Integer, nullable=False, server_default="0"),
+    # When the pending step was last sent: while its wallet's stream still holds entries
+    # from before then, it may be among them.
+    Column("sent_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # The return found no room in the source (the largest balance): it waits, resent.
     Column("return_waiting", Boolean, nullable=False, server_default=text("false")),
     PrimaryKeyConstraint("source_id", "id"),

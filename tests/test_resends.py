@@ -111,7 +111,9 @@ async def test_a_destination_only_behind_gets_no_duplicate_credit(
     step = credit(request.transfer_id, source, destination, 400, 600, "2026-12-07T00:00:00Z")
     async with idle_workers(eager, 1) as (worker,):
         await worker.streams.load_scripts()
-        await worker.streams.send([step])  # what the source's writer sent after its COMMIT
+        assert (
+            await worker.streams.send([step]) == 0
+        )  # what the source's writer sent after its COMMIT
         assert await worker.ownership.take(1)
         deferred = 0
         for _ in range(5):
@@ -205,3 +207,39 @@ async def return_waiting(pg: Any, transfer_id: str) -> bool:
     return bool(
         await pg.fetchval("SELECT return_waiting FROM transfers WHERE id = $1", transfer_id)
     )
+
+
+async def test_a_lost_credit_to_a_busy_destination_is_sent_once_older_entries_are_gone(
+    settings: Settings, pg: Any
+) -> None:
+    """While the destination's stream holds an entry from before the credit was sent, the
+    credit may be among them: left alone. Once its first entry is newer than that (the
+    destination is busy, not behind), the credit was lost: sent again, however often it
+    was left alone before."""
+    eager = dataclasses.replace(settings, transfer_resend_after=0.1)
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    source, destination = wallet_in(keys, 1), wallet_in(keys, 2)
+    for wallet, minor in ((source, 1000), (destination, 0)):
+        await pg.execute("INSERT INTO wallets (id, balance) VALUES ($1, $2)", wallet, minor)
+    request = transfer_out(source, destination, 400)
+    await debit(pg, eager, Entry("1-1", request))  # its credit lost
+    sent_at_ms = await pg.fetchval(
+        "SELECT (extract(epoch FROM sent_at) * 1000)::bigint FROM transfers WHERE id = $1",
+        request.transfer_id,
+    )
+    stream = keys.wallet_stream(destination)
+    async with idle_workers(eager, 1) as (worker,):
+        await worker.streams.load_scripts()
+        assert await worker.ownership.take(1)
+        # An entry from before the credit was sent (another client's): the credit may
+        # still be behind it.
+        await worker.redis.xadd(stream, {"m": b"older"}, id=f"{sent_at_ms - 5000}-0")
+        for _ in range(3):
+            await eventually(lambda: due(pg, request.transfer_id), what="the transfer due")
+            assert await worker.resend_transfers() == (0, 1)
+        # The destination got through it; what is queued now came after the credit.
+        await worker.redis.delete(stream)
+        await worker.redis.xadd(stream, {"m": b"newer"}, id=f"{sent_at_ms + 5000}-0")
+        await eventually(lambda: due(pg, request.transfer_id), what="the transfer due")
+        assert await worker.resend_transfers() == (1, 0)
+        assert await worker.redis.xlen(stream) == 2  # the credit, behind the newer entry

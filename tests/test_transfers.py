@@ -431,7 +431,7 @@ async def test_a_destination_owner_paused_past_its_lease_cannot_credit_twice(
     shard = keys.shard_of(destination)
     async with idle_workers(settings, 2) as (a, b):
         await a.streams.load_scripts()
-        await a.streams.send([step])
+        assert await a.streams.send([step]) == 0
         assert await a.ownership.take(shard)
         assert a.has_work_for(destination)
         await redis.delete(keys.lease(shard))  # A's lease ran out while A was paused

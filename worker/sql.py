@@ -81,10 +81,10 @@ moved AS (
         source_balance_after = coalesce(m.balance, t.source_balance_after), updated_at = now(),
         -- A step that moved it on restarts the resend clock; a return that waits again
         -- backs off further (RESCHEDULE's rule).
-        return_waiting = m.waits,
+        return_waiting = m.waits, sent_at = now(),
         resends = CASE WHEN m.waits THEN t.resends ELSE 0 END,
         resend_at = now() + make_interval(secs => CASE WHEN m.waits
-            THEN least($33 * power(2, t.resends), $34) ELSE $33 END)
+            THEN least($33 * power(2, least(t.resends, 20)), $34) ELSE $33 END)
     FROM unnest($26::uuid[], $27::uuid[], $28::text[], $29::text[], $30::bigint[], $32::bool[])
            AS m(source_id, id, status, reason, balance, waits),
          allowed
@@ -120,12 +120,11 @@ RETURNING epoch
 
 # Each owned shard's transfers whose pending step is due to be sent again, the longest
 # due first, at most $2 of a shard: a shard's stuck transfers never hold another's back,
-# and each one sent goes to the back (RESCHEDULE), so every unsettled one comes round.
-# `sent_by_ms`: when the step was last sent at the latest (each wait is at least $3).
+# and each one looked at goes to the back (RESCHEDULE), so every unsettled one comes round.
 DUE = """
 SELECT t.source_id::text, t.id::text, t.destination_id::text, t.amount, t.status,
-       t.reason, t.source_balance_after, t.created_at, t.return_waiting,
-       (extract(epoch FROM t.resend_at) * 1000)::bigint - ($3 * 1000)::bigint AS sent_by_ms
+       t.reason, t.source_balance_after, t.created_at, t.return_waiting, t.source_shard,
+       (extract(epoch FROM t.sent_at) * 1000)::bigint AS sent_at_ms
 FROM unnest($1::int[]) AS s(shard)
 CROSS JOIN LATERAL (
     SELECT * FROM transfers
@@ -136,15 +135,16 @@ CROSS JOIN LATERAL (
 ) AS t
 """
 
-# After a resending: a transfer whose step was sent waits twice as long as the last time
-# (up to $5 seconds); one whose step may still be queued is looked at again after $4. (One
-# settled meanwhile is changed too, harmlessly: naming the unsettled statuses here would
-# have the planner read the whole unsettled index.)
+# Before a resending sends: each transfer looked at waits twice as long as the last time
+# ($4 seconds, doubling, up to $5), whether its step is sent now or may still be queued;
+# those sent now ($3) were sent now. Run for one shard's transfers at a time: the two
+# `= any` keep the plan a lookup by key whatever the table's statistics, at the cost of a
+# probe of the primary key for every pair of the arrays, so the arrays are kept short.
 RESCHEDULE = """
 UPDATE transfers AS t
-SET resends = t.resends + CASE WHEN r.sent THEN 1 ELSE 0 END,
-    resend_at = now() + make_interval(secs => CASE WHEN r.sent
-        THEN least($4 * power(2, t.resends), $5) ELSE $4 END)
+SET resends = t.resends + 1,
+    resend_at = now() + make_interval(secs => least($4 * power(2, least(t.resends, 20)), $5)),
+    sent_at = CASE WHEN r.sent THEN now() ELSE t.sent_at END
 FROM unnest($1::uuid[], $2::uuid[], $3::bool[]) AS r(source_id, id, sent)
 WHERE t.source_id = any($1::uuid[]) AND t.id = any($2::uuid[])
   AND t.source_id = r.source_id AND t.id = r.id

@@ -486,27 +486,27 @@ class WalletStreams:
             UNLIMITED,
         )
 
-    async def send(self, steps: list[OperationRequest]) -> None:
+    async def send(self, steps: list[OperationRequest]) -> int:
         """Queues transfers' steps (found by the resending) in one round trip, over a
-        connection of its own: the round's connection is the round's alone."""
+        connection of its own: the round's connection is the round's alone. Returns how
+        many could not be queued (each refused on its own)."""
         direct = connections.direct(self._redis)
         try:
-            for answer in await direct.round_trip([self.enqueue_command(s) for s in steps]):
-                if isinstance(answer, Exception):
-                    raise answer
+            answers = await direct.round_trip([self.enqueue_command(s) for s in steps])
         finally:
             await direct.close()
+        return sum(isinstance(answer, Exception) for answer in answers)
 
     async def oldest_entries(self, wallets: list[str]) -> dict[str, int | None]:
         """When (ms, Redis's clock) the first entry of each wallet's stream was queued;
-        None for an empty stream."""
+        None for an empty stream, or one that cannot be read."""
         unique = list(dict.fromkeys(wallets))
         async with self._redis.pipeline(transaction=False) as pipe:
             for wallet in unique:
                 pipe.xrange(self._keys.wallet_stream(wallet), count=1)
-            found = await pipe.execute()
+            found = await pipe.execute(raise_on_error=False)
         return {
-            wallet: int(first[0][0].split(b"-")[0]) if first else None
+            wallet: int(first[0][0].split(b"-")[0]) if first and isinstance(first, list) else None
             for wallet, first in zip(unique, found, strict=True)
         }
 

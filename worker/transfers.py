@@ -28,6 +28,7 @@ it ends up.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
@@ -64,13 +65,14 @@ class Unsettled(NamedTuple):
 
 class Due(NamedTuple):
     """A transfer's step to send again: to the destination (its credit) or to the source
-    (its return), sent last no later than `sent_by_ms` (PostgreSQL's clock); or a return
-    that was refused for want of room (`waiting`), queued nowhere."""
+    (its return), last sent at `sent_at_ms` (PostgreSQL's clock); or a return that was
+    refused for want of room (`waiting`), queued nowhere."""
 
     source: str
     transfer_id: str
+    shard: int  # the source's
     step: OperationRequest
-    sent_by_ms: int
+    sent_at_ms: int
     waiting: bool
 
 
@@ -294,14 +296,14 @@ def refund(
     )
 
 
-async def due_steps(conn: Any, owned: Collection[int], after: float) -> list[Due]:
+async def due_steps(conn: Any, owned: Collection[int]) -> list[Due]:
     """The next steps of the owned shards' transfers that have stayed unsettled past their
     time (a transfer settles in milliseconds; one unsettled for TRANSFER_RESEND_AFTER lost
     its step, or its step waits behind a slow wallet): the credit of those in flight, the
     return of those returning. A step sent again that was applied already is a replay,
     answered as it was."""
     due = []
-    for row in await conn.fetch(DUE, sorted(owned), RESEND_PER_SHARD, after):
+    for row in await conn.fetch(DUE, sorted(owned), RESEND_PER_SHARD):
         created_at = format_time(row["created_at"])
         source, transfer_id = row["source_id"], row["id"]
         if row["status"] == IN_FLIGHT:
@@ -322,7 +324,16 @@ async def due_steps(conn: Any, owned: Collection[int], after: float) -> list[Due
                 row["reason"],
                 created_at=created_at,
             )
-        due.append(Due(source, transfer_id, step, row["sent_by_ms"], row["return_waiting"]))
+        due.append(
+            Due(
+                source,
+                transfer_id,
+                row["source_shard"],
+                step,
+                row["sent_at_ms"],
+                row["return_waiting"],
+            )
+        )
     return due
 
 
@@ -331,16 +342,25 @@ def still_queued(due: Due, oldest_entry_ms: int | None) -> bool:
     from before the step was sent (everything older than its first entry is committed)."""
     if due.waiting or oldest_entry_ms is None:
         return False
-    return oldest_entry_ms <= due.sent_by_ms + CLOCK_MARGIN_MS
+    return oldest_entry_ms <= due.sent_at_ms + CLOCK_MARGIN_MS
 
 
-async def reschedule(conn: Any, sent: list[Due], waiting: list[Due], after: float) -> None:
-    done = [*sent, *waiting]
-    await conn.execute(
+async def reschedule(conn: Any, sent: list[Due], queued: list[Due], after: float) -> None:
+    """Puts every transfer looked at back, with its backoff; notes those `sent` now. One
+    statement per shard (RESCHEDULE), all in one round trip."""
+    by_shard: dict[int, list[tuple[Due, bool]]] = defaultdict(list)
+    for due, was_sent in [*((d, True) for d in sent), *((d, False) for d in queued)]:
+        by_shard[due.shard].append((due, was_sent))
+    await conn.executemany(
         RESCHEDULE,
-        [d.source for d in done],
-        [d.transfer_id for d in done],
-        [True] * len(sent) + [False] * len(waiting),
-        after,
-        RESEND_DELAY_MAX,
+        [
+            (
+                [d.source for d, _ in group],
+                [d.transfer_id for d, _ in group],
+                [was_sent for _, was_sent in group],
+                after,
+                RESEND_DELAY_MAX,
+            )
+            for group in by_shard.values()
+        ],
     )

@@ -333,17 +333,20 @@ class Worker:
             return 0, 0
         after = self.settings.transfer_resend_after
         async with connection_from(self.pool) as conn:
-            due = await due_steps(conn, owned, after)
+            due = await due_steps(conn, owned)
         if not due:
             return 0, 0
         oldest = await self.streams.oldest_entries([d.step.wallet_id for d in due])
         sent = [d for d in due if not still_queued(d, oldest[d.step.wallet_id])]
         queued = [d for d in due if still_queued(d, oldest[d.step.wallet_id])]
-        if sent:
-            log.warning("sending again the next step of %d transfers", len(sent))
-            await self.streams.send([d.step for d in sent])
+        # Back off first: a send that fails or is cut short is tried later, not at once.
         async with connection_from(self.pool) as conn:
             await reschedule(conn, sent, queued, after)
+        if sent:
+            log.warning("sending again the next step of %d transfers", len(sent))
+            failed = await self.streams.send([d.step for d in sent])
+            if failed:
+                log.warning("%d of them could not be queued; tried again later", failed)
         self.metrics.steps_resent.labels("sent").inc(len(sent))
         self.metrics.steps_resent.labels("still_queued").inc(len(queued))
         return len(sent), len(queued)

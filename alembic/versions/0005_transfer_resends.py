@@ -37,15 +37,28 @@ def upgrade() -> None:
         "transfers",
         sa.Column("return_waiting", sa.Boolean(), server_default=sa.false(), nullable=False),
     )
-    # The unsettled rows' shards, as the deployment's SHARD_COUNT places their sources.
+    op.add_column(
+        "transfers",
+        sa.Column(
+            "sent_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+    )
+    # The unsettled rows' shards, as the deployment's SHARD_COUNT places their sources: run
+    # the migration with the deployment's settings.
     keys = KeySpace("", int(os.environ.get("SHARD_COUNT", Settings.shard_count)))
     conn = op.get_bind()
-    rows = conn.execute(sa.text(f"SELECT source_id::text FROM transfers WHERE {UNSETTLED}"))
-    sources = sorted({r[0] for r in rows})
-    for source in sources:
+    rows = conn.execute(
+        sa.text(f"SELECT DISTINCT source_id::text FROM transfers WHERE {UNSETTLED}")
+    )
+    sources = [r[0] for r in rows]
+    if sources:
         conn.execute(
-            sa.text("UPDATE transfers SET source_shard = :shard WHERE source_id = :source"),
-            {"shard": keys.shard_of(source), "source": source},
+            sa.text(
+                "UPDATE transfers SET source_shard = s.shard"
+                " FROM unnest(CAST(:sources AS uuid[]), CAST(:shards AS int[])) AS s(id, shard)"
+                f" WHERE transfers.source_id = s.id AND {UNSETTLED}"
+            ),
+            {"sources": sources, "shards": [keys.shard_of(s) for s in sources]},
         )
     op.create_check_constraint(
         op.f("transfers_unsettled_have_shard_check"),
@@ -72,6 +85,7 @@ def downgrade() -> None:
         postgresql_where=UNSETTLED,
     )
     op.drop_constraint(op.f("transfers_unsettled_have_shard_check"), "transfers", type_="check")
+    op.drop_column("transfers", "sent_at")
     op.drop_column("transfers", "return_waiting")
     op.drop_column("transfers", "resends")
     op.drop_column("transfers", "resend_at")
