@@ -330,6 +330,8 @@ class WalletStreams:
         self._keys = keys
         self._batch_max = batch_max
         self._direct = connections.direct(redis)
+        # second -> [batches, operations] committed and not yet counted in Redis
+        self._committed: dict[int, list[int]] = {}
 
     async def load_scripts(self) -> None:
         """Loads ACKNOWLEDGE_READ and ENQUEUE, which the rounds call by their hashes. If
@@ -389,14 +391,10 @@ class WalletStreams:
             for e in entries
             if e.request.kind == TRANSFER_OUT
         ]
-        counters: list[tuple[Any, ...]] = []
-        if entries:  # for the live view: never fails the batch
-            second = self._keys.committed(int(time.time()))
-            counters = [
-                ("HINCRBY", second, "batches", 1),
-                ("HINCRBY", second, "operations", len(entries)),
-                ("EXPIRE", second, COMMITTED_KEPT_SECONDS),
-            ]
+        if entries:  # for the live view, counted apart from the batches (flush_committed)
+            counted = self._committed.setdefault(int(time.time()), [0, 0])
+            counted[0] += 1
+            counted[1] += len(entries)
         hand_ons = [(wallet, self.enqueue_command(step)) for wallet, step in steps]
         hand_ons += [
             (letter.wallet_id, self._dead_letter_command(letter))
@@ -406,10 +404,10 @@ class WalletStreams:
         wallets = list(batch)
         count = max(1, self._batch_max // max(1, len(wallets)))
         if not hand_ons:
-            readings = await self._acknowledge_read(commands, wallets, cursors, count, counters)
+            readings = await self._acknowledge_read(commands, wallets, cursors, count)
             return Answered(wallets, readings, [])
         handed = [command for _, command in hand_ons]
-        answers = await self._direct.round_trip([*handed, *commands, *counters])
+        answers = await self._direct.round_trip([*handed, *commands])
         _raise_first(answers[len(handed) : len(handed) + len(commands)])
         held: dict[str, Exception] = {}
         for (wallet, _), answer in zip(hand_ons, answers, strict=False):
@@ -438,36 +436,48 @@ class WalletStreams:
             letter.error,
         )
 
+    async def flush_committed(self) -> None:
+        """Adds the batches and operations committed since the last call to the live view's
+        per-second counts (KeySpace.committed), over the shared client, never the round's
+        connection: a count lost with a failure is a count, not money."""
+        counted, self._committed = self._committed, {}
+        if not counted:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for second, (batches, operations) in counted.items():
+                key = self._keys.committed(second)
+                pipe.hincrby(key, "batches", batches)
+                pipe.hincrby(key, "operations", operations)
+                pipe.expire(key, COMMITTED_KEPT_SECONDS)
+            await pipe.execute(raise_on_error=False)
+
     async def _acknowledge_read(
         self,
         before: list[tuple[Any, ...]],
         wallets: list[str],
         cursors: Mapping[str, str],
         count: int,
-        unchecked: list[tuple[Any, ...]] | None = None,
     ) -> list[Reading | None]:
-        """One round trip: the commands `before` and `unchecked`, then ACKNOWLEDGE_READ for
-        the wallets, one call for all (on a Redis Cluster, one per shard). Raises the first
-        error any of them but `unchecked` answered."""
+        """One round trip: the commands `before`, then ACKNOWLEDGE_READ for the wallets, one
+        call for all (on a Redis Cluster, one per shard). Raises the first error any of them
+        answered."""
         groups: dict[int, list[str]] = defaultdict(list)
         cluster = isinstance(self._redis, RedisCluster)
         for wallet in wallets:
             groups[self._keys.shard_of(wallet) if cluster else 0].append(wallet)
         calls = [self._acknowledge_read_command(group, cursors, count) for group in groups.values()]
-        first = [*before, *(unchecked or ())]
-        if not first and not calls:
+        if not before and not calls:
             return []
-        if cluster and first:
+        if cluster and before:
             # Ordered within a node only: what goes before has its own round trip, so that
             # the entries are trimmed only after their answers are out.
-            answers = await self._direct.round_trip(first)
+            answers = await self._direct.round_trip(before)
             answers += await self._direct.round_trip(calls) if calls else []
         else:
-            answers = await self._direct.round_trip([*first, *calls])
-        _raise_first(answers[: len(before)])
-        _raise_first(answers[len(first) :])
+            answers = await self._direct.round_trip([*before, *calls])
+        _raise_first(answers)
         readings: dict[str, Reading | None] = {}
-        for group, found in zip(groups.values(), answers[len(first) :], strict=True):
+        for group, found in zip(groups.values(), answers[len(before) :], strict=True):
             for wallet, entries in zip(group, found, strict=True):
                 readings[wallet] = reading_of(wallet, entries)
         return [readings[wallet] for wallet in wallets]

@@ -84,6 +84,9 @@ BAD_BATCH_ERRORS = (
 )
 
 
+COUNT_COMMITTED_EVERY = 1.0  # seconds between additions to the live view's counts
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -159,6 +162,7 @@ class Worker:
         self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
         self._tasks.append(asyncio.create_task(self.listener.run(), name="wake-listener"))
         self._tasks.append(asyncio.create_task(self._resend_transfers(), name="resend-transfers"))
+        self._tasks.append(asyncio.create_task(self._count_committed(), name="count-committed"))
         await self.streams.load_scripts()  # else loaded on meeting NOSCRIPT
         last_rescan = -math.inf
         failures = 0
@@ -350,6 +354,18 @@ class Worker:
         self.metrics.steps_resent.labels("sent").inc(len(sent))
         self.metrics.steps_resent.labels("still_queued").inc(len(queued))
         return len(sent), len(queued)
+
+    async def _count_committed(self) -> None:
+        """Every second, the batches and operations committed go to the live view's counts;
+        once more on the way out."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), COUNT_COMMITTED_EVERY)
+            with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
+                async with asyncio.timeout(REDIS_SOCKET_TIMEOUT):
+                    await self.streams.flush_committed()
+            if self._stopping.is_set():
+                return
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at
