@@ -1,6 +1,8 @@
-"""The benchmark's report, alone: each ratio is to the row lock's better figure, whichever
-of its process counts gave it (the bench runs it with one API process and with as many as
-the service's); and where `--update-docs` writes it."""
+"""The benchmark's plan, judging and report, alone (no servers): the phases it runs and their
+names in the tables, the targets judged from a small set of made-up results, each ratio to
+the row lock's better figure, whichever of its process counts gave it (the bench runs it
+with one API process and with as many as the service's); and where `--update-docs` writes
+the report."""
 
 from __future__ import annotations
 
@@ -11,63 +13,217 @@ from pathlib import Path
 import pytest
 
 from devtools.processes import ROOT
-from load.bench import (
-    BENCHMARKS,
-    MARK_END,
-    MARK_START,
+from load.bench.__main__ import options
+from load.bench.phases import (
+    ROW_LOCK,
+    SERVICE,
+    TRANSFER_WALLETS,
+    Design,
+    Kind,
+    Model,
     Phase,
-    Results,
-    closed_name,
-    closed_table,
-    targets,
-    update_docs,
+    Shape,
+    closed,
+    constant,
+    plan,
+    search,
 )
+from load.bench.report import BENCHMARKS, MARK_END, MARK_START, closed_table, update_docs
+from load.bench.results import Result, Results
+from load.bench.targets import Row, failed, judged, targets
 
-SIXTY_FOUR = closed_name(64, 1)
-
-
-def closed(design: str, answered: int, seconds: float = 10.0) -> Phase:
-    phase = Phase(SIXTY_FOUR, design, 0, seconds, 64)
-    phase.statuses = {200: answered}
-    phase.elapsed = seconds
-    phase.latencies = [0.01] * 10
-    phase.balance_ok = True
-    return phase
+SIXTY_FOUR = closed(64, 1)
+ROW_LOCK_2 = Design(Kind.ROW_LOCK, 2)
 
 
-def ratio_in_table(phases: list[Phase]) -> str:
-    rows = [line.split(" | ") for line in closed_table(phases).splitlines()[2:]]
+def result(
+    phase: Phase,
+    design: Design,
+    answered: int,
+    seconds: float = 10.0,
+    latency: float = 0.01,
+    errors: int = 0,
+) -> Result:
+    made = Result(phase, design, phase.rate, seconds)
+    made.statuses = {200: answered}
+    made.errors = errors
+    made.elapsed = seconds
+    made.latencies = [latency] * 10
+    made.balance_ok = True
+    return made
+
+
+def ratio_in_table(results: list[Result]) -> str:
+    rows = [line.split(" | ") for line in closed_table(results).splitlines()[2:]]
     return next(row[3] for row in rows if row[1] == "service")
 
 
-def test_a_closed_loop_ratio_is_to_the_row_locks_better_process_count() -> None:
-    service = closed("service", 40_000)
-    one, two = closed("row lock", 10_000), closed("row lock, 2 processes", 8_000)
-    assert ratio_in_table([service, one, two]) == "4.00x"
-    assert ratio_in_table([service, closed("row lock", 5_000), two]) == "5.00x"
+def row(rows: list[Row], starting: str) -> Row:
+    return next(r for r in rows if r.what.startswith(starting))
 
-    results = Results(closed=[service, closed("row lock", 5_000), two])
-    row = next(r for r in targets(results, "-") if r[0].startswith(SIXTY_FOUR))
-    assert row[1:] == ("5.00x (4000 against 800/s)", True)
-    results = Results(closed=[service, one, two])
-    row = next(r for r in targets(results, "-") if r[0].startswith(SIXTY_FOUR))
-    assert row[1:] == ("4.00x (4000 against 1000/s)", True)
+
+def test_a_closed_loop_ratio_is_to_the_row_locks_better_process_count() -> None:
+    service = result(SIXTY_FOUR, SERVICE, 40_000)
+    one, two = result(SIXTY_FOUR, ROW_LOCK, 10_000), result(SIXTY_FOUR, ROW_LOCK_2, 8_000)
+    assert ratio_in_table([service, one, two]) == "4.00x"
+    slower = result(SIXTY_FOUR, ROW_LOCK, 5_000)
+    assert ratio_in_table([service, slower, two]) == "5.00x"
+
+    held_to = targets(1000, 1, 1000)
+    rows = judged(Results(runs=[service, slower, two]), held_to)
+    assert row(rows, SIXTY_FOUR.name)[1:] == ("5.00x (4000 against 800/s)", True)
+    rows = judged(Results(runs=[service, one, two]), held_to)
+    assert row(rows, SIXTY_FOUR.name)[1:] == ("4.00x (4000 against 1000/s)", True)
 
 
 def test_the_highest_rate_ratio_is_to_the_row_locks_better_process_count() -> None:
-    def measured(best: dict[str, int]) -> tuple[str, bool]:
-        rows = targets(Results(best=best), "-")
-        row = next(r for r in rows if r[0].startswith("highest rate sustained on 1 wallet"))
-        return row[1], row[2]
+    one_wallet = search(1)
 
-    assert measured({"service": 4000, "row lock": 1000, "row lock, 2 processes": 750}) == (
-        "4.00x (4000/s against 1000/s)",
-        True,
-    )
-    assert measured({"service": 4000, "row lock": 750, "row lock, 2 processes": 1250}) == (
-        "3.20x (4000/s against 1250/s)",
+    def measured(service: int, one: int, two: int) -> tuple[str, bool]:
+        best = {(one_wallet, SERVICE): service, (one_wallet, ROW_LOCK): one}
+        best[(one_wallet, ROW_LOCK_2)] = two
+        found = row(judged(Results(best=best), targets(1000, 1, 1000)), "highest rate sustained")
+        return found.measured, found.met
+
+    assert measured(4000, 1000, 750) == ("4.00x (4000/s against 1000/s)", True)
+    assert measured(4000, 750, 1250) == ("3.20x (4000/s against 1250/s)", False)
+    assert measured(4000, 0, 0) == ("row lock sustained none of its rates: no ratio", False)
+
+
+def made_up_run() -> Results:
+    """A run's results as the judging sees them: each design's closed loops, the constant
+    rate, the searches' highest rates, and the transfers."""
+    hot = Phase(Model.CONSTANT, TRANSFER_WALLETS, rate=1000, transfers=Shape.TO_ONE)
+    hot_loop = Phase(Model.CLOSED, TRANSFER_WALLETS, 64, transfers=Shape.AMONG)
+    runs = [
+        result(closed(1, 1), SERVICE, 4000, latency=0.0025),
+        result(closed(1, 1), ROW_LOCK, 4500, latency=0.002),
+        result(closed(8, 1), SERVICE, 18_000),
+        result(closed(8, 1), ROW_LOCK, 9_000),
+        result(closed(256, 1), SERVICE, 49_000, errors=1),
+        result(closed(256, 1), ROW_LOCK_2, 6_000),
+        result(constant(1000, 1), SERVICE, 60_000, latency=0.030),
+        result(constant(1000, 1), ROW_LOCK, 30_000, latency=20.0),
+        result(hot, SERVICE, 30_000, latency=0.02),
+        result(hot_loop, SERVICE, 20_000),
+    ]
+    best = {
+        (search(1), SERVICE): 2500,
+        (search(1), ROW_LOCK): 500,
+        (search(10_000), SERVICE): 1500,
+    }
+    return Results(runs=runs, best=best)
+
+
+def test_the_targets_are_judged_from_the_phases_they_name() -> None:
+    rows = judged(made_up_run(), targets(1000, 1, 1000))
+    assert [(r.what, r.measured, r.met) for r in rows] == [
+        (
+            "1 connection: p50 at most 2x the row lock's + 1 ms",
+            "2.50 ms against 2.00 ms (limit 5.00)",
+            True,
+        ),
+        (
+            "8 connections, 1 wallet: at least 1.5x the row lock's req/s",
+            "2.00x (1800 against 900/s)",
+            True,
+        ),
+        (
+            "256 connections, 1 wallet: at least 5x the row lock's req/s with 0 errors",
+            "8.17x (4900 against 600/s, 1 errors)",
+            False,
+        ),
+        ("1000/s on 1 wallet: p99 at most 25 ms", "30.0 ms, 0 errors", False),
+        (
+            "highest rate sustained on 1 wallet: at least 4x the row lock's",
+            "5.00x (2500/s against 500/s)",
+            True,
+        ),
+        (
+            "highest rate over 10,000 wallets: at least 80% of 1 wallet's",
+            "0.60x (1500/s against 2500/s)",
+            False,
+        ),
+        (
+            "transfers to a hot destination at 1000/s: p99 at most 50 ms",
+            "20.0 ms, 0 errors",
+            True,
+        ),
+        (
+            "transfers: 0 errors, every balance and the conservation sum exact",
+            "0 errors, exact",
+            True,
+        ),
+        (
+            "balances exact in every phase",
+            "yes (1 answers missing, checked against the ledger)",
+            True,
+        ),
+    ]
+    # the phases not measured (64 connections, the transfer search) have no row
+
+
+def test_a_target_against_the_baseline_and_a_run_that_fails() -> None:
+    results = made_up_run()
+    before = Design(Kind.BASELINE, ref="main")
+    results.runs.append(result(closed(1, 1), before, 4400))
+    rows = judged(results, targets(1000, 1, 1000, before))
+    assert rows[0] == Row(
+        "1 connection: at most 5% slower than service at main",
+        "0.91x (400 against 440/s)",
         False,
     )
+    # the service failed a request in a closed loop: the run exits 1
+    assert failed(results, constant(1000, 1))
+    results.runs = [r for r in results.runs if r.errors == 0]
+    assert not failed(results, constant(1000, 1))
+    results.runs[-1].balance_ok = False  # a balance off anywhere
+    assert failed(results, constant(1000, 1))
+    assert row(judged(results, []), "balances exact")[1:] == ("no", False)
+
+
+def test_the_smoke_plan_runs_the_phases_the_tables_name() -> None:
+    args = options(["--smoke", "--api-processes", "2", "--intervals", "0.01"])
+    designs = [SERVICE, ROW_LOCK_2, ROW_LOCK]
+    steps = plan(args, designs, designs)
+    names = list(dict.fromkeys(step.phase.name for step in steps))
+    assert names == [
+        "1 connection, 1 wallet",
+        "8 connections, 1 wallet",
+        "200/s on 1 wallet",
+        "8 connections, transfers 20 wallets -> 1",
+        "8 connections, transfers 1 -> 20 wallets",
+        "8 connections, transfers among 20 wallets",
+        "100/s, transfers 20 wallets -> 1",
+        "100/s, transfers 1 -> 20 wallets",
+        "100/s, transfers among 20 wallets",
+        "200/s, BATCH_INTERVAL=0.01",
+    ]
+    # the designs take turns at going first
+    assert [str(s.design) for s in steps[:6]] == [
+        "service",
+        "row lock, 2 processes",
+        "row lock",
+        "row lock, 2 processes",
+        "row lock",
+        "service",
+    ]
+    assert not any(step.rates for step in steps)
+
+
+def test_the_full_plan_searches_for_each_designs_highest_rates() -> None:
+    args = options(["--api-processes", "2"])
+    designs = [SERVICE, ROW_LOCK_2, ROW_LOCK]
+    searches = [(s.phase.name, str(s.design)) for s in plan(args, designs, designs) if s.rates]
+    assert searches == [
+        ("max on 1 wallet", "service"),
+        ("max on 1 wallet", "row lock, 2 processes"),
+        ("max on 1 wallet", "row lock"),
+        ("max on 10000 wallets", "service"),
+        ("max transfers 1000 wallets -> 1", "service"),
+        ("max transfers 1000 wallets -> 1", "row lock, 2 processes"),
+        ("max transfers 1000 wallets -> 1", "row lock"),
+    ]
 
 
 def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) -> None:
