@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from shared.codec import (
     WALLET_NOT_FOUND,
     MessageError,
     Outcome,
+    Status,
     decode_request,
     encode_request,
     key_reused,
@@ -53,6 +55,7 @@ from shared.money import format_minor
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 QUEUE_SCAN_CHUNK = 500
+LEDGER_POLL_SECONDS = 0.02  # between looks at the ledger for a retried transfer in flight
 routes = web.RouteTableDef()
 
 
@@ -171,7 +174,10 @@ async def awaited_outcome(
     PostgreSQL holds, or else the reply still to come."""
     while True:
         try:
-            return await outcome
+            answer = await outcome
+            if answer.status == Status.IN_LEDGER:
+                return await settled_in_ledger(app, queued, look_up)
+            return answer
         except RepliesMissed:
             # Waiting again before looking: a reply arriving meanwhile is not dropped.
             outcome = app[REPLIES].expect_again(queued.tag)
@@ -179,6 +185,19 @@ async def awaited_outcome(
                 found = await look_up(conn, queued)
             if found is not None:
                 return found
+
+
+async def settled_in_ledger(
+    app: web.Application, queued: QueuedOperation, look_up: LookUp
+) -> Outcome:
+    """A retry of what was decided before: its outcome as PostgreSQL holds it, once it does
+    (a transfer in flight settles in milliseconds; the request's bound ends the wait)."""
+    while True:
+        async with connection_from(app[PG]) as conn:
+            found = await look_up(conn, queued)
+        if found is not None:
+            return dataclasses.replace(found, replayed=True)
+        await asyncio.sleep(LEDGER_POLL_SECONDS)
 
 
 async def recorded_outcome(conn: Any, queued: QueuedOperation) -> Outcome | None:

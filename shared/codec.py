@@ -44,6 +44,9 @@ class Status(StrEnum):
     KEY_REUSED = "key_reused"
     # A return the source has no room for: nothing recorded, it is resent.
     RETURN_WAITING = "return_waiting"
+    # Decided before (a client's retry of a transfer): its outcome is in PostgreSQL, once
+    # the transfer is settled.
+    IN_LEDGER = "in_ledger"
     IN_FLIGHT = "in_flight"
     # The destination could not take it: the amount is on its way back to the source.
     RETURNING = "returning"

@@ -7,7 +7,9 @@ import uuid
 from typing import Any
 
 from shared.ids import client_operation_id, return_op_id, transfer_id_for
+from shared.keys import KeySpace
 from shared.money import MAX_BALANCE_MINOR
+from shared.settings import Settings
 from tests.helpers import Client, eventually, ledger, operate
 from tests.test_transfers import balance, conservation, new_wallet, transfer, transfer_status
 
@@ -125,3 +127,30 @@ async def test_an_operation_s_id_is_not_its_key(client: Client, wallet: str) -> 
         return await balance(client, wallet) == "2.00"
 
     await eventually(both_applied)
+
+
+async def stream_state(redis: Any, stream: str) -> tuple[int, Any]:
+    """Whether the stream exists, and the id of the last entry ever added to it."""
+    if not await redis.exists(stream):
+        return 0, None
+    info = await redis.xinfo_stream(stream)
+    return 1, info["last-generated-id"]
+
+
+async def test_retrying_a_settled_transfer_s_key_queues_nothing_on_the_destination(
+    client: Client, pg: Any, redis: Any, settings: Settings
+) -> None:
+    """Each retry is answered from the ledger; none queues the credit again, which would
+    let a client fill another wallet's queue past its limit."""
+    source = await new_wallet(client, "100.00")
+    destination = await new_wallet(client)
+    status, first, _ = await transfer(client, source, destination, "1.00", key="pay-1")
+    assert (status, first["status"]) == (200, "completed")
+    stream = KeySpace(settings.redis_key_prefix, settings.shard_count).wallet_stream(destination)
+    before = await stream_state(redis, stream)
+    for _ in range(8):
+        status, again, headers = await transfer(client, source, destination, "1.00", key="pay-1")
+        assert (status, again, headers.get("Idempotent-Replayed")) == (200, first, "true")
+    assert await stream_state(redis, stream) == before
+    assert [r["kind"] for r in await ledger(pg, destination)] == ["TRANSFER_IN"]
+    assert await balance(client, destination) == "1.00"

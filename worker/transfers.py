@@ -44,6 +44,7 @@ from shared.codec import (
     WALLET_NOT_FOUND,
     OperationRequest,
     Outcome,
+    Status,
     format_time,
 )
 from shared.ids import return_op_id
@@ -184,6 +185,10 @@ def _after_debit(r: OperationRequest, o: Outcome) -> tuple[Outcome | None, Opera
             ),
             None,
         )
+    if o.replayed:
+        # A client's retry of a transfer started before: its credit went then (and is sent
+        # again if lost). Queueing it again for every retry would flood the destination.
+        return transfer_outcome(r, r.wallet_id, r.counterparty, Status.IN_LEDGER), None
     return None, credit(
         r.transfer_id, r.wallet_id, r.counterparty, r.amount, o.balance_after, o.created_at, r
     )
