@@ -8,16 +8,11 @@ and the answers the server gives match the schemas described here.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import msgspec
 from aiohttp import web
-from msgspec import Struct
 
 from api.bodies import (
-    BODIES,
-    Credentials,
     Health,
     Live,
     Operation,
@@ -25,148 +20,35 @@ from api.bodies import (
     OperationPage,
     OperationRequest,
     Pending,
-    Problem,
     Ready,
-    RefreshToken,
-    Tokens,
     Transfer,
     TransferRequest,
-    User,
     Wallet,
     WalletPage,
 )
+from api.describe import (
+    AUTH_PATHS,
+    BODY_ERRORS,
+    INVALID,
+    KEY_HEADER,
+    NOT_FOUND,
+    OPERATION_ID,
+    SCHEMAS,
+    UNAVAILABLE,
+    UUID,
+    WALLET_ID,
+    json_content,
+    operation_post,
+    paging,
+    problem,
+    ref,
+)
 from api.inputs import (
-    IDEMPOTENCY_KEY,
-    KEY_PATTERN,
     OPERATIONS_CURSOR,
-    PAGE_LIMIT_DEFAULT,
-    PAGE_LIMIT_MAX,
     WALLETS_CURSOR,
 )
 from api.page import DOCS_ASSETS, PAGE_ASSETS
 from shared.codec import to_json
-
-REF = "#/components/schemas/"
-UUID = {"type": "string", "format": "uuid"}
-
-
-def ref(body: type[Struct]) -> dict[str, str]:
-    return {"$ref": REF + body.__name__}
-
-
-def json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-def problem(description: str, *, retry_after: bool = False) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/problem+json": {"schema": ref(Problem)}},
-    }
-    if retry_after:
-        response["headers"] = {
-            "Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait"}
-        }
-    return response
-
-
-UNAVAILABLE = problem("PostgreSQL or Redis is unreachable", retry_after=True)
-INVALID = problem("A parameter or field is not valid (each error names it)")
-NOT_FOUND = problem("No such wallet (a malformed id is not found either)")
-# What the one reader of JSON bodies answers, for every route that takes one.
-BODY_ERRORS = {
-    "400": problem("The body is not JSON, or not an object, or has a key twice"),
-    "413": problem("The body is too large"),
-    "415": problem("The body is not application/json"),
-    "422": INVALID,
-}
-
-
-def paging(cursor: re.Pattern[str]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": "limit",
-            "in": "query",
-            "schema": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": PAGE_LIMIT_MAX,
-                "default": PAGE_LIMIT_DEFAULT,
-            },
-        },
-        {
-            "name": "cursor",
-            "in": "query",
-            "schema": {"type": "string", "pattern": cursor.pattern},
-            "description": "The next_cursor of the previous page",
-        },
-    ]
-
-
-WALLET_ID = {"name": "wallet_id", "in": "path", "required": True, "schema": UUID}
-OPERATION_ID = {"name": "operation_id", "in": "path", "required": True, "schema": UUID}
-KEY_HEADER = {
-    "name": IDEMPOTENCY_KEY,
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string", "pattern": KEY_PATTERN},
-    "description": "Makes the request safe to retry: the key, byte for byte (two spellings of "
-    "one UUID are two keys), names the operation on its wallet; the operation's id is derived "
-    "from it and never equals it. The same key with the same request answers the stored "
-    "outcome again, with Idempotent-Replayed: true; with another request, 422.",
-}
-
-
-def operation_post(operation_id: str, summary: str, body: type[Struct]) -> dict[str, Any]:
-    return {
-        "operationId": operation_id,
-        "tags": ["operations"],
-        "summary": summary,
-        "parameters": [KEY_HEADER],
-        "requestBody": {"required": True, "content": json_content(ref(body))},
-        "responses": {
-            "200": {
-                "description": "Applied and committed; `balance` is the wallet's balance after it",
-                "content": json_content(ref(Operation)),
-            },
-            "202": {
-                "description": "Queued, but its outcome did not come in time: the Location "
-                "(and `href`) shows it once applied",
-                "content": json_content(ref(Pending)),
-            },
-            **BODY_ERRORS,
-            "404": NOT_FOUND,
-            "409": problem("Refused: insufficient funds, or the balance limit; recorded"),
-            "422": problem(
-                "A field is not valid, or the Idempotency-Key was used for another request"
-            ),
-            "503": problem(
-                "The wallet's or shard's queue is full, or a dependency is down", retry_after=True
-            ),
-        },
-    }
-
-
-def typed_enums(schema: Any) -> Any:
-    """`schema` with a type on each enum of strings: msgspec leaves a Literal's enum
-    untyped, and client generators then make it an untyped value instead of an enum."""
-    if isinstance(schema, list):
-        return [typed_enums(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    typed = {key: typed_enums(value) for key, value in schema.items()}
-    if "enum" in typed and "type" not in typed and all(isinstance(v, str) for v in typed["enum"]):
-        typed["type"] = "string"
-    return typed
-
-
-def components() -> dict[str, Any]:
-    """The schemas of every body, from their declarations in api/bodies.py."""
-    _, schemas = msgspec.json.schema_components(BODIES, ref_template=REF + "{name}")
-    return {name: typed_enums(schema) for name, schema in schemas.items()}
-
-
-SCHEMAS = components()
 
 PATHS: dict[str, Any] = {
     "/api/v1/wallets": {
@@ -437,73 +319,7 @@ PATHS: dict[str, Any] = {
     },
 }
 
-AUTH_OFF = problem("Authentication is turned off on this service (AUTH_ENABLED)")
-
-
-# Registration and login hash a password: a bounded number at once per process.
-HASHING_OR_UNAVAILABLE = problem(
-    "PostgreSQL or Redis is unreachable, or too many passwords are being hashed",
-    retry_after=True,
-)
-
-
-def auth_post(
-    operation_id: str, summary: str, body: type[Struct], answers: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "post": {
-            "operationId": operation_id,
-            "tags": ["auth"],
-            "summary": summary,
-            "requestBody": {"required": True, "content": json_content(ref(body))},
-            "responses": {**BODY_ERRORS, "404": AUTH_OFF, "503": UNAVAILABLE, **answers},
-        }
-    }
-
-
-TOKENS = {"description": "A new pair of tokens", "content": json_content(ref(Tokens))}
-PATHS |= {
-    "/api/auth/users": auth_post(
-        "registerUser",
-        "Register a user",
-        Credentials,
-        {
-            "201": {"description": "Registered", "content": json_content(ref(User))},
-            "409": problem("The username is taken (usernames are not case-sensitive)"),
-            "429": problem("Too many registrations from this address, or in all", retry_after=True),
-            "503": HASHING_OR_UNAVAILABLE,
-        },
-    ),
-    "/api/auth/token": auth_post(
-        "createToken",
-        "Log in: an access token and a refresh token",
-        Credentials,
-        {
-            "200": TOKENS,
-            "401": problem("Wrong username or password"),
-            "429": problem(
-                "Too many failed logins from this address, for this username or for any",
-                retry_after=True,
-            ),
-            "503": HASHING_OR_UNAVAILABLE,
-        },
-    ),
-    "/api/auth/token/refresh": auth_post(
-        "refreshToken",
-        "Spend a refresh token for a new pair; a spent one presented again revokes its family",
-        RefreshToken,
-        {"200": TOKENS, "401": problem("Not a valid, unspent, unrevoked refresh token")},
-    ),
-    "/api/auth/logout": auth_post(
-        "logout",
-        "Revoke a refresh token and its family",
-        RefreshToken,
-        {
-            "204": {"description": "Revoked"},
-            "401": problem("Not a valid refresh token"),
-        },
-    ),
-}
+PATHS |= AUTH_PATHS
 # With AUTH_ENABLED every /api/v1 route and the live view need a bearer access token;
 # without, none does.
 for path, methods in PATHS.items():
