@@ -7,6 +7,7 @@ alerts read the same), and the workers' gauges as they are."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def number(title: str, description: str, expr: str, *, unit: str = "none") -> st
 
 
 def build() -> builders.Dashboard:
-    return (
+    dashboard = (
         builders.Dashboard("Wallet service: the write path")
         .uid(UID)
         .description(
@@ -107,7 +108,16 @@ def build() -> builders.Dashboard:
         .with_variable(
             builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
         )
-        .with_row(builders.Row("API: requests in"))
+    )
+    for section in (_requests, _batches, _queues, _transfers):
+        dashboard = section(dashboard)
+    return dashboard
+
+
+def _requests(dashboard: builders.Dashboard) -> builders.Dashboard:
+    """The API: the requests coming in, their answers and latency."""
+    return (
+        dashboard.with_row(builders.Row("API: requests in"))
         .with_panel(
             graph(
                 "Requests by status",
@@ -148,7 +158,13 @@ def build() -> builders.Dashboard:
                 ("sum(job:wallet_reply_timeouts:rate5m)", "202: no reply in time"),
             )
         )
-        .with_row(builders.Row("Workers: batches"))
+    )
+
+
+def _batches(dashboard: builders.Dashboard) -> builders.Dashboard:
+    """The workers' batches: sizes, commit time, fencing."""
+    return (
+        dashboard.with_row(builders.Row("Workers: batches"))
         .with_panel(
             graph(
                 "Committed",
@@ -180,7 +196,13 @@ def build() -> builders.Dashboard:
                 ("max(job:wallet_batch_commit_seconds:p99_5m)", "p99"),
             )
         )
-        .with_row(builders.Row("Workers: queues and ownership"))
+    )
+
+
+def _queues(dashboard: builders.Dashboard) -> builders.Dashboard:
+    """The queues and who owns the shards."""
+    return (
+        dashboard.with_row(builders.Row("Workers: queues and ownership"))
         .with_panel(
             graph(
                 "Queued operations",
@@ -243,7 +265,13 @@ def build() -> builders.Dashboard:
                 "sum(wallet_dead_letters)",
             )
         )
-        .with_row(builders.Row("Transfers"))
+    )
+
+
+def _transfers(dashboard: builders.Dashboard) -> builders.Dashboard:
+    """Transfers: settled, unsettled, returned."""
+    return (
+        dashboard.with_row(builders.Row("Transfers"))
         .with_panel(
             graph(
                 "Transfers settled",
@@ -283,13 +311,17 @@ def render() -> str:
     return json.dumps(dashboard, cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    """Writes deploy/grafana/wallet.json, or the given path."""
-    path = Path(argv[0]) if argv else PATH
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.dashboard",
+        description="Writes the Grafana dashboard of the write path (deploy/grafana/wallet.json).",
+    )
+    parser.add_argument("path", nargs="?", type=Path, default=PATH, help="where to write it")
+    path = parser.parse_args(argv).path
     path.write_text(render())
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -62,6 +62,11 @@ class WorkerMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self._of_batches()
+        self._of_shards()
+        self._of_transfers()
+
+    def _of_batches(self) -> None:
         self.batch_size = Histogram(
             "wallet_batch_operations",
             "Operations in one committed batch",
@@ -79,6 +84,24 @@ class WorkerMetrics:
             "Batches refused because another worker had taken one of their shards",
             registry=self.registry,
         )
+        self.parked_wallets = Gauge(
+            "wallet_parked_wallets",
+            "Wallets whose batch keeps failing, set aside so the others go on",
+            registry=self.registry,
+        )
+        self.held_back = Counter(
+            "wallet_held_back_wallets",
+            "Wallets whose committed batch could not hand on a transfer's next step or a "
+            "dead letter (Redis full, a slot moving): their entries are kept and tried again",
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "wallet_dead_letters",
+            "Entries in the dead-letter streams of the shards this worker owns",
+            registry=self.registry,
+        )
+
+    def _of_shards(self) -> None:
         self.lease_changes = Counter(
             "wallet_lease_changes",
             "Shards taken, handed back, or lost (the lease ran out before renewal)",
@@ -89,11 +112,6 @@ class WorkerMetrics:
         # misses the step from no series to 1.
         for change in ("taken", "handed_back", "lost"):
             self.lease_changes.labels(change)
-        self.parked_wallets = Gauge(
-            "wallet_parked_wallets",
-            "Wallets whose batch keeps failing, set aside so the others go on",
-            registry=self.registry,
-        )
         self.shards_owned = Gauge(
             "wallet_shards_owned", "Shards this worker owns", registry=self.registry
         )
@@ -101,6 +119,14 @@ class WorkerMetrics:
         self.shard_count = Gauge(
             "wallet_shard_count", "SHARD_COUNT: the shards there are to own", registry=self.registry
         )
+        self.queued = Gauge(
+            "wallet_queued_operations",
+            "Operations waiting in the shard's streams, for the shards this worker owns",
+            ["shard"],
+            registry=self.registry,
+        )
+
+    def _of_transfers(self) -> None:
         self.transfers = Counter(
             "wallet_transfers_settled",
             "Transfers settled by this worker: completed (credited), refused (insufficient "
@@ -128,26 +154,9 @@ class WorkerMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.held_back = Counter(
-            "wallet_held_back_wallets",
-            "Wallets whose committed batch could not hand on a transfer's next step or a "
-            "dead letter (Redis full, a slot moving): their entries are kept and tried again",
-            registry=self.registry,
-        )
         self.transfers_unsettled_oldest = Gauge(
             "wallet_transfers_unsettled_oldest_seconds",
             "Age of the oldest of those unsettled transfers (0 when there is none)",
-            registry=self.registry,
-        )
-        self.dead_letters = Gauge(
-            "wallet_dead_letters",
-            "Entries in the dead-letter streams of the shards this worker owns",
-            registry=self.registry,
-        )
-        self.queued = Gauge(
-            "wallet_queued_operations",
-            "Operations waiting in the shard's streams, for the shards this worker owns",
-            ["shard"],
             registry=self.registry,
         )
 

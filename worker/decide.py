@@ -170,16 +170,7 @@ def _decide_entry(
         return Outcome(r.tag, r.op_id, r.wallet_id, SKIPPED, r.kind, r.amount)
     wallet = wallets.get(r.wallet_id)
     if wallet is None:
-        return Outcome(
-            r.tag,
-            r.op_id,
-            r.wallet_id,
-            Status.WALLET_NOT_FOUND,
-            kind=r.kind,
-            amount=r.amount,
-            transfer_id=r.transfer_id,
-            counterparty=r.counterparty,
-        )
+        return _unknown_wallet(r)
     redelivered = entry_order(entry.entry_id) <= wallet.applied_before
     if not redelivered:
         wallet.entry = entry.entry_id
@@ -223,6 +214,19 @@ def _decide_entry(
     if r.transfer_id:
         _move_transfer(entry, row, as_recorded, decided)
     return Recorded(as_recorded, False)
+
+
+def _unknown_wallet(r: OperationRequest) -> Outcome:
+    return Outcome(
+        r.tag,
+        r.op_id,
+        r.wallet_id,
+        Status.WALLET_NOT_FOUND,
+        kind=r.kind,
+        amount=r.amount,
+        transfer_id=r.transfer_id,
+        counterparty=r.counterparty,
+    )
 
 
 def _refusal(r: OperationRequest, balance: int) -> Reason | None:
