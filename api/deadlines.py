@@ -1,9 +1,8 @@
 """The bound on how long a request waits (REPLY_TIMEOUT), kept by one task for all of them.
 
-`asyncio.timeout` arms a timer of the event loop per request and cancels it when the
-request is done: py-spy found that at 8% of the API process's CPU at 256 connections, for
-timers that almost never fire. Every request here has the same bound, so the deadlines
-come in the order they end: a queue, checked every TICK by one task. A request is cut off
+`asyncio.timeout` would arm an event-loop timer per request that almost never fires, a
+cost the hot path need not pay: every request here has the same bound, so the deadlines
+come in the order they end, a queue checked every TICK by one task. A request is cut off
 up to TICK late, as asyncio.timeout would cut it: its task is cancelled, and the
 cancellation comes out of the `async with` as TimeoutError."""
 

@@ -1,12 +1,10 @@
 """Appending operations to their wallets' streams, many requests to one Redis round trip.
 
-Profiling the API at ~1,800 requests/s showed a third of its CPU in redis-py's per-command
-path. Requests that arrive while a round trip is in flight go out together in the next one,
-so that cost, and the round trip, is shared; under light load a round trip holds one call.
-The calls go over a connection of the enqueuer's own (one per node on a Redis Cluster),
-written and read directly: no pool checkout and no pipeline object per round trip. At
-1,000 requests/s, mostly one call a round trip, that took the API from about 0.5 to 0.4 of
-a core (the bench's CPU column).
+Requests that arrive while a round trip is in flight go out together in the next one, so
+redis-py's per-command cost, and the round trip, are shared; under light load a round
+trip holds one call. The calls go over a connection of the enqueuer's own (one per node
+on a Redis Cluster), written and read directly: no pool checkout and no pipeline object
+per round trip.
 """
 
 from __future__ import annotations

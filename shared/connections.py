@@ -133,8 +133,8 @@ async def round_trip(
     connection: AbstractConnection, commands: Sequence[Sequence[Any]]
 ) -> list[Any]:
     """Sends the commands in one write over a connection of the caller's own and reads their
-    answers, an error reply as its exception: no pool checkout and no pipeline object, whose
-    cost showed in the profiles of the hot paths. Connects if need be; after any other
+    answers, an error reply as its exception: no pool checkout and no pipeline object on the
+    hot paths. Connects if need be; after any other
     failure the connection is closed (the next call opens it again) and the error raised."""
     try:
         await connection.send_packed_command(pack(commands))
@@ -301,13 +301,11 @@ def worker_pg_settings(settings: Settings, worker_id: str) -> dict[str, str]:
     return {
         "application_name": worker_id,
         # The writer's connections live long and asyncpg prepares each statement once on
-        # them; each is planned once, too (a generic plan). Planning a batch's statement
-        # anew took longer than running it: 20 operations on one wallet, 2.3-2.8 ms a round
-        # trip planned every time, 1.5 ms with the plan kept. A plan made while the tables
-        # are young and tiny could read a whole table, and would go on doing so as the
-        # ledger grew (it did once: latency grew by the second). Sequential scans are off,
-        # and every statement names its keys with `= any(...)` (worker/apply.py), so that
-        # the plans are lookups by key whatever the statistics were.
+        # them; each is planned once, too (a generic plan): planning a batch's statement
+        # anew takes longer than running it. A plan made while the tables are young and
+        # tiny could read a whole table, and would go on doing so as the ledger grew.
+        # Sequential scans are off, and every statement names its keys with `= any(...)`
+        # (worker/sql.py), so that the plans are lookups by key whatever the statistics.
         "plan_cache_mode": "force_generic_plan",
         "enable_seqscan": "off",
         # A batch is one statement, but should a worker ever pause inside a transaction (a

@@ -11,7 +11,7 @@ WITH found AS (
 ),
 -- MATERIALIZED: looked up by id alone, through the unique (id, wallet_id) index. Joined
 -- with the wallets, the planner may instead read a wallet's whole ledger through the
--- primary key's wallet_id prefix (it did, before statistics existed).
+-- primary key's wallet_id prefix.
 earlier AS MATERIALIZED (
     SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at,
            transfer_id, counterparty
@@ -35,9 +35,8 @@ FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 # moves on only from the state its step follows (a credit or its refusal from in_flight, the
 # return from in_flight or returning). Every read of a table also names its keys with
 # `= any(...)`, so that it finds its rows by the primary key whatever the plan: joined with
-# unnest alone, a batch of many wallets was planned as a scan of the whole table (11 ms of
-# 19 for 80 wallets among 30,000), and the plan the worker keeps, made once small tables
-# had statistics, as a merge join reading whole indexes.
+# unnest alone, a batch of many wallets can be planned as a scan of the whole table, or,
+# in the plan the worker keeps, as a merge join reading whole indexes.
 RECORD_BATCH = """
 WITH unchanged AS (
     SELECT w.id FROM wallets w
