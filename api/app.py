@@ -22,6 +22,7 @@ from api.appkeys import (
     METRICS,
     OWNERS,
     PG,
+    QUEUE,
     REDIS,
     REPLIES,
     SETTINGS,
@@ -39,6 +40,7 @@ from api.replies import LISTEN_WAIT, ReplyListener
 from shared.connections import REDIS_SOCKET_TIMEOUT, open_pg_pool, open_redis
 from shared.keys import KeySpace
 from shared.metrics import ApiMetrics, metrics_response, start_metrics_listener
+from shared.queue import queue_for
 from shared.settings import Settings
 
 log = logging.getLogger("api")
@@ -74,6 +76,7 @@ async def redis_and_replies(app: web.Application) -> AsyncIterator[None]:
     settings, api_id = app[SETTINGS], uuid.uuid4().hex
     redis = open_redis(settings, name=f"{settings.redis_key_prefix}:api:{api_id}")
     app[REDIS] = redis
+    app[QUEUE] = queue_for(app[KEYS], redis)
     enqueue = app[ENQUEUE] = Enqueuer(redis)
     enqueuing = asyncio.create_task(enqueue.run(), name="enqueuer")
     replies = ReplyListener(redis, app[KEYS].reply_channel(api_id))

@@ -13,10 +13,12 @@ from api.replies import ReplyListener
 from shared.connections import RedisClient
 from shared.keys import KeySpace
 from shared.metrics import ApiMetrics
+from shared.queue import Queue
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", KeySpace)
+QUEUE = web.AppKey("queue", Queue)
 PG = web.AppKey("pg", asyncpg.Pool)
 REDIS = web.AppKey[RedisClient]("redis")
 REPLIES = web.AppKey("replies", ReplyListener)

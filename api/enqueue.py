@@ -24,7 +24,8 @@ from shared import connections
 from shared.backoff import backoff
 from shared.connections import REDIS_ERRORS
 from shared.errors import DependencyUnavailable
-from shared.scripts import ENQUEUE, ENQUEUE_SHA
+from shared.queue import Command
+from shared.scripts import ENQUEUE
 
 log = logging.getLogger("api.enqueue")
 # A call: the commands to send (ENQUEUE last; its answer is the call's), and its future.
@@ -44,13 +45,11 @@ class Enqueuer:
         self._closing = False
         self.restarts = 0
 
-    async def __call__(
-        self, keys: list[str], args: list[Any], before: Sequence[tuple[Any, ...]] = ()
-    ) -> Any:
-        """Runs the ENQUEUE script, after the commands `before` in the same round trip;
-        returns its answer (the entry id, or None when full)."""
+    async def __call__(self, enqueue: Command, before: Sequence[Command] = ()) -> Any:
+        """Sends the queue's `enqueue` command (shared/queue.py) after the commands `before`,
+        in the same round trip as other requests' calls; returns its answer (the entry id,
+        or None when full)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        enqueue = ("EVALSHA", ENQUEUE_SHA, len(keys), *keys, *args)
         self._pending.append(((*before, enqueue), future))
         self._wake.set()
         return await future

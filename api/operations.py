@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -12,7 +11,7 @@ from aiohttp import web
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api import queries
-from api.appkeys import DEADLINES, ENQUEUE, KEYS, METRICS, PG, REDIS, REPLIES, SETTINGS
+from api.appkeys import DEADLINES, ENQUEUE, METRICS, PG, QUEUE, REDIS, REPLIES, SETTINGS
 from api.bodies import (
     OperationFormRequest,
     OperationPage,
@@ -40,11 +39,8 @@ from shared.codec import (
     BALANCE_LIMIT,
     KEY_REUSED,
     WALLET_NOT_FOUND,
-    MessageError,
     Outcome,
     Status,
-    decode_request,
-    encode_request,
     key_reused,
 )
 from shared.codec import (
@@ -54,7 +50,6 @@ from shared.connections import connection_from
 from shared.money import format_minor
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-QUEUE_SCAN_CHUNK = 500
 LEDGER_POLL_SECONDS = 0.02  # between looks at the ledger for a retried transfer in flight
 routes = web.RouteTableDef()
 
@@ -130,26 +125,19 @@ async def queue_and_await(
     reply will carry) on its wallet's stream, after the Redis commands `before` in the same
     round trip, and returns the outcome the writer replies; None when none comes within the
     reply timeout (it may be queued, even applied)."""
-    settings, keys, replies = app[SETTINGS], app[KEYS], app[REPLIES]
+    settings, replies = app[SETTINGS], app[REPLIES]
     if not replies.subscribed.is_set():
         raise errors.DependencyUnavailable("The reply channel to the workers is down")
     tag, outcome = replies.expect()
     try:
         queued = make(replies.channel, tag)
         logs.OPERATION_ID.set(queued.op_id)  # on every log line about this request from here
-        message = encode_request(queued)
         # One bound for the whole request: queueing it and waiting for its outcome.
         async with app[DEADLINES].bound():
-            entry = await app[ENQUEUE](
-                keys=keys.enqueue_keys(queued.wallet_id),
-                args=[
-                    queued.wallet_id,
-                    message,
-                    settings.wallet_queue_limit,
-                    settings.shard_queue_limit,
-                ],
-                before=before,
+            enqueue = app[QUEUE].enqueue(
+                queued, settings.wallet_queue_limit, settings.shard_queue_limit
             )
+            entry = await app[ENQUEUE](enqueue, before)
             if entry is None:
                 raise errors.QueueFull(
                     f"The queue of this wallet (at most {settings.wallet_queue_limit} "
@@ -266,22 +254,4 @@ async def get_operation(request: web.Request) -> web.Response:
 
 
 async def is_queued(app: web.Application, wallet_id: str, op_id: str) -> bool:
-    return await find_queued(app, wallet_id, op_id) is not None
-
-
-async def find_queued(app: web.Application, wallet_id: str, op_id: str) -> QueuedOperation | None:
-    """The operation, if the wallet's stream holds it. Reads the stream in chunks and
-    decodes only the messages that hold the id's bytes."""
-    stream, needle, start = app[KEYS].wallet_stream(wallet_id), op_id.encode(), "-"
-    while True:
-        chunk: Any = await app[REDIS].xrange(stream, min=start, count=QUEUE_SCAN_CHUNK)
-        for _, fields in chunk:
-            message = fields.get(b"m", b"")
-            if needle in message:
-                with contextlib.suppress(MessageError):
-                    queued = decode_request(message)
-                    if queued.op_id == op_id:
-                        return queued
-        if len(chunk) < QUEUE_SCAN_CHUNK:
-            return None
-        start = "(" + chunk[-1][0].decode()
+    return await app[QUEUE].find_queued(app[REDIS], wallet_id, op_id) is not None

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from api import queries
-from api.appkeys import KEYS, PG, REDIS
+from api.appkeys import PG, QUEUE, REDIS
 from api.bodies import (
     Transfer,
     TransferRequest,
@@ -19,7 +19,7 @@ from api.bodies import (
     transfer_from_row,
 )
 from api.inputs import idempotency_key, read_json_object, wallet_id_from_path
-from api.operations import REPLAYED_HEADER, find_queued, queue_and_await
+from api.operations import REPLAYED_HEADER, queue_and_await
 from api.problems import error_response
 from api.wallets import ensure_exists, ensure_visible
 from shared import errors
@@ -57,7 +57,7 @@ async def post_transfer(request: web.Request) -> web.Response:
     transfer_id = transfer_id_for(source, idempotency_key(request))
     app = request.app
     # Its source, for its URL to find it queued, set in the same round trip as it is queued.
-    mark = ("SET", app[KEYS].pending_transfer(transfer_id), source, "EX", PENDING_KEPT_SECONDS)
+    mark = app[QUEUE].mark_pending_transfer(transfer_id, source, PENDING_KEPT_SECONDS)
     outcome = await queue_and_await(
         app,
         lambda channel, tag: OperationRequest(
@@ -171,8 +171,9 @@ async def get_transfer(request: web.Request) -> web.Response:
     app = request.app
     # The queue first: an entry leaves it only after its COMMIT, so in this order a
     # transfer is always found in one place or the other.
-    source: Any = await app[REDIS].get(app[KEYS].pending_transfer(transfer_id))
-    queued = await find_queued(app, source.decode(), transfer_id) if source else None
+    queue = app[QUEUE]
+    source = await queue.pending_transfer_source(app[REDIS], transfer_id)
+    queued = await queue.find_queued(app[REDIS], source, transfer_id) if source else None
     async with connection_from(app[PG]) as conn:
         row = await queries.get_transfer(conn, transfer_id)
     if row is not None:

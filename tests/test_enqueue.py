@@ -15,8 +15,10 @@ from redis.asyncio import Redis
 from api.app import create_app
 from api.enqueue import Enqueuer
 from shared import connections
+from shared.codec import OperationRequest
 from shared.errors import DependencyUnavailable
 from shared.keys import KeySpace
+from shared.queue import Queue
 from shared.settings import Settings
 from tests.conftest import AiohttpClient
 from tests.helpers import eventually, operate
@@ -24,8 +26,9 @@ from tests.helpers import eventually, operate
 
 def call_for(settings: Settings) -> dict[str, Any]:
     wallet = str(uuid.uuid4())
-    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
-    return {"keys": keys.enqueue_keys(wallet), "args": [wallet, b"message", 10, 10]}
+    queue = Queue(KeySpace(settings.redis_key_prefix, settings.shard_count), cluster=False)
+    deposit = OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", 1, "", 0)
+    return {"enqueue": queue.enqueue(deposit, 10, 10)}
 
 
 async def test_a_failing_enqueuer_fails_its_calls_with_503_and_starts_again(
