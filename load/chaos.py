@@ -572,9 +572,13 @@ class Chaos:
         await asyncio.to_thread(self.postgres.crash)
         since = time.monotonic()
         await asyncio.sleep(DOWN)
+        started = time.monotonic()
         await asyncio.to_thread(self.postgres.start)
         await self.pg.expire_connections()
-        self.event(f"PostgreSQL crashed, stayed down {DOWN} s and started again")
+        self.event(
+            f"PostgreSQL crashed, stayed down {DOWN} s and started again (its start took"
+            f" {time.monotonic() - started:.2f} s)"
+        )
         await self.recovered(http, fault.kind, since)
 
     async def restart_redis_empty(self, http: aiohttp.ClientSession, fault: Fault) -> None:
