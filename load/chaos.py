@@ -231,7 +231,7 @@ def planned_transfer(seed: int, n: int, wallets: list[str]) -> Planned:
     while destination == source:
         destination = wallets[0] if rng.random() < 0.5 else rng.choice(wallets)
     minor = rng.randrange(1, 200) * 100
-    key = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    key = new_key(rng)
     squat = "" if rng.random() >= SQUAT_SHARE else rng.choice((BEFORE, WHILE))
     return Planned(source, destination, key, minor, BEFORE if n < SQUATTED_FIRST else squat)
 
@@ -255,6 +255,7 @@ def computed_ids(p: Planned) -> list[str]:
 
 
 def new_key(rng: random.Random) -> str:
+    """An Idempotency-Key as clients make them (a random UUID), drawn from `rng`."""
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
