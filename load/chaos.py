@@ -4,7 +4,23 @@ Real processes on one machine: an API and three workers, on a PostgreSQL and a R
 the run starts for itself (embedded ones, so that it can crash and restart them). Clients
 send deposits and withdrawals with Idempotency-Keys to one hot wallet and 50 others, and
 (a third of what they send) transfers between them, half of them to the hot wallet, and
-record every answer: 200 (applied), 409 (refused), anything else or nothing (unknown).
+record every answer: 200 (applied), 409 (refused), anything else or nothing (unknown). Their
+transfers follow a plan drawn from the seed alone (the n-th transfer's wallets, amount and
+Idempotency-Key, an ordinary-looking UUID), so that a client who knows the seed can compute
+them before they are sent.
+
+Beside them a hostile client, also drawing from the seed, does what a client may do:
+- squats ids: for a share of the planned transfers, half of them before they are sent
+  (the first few before the load starts, the others a little ahead of the honest
+  clients), half as soon as an honest client has sent them, while they are under way, it
+  deposits 0.01 on the transfer's source and destination under Idempotency-Keys equal to
+  every id of the transfer it can compute with the service's own derivations
+  (shared/ids.py: the transfer's id, its return's, the id its key would become as an
+  operation, the id it would have from the destination), each in one of its spellings
+  (as is, upper case, braces, urn:uuid:, no hyphens; the first few transfers in all five);
+- reuses keys: it sends an honest client's key, once answered 200 or 409, again with
+  another body (another amount, the other kind, another destination);
+- sends one new request under one key many times at once.
 Meanwhile a schedule drawn from the seed strikes each fault once:
 - kill: a worker is killed with SIGKILL;
 - pause: the owner of the hot wallet is stopped (SIGSTOP) inside a batch until its lease
@@ -40,11 +56,17 @@ nothing (a transfer refused, or credited back), nothing is in the ledger that no
 sent, every balance follows from its ledger and is never negative, the balances add up to
 the deposits minus the withdrawals, every shard has exactly one owner among the live workers, the
 stopped worker's late batch was refused by its fence, the poison entry is in the dead
-letters, every fault's recovery stayed within its bound, and no answer was a 500.
+letters, every fault's recovery stayed within its bound, and no answer was a 500. And for
+the hostile client: every squatting deposit was answered 200 and applied once; every
+transfer it squatted was completed, or rejected only for want of funds at its source; no
+request of a client was refused as a reused key but the reuses, each answered 422 with
+the key's first operation left as it was and nothing of the reuse applied; the sends of
+one key at once were applied once and all answered alike.
 
 A failing run prints its seed and exits 1; `--seed` replays the same schedule, and
 `--schedule-only` prints it without running. `--report` writes the report as JSON (what
-tests/test_chaos.py reads). Traffic goes to loopback only; the run stops by itself.
+tests/test_chaos.py reads), the hostile client's counts under "hostile"; `--no-hostile`
+runs without it. Traffic goes to loopback only; the run stops by itself.
 """
 
 from __future__ import annotations
@@ -87,10 +109,13 @@ from devtools.servers import (
 )
 from devtools.waiting import until, wait_ready
 from shared.codec import (
+    DEPOSIT,
+    INSUFFICIENT_FUNDS,
     TRANSFER,
     TRANSFER_IN,
     TRANSFER_OUT,
     TRANSFER_RETURN,
+    WITHDRAW,
     OperationRequest,
     encode_request,
 )
@@ -111,6 +136,22 @@ DOWN = 2.0  # how long a crashed PostgreSQL stays down, and a paused API process
 RESCAN_INTERVAL = 2.0  # so that a transfer's step lost with Redis is sent again in the run
 RESEND_AFTER = 1.0
 API_START = 3.0  # time enough for a new API process to start serving
+# The hostile client. It squats the ids of the first few planned transfers in every
+# spelling before the load starts, then of a share of the others in one spelling each:
+# half of them ahead of the honest clients (at most SQUAT_AHEAD planned transfers ahead),
+# half as soon as an honest client has sent them, while they are under way.
+SQUAT_MINOR = 1
+SQUATTED_FIRST = 5
+SQUAT_SHARE = 0.1
+SQUAT_AHEAD = 40
+BEFORE, WHILE = "before", "while"  # when a planned transfer's ids are squatted
+REUSE_PAUSE = 0.05  # between two reused keys
+TWINS = 8  # sends of one key at once
+TWIN_PAUSE = 0.1
+HOSTILE_CONNECTIONS = 2 * 8 + TWINS + 1  # two squats' deposits, a key's twins, a reuse
+# The hostile client's roles; an honest client's requests have none.
+SQUAT, REUSE, TWIN = "squat", "reuse", "twin"
+DEFINITE = (200, 409, 422)  # answers that tell what became of a request
 # Each fault, and how soon after it every wallet must answer 200 again (seconds). A worker
 # killed, stopped or cut off holds its shards until its lease runs out (LEASE_TTL), or until
 # it has failed to commit for a lease (cut off); then the others take them at their next
@@ -169,6 +210,55 @@ def schedule(seed: int, seconds: float, cluster: bool = False) -> list[Fault]:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One of the honest clients' transfers, as the seed alone decides it."""
+
+    source: str
+    destination: str
+    key: str
+    minor: int
+    squat: str  # when the hostile client squats its ids: BEFORE, WHILE, or never ("")
+
+
+def planned_transfer(seed: int, n: int, wallets: list[str]) -> Planned:
+    """The honest clients' n-th transfer: from one of the wallets beside the hot one
+    (`wallets[0]`), half of them to the hot wallet. Anyone who knows the seed and the
+    wallets can compute it, its Idempotency-Key too."""
+    rng = random.Random(f"{seed}/transfer/{n}")
+    source = rng.choice(wallets[1:])
+    destination = source
+    while destination == source:
+        destination = wallets[0] if rng.random() < 0.5 else rng.choice(wallets)
+    minor = rng.randrange(1, 200) * 100
+    key = new_key(rng)
+    squat = "" if rng.random() >= SQUAT_SHARE else rng.choice((BEFORE, WHILE))
+    return Planned(source, destination, key, minor, BEFORE if n < SQUATTED_FIRST else squat)
+
+
+def spellings(u: str) -> list[str]:
+    """A UUID as clients may write it; each is a key of its own."""
+    plain = uuid.UUID(u)
+    return [str(plain), str(plain).upper(), f"{{{plain}}}", plain.urn, plain.hex]
+
+
+def computed_ids(p: Planned) -> list[str]:
+    """Every id of the transfer that a client can compute with the service's own
+    derivations."""
+    transfer_id = transfer_id_for(p.source, p.key)
+    return [
+        transfer_id,
+        return_op_id(transfer_id),
+        client_operation_id(p.key),
+        transfer_id_for(p.destination, p.key),
+    ]
+
+
+def new_key(rng: random.Random) -> str:
+    """An Idempotency-Key as clients make them (a random UUID), drawn from `rng`."""
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
 @dataclasses.dataclass
 class Sent:
     key: str
@@ -177,6 +267,9 @@ class Sent:
     minor: int
     statuses: list[int]  # every answer, in order; 0 for none (timeout, connection lost)
     to: str = ""  # a transfer's destination
+    role: str = ""  # the hostile client's: SQUAT, REUSE or TWIN
+    of: Sent | None = None  # the honest request whose key a reuse sends again
+    bodies: list[bytes] | None = None  # every answer's body, where kept (twins)
 
     @property
     def final(self) -> int:
@@ -202,6 +295,7 @@ class Report:
     recovery: dict[str, float] = dataclasses.field(default_factory=dict)  # fault -> seconds
     events: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
+    hostile: Counter[str] = dataclasses.field(default_factory=Counter)  # what it sent, found
 
     def summary(self) -> str:
         lines = [
@@ -209,6 +303,7 @@ class Report:
             f"{self.resolved} unknowns resolved by retrying with their keys, "
             f"transfers {dict(self.transfers)}, "
             f"{self.fenced_refusals} late batches refused by a fence",
+            f"  hostile client: {dict(self.hostile)}",
             *(f"  {e}" for e in self.events),
         ]
         if self.problems:
@@ -221,6 +316,7 @@ class Report:
         fields = dataclasses.asdict(self)
         fields["answers"] = {str(status): n for status, n in sorted(self.answers.items())}
         fields["transfers"] = {str(status): n for status, n in sorted(self.transfers.items())}
+        fields["hostile"] = dict(sorted(self.hostile.items()))
         return json.dumps(fields, indent=2)
 
 
@@ -271,6 +367,11 @@ class Chaos:
         self.hot = ""
         self.wallets: list[str] = []
         self.load_over = False
+        self.transfers_taken = 0  # how many planned transfers the honest clients have sent
+        self.planned_sent: dict[int, Sent] = {}  # the honest clients' n-th transfer
+        # (source, key) of each planned transfer squatted -> when: all its squats answered
+        # before it was sent, sent while it was not answered yet, or later
+        self.squatted: dict[tuple[str, str], str] = {}
 
     # --- the clients ---
 
@@ -283,10 +384,13 @@ class Chaos:
             body = {"operationType": op.kind, "amount": format_minor(op.minor)}
         try:
             async with http.post(url, json=body, headers={"Idempotency-Key": op.key}) as r:
-                await r.read()
+                answer = await r.read()
                 op.statuses.append(r.status)
         except (aiohttp.ClientError, TimeoutError):
+            answer = b""
             op.statuses.append(0)
+        if op.bodies is not None:
+            op.bodies.append(answer)
         self.report.answers[op.statuses[-1]] += 1
 
     async def client(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
@@ -294,18 +398,117 @@ class Chaos:
             wallet = self.hot if rng.random() < 0.5 else rng.choice(self.wallets[1:])
             minor = rng.randrange(1, 200) * 100
             if rng.random() < 1 / 3:
-                # A third are transfers, half of them to the hot wallet from the others.
-                source = rng.choice(self.wallets[1:])
-                destination = source
-                while destination == source:
-                    destination = self.hot if rng.random() < 0.5 else rng.choice(self.wallets)
-                op = Sent(str(uuid.uuid4()), source, TRANSFER, minor, [], to=destination)
+                # A third are transfers, the next of the plan.
+                p = planned_transfer(self.args.seed, self.transfers_taken, self.wallets)
+                op = Sent(p.key, p.source, TRANSFER, p.minor, [], to=p.destination)
+                self.planned_sent[self.transfers_taken] = op
+                self.transfers_taken += 1
             else:
                 kind = "DEPOSIT" if rng.random() < 0.45 else "WITHDRAW"
                 op = Sent(str(uuid.uuid4()), wallet, kind, minor, [])
             self.sent.append(op)
             await self.operate(http, op)
             await asyncio.sleep(self.args.think)
+
+    # --- the hostile client ---
+
+    async def squat(
+        self, http: aiohttp.ClientSession, p: Planned, rng: random.Random, every_spelling: bool
+    ) -> None:
+        """Deposits 0.01 on the transfer's two wallets under each id of it a client can
+        compute, in every spelling or in one drawn."""
+        squats = [
+            Sent(key, wallet, DEPOSIT, SQUAT_MINOR, [], role=SQUAT)
+            for wallet in (p.source, p.destination)
+            for computed in computed_ids(p)
+            for key in (
+                spellings(computed) if every_spelling else [rng.choice(spellings(computed))]
+            )
+        ]
+        self.sent += squats
+        await asyncio.gather(*(self.operate(http, op) for op in squats))
+
+    async def squat_first(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        """Before the load: the first planned transfers' ids, in every spelling."""
+        for n in range(SQUATTED_FIRST):
+            p = planned_transfer(self.args.seed, n, self.wallets)
+            self.squatted[(p.source, p.key)] = "before_sent"
+            await self.squat(http, p, rng, True)
+
+    async def squatter(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        """During the load: the ids of the planned transfers to squat before they are sent,
+        ahead of the honest clients (or as they are sent, where it falls behind)."""
+        n = SQUATTED_FIRST
+        while not self.load_over:
+            if n >= self.transfers_taken + SQUAT_AHEAD:
+                await asyncio.sleep(self.args.think)
+                continue
+            n = max(n, self.transfers_taken)
+            p = planned_transfer(self.args.seed, n, self.wallets)
+            if p.squat == BEFORE:
+                self.squatted[(p.source, p.key)] = self.when(n)
+                await self.squat(http, p, rng, False)
+                if n >= self.transfers_taken:
+                    self.squatted[(p.source, p.key)] = "before_sent"
+            n += 1
+
+    async def squatter_in_flight(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        """During the load: the ids of the planned transfers to squat while they are under
+        way, as soon as an honest client has sent them."""
+        n = SQUATTED_FIRST
+        while not self.load_over:
+            if n >= self.transfers_taken:
+                await asyncio.sleep(0.005)
+                continue
+            n = max(n, self.transfers_taken - 1)  # behind: those sent long ago are settled
+            p = planned_transfer(self.args.seed, n, self.wallets)
+            if p.squat == WHILE:
+                self.squatted[(p.source, p.key)] = self.when(n)
+                await self.squat(http, p, rng, False)
+            n += 1
+
+    def when(self, n: int) -> str:
+        """Where the honest clients' n-th transfer stands, as its squats are sent."""
+        sent = self.planned_sent.get(n)
+        return "late" if sent is not None and sent.statuses else "in_flight"
+
+    async def reuser(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        """Sends honest clients' keys, once answered, again with another body."""
+        while not self.load_over:
+            await asyncio.sleep(REUSE_PAUSE)
+            answered = (rng.choice(self.sent) for _ in range(20))
+            original = next(
+                (op for op in answered if not op.role and op.statuses[-1:] in ([200], [409])),
+                None,
+            )
+            if original is None:
+                continue
+            reuse = dataclasses.replace(original, statuses=[], role=REUSE, of=original)
+            if rng.random() < 0.5:
+                reuse.minor += rng.randrange(1, 100) * 100
+            elif original.kind == TRANSFER:
+                reuse.to = rng.choice(
+                    [w for w in self.wallets if w not in (reuse.wallet, reuse.to)]
+                )
+            else:
+                reuse.kind = WITHDRAW if original.kind == DEPOSIT else DEPOSIT
+            self.sent.append(reuse)
+            await self.operate(http, reuse)
+
+    async def twins(self, http: aiohttp.ClientSession, rng: random.Random) -> None:
+        """Sends a new request, under a new key, TWINS times at once."""
+        while not self.load_over:
+            kind = rng.choice([DEPOSIT, WITHDRAW, TRANSFER])
+            source = rng.choice(self.wallets[1:])
+            to = rng.choice([w for w in self.wallets if w != source]) if kind == TRANSFER else ""
+            key, minor = new_key(rng), rng.randrange(1, 200) * 100
+            group = [
+                Sent(key, source, kind, minor, [], to=to, role=TWIN, bodies=[])
+                for _ in range(TWINS)
+            ]
+            self.sent += group
+            await asyncio.gather(*(self.operate(http, op) for op in group))
+            await asyncio.sleep(TWIN_PAUSE)
 
     async def recovered(self, http: aiohttp.ClientSession, fault: str, since: float) -> None:
         """Sends every wallet a deposit, and again while it is not answered 200; records the
@@ -370,9 +573,13 @@ class Chaos:
         await asyncio.to_thread(self.postgres.crash)
         since = time.monotonic()
         await asyncio.sleep(DOWN)
+        started = time.monotonic()
         await asyncio.to_thread(self.postgres.start)
         await self.pg.expire_connections()
-        self.event(f"PostgreSQL crashed, stayed down {DOWN} s and started again")
+        self.event(
+            f"PostgreSQL crashed, stayed down {DOWN} s and started again (its start took"
+            f" {time.monotonic() - started:.2f} s)"
+        )
         await self.recovered(http, fault.kind, since)
 
     async def restart_redis_empty(self, http: aiohttp.ClientSession, fault: Fault) -> None:
@@ -551,7 +758,7 @@ class Chaos:
         if isinstance(self.redis, RedisCluster):
             await self.redis.initialize()  # it knows every node then, not only the seed
         timeout = aiohttp.ClientTimeout(total=REPLY_TIMEOUT + 5)
-        connector = aiohttp.TCPConnector(limit=self.args.clients + 4)
+        connector = aiohttp.TCPConnector(limit=self.args.clients + 4 + HOSTILE_CONNECTIONS)
         try:
             async with aiohttp.ClientSession(
                 self.base, timeout=timeout, connector=connector
@@ -583,11 +790,19 @@ class Chaos:
     async def load_with_faults(self, http: aiohttp.ClientSession) -> None:
         """The load runs `--seconds`, or until the last fault has played out if later."""
         rng = random.Random(self.args.seed)
+        hostile = random.Random(rng.random())
+        if not self.args.no_hostile:
+            await self.squat_first(http, hostile)
         start = time.monotonic()
         clients = [
             asyncio.create_task(self.client(http, random.Random(rng.random())))
             for _ in range(self.args.clients)
         ]
+        if not self.args.no_hostile:
+            clients += [
+                asyncio.create_task(attack(http, random.Random(hostile.random())))
+                for attack in (self.squatter, self.squatter_in_flight, self.reuser, self.twins)
+            ]
         try:
             for fault in schedule(self.args.seed, self.args.seconds, self.args.redis_cluster):
                 await asyncio.sleep(max(0.0, start + fault.at - time.monotonic()))
@@ -605,13 +820,14 @@ class Chaos:
 
     async def heal_and_resolve(self, http: aiohttp.ClientSession) -> None:
         """Sends every operation without a definite answer again, with its key, until it
-        has one: the retry either finds it applied or refused, or applies it now."""
-        unknown = [op for op in self.sent if op.final not in (200, 409)]
+        has one: the retry either finds it applied or refused, or applies it now (or, for
+        a reused key, refuses it as reused)."""
+        unknown = [op for op in self.sent if op.final not in DEFINITE]
         for attempt in range(20):
             if not unknown:
                 break
             await asyncio.gather(*(self.operate(http, op) for op in unknown))
-            unknown = [op for op in unknown if op.final not in (200, 409)]
+            unknown = [op for op in unknown if op.final not in DEFINITE]
             if unknown:
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         self.report.resolved = sum(1 for op in self.sent if len(op.statuses) > 1)
@@ -635,6 +851,8 @@ class Chaos:
         # (wallet, ledger id) -> (kind, amount, counterparty) of every row a client caused
         expected: dict[tuple[str, str], tuple[str, int, str | None]] = {}
         for op in self.sent:
+            if op.role == REUSE:
+                continue  # nothing of a reuse may be applied
             if op.kind == TRANSFER:
                 t = op.transfer_id
                 expected[(op.wallet, t)] = (TRANSFER_OUT, op.minor, op.to)
@@ -646,6 +864,18 @@ class Chaos:
             if (r["kind"], r["amount"], r["counterparty"]) != expected.get(key):
                 self.problem(f"ledger row {dict(r)} was never sent by a client")
         for op in self.sent:
+            if op.role == REUSE:
+                self.check_reuse(op, by_id)
+                continue
+            if 422 in op.statuses:
+                self.problem(
+                    f"{op.kind} {op.key} ({op.role or 'honest'}) was refused as a reused key:"
+                    f" {op.statuses}"
+                )
+            if op.role == SQUAT:
+                self.report.hostile["squats"] += 1
+                if op.final != 200:
+                    self.problem(f"squatting deposit {op.key} on {op.wallet}: {op.statuses}")
             if op.kind == TRANSFER:
                 self.check_transfer(op, by_id)
                 continue
@@ -675,6 +905,7 @@ class Chaos:
                 f"the balances add up to {sum(balances.values())}, the deposits and "
                 f"withdrawals to {brought}"
             )
+        self.check_twins()
         await self.check_ownership(pg)
         self.check_processes()
         if self.paused is not None:
@@ -717,7 +948,72 @@ class Chaos:
             ("applied", "rejected", "applied"),
         ):
             self.problem(f"transfer {t} answered 409 but its legs are {legs}")
+        if op.role:
+            return
         self.report.transfers[op.final] += 1
+        when = self.squatted.get((op.wallet, op.key))
+        if when is None:
+            return
+        # Squatted: completed, or refused only because its source had not the amount.
+        hostile = self.report.hostile
+        hostile["squatted_transfers"] += 1
+        hostile[f"squatted_{when}"] += 1
+        hostile[f"squatted_transfers_{op.final}"] += 1
+        funds_short = (
+            out is not None
+            and legs == ("rejected", None, None)
+            and out["reason"] == INSUFFICIENT_FUNDS
+            and out["balance_after"] < op.minor
+        )
+        if op.final != 200 and not (op.final == 409 and funds_short):
+            self.problem(
+                f"squatted transfer {t} ({op.key}) answered {op.statuses}, its legs {legs},"
+                f" its debit {out and dict(out)}"
+            )
+
+    def check_reuse(self, op: Sent, by_id: dict[tuple[str, str], Any]) -> None:
+        """A key sent again with another body: refused as reused, and what the key did
+        first stays as it was (nothing of the reuse is in the ledger: `check`)."""
+        first = op.of
+        assert first is not None
+        self.report.hostile["reuses"] += 1
+        if op.final != 422 or {200, 409} & set(op.statuses):
+            self.problem(
+                f"key {op.key} reused ({first.kind} {first.minor} -> {op.kind} {op.minor}"
+                f" {op.to}) answered {op.statuses}, not 422"
+            )
+        else:
+            self.report.hostile["reuses_refused"] += 1
+        if first.kind == TRANSFER:
+            t = first.transfer_id
+            row = by_id.get((first.wallet, t))
+            was: tuple[Any, ...] = (TRANSFER_OUT, first.minor, first.to)
+            if op.to != first.to and by_id.get((op.to, t)) is not None:
+                self.problem(f"key {op.key} reused to {op.to}: {dict(by_id[(op.to, t)])}")
+        else:
+            row = by_id.get((first.wallet, first.op_id))
+            was = (first.kind, first.minor, None)
+        if row is None or (row["kind"], row["amount"], row["counterparty"]) != was:
+            self.problem(f"key {op.key} reused: its first operation is now {row and dict(row)}")
+
+    def check_twins(self) -> None:
+        """The sends of one key at once: all answered alike (the ledger holds it once:
+        `check`)."""
+        groups: dict[str, list[Sent]] = {}
+        for op in self.sent:
+            if op.role == TWIN:
+                groups.setdefault(op.key, []).append(op)
+        for key, group in groups.items():
+            self.report.hostile["twin_keys"] += 1
+            self.report.hostile["twin_sends"] += len(group)
+            answers = {
+                (status, json.dumps(json.loads(body), sort_keys=True))
+                for op in group
+                for status, body in zip(op.statuses, op.bodies or [], strict=True)
+                if status in DEFINITE
+            }
+            if len(answers) != 1:
+                self.problem(f"key {key} sent {len(group)} times at once: answers {answers}")
 
     def check_processes(self) -> None:
         """Every process the run did not kill is still running, and none hit an error it
@@ -785,6 +1081,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wallets", type=int, default=50, help="wallets beside the hot one (50)")
     p.add_argument("--think", type=float, default=0.02, help="a client's pause, s (0.02)")
     p.add_argument("--report", type=Path, help="also writes the report to this file, as JSON")
+    p.add_argument("--no-hostile", action="store_true", help="without the hostile client")
     p.add_argument(
         "--logs", type=Path, help="keeps the processes' logs in this directory (default: dropped)"
     )

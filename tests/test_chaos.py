@@ -98,7 +98,8 @@ def test_on_a_cluster_a_killed_primary_comes_back_after_it_was_killed() -> None:
 def test_bank_chaos_nothing_acknowledged_is_lost_or_applied_twice(tmp_path: Path) -> None:
     """On servers of the run's own (embedded), which it crashes and restarts: every fault
     strikes once, and after each every wallet is served again within the fault's bound;
-    transfers go on throughout, and every one ends completed or rejected."""
+    transfers go on throughout, and every one ends completed or rejected, whatever ids a
+    hostile client squatted and however it reused keys."""
     bank_chaos(tmp_path, FAULTS)
 
 
@@ -132,6 +133,15 @@ def bank_chaos(tmp_path: Path, faults: tuple[str, ...], *more: str) -> None:
     assert set(report["transfers"]) <= {"200", "409"}, output[-5000:]
     assert report["fenced_refusals"] >= 1, output[-5000:]
     assert sorted(report["recovery"]) == sorted(faults), output[-5000:]
+    # The hostile client squatted transfers' ids, reused keys and sent keys twice at once
+    # throughout (what it must find: the run's checks, in report["problems"]).
+    hostile = report["hostile"]
+    assert hostile.get("squatted_transfers", 0) > 10, output[-5000:]
+    assert hostile.get("squatted_before_sent", 0) > 5, output[-5000:]
+    assert hostile.get("squatted_in_flight", 0) > 0, output[-5000:]
+    assert hostile.get("reuses", 0) > 10, output[-5000:]
+    assert hostile.get("reuses_refused") == hostile["reuses"], output[-5000:]
+    assert hostile.get("twin_keys", 0) > 10, output[-5000:]
 
 
 async def test_a_worker_stopped_by_sigterm_under_load_answers_every_request(
