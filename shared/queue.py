@@ -150,7 +150,7 @@ class Queue:
             args += (wallet, next_entry_id(cursors[wallet]))
         return ("EVALSHA", ACKNOWLEDGE_READ_SHA, len(keys), *keys, *args)
 
-    def publish(self, channel: str, outcomes: list[Outcome]) -> Command:
+    def reply(self, channel: str, outcomes: list[Outcome]) -> Command:
         """The outcomes for one API process's reply channel, in one message."""
         return ("SPUBLISH" if self.cluster else "PUBLISH", channel, encode_outcomes(outcomes))
 

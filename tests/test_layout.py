@@ -89,3 +89,55 @@ def test_the_installed_packages_are_the_runtime_ones_and_the_checks_cover_the_re
     assert sorted(name.rstrip("*") for name in included) == sorted(RUNTIME)
     checked = set(pyproject["tool"]["mypy"]["files"])
     assert checked >= {*RUNTIME, *NOT_SHIPPED, "alembic"}
+
+
+# The write path's Redis commands: only shared/queue.py names them. As a string, as the
+# redis-py method of the same name, or, for its Lua scripts (shared/scripts.py), as the
+# script a call runs (loading one is no call).
+QUEUE_COMMANDS = (
+    "XADD",
+    "XREAD",
+    "XRANGE",
+    "XREVRANGE",
+    "XTRIM",
+    "XDEL",
+    "PUBLISH",
+    "SPUBLISH",
+    "SADD",
+    "SREM",
+)
+QUEUE_SCRIPTS = ("ENQUEUE_SHA", "ACKNOWLEDGE_READ_SHA", "DIRTY_SINCE", "TRIM_WAKES")
+
+
+def queue_commands(source: str) -> list[tuple[int, str]]:
+    """(line, command) of every write-path command a module spells."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and node.value in QUEUE_COMMANDS:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.Attribute) and node.attr.upper() in QUEUE_COMMANDS:
+            found.append((node.lineno, node.attr))
+        elif (
+            isinstance(node, ast.Name | ast.alias)
+            and (node.id if isinstance(node, ast.Name) else node.name) in QUEUE_SCRIPTS
+        ):
+            found.append((getattr(node, "lineno", 0), "a queue script"))
+    return sorted(found)
+
+
+def test_the_command_check_finds_strings_and_method_calls() -> None:
+    source = (
+        'send(("XADD", key))\nawait redis.xrange(k)\nlog("the XREAD")\n'
+        "pipe.evalsha(ENQUEUE_SHA, 4)\nredis.script_load(ENQUEUE)\n"
+    )
+    assert queue_commands(source) == [(1, "XADD"), (2, "xrange"), (4, "a queue script")]
+
+
+@pytest.mark.parametrize("package", ["api", "worker"])
+def test_only_the_queue_protocol_spells_the_write_path_s_commands(package: str) -> None:
+    spelled = [
+        f"{path.relative_to(ROOT)}:{line}: {command}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, command in queue_commands(path.read_text())
+    ]
+    assert spelled == [], "use shared/queue.py"

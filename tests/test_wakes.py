@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from devtools.servers import kill_client, redis_clients
 from shared.keys import KeySpace
+from shared.queue import queue_for
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.helpers import eventually, wallet_in
@@ -28,10 +29,11 @@ class Listening:
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self.owned = {SHARD: EPOCH}
         self.lost = asyncio.Event()
+        queue = queue_for(keys, redis)
         self.listener = WakeListener(
-            redis, keys, "a-worker", self.owned, lambda: None, self.lost.set
+            redis, queue, "a-worker", self.owned, lambda: None, self.lost.set
         )
-        self.streams = WalletStreams(redis, keys, batch_max=100)
+        self.streams = WalletStreams(redis, queue, batch_max=100)
 
     async def rescan(self) -> list[str]:
         """What the worker does on taking the shard: its dirty wallets, and where the

@@ -31,6 +31,7 @@ from shared.codec import MessageError, decode_request
 from shared.connections import PG_ERRORS, REDIS_ERRORS, RedisClient, open_redis
 from shared.keys import KeySpace
 from shared.money import format_minor
+from shared.queue import queue_for
 from shared.settings import Settings
 
 
@@ -44,9 +45,10 @@ async def oldest_entries(redis: RedisClient, keys: KeySpace, shard: int) -> dict
     """Each dirty wallet of the shard, with the id of the oldest entry in its stream."""
     members: Any = await redis.smembers(keys.dirty_set(shard))
     wallets = sorted(w.decode() for w in members)
+    queue = queue_for(keys, redis)
     async with redis.pipeline(transaction=False) as pipe:
         for w in wallets:
-            pipe.xrange(keys.wallet_stream(w, shard), count=1)
+            pipe.execute_command(*queue.first_entry(w))
         firsts = await pipe.execute()
     return {w: first[0][0] for w, first in zip(wallets, firsts, strict=True) if first}
 
@@ -92,7 +94,7 @@ async def wallet_report(
     )
     now_ms = await redis_now_ms(redis)
     queued = []
-    stream: Any = await redis.xrange(keys.wallet_stream(wallet))
+    stream: Any = await redis.execute_command(*queue_for(keys, redis).entries(wallet))
     for entry_id, fields in stream:
         item: dict[str, Any] = {
             "entry": entry_id.decode(),
@@ -120,6 +122,7 @@ async def stuck_report(
 ) -> list[dict[str, Any]]:
     keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
     now_ms = await redis_now_ms(redis)
+    queue = queue_for(keys, redis)
     stuck = []
     for shard in range(settings.shard_count):
         for wallet, entry in (await oldest_entries(redis, keys, shard)).items():
@@ -131,7 +134,7 @@ async def stuck_report(
                         "wallet": wallet,
                         "oldest_entry": entry.decode(),
                         "age_seconds": age,
-                        "queued": await redis.xlen(keys.wallet_stream(wallet, shard)),
+                        "queued": await redis.execute_command(*queue.length(wallet)),
                     }
                 )
     return stuck

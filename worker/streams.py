@@ -24,19 +24,12 @@ from shared.codec import (
     MessageError,
     OperationRequest,
     Outcome,
-    encode_outcomes,
-    encode_request,
 )
 from shared.connections import REDIS_ERRORS, RedisClient
-from shared.keys import KeySpace
+from shared.queue import Queue
 from shared.scripts import (
     ACKNOWLEDGE_READ,
-    ACKNOWLEDGE_READ_SHA,
-    DIRTY_SINCE,
     ENQUEUE,
-    ENQUEUE_SHA,
-    TRIM_WAKES,
-    next_entry_id,
 )
 from worker.backlog import START, DeadLetter, Reading, Wake, decode_entry
 from worker.decide import Entry
@@ -46,12 +39,10 @@ log = logging.getLogger("worker")
 
 WAKE_WAIT = 0.25  # seconds one read of the wake streams waits; a shard taken meanwhile
 # has its backlog found by the rescan at once, and its new wake-ups read after it
-WAKE_COUNT = 1000  # wake entries one read takes of each shard
 WAKE_TRIM_AFTER = 100  # wake entries read of a shard before the listener trims them
 RETRY_DELAY_FIRST = 0.1  # the wait after one failure; it doubles up to the most
 RETRY_DELAY_MAX = 2.0
 COMMITTED_KEPT_SECONDS = 600
-UNLIMITED = 2**62  # a queue limit that never refuses
 
 
 def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -125,7 +116,7 @@ class WakeListener:
     def __init__(
         self,
         redis: RedisClient,
-        keys: KeySpace,
+        queue: Queue,
         worker_id: str,
         owned: Mapping[int, int],
         woke: Callable[[], None],
@@ -135,7 +126,8 @@ class WakeListener:
         is called when wake-ups are waiting to be taken, `lost` when the positions were
         dropped and the shards need a rescan."""
         self._redis = redis
-        self._keys = keys
+        self._queue = queue
+        self._keys = queue.keys
         self._worker_id = worker_id
         self._owned = owned
         self._woke = woke
@@ -273,28 +265,18 @@ class WakeListener:
             for s, n in trims.read.items()
             if s in read_now and (trims.quiet or n >= WAKE_TRIM_AFTER)
         ]
-        read = (
-            "XREAD",
-            "COUNT",
-            WAKE_COUNT,
-            *(("BLOCK", int(WAKE_WAIT * 1000)) if block else ()),
-            "STREAMS",
-            *(self._keys.wake_stream(s) for s, _ in shards),
-            *(self._cursors[s][1] for s, _ in shards),
+        read = self._queue.read_wakes(
+            ((s, self._cursors[s][1]) for s, _ in shards),
+            int(WAKE_WAIT * 1000) if block else None,
         )
-        answers = await direct.round_trip([*(self._trim_command(s) for s in due), read])
+        trim = [self._queue.trim_wakes(s, self._worker_id, self._cursors[s][1]) for s in due]
+        answers = await direct.round_trip([*trim, read])
         if isinstance(answers[-1], Exception):
             raise answers[-1]
         for shard in due:
             del trims.read[shard]
         trims.quiet = answers[-1] is None
         return self._note(shards, answers[-1] or [], trims.read)
-
-    def _trim_command(self, shard: int) -> tuple[Any, ...]:
-        """Drops the shard's wake entries read so far, if the shard is still this worker's."""
-        keys = (self._keys.lease(shard), self._keys.wake_stream(shard))
-        cursor = self._cursors[shard][1]
-        return ("EVAL", TRIM_WAKES, 2, *keys, self._worker_id, next_entry_id(cursor))
 
     def _note(self, shards: list[tuple[int, int]], found: Any, untrimmed: dict[int, int]) -> bool:
         """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2); whether
@@ -325,9 +307,10 @@ class WalletStreams:
     """The wallets' streams, read and acknowledged by the round over a Redis connection of
     its own: one round trip per call, nobody else's commands in between."""
 
-    def __init__(self, redis: RedisClient, keys: KeySpace, batch_max: int) -> None:
+    def __init__(self, redis: RedisClient, queue: Queue, batch_max: int) -> None:
         self._redis = redis
-        self._keys = keys
+        self._queue = queue
+        self._keys = queue.keys
         self._batch_max = batch_max
         self._direct = connections.direct(redis)
         # second -> [batches, operations] committed and not yet counted in Redis
@@ -347,8 +330,7 @@ class WalletStreams:
         after it are of wallets that became dirty since."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for shard in shards:
-                keys = (self._keys.dirty_set(shard), self._keys.wake_stream(shard))
-                pipe.eval(DIRTY_SINCE, 2, *keys)
+                pipe.execute_command(*self._queue.dirty_since(shard))
             found = await pipe.execute()
         return [
             ([raw.decode() for raw in members], last[0][0].decode() if last else START)
@@ -381,13 +363,10 @@ class WalletStreams:
         by_channel: dict[str, list[Outcome]] = defaultdict(list)
         for channel, outcome in replies:
             by_channel[channel].append(outcome)
-        publish = "SPUBLISH" if isinstance(self._redis, RedisCluster) else "PUBLISH"
-        commands: list[tuple[Any, ...]] = [
-            (publish, channel, encode_outcomes(outcomes))
-            for channel, outcomes in by_channel.items()
-        ]
+        queue = self._queue
+        commands = [queue.reply(channel, outcomes) for channel, outcomes in by_channel.items()]
         commands += [
-            ("DEL", self._keys.pending_transfer(e.request.transfer_id))
+            queue.forget_pending_transfer(e.request.transfer_id)
             for e in entries
             if e.request.kind == TRANSFER_OUT
         ]
@@ -395,11 +374,11 @@ class WalletStreams:
             counted = self._committed.setdefault(int(time.time()), [0, 0])
             counted[0] += 1
             counted[1] += len(entries)
-        hand_ons = [(wallet, self.enqueue_command(step)) for wallet, step in steps]
+        hand_ons = [(wallet, queue.hand_on(step)) for wallet, step in steps]
         hand_ons += [
-            (letter.wallet_id, self._dead_letter_command(letter))
+            (w.wallet_id, queue.dead_letter(w.wallet_id, w.entry_id, w.message, w.error))
             for reading in batch.values()
-            for letter in reading.dead
+            for w in reading.dead
         ]
         wallets = list(batch)
         count = max(1, self._batch_max // max(1, len(wallets)))
@@ -420,21 +399,6 @@ class WalletStreams:
         acknowledged = [w for w in wallets if w not in held]
         readings = await self._acknowledge_read([], acknowledged, cursors, count)
         return Answered(acknowledged, readings, list(held))
-
-    def _dead_letter_command(self, letter: DeadLetter) -> tuple[Any, ...]:
-        return (
-            "XADD",
-            self._keys.dead_letters(self._keys.shard_of(letter.wallet_id)),
-            "*",
-            "wallet",
-            letter.wallet_id,
-            "entry",
-            letter.entry_id,
-            "m",
-            letter.message,
-            "error",
-            letter.error,
-        )
 
     async def flush_committed(self) -> None:
         """Adds the batches and operations committed since the last call to the live view's
@@ -461,14 +425,11 @@ class WalletStreams:
         """One round trip: the commands `before`, then ACKNOWLEDGE_READ for the wallets, one
         call for all (on a Redis Cluster, one per shard). Raises the first error any of them
         answered."""
-        groups: dict[int, list[str]] = defaultdict(list)
-        cluster = isinstance(self._redis, RedisCluster)
-        for wallet in wallets:
-            groups[self._keys.shard_of(wallet) if cluster else 0].append(wallet)
-        calls = [self._acknowledge_read_command(group, cursors, count) for group in groups.values()]
+        groups = self._queue.acknowledge_read(wallets, cursors, count)
+        calls = [call for _, call in groups]
         if not before and not calls:
             return []
-        if cluster and before:
+        if self._queue.cluster and before:
             # Ordered within a node only: what goes before has its own round trip, so that
             # the entries are trimmed only after their answers are out.
             answers = await self._direct.round_trip(before)
@@ -477,24 +438,10 @@ class WalletStreams:
             answers = await self._direct.round_trip([*before, *calls])
         _raise_first(answers)
         readings: dict[str, Reading | None] = {}
-        for group, found in zip(groups.values(), answers[len(before) :], strict=True):
+        for (group, _), found in zip(groups, answers[len(before) :], strict=True):
             for wallet, entries in zip(group, found, strict=True):
                 readings[wallet] = reading_of(wallet, entries)
         return [readings[wallet] for wallet in wallets]
-
-    def enqueue_command(self, request: OperationRequest) -> tuple[Any, ...]:
-        """ENQUEUE of a transfer's step on its wallet's stream, whatever the queue limits:
-        refused, it would wait for the resending, long after its client gave up."""
-        return (
-            "EVALSHA",
-            ENQUEUE_SHA,
-            4,
-            *self._keys.enqueue_keys(request.wallet_id),
-            request.wallet_id,
-            encode_request(request),
-            UNLIMITED,
-            UNLIMITED,
-        )
 
     async def send(self, steps: list[OperationRequest]) -> int:
         """Queues transfers' steps (found by the resending) in one round trip, over a
@@ -502,7 +449,7 @@ class WalletStreams:
         many could not be queued (each refused on its own)."""
         direct = connections.direct(self._redis)
         try:
-            answers = await direct.round_trip([self.enqueue_command(s) for s in steps])
+            answers = await direct.round_trip([self._queue.hand_on(s) for s in steps])
         finally:
             await direct.close()
         return sum(isinstance(answer, Exception) for answer in answers)
@@ -513,27 +460,12 @@ class WalletStreams:
         unique = list(dict.fromkeys(wallets))
         async with self._redis.pipeline(transaction=False) as pipe:
             for wallet in unique:
-                pipe.xrange(self._keys.wallet_stream(wallet), count=1)
+                pipe.execute_command(*self._queue.first_entry(wallet))
             found = await pipe.execute(raise_on_error=False)
         return {
             wallet: int(first[0][0].split(b"-")[0]) if first and isinstance(first, list) else None
             for wallet, first in zip(unique, found, strict=True)
         }
-
-    def _acknowledge_read_command(
-        self, wallets: list[str], cursors: Mapping[str, str], count: int
-    ) -> tuple[Any, ...]:
-        keys: list[str] = []
-        args: list[Any] = [count]
-        for wallet in wallets:
-            shard = self._keys.shard_of(wallet)
-            keys += (
-                self._keys.wallet_stream(wallet, shard),
-                self._keys.dirty_set(shard),
-                self._keys.queued(shard),
-            )
-            args += (wallet, next_entry_id(cursors[wallet]))
-        return ("EVALSHA", ACKNOWLEDGE_READ_SHA, len(keys), *keys, *args)
 
     async def close(self) -> None:
         await self._direct.close()

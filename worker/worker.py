@@ -49,6 +49,7 @@ from shared.connections import (
 )
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
+from shared.queue import queue_for
 from shared.settings import Settings
 from worker.apply import Fenced, LedgerConflict
 from worker.backlog import Backlog
@@ -131,8 +132,9 @@ class Worker:
         )
         self._rescan_due = True
         self._positions_lost = False
+        self.queue = queue_for(self.keys, redis)
         self.listener = WakeListener(
-            redis, self.keys, self.worker_id, self.ownership.owned, self._wakeup.set, self._lost
+            redis, self.queue, self.worker_id, self.ownership.owned, self._wakeup.set, self._lost
         )
         self.backlog = Backlog(
             self.keys.shard_of,
@@ -140,7 +142,7 @@ class Worker:
             batch_wallets_max=settings.batch_wallets_max,
             use_wake_entries=not settings.batch_interval,
         )
-        self.streams = WalletStreams(redis, self.keys, settings.batch_max)
+        self.streams = WalletStreams(redis, self.queue, settings.batch_max)
         self.committer = Committer(
             pool, self.keys.shard_of, self.metrics, settings.transfer_resend_after
         )
@@ -413,7 +415,7 @@ class Worker:
             for shard in owned:
                 pipe.get(self.keys.queued(shard))
             for shard in owned:
-                pipe.xlen(self.keys.dead_letters(shard))
+                pipe.execute_command(*self.queue.dead_letter_count(shard))
             answers = await pipe.execute()
         counts, dead = answers[: len(owned)], answers[len(owned) :]
         async with asyncio.timeout(REDIS_SOCKET_TIMEOUT), connection_from(self.pool) as conn:
