@@ -186,6 +186,11 @@ class Queue:
         return ("XLEN", self.keys.dead_letters(shard))
 
 
+def entry_fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Redis sends them ([name, value, name, value, ...])."""
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
 def queue_for(keys: KeySpace, redis: RedisClient) -> Queue:
     """The protocol over `redis`, one Redis or a Redis Cluster."""
     return Queue(keys, isinstance(redis, RedisCluster))

@@ -16,7 +16,8 @@ from shared.queue import queue_for
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.helpers import eventually, wallet_in
-from worker.streams import WakeListener, WalletStreams
+from worker.streams import WalletStreams
+from worker.wakes import WakeListener
 
 SHARD, EPOCH = 3, 7
 

@@ -1,4 +1,4 @@
-"""Where the wake listener's readers and the round meet (worker/streams.py)."""
+"""Where the wake listener's readers and the round meet (worker/wakes.py)."""
 
 from __future__ import annotations
 

@@ -1,33 +1,22 @@
 """What a committed transfer leg sets off, and the resending of transfers not yet settled.
 
-A transfer is three steps, each applied by one wallet's writer in its own batch, each
-recorded in the ledger under an id that makes a second delivery a replay:
+A transfer is three steps, each applied by one wallet's writer in its own batch and
+recorded under an id that makes a second delivery a replay: the source's debit
+(TRANSFER_OUT; the transfer `in_flight`, or `rejected`), the destination's credit
+(TRANSFER_IN; `completed`, or `returning` if it cannot take it), and then the return to
+the source (TRANSFER_RETURN; `rejected`). When one worker writes both wallets, the debit
+and the credit are one batch (`with_local_credits`).
 
-1. the source's writer debits the source (TRANSFER_OUT, under the transfer's id) and
-   records the transfer `in_flight`; or refuses it (insufficient funds: `rejected`, and the
-   client is answered);
-2. the destination's writer credits the destination (TRANSFER_IN, under the transfer's id)
-   and records the transfer `completed`, and the client is answered; or, if the credit
-   cannot be taken (the balance limit), records the refusal and the transfer `returning`;
-3. then the source's writer credits the amount back (TRANSFER_RETURN, under an id derived
-   from the transfer's) and records the transfer `rejected`, and the client is answered.
-
-Each step's writer queues the next step on the other wallet's stream after its COMMIT and
-before it acknowledges its own entry: a crash in between leaves the entry, which is read
-again, found recorded, and sends the next step again. Whatever is lost beyond that (Redis
-wiped) the owner of the source's shard finds among the transfers `in_flight` or
-`returning` for a while, and sends again (`due_steps`), each transfer with a backoff of its
-own, and not while its step may still wait in a slow wallet's stream (`still_queued`).
-A return the source has no room for (the largest balance) is recorded nowhere: the transfer
-stays `returning`, marked waiting, and the return is sent again until it fits.
-
-When one worker writes both wallets (it owns both shards), steps 1 and 2 are one batch:
-the credit follows the debit in it (`with_local_credits`), and the transfer is recorded as
-it ends up.
+Each step's writer queues the next step after its COMMIT and before it acknowledges its
+own entry. Whatever is lost beyond that (Redis wiped) the owner of the source's shard finds
+among the unsettled transfers, and sends again (`resend_due`), each transfer with a backoff
+of its own, and not while its step may still wait in a slow wallet's stream
+(`still_queued`). A return the source has no room for waits, resent until it fits.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
@@ -47,10 +36,14 @@ from shared.codec import (
     Status,
     format_time,
 )
+from shared.connections import connection_from
 from shared.ids import return_op_id
 from worker.apply import RESEND_DELAY_MAX
 from worker.decide import LOCAL_CREDIT, SKIPPED, Entry
 from worker.sql import DUE, RESCHEDULE, UNSETTLED_COUNTS
+from worker.streams import WalletStreams
+
+log = logging.getLogger("worker")
 
 RESEND_PER_SHARD = 100  # transfers of one shard sent again at most per rescan
 # How far Redis's clock may run ahead of PostgreSQL's before a step still queued behind a
@@ -369,3 +362,29 @@ async def reschedule(conn: Any, sent: list[Due], queued: list[Due], after: float
             for group in by_shard.values()
         ],
     )
+
+
+async def resend_due(
+    pool: Any, streams: WalletStreams, owned: list[int], after: float
+) -> tuple[int, int]:
+    """Sends again the steps of the owned shards' transfers that are due, but not those
+    that may still wait in a slow wallet's stream; how many were sent, and how many may
+    still be queued."""
+    if not owned:  # sidelined, or not yet taking: nothing of its own
+        return 0, 0
+    async with connection_from(pool) as conn:
+        due = await due_steps(conn, owned)
+    if not due:
+        return 0, 0
+    oldest = await streams.oldest_entries([d.step.wallet_id for d in due])
+    sent = [d for d in due if not still_queued(d, oldest[d.step.wallet_id])]
+    queued = [d for d in due if still_queued(d, oldest[d.step.wallet_id])]
+    # Back off first: a send that fails or is cut short is tried later, not at once.
+    async with connection_from(pool) as conn:
+        await reschedule(conn, sent, queued, after)
+    if sent:
+        log.warning("sending again the next step of %d transfers", len(sent))
+        failed = await streams.send([d.step for d in sent])
+        if failed:
+            log.warning("%d of them could not be queued; tried again later", failed)
+    return len(sent), len(queued)

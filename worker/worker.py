@@ -1,24 +1,16 @@
 """The shard worker: the one writer of every wallet in the shards it owns.
 
-It ties four parts together, each with one job:
+It ties its parts together, each with one job: ownership (worker/ownership.py: leases,
+epochs, the fair share), the wake listener (worker/wakes.py: one blocking read of the
+owned shards' wake streams), the backlog (worker/backlog.py: which wallets go in the next
+round), and the round (here): it takes the wake-ups, reads the streams of the wallets it
+is already working on, commits everything in hand in one transaction (worker/commit.py),
+then answers, hands on and acknowledges (worker/streams.py).
 
-- ownership (worker/ownership.py): which shards this worker owns, at which epoch: leases,
-  the fair share, taking and handing back, in a task of its own;
-- the wake listener (worker/streams.py): one blocking read of the owned shards' wake
-  streams, in a task of its own. A wallet goes there, with the operation, when it gets one
-  while it had none queued;
-- the backlog (worker/backlog.py): which wallets have work and which go in the next round;
-- the round (here): takes the wake-ups and reads the streams of the wallets it is already
-  working on (worker/streams.py), commits everything in hand in one transaction
-  (worker/commit.py), then, in one Redis round trip, publishes the outcomes to the API
-  processes that wait for them, acknowledges (trims the committed entries; a wallet whose
-  stream is left empty is no longer dirty) and reads each wallet's next entries.
-
-There is no timer: the next batch is whatever arrived while this one committed, so batches
-are one operation when a wallet is quiet and grow with the load. A crash anywhere before
-the acknowledgement leaves the entries in place; whoever owns the shard next reads them
-again from the start of the stream, and the operation ids, unique in PostgreSQL, keep them
-from being applied twice.
+There is no timer: the next batch is whatever arrived while this one committed. A crash
+anywhere before the acknowledgement leaves the entries in place; whoever owns the shard
+next reads them again, and the operation ids, unique in PostgreSQL, keep them from being
+applied twice (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -56,23 +48,16 @@ from worker.backlog import Backlog
 from worker.commit import Committer
 from worker.decide import Entry
 from worker.ownership import Ownership
-from worker.streams import (
-    RETRY_DELAY_FIRST,
-    RETRY_DELAY_MAX,
-    WAKE_WAIT,
-    WakeListener,
-    WalletStreams,
-)
+from worker.streams import WalletStreams
 from worker.transfers import (
     credited,
-    due_steps,
     follow_ups,
-    reschedule,
+    resend_due,
     settlements,
-    still_queued,
     unsettled,
     with_local_credits,
 )
+from worker.wakes import RETRY_DELAY_FIRST, RETRY_DELAY_MAX, WAKE_WAIT, WakeListener
 
 log = logging.getLogger("worker")
 
@@ -331,31 +316,14 @@ class Worker:
                 log.warning("resending unsettled transfers failed (%s: %s)", type(e).__name__, e)
 
     async def resend_transfers(self) -> tuple[int, int]:
-        """Sends again the steps of the owned shards' transfers that are due (worker/
-        transfers.py), but not those that may still wait in a slow wallet's stream;
-        returns how many were sent and how many may still be queued."""
-        owned = list(self.ownership.owned)
-        if not owned:  # sidelined, or not yet taking: nothing of its own
-            return 0, 0
-        after = self.settings.transfer_resend_after
-        async with connection_from(self.pool) as conn:
-            due = await due_steps(conn, owned)
-        if not due:
-            return 0, 0
-        oldest = await self.streams.oldest_entries([d.step.wallet_id for d in due])
-        sent = [d for d in due if not still_queued(d, oldest[d.step.wallet_id])]
-        queued = [d for d in due if still_queued(d, oldest[d.step.wallet_id])]
-        # Back off first: a send that fails or is cut short is tried later, not at once.
-        async with connection_from(self.pool) as conn:
-            await reschedule(conn, sent, queued, after)
-        if sent:
-            log.warning("sending again the next step of %d transfers", len(sent))
-            failed = await self.streams.send([d.step for d in sent])
-            if failed:
-                log.warning("%d of them could not be queued; tried again later", failed)
-        self.metrics.steps_resent.labels("sent").inc(len(sent))
-        self.metrics.steps_resent.labels("still_queued").inc(len(queued))
-        return len(sent), len(queued)
+        """One resending of the owned shards' transfers that are due (worker/transfers.py);
+        how many steps were sent, and how many left alone as maybe still queued."""
+        sent, queued = await resend_due(
+            self.pool, self.streams, list(self.ownership.owned), self.settings.transfer_resend_after
+        )
+        self.metrics.steps_resent.labels("sent").inc(sent)
+        self.metrics.steps_resent.labels("still_queued").inc(queued)
+        return sent, queued
 
     async def _count_committed(self) -> None:
         """Every second, the batches and operations committed go to the live view's counts;
