@@ -109,7 +109,7 @@ def build() -> builders.Dashboard:
             builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
         )
     )
-    for section in (_requests, _batches, _queues, _transfers):
+    for section in (_requests, _batches, _queues, _ownership, _transfers):
         dashboard = section(dashboard)
     return dashboard
 
@@ -236,7 +236,13 @@ def _queues(dashboard: builders.Dashboard) -> builders.Dashboard:
                 ),
             )
         )
-        .with_panel(
+    )
+
+
+def _ownership(dashboard: builders.Dashboard) -> builders.Dashboard:
+    """Who owns the shards, as figures."""
+    return (
+        dashboard.with_panel(
             number(
                 "Workers up",
                 "Workers Prometheus reaches.",

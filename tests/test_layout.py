@@ -141,3 +141,29 @@ def test_only_the_queue_protocol_spells_the_write_path_s_commands(package: str) 
         for line, command in queue_commands(path.read_text())
     ]
     assert spelled == [], "use shared/queue.py"
+
+
+MODULE_LINES_MAX = 400  # a module of the service that grows past it does two jobs
+FUNCTION_LINES_MAX = 60
+
+
+def test_the_service_s_modules_stay_small() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {n} lines"
+        for package in RUNTIME
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MODULE_LINES_MAX
+    ]
+    assert long == []
+
+
+def test_no_function_outside_the_tests_is_long() -> None:
+    long = []
+    for package in (*RUNTIME, "alembic", "devtools", "load"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > FUNCTION_LINES_MAX:
+                        long.append(f"{path.relative_to(ROOT)}: {node.name}, {lines} lines")
+    assert long == []
