@@ -21,11 +21,10 @@ from devtools.servers import (
     with_database,
 )
 from devtools.waiting import wait_ready
-from load.chaos import hostile
 from load.chaos.checks import Checks
 from load.chaos.clients import Clients
 from load.chaos.faults import REGISTRY, Fault
-from load.chaos.hostile import Hostile
+from load.chaos.hostile import CONNECTIONS, Hostile
 from load.chaos.report import Report
 from load.chaos.schedule import schedule
 from load.chaos.stage import REPLY_TIMEOUT, Stage, staged
@@ -49,7 +48,8 @@ async def chaos(
     report = Report(args.seed)
     async with staged(postgres, redis_server, database_url, logs) as stage:
         timeout = aiohttp.ClientTimeout(total=REPLY_TIMEOUT + 5)
-        connector = aiohttp.TCPConnector(limit=args.clients + 4 + hostile.CONNECTIONS)
+        # The honest clients', a few more, and the hostile client's (CONNECTIONS).
+        connector = aiohttp.TCPConnector(limit=args.clients + 4 + CONNECTIONS)
         async with aiohttp.ClientSession(stage.base, timeout=timeout, connector=connector) as http:
             stage.start_service()
             await wait_ready(http, f"{stage.base}/ready")
