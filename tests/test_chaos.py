@@ -88,6 +88,28 @@ def test_a_seed_replays_the_same_schedule_and_every_fault_is_in_it() -> None:
     assert [f["at"] for f in faults] == sorted(f["at"] for f in faults)
 
 
+def test_a_seed_draws_the_schedule_it_always_drew() -> None:
+    """Seeds are quoted in the docs and in failing runs: the faults' registry keeps its
+    order, and the draws theirs."""
+    faults = schedule(101, 20)
+    assert [f["kind"] for f in faults] == [
+        "restart_redis_empty",
+        "cut_worker_from_postgres",
+        "start",
+        "pause",
+        "drop_redis_connections",
+        "kill",
+        "pause_api",
+        "restart_postgres",
+        "poison_entry",
+        "terminate_postgres_sessions",
+        "kill_api",
+    ]
+    assert (faults[0]["at"], faults[0]["pick"], faults[-1]["at"]) == (1.02, 497, 14.29)
+    on_cluster = [f["kind"] for f in schedule(101, 20, "--redis-cluster")]
+    assert on_cluster[:3] == ["kill_redis_primary", "start", "move_slot"]
+
+
 def test_on_a_cluster_a_killed_primary_comes_back_after_it_was_killed() -> None:
     for seed in range(20):
         kinds = [f["kind"] for f in schedule(seed, 30, "--redis-cluster")]
