@@ -47,10 +47,17 @@ class Queue:
 
     # Queueing an operation.
 
-    def enqueue(self, request: OperationRequest, wallet_limit: int, shard_limit: int) -> Command:
+    def enqueue(
+        self,
+        request: OperationRequest,
+        wallet_limit: int,
+        shard_limit: int,
+        admitted_when_full: bool = False,
+    ) -> Command:
         """Appends the operation to its wallet's stream (ENQUEUE), and, if the wallet had
         nothing queued, wakes the shard's owner with it; answers the entry id, or None when
-        the wallet's or the shard's queue is full."""
+        the wallet's or the shard's queue is full. A full Redis refuses it (503), unless
+        `admitted_when_full`."""
         keys = self.keys.enqueue_keys(request.wallet_id)
         return (
             "EVALSHA",
@@ -61,12 +68,14 @@ class Queue:
             encode_request(request),
             wallet_limit,
             shard_limit,
+            "1" if admitted_when_full else "0",
         )
 
     def hand_on(self, step: OperationRequest) -> Command:
-        """A transfer's next step, queued on its wallet's stream whatever the queue limits:
-        refused, it would wait for the resending, long after its client gave up."""
-        return self.enqueue(step, UNLIMITED, UNLIMITED)
+        """A transfer's next step (or a hold's expiry), queued on its wallet's stream whatever
+        the queue limits, and by a full Redis: refused, it would wait for the resending, long
+        after its client gave up, and its entry would hold its memory meanwhile."""
+        return self.enqueue(step, UNLIMITED, UNLIMITED, admitted_when_full=True)
 
     def mark_pending_transfer(self, transfer_id: str, source: str, seconds: int) -> Command:
         """Where a queued transfer's URL finds it until its debit is committed."""

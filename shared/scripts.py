@@ -11,12 +11,19 @@ from shared.connections import RedisClient
 from shared.keys import KeySpace
 
 # KEYS: wallet stream, shard dirty set, shard wake stream, shard queued count
-# ARGV: wallet id, encoded operation, wallet queue limit, shard queue limit
+# ARGV: wallet id, encoded operation, wallet queue limit, shard queue limit, and '1' to be
+# admitted by a full Redis (a worker's hand-on)
 # Appends the operation unless the wallet's or the shard's queue is full. A wallet that had
 # nothing queued becomes dirty and goes on the wake stream with this first entry of its
 # stream, so that the shard's owner can apply it without reading the wallet's stream.
-# Returns the entry id, or false when a queue is full.
+# Returns the entry id, or false when a queue is full. A full Redis (maxmemory, noeviction)
+# refuses a script's command that adds data only if it is the script's first write: a
+# worker's hand-on writes first what adds nothing, so that a batch whose steps must be
+# queued before its entries are trimmed (freeing memory) is not refused for ever.
 ENQUEUE = """
+if ARGV[5] == '1' then
+  redis.call('PERSIST', KEYS[1])
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3])
    or tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[4]) then
   return false

@@ -36,9 +36,12 @@ from api.app import create_app
 from devtools.processes import free_port, spawn
 from devtools.servers import RedisProcess, redis_server_7
 from devtools.waiting import wait_ready
+from shared.codec import OperationRequest
 from shared.connections import out_of_memory
 from shared.ids import client_operation_id, transfer_id_for
 from shared.keys import KeySpace
+from shared.queue import Queue
+from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.conftest import AiohttpClient, running_worker
 from tests.helpers import eventually, operate
@@ -493,3 +496,35 @@ def test_redis_full_is_told_apart_from_other_errors() -> None:
     assert out_of_memory(ResponseError(wrapped))
     assert not out_of_memory(ResponseError("Error running script: @user_script:6: WRONGTYPE"))
     assert not out_of_memory(ConnectionError("OOM command not allowed"))
+
+
+async def test_a_full_redis_still_takes_a_worker_s_hand_on(
+    settings: Settings, small_redis: RedisProcess
+) -> None:
+    """A client's operation is refused once Redis is full, but a transfer's next step is
+    not: the batch it comes from is trimmed only once it is queued, and trimming is what
+    frees the memory."""
+    redis = Redis.from_url(small_redis.url)
+    queue = Queue(KeySpace(settings.redis_key_prefix, settings.shard_count), cluster=False)
+    wallet = str(uuid.uuid4())
+
+    def operation() -> OperationRequest:
+        return OperationRequest(str(uuid.uuid4()), wallet, "DEPOSIT", 1, "", 0)
+
+    try:
+        await redis.script_load(ENQUEUE)
+        send: Any = redis.execute_command
+        await send(*queue.enqueue(operation(), 10**9, 10**9))
+        await redis.config_set("maxmemory", await used_memory(redis) + HEADROOM)
+        refusal: Exception | None = None
+        for _ in range(100_000):
+            try:
+                await send(*queue.enqueue(operation(), 10**9, 10**9))
+            except ResponseError as e:
+                refusal = e
+                break
+        assert refusal is not None, "Redis never filled"
+        assert out_of_memory(refusal)
+        assert await send(*queue.hand_on(operation()))  # queued, full as Redis is
+    finally:
+        await redis.aclose()

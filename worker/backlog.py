@@ -23,6 +23,7 @@ START = "0-0"  # the position before a stream's first entry
 PARKED_DELAY_FIRST = 2.0  # seconds before a parked wallet's first new try; it doubles
 PARKED_DELAY_MAX = 60.0
 HELD_DELAY_FIRST = 0.5  # seconds before a held-back wallet's first new try; it doubles
+HELD_DELAY_MAX = 5.0  # up to this: what held it back (Redis full, a slot moving) passes
 
 # A wake-up as the wake listener found it: the wallet, the first entry of its stream (its
 # id and message)
@@ -230,7 +231,7 @@ class Backlog:
             self._isolating.discard(wallet)
             failures = self._parked.get(wallet, (0.0, 0))[1] + 1
             self._parked[wallet] = (
-                now + backoff(failures, HELD_DELAY_FIRST, PARKED_DELAY_MAX),
+                now + backoff(failures, HELD_DELAY_FIRST, HELD_DELAY_MAX),
                 failures,
             )
 
