@@ -32,3 +32,5 @@ HASHING = web.AppKey("hashing", Slots)
 OWNERS = web.AppKey("owners", dict[str, str])
 # ids of wallets this process has found to exist (wallets are never deleted)
 KNOWN_WALLETS = web.AppKey("known_wallets", dict[str, None])
+# hold id -> (its wallet, its amount), for the holds this process placed or looked up
+HOLD_WALLETS = web.AppKey("hold_wallets", dict[str, tuple[str, int]])

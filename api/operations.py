@@ -19,8 +19,6 @@ from api.bodies import (
     Pending,
     decode,
     json_response,
-    operation_body,
-    outcome_from_row,
 )
 from api.inputs import (
     OPERATIONS_CURSOR,
@@ -31,6 +29,7 @@ from api.inputs import (
     wallet_id_from_path,
 )
 from api.problems import error_response
+from api.render import operation_body, outcome_from_row
 from api.replies import RepliesMissed
 from api.wallets import ensure_visible
 from shared import errors, logs

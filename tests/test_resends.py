@@ -42,7 +42,7 @@ async def debit(pg: Any, settings: Settings, entry: Entry) -> None:
     )
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker about to die")
-        [outcome], _ = await apply_batch(
+        [outcome], *_ = await apply_batch(
             conn, [entry], {shard: epoch}, resending=resending(settings)
         )
     assert outcome.status == "applied"

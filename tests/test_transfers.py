@@ -354,7 +354,7 @@ async def debit_by_hand(pg: Any, keys: KeySpace, entry: Entry) -> None:
     shard = keys.shard_of(entry.request.wallet_id)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker about to die")
-        [outcome], _ = await apply_batch(
+        [outcome], *_ = await apply_batch(
             conn, [entry], {shard: epoch}, resending=Resending(keys.shard_of, 5.0)
         )
     assert outcome.status == "applied"

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -47,6 +48,7 @@ from worker.apply import Fenced, LedgerConflict
 from worker.backlog import Backlog
 from worker.commit import Committer
 from worker.decide import Entry
+from worker.expiries import CHECK_EVERY, Expiries
 from worker.ownership import Ownership
 from worker.streams import WalletStreams
 from worker.transfers import (
@@ -128,8 +130,13 @@ class Worker:
             use_wake_entries=not settings.batch_interval,
         )
         self.streams = WalletStreams(redis, self.queue, settings.batch_max)
+        self.expiries = Expiries(self.keys.shard_of, self.metrics)
         self.committer = Committer(
-            pool, self.keys.shard_of, self.metrics, settings.transfer_resend_after
+            pool,
+            self.keys.shard_of,
+            self.metrics,
+            settings.transfer_resend_after,
+            holds_changed=self.expiries.update,
         )
 
     def stop(self) -> None:
@@ -148,8 +155,13 @@ class Worker:
         """Owns shards and works on them until stop()."""
         self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
         self._tasks.append(asyncio.create_task(self.listener.run(), name="wake-listener"))
-        self._tasks.append(asyncio.create_task(self._resend_transfers(), name="resend-transfers"))
+        resend = self._every(
+            self.settings.worker_rescan_interval, "resending transfers", self.resend_transfers
+        )
+        expire = self._every(CHECK_EVERY, "expiring holds", self.expire_holds)
+        self._tasks.append(asyncio.create_task(resend, name="resend-transfers"))
         self._tasks.append(asyncio.create_task(self._count_committed(), name="count-committed"))
+        self._tasks.append(asyncio.create_task(expire, name="expire-holds"))
         await self.streams.load_scripts()  # else loaded on meeting NOSCRIPT
         last_rescan = -math.inf
         failures = 0
@@ -299,21 +311,20 @@ class Worker:
                 self.listener.start_after(shard, epoch, last_wake)
         self._wakeup.set()
 
-    async def _resend_transfers(self) -> None:
-        """Every rescan interval, sends again the next step of the owned wallets' transfers
-        that have stayed unsettled too long. A task of its own, each try bounded by a lease:
-        a PostgreSQL that does not answer holds it, not the rounds (whose batches must meet
-        the rule that a worker unable to commit steps aside)."""
+    async def _every(self, seconds: float, what: str, job: Callable[[], Awaitable[Any]]) -> None:
+        """Runs `job` every `seconds` until stop(), in a task of its own, each run bounded by
+        a lease: a PostgreSQL that does not answer holds it up, not the rounds (whose
+        batches must meet the rule that a worker unable to commit steps aside)."""
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.worker_rescan_interval)
+                await asyncio.wait_for(self._stopping.wait(), seconds)
             if self._stopping.is_set():
                 return
             try:
                 async with asyncio.timeout(self.settings.worker_lease_ttl):
-                    await self.resend_transfers()
+                    await job()
             except (*REDIS_ERRORS, TimeoutError, *PG_ERRORS) as e:
-                log.warning("resending unsettled transfers failed (%s: %s)", type(e).__name__, e)
+                log.warning("%s failed (%s: %s)", what, type(e).__name__, e)
 
     async def resend_transfers(self) -> tuple[int, int]:
         """One resending of the owned shards' transfers that are due (worker/transfers.py);
@@ -324,6 +335,11 @@ class Worker:
         self.metrics.steps_resent.labels("sent").inc(sent)
         self.metrics.steps_resent.labels("still_queued").inc(queued)
         return sent, queued
+
+    async def expire_holds(self) -> int:
+        """Queues the expiries of the owned holds that are due (worker/expiries.py); how
+        many could not be queued (sent again later)."""
+        return await self.expiries.send_due(self.pool, self.streams.send, self.ownership.owned)
 
     async def _count_committed(self) -> None:
         """Every second, the batches and operations committed go to the live view's counts;
@@ -356,6 +372,7 @@ class Worker:
         self._wakeup.set()  # shards to hand back, or wallets to forget, at the next settling
 
     async def _shard_taken(self, shard: int) -> None:
+        self.expiries.taken(shard)
         await self._rescan([shard])
 
     async def close(self) -> None:
@@ -393,6 +410,7 @@ class Worker:
         self.metrics.transfers_unsettled_oldest.set(found.oldest_seconds)
         self.metrics.dead_letters.set(sum(dead))
         self.metrics.shards_owned.set(len(owned))
+        self.metrics.holds_pending_expiry.set(len(self.expiries))
         self.metrics.parked_wallets.set(self.backlog.parked_count)
         self.metrics.queued.clear()
         for shard, count in zip(owned, counts, strict=True):
