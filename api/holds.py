@@ -12,7 +12,7 @@ from msgspec import UNSET
 
 from api import queries
 from api.appkeys import HOLD_WALLETS, PG, SETTINGS
-from api.bodies import CaptureRequest, HoldPage, HoldRequest, decode, json_response
+from api.bodies import CaptureRequest, HoldPage, HoldRequest, Pending, decode, json_response
 from api.inputs import (
     WALLETS_CURSOR,
     cursor,
@@ -218,5 +218,5 @@ async def _optional_json(request: web.Request) -> dict[str, Any]:
 def _pending(hold_id: str, wallet_id: str) -> web.Response:
     """Its outcome did not come in time: the hold's URL tells it once decided."""
     url = hold_url(hold_id)
-    body = {"id": hold_id, "wallet_id": wallet_id, "status": "pending", "href": url}
-    return web.json_response(body, status=202, headers={"Location": url})
+    body = Pending(hold_id, wallet_id, "pending", url)
+    return json_response(body, status=202, headers={"Location": url})
