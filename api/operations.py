@@ -38,6 +38,7 @@ from shared.codec import (
     BALANCE_LIMIT,
     KEY_REUSED,
     WALLET_NOT_FOUND,
+    Kind,
     Outcome,
     Status,
     key_reused,
@@ -80,7 +81,8 @@ def outcome_response(o: Outcome) -> web.Response:
         )
     else:
         error = errors.InsufficientFunds(
-            f"The balance of {body.balance} is less than the {body.amount} to withdraw",
+            f"The available funds of {body.available} are less than the {body.amount} to "
+            + ("hold" if o.kind == Kind.HOLD else "withdraw"),
             operation=body,
         )
     response = error_response(error, headers=headers)

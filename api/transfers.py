@@ -100,7 +100,8 @@ def transfer_response(o: Outcome) -> web.Response:
     error: errors.WalletError
     if o.reason == INSUFFICIENT_FUNDS:
         error = errors.InsufficientFunds(
-            f"The balance of {body.balance} is less than the {body.amount} to transfer",
+            f"The source's available funds are less than the {body.amount} to transfer "
+            f"(its balance is {body.balance})",
             transfer=body,
         )
     elif o.reason == WALLET_NOT_FOUND:
