@@ -151,6 +151,21 @@ async def test_the_same_key_sent_concurrently_places_one_hold(client: Client, wa
     assert await wallet_state(client, wallet) == ("10.00", "1.00", "9.00")
 
 
+async def test_one_capture_key_sent_concurrently_captures_once(
+    client: Client, wallet: str, pg: Any
+) -> None:
+    await deposit(client, wallet, "10.00")
+    _, hold, _ = await place(client, wallet, "4.00")
+    answers = await asyncio.gather(
+        *(end(client, hold["id"], "capture", key="ship", amount="3.00") for _ in range(20))
+    )
+    assert {(status, body["captured"]) for status, body, _ in answers} == {(200, "3.00")}
+    replayed = [h.get("Idempotent-Replayed") for _, _, h in answers]
+    assert replayed.count("true") == 19
+    assert await wallet_state(client, wallet) == ("7.00", "0.00", "7.00")
+    assert [r["kind"] for r in await ledger(pg, wallet)].count("HOLD_CAPTURE") == 1
+
+
 async def test_of_a_capture_a_void_and_a_capture_sent_at_once_exactly_one_wins(
     client: Client, wallet: str
 ) -> None:
