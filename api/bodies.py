@@ -26,7 +26,7 @@ from shared.codec import (
     TRANSFER_LEGS,
 )
 from shared.errors import InvalidInput
-from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, parse_amount
+from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, parse_amount, whole_number
 
 Uuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
 Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
@@ -188,20 +188,22 @@ class HoldRequest(Body):
     expires."""
 
     amount: Amount
-    expires_in: (
-        Annotated[
-            int,
-            Meta(
-                ge=1,
-                description="Seconds until it expires by itself (HOLD_EXPIRES_DEFAULT if left "
-                "out; at most HOLD_EXPIRES_MAX)",
-            ),
-        ]
-        | UnsetType
-    ) = UNSET
+    expires_in: Annotated[
+        Any,
+        Meta(
+            extra_json_schema={
+                "type": "integer",
+                "minimum": 1,
+                "description": "Seconds until it expires by itself (HOLD_EXPIRES_DEFAULT if "
+                "left out; at most HOLD_EXPIRES_MAX)",
+            }
+        ),
+    ] = UNSET
 
     def __post_init__(self) -> None:
         self.amount = parse_amount(self.amount)
+        if self.expires_in is not UNSET:
+            self.expires_in = whole_number("expires_in", self.expires_in, least=1)
 
 
 class CaptureRequest(Body):

@@ -190,7 +190,8 @@ async def test_a_hold_expires_by_itself_and_is_never_captured_after(
     client: Client, wallet: str
 ) -> None:
     await deposit(client, wallet, "10.00")
-    _, hold, _ = await place(client, wallet, "4.00", expires_in=1)
+    status, hold, _ = await place(client, wallet, "4.00", expires_in=1)
+    assert status == 201, hold
     expires_at = hold["expires_at"]
     assert await hold_status(client, hold["id"]) == "held"
 
