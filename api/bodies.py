@@ -27,6 +27,7 @@ from shared.codec import (
 )
 from shared.errors import InvalidInput
 from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, parse_amount, whole_number
+from shared.settings import Settings
 
 Uuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
 Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
@@ -184,8 +185,7 @@ class Transfer(Body):
 
 
 class HoldRequest(Body):
-    """Reserves an amount of the wallet's available funds until it is captured, voided, or
-    expires."""
+    """Reserves an amount of the wallet's available funds until captured, voided or expired."""
 
     amount: Amount
     expires_in: Annotated[
@@ -194,8 +194,9 @@ class HoldRequest(Body):
             extra_json_schema={
                 "type": "integer",
                 "minimum": 1,
+                "maximum": Settings.hold_expires_max,
                 "description": "Seconds until it expires by itself (HOLD_EXPIRES_DEFAULT if "
-                "left out; at most HOLD_EXPIRES_MAX)",
+                "left out; at most HOLD_EXPIRES_MAX, by default the maximum shown)",
             }
         ),
     ] = UNSET

@@ -24,7 +24,16 @@ from tests.helpers import eventually, ledger, operate, wallet_in
 from worker.apply import Fenced, Known, Resending, apply_batch
 from worker.decide import Entry, WalletState
 from worker.ownership import take_shard
-from worker.sql import DUE, EPOCHS, READ_WALLETS, RECORD_BATCH, RESCHEDULE, UNSETTLED_COUNTS
+from worker.sql import (
+    DUE,
+    EPOCHS,
+    HELD_IN_SHARDS,
+    READ_HOLDS,
+    READ_WALLETS,
+    RECORD_BATCH,
+    RESCHEDULE,
+    UNSETTLED_COUNTS,
+)
 from worker.worker import Worker, connect
 
 
@@ -312,7 +321,7 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
     must stay a lookup by key: on fresh copies of the tables, before and after ANALYZE."""
     schema = f"plans_{uuid.uuid4().hex[:8]}"
     await pg.execute(f"CREATE SCHEMA {schema}")
-    for table in ("wallets", "operations", "shards", "transfers"):
+    for table in ("wallets", "operations", "shards", "transfers", "holds"):
         await pg.execute(f"CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)")
     redis, pool = await connect(settings, "plan-check")  # a worker's pool, its settings
     conn = await pool.acquire()
@@ -325,7 +334,7 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                         "INSERT INTO wallets (id)"
                         " SELECT gen_random_uuid() FROM generate_series(1, 20)"
                     )
-                await conn.execute("ANALYZE wallets, operations, shards, transfers")
+                await conn.execute("ANALYZE wallets, operations, shards, transfers, holds")
             for name, statement in {
                 "read_wallets": READ_WALLETS,
                 "record_batch": RECORD_BATCH,
@@ -333,6 +342,8 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                 "due": DUE,
                 "reschedule": RESCHEDULE,
                 "unsettled_counts": UNSETTLED_COUNTS,
+                "read_holds": READ_HOLDS,
+                "held_in_shards": HELD_IN_SHARDS,
             }.items():
                 await conn.execute(f"PREPARE {name}_{step} AS {statement}")
                 params = max(int(n) for n in re.findall(r"\$(\d+)", statement))

@@ -59,7 +59,7 @@ class Checks:
         for op in self.sent:
             self.answered(op, by_id)
         await self.balances(rows)
-        await self.holds(by_id)
+        await self.holds()
         self.twins()
         await self.ownership()
         self.processes()
@@ -168,7 +168,7 @@ class Checks:
             out is not None
             and legs == ("rejected", None, None)
             and out["reason"] == INSUFFICIENT_FUNDS
-            and out["balance_after"] < op.minor
+            and out["balance_after"] - out["held_after"] < op.minor  # what was available
         )
         if op.final != 200 and not (op.final == 409 and funds_short):
             self.problem(
@@ -228,20 +228,20 @@ class Checks:
                 f"withdrawals and captures to {brought}"
             )
 
-    async def holds(self, by_id: Rows) -> None:
-        """Each hold ended at most once, as its ledger says, never capturing more than it
-        held, by the one request answered 200 if any; none held long past its expiry; each
-        wallet's held amount is its held holds'."""
+    async def holds(self) -> None:
+        """Each hold ended at most once, as its ledger says, by the one request answered 200
+        if any, never capturing more than it held; none held long past its expiry; each
+        wallet's held amount is its held holds'. Each read is one snapshot: holds expire
+        while the checks run."""
         holds = await self.pg.fetch(
-            "SELECT id::text, wallet_id::text, amount, status, captured,"
-            " extract(epoch FROM now() - expires_at)::float8 AS overdue FROM holds"
-            " WHERE wallet_id = any($1::uuid[])",
+            "SELECT h.id::text, h.status, h.amount, h.captured,"
+            " extract(epoch FROM now() - h.expires_at)::float8 AS overdue,"
+            " array_remove(array_agg(o.kind ORDER BY o.seq), NULL) AS ends"
+            " FROM holds h LEFT JOIN operations o ON o.wallet_id = h.wallet_id"
+            " AND o.hold_id = h.id AND o.kind <> 'HOLD'"
+            " WHERE h.wallet_id = any($1::uuid[]) GROUP BY h.wallet_id, h.id",
             self.wallets,
         )
-        ends: dict[str, list[Any]] = {}
-        for r in by_id.values():
-            if r["hold_id"] and r["kind"] != Kind.HOLD:
-                ends.setdefault(r["hold_id"], []).append(r)
         won: dict[str, list[Sent]] = {}
         for op in self.sent:
             if op.hold and op.final == 200:
@@ -253,8 +253,8 @@ class Checks:
         }
         for h in holds:
             self.report.holds[h["status"]] += 1
-            rows, winners = ends.get(h["id"], []), won.get(h["id"], [])
-            kinds = [ended_as[Kind(r["kind"])] for r in rows]
+            winners = won.get(h["id"], [])
+            kinds = [ended_as[Kind(kind)] for kind in h["ends"]]
             if kinds != ([] if h["status"] == HoldStatus.HELD else [h["status"]]):
                 self.problem(f"hold {h['id']} is {h['status']}, its ledger ends it {kinds}")
             if h["captured"] > h["amount"]:
