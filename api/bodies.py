@@ -188,14 +188,17 @@ class HoldRequest(Body):
     expires."""
 
     amount: Amount
-    expires_in: Annotated[
-        int | UnsetType,
-        Meta(
-            ge=1,
-            description="Seconds until it expires by itself (HOLD_EXPIRES_DEFAULT if "
-            "left out; at most HOLD_EXPIRES_MAX)",
-        ),
-    ] = UNSET
+    expires_in: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                description="Seconds until it expires by itself (HOLD_EXPIRES_DEFAULT if left "
+                "out; at most HOLD_EXPIRES_MAX)",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
     def __post_init__(self) -> None:
         self.amount = parse_amount(self.amount)
