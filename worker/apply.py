@@ -194,9 +194,10 @@ async def _record(
     placed = [h for h in decided.holds if h.placed]
     ended = [h for h in decided.holds if not h.placed]
     placed_columns = _columns([h[:8] for h in placed], 8)
+    ledger = _columns(decided.rows, len(LedgerRow._fields))
     written = await conn.fetch(
         RECORD_BATCH,
-        *_columns(decided.rows, len(LedgerRow._fields)),
+        *ledger[:10],
         ids,
         [wallets[i].start.balance for i in ids],
         [wallets[i].start.op_seq for i in ids],
@@ -211,7 +212,7 @@ async def _record(
         moves[5],
         resending.after,
         resending.most,
-        *_columns(decided.rows, len(LedgerRow._fields))[10:],
+        *ledger[10:],  # hold_id, held_after: $35, $36
         [wallets[i].start.held for i in ids],
         [wallets[i].held for i in ids],
         *placed_columns[:6],
