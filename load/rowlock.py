@@ -189,9 +189,11 @@ async def place_hold(request: web.Request) -> web.Response:
         else:
             held += amount
             status, reason = "applied", None
+            # Shard -1: no worker's, so the service beside it on these tables never
+            # expires the reference's holds.
             await conn.execute(
                 "INSERT INTO holds (wallet_id, id, amount, status, expires_at, shard)"
-                " VALUES ($1, $2, $3, 'held', now() + make_interval(secs => $4), 0)",
+                " VALUES ($1, $2, $3, 'held', now() + make_interval(secs => $4), -1)",
                 wallet_id,
                 hold_id,
                 amount,
