@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 
 from devtools.processes import ROOT
-from load.bench.phases import Model
+from load.bench.phases import Load, Model
 from load.bench.results import Result, Results, best_row_lock
 from load.bench.targets import Row
 
@@ -97,23 +97,37 @@ def targets_table(rows: list[Row]) -> str:
 
 def report(heading: str, results: Results, rows: list[Row]) -> str:
     """The whole report: the heading, each table that has rows, the targets."""
-    parts = [
-        heading,
-        "Closed loop (deposits of 0.01; each connection sends its next request when the "
-        "answer to the last is in):",
-        closed_table(results.closed_summary()),
-    ]
-    if opened := results.select(closed=False, transfers=False):
+    parts = [heading]
+    if closed := results.closed_summary():
+        parts += [
+            "Closed loop (deposits of 0.01; each connection sends its next request when the "
+            "answer to the last is in):",
+            closed_table(closed),
+        ]
+    if opened := results.select(closed=False, load=Load.OPERATIONS):
         parts += ["Open model (deposits and withdrawals at a constant rate):", table(opened)]
-    if results.select(closed=True, transfers=True):
+    if results.select(closed=True, load=Load.TRANSFERS):
         parts += [
             "Transfers of 1.00 to 10.00, closed loop (a hot destination receiving from many "
             "sources, a hot source paying many destinations, and transfers among many "
             "wallets at random):",
-            closed_table(results.closed_summary(transfers=True)),
+            closed_table(results.closed_summary(Load.TRANSFERS)),
         ]
-    if opened := results.select(closed=False, transfers=True):
+    if opened := results.select(closed=False, load=Load.TRANSFERS):
         parts += ["Transfers, open model:", table(opened)]
+    if results.select(closed=True, load=Load.HOLDS):
+        parts += [
+            "Holds of 1.00 to 10.00, closed loop (each placed under a key the client chose, "
+            "then captured whole on the same connection once placed: two requests, both "
+            "counted):",
+            closed_table(results.closed_summary(Load.HOLDS)),
+        ]
+    if opened := results.select(closed=False, load=Load.HOLDS):
+        parts += [
+            "Holds, open model (a hold and its capture are two requests of the rate: the "
+            "capture is sent once the hold is answered, and timed from then):",
+            table(opened),
+        ]
     parts += ["Targets:", targets_table(rows)]
     return "\n\n".join(parts)
 
