@@ -24,7 +24,14 @@ from api.inputs import (
     wallet_id_from_path,
 )
 from api.operations import REPLAYED_HEADER, outcome_response, queue_and_await, recorded_outcome
-from api.render import hold_body, hold_url
+from api.render import (
+    HoldFacts,
+    hold_body,
+    hold_facts,
+    hold_from_outcome,
+    hold_url,
+    time_of_ms,
+)
 from api.wallets import ensure_exists, ensure_visible, remember
 from shared import errors
 from shared.codec import (
@@ -43,6 +50,9 @@ from shared.money import format_minor
 
 routes = web.RouteTableDef()
 HOLD_STATUSES = tuple(map(str, HoldStatus))
+# An outcome that ended a hold, paid to nobody, and the status it left the hold in (a
+# capture paid to a wallet is answered by its transfer's outcome).
+ENDED_BY = {Kind.HOLD_CAPTURE: HoldStatus.CAPTURED, Kind.HOLD_VOID: HoldStatus.VOIDED}
 
 
 def hold_id_from_path(raw: str) -> str:
@@ -83,19 +93,22 @@ async def place_hold(request: web.Request) -> web.Response:
         return _pending(hold_id, wallet_id)
     if outcome.status != APPLIED:
         return outcome_response(outcome)
-    remember(request.app[HOLD_WALLETS], hold_id, (wallet_id, outcome.amount))
-    row = await _hold_row(request, hold_id)
     headers = {"Location": hold_url(hold_id)}
-    if outcome.replayed:
+    if outcome.replayed:  # placed before: as it is now
         headers[REPLAYED_HEADER] = "true"
-    return json_response(hold_body(row), status=201, headers=headers)
+        return json_response(hold_body(await _hold_row(request, hold_id)), 201, headers)
+    facts = HoldFacts(wallet_id, outcome.amount, time_of_ms(expires_at), outcome.created_at)
+    remember(request.app[HOLD_WALLETS], hold_id, facts)
+    held = hold_from_outcome(hold_id, facts, outcome, HoldStatus.HELD)
+    return json_response(held, status=201, headers=headers)
 
 
 @routes.post("/api/v1/holds/{hold_id}/capture")
 async def capture_hold(request: web.Request) -> web.Response:
     hold_id = hold_id_from_path(request.match_info["hold_id"])
     body = decode(await _optional_json(request), CaptureRequest)
-    wallet_id, held = await _hold_of(request, hold_id)
+    facts = await _hold_of(request, hold_id)
+    wallet_id, held = facts.wallet_id, facts.amount
     amount = held if body.amount is UNSET else body.amount
     if amount > held:
         raise errors.InvalidInput("amount", f"must be at most the held {format_minor(held)}")
@@ -104,14 +117,14 @@ async def capture_hold(request: web.Request) -> web.Response:
         raise errors.InvalidInput("to", "must be another wallet than the hold's")
     if to:
         await ensure_exists(request, to, " (to)")
-    return await _end_hold(request, hold_id, wallet_id, Kind.HOLD_CAPTURE, amount, to)
+    return await _end_hold(request, hold_id, facts, Kind.HOLD_CAPTURE, amount, to)
 
 
 @routes.post("/api/v1/holds/{hold_id}/void")
 async def void_hold(request: web.Request) -> web.Response:
     hold_id = hold_id_from_path(request.match_info["hold_id"])
-    wallet_id, held = await _hold_of(request, hold_id)
-    return await _end_hold(request, hold_id, wallet_id, Kind.HOLD_VOID, held, "")
+    facts = await _hold_of(request, hold_id)
+    return await _end_hold(request, hold_id, facts, Kind.HOLD_VOID, facts.amount, "")
 
 
 @routes.get("/api/v1/holds/{hold_id}")
@@ -138,10 +151,11 @@ async def list_holds(request: web.Request) -> web.Response:
 
 
 async def _end_hold(
-    request: web.Request, hold_id: str, wallet_id: str, kind: str, amount: int, to: str
+    request: web.Request, hold_id: str, facts: HoldFacts, kind: str, amount: int, to: str
 ) -> web.Response:
     """Queues the capture or void on the hold's wallet and answers with the hold as it
     ended, or why it did not."""
+    wallet_id = facts.wallet_id
     op_id = hold_step_id(hold_id, idempotency_key(request))
     transfer_id = capture_transfer_id(hold_id) if to else ""
     outcome = await queue_and_await(
@@ -161,16 +175,21 @@ async def _end_hold(
     )
     if outcome is None:
         return _pending(hold_id, wallet_id)
-    return await _ending_response(request, hold_id, outcome)
+    return await _ending_response(request, hold_id, facts, outcome)
 
 
-async def _ending_response(request: web.Request, hold_id: str, o: Outcome) -> web.Response:
+async def _ending_response(
+    request: web.Request, hold_id: str, facts: HoldFacts, o: Outcome
+) -> web.Response:
     if o.status in (WALLET_NOT_FOUND, Status.HOLD_NOT_FOUND):
         raise errors.HoldNotFound(f"No hold has the id {hold_id}")
     if o.status == KEY_REUSED:
         return outcome_response(o)
     if o.status == Status.ABOVE_HOLD:
         raise errors.InvalidInput("amount", "must be at most the held amount")
+    if o.status == APPLIED and not o.replayed and o.kind in ENDED_BY:
+        # Just ended here, paid to nobody: the outcome has all the hold's news.
+        return json_response(hold_from_outcome(hold_id, facts, o, ENDED_BY[Kind(o.kind)]))
     row = await _hold_row(request, hold_id)
     if o.status == Status.HOLD_NOT_ACTIVE:
         raise errors.HoldNotActive(
@@ -181,8 +200,8 @@ async def _ending_response(request: web.Request, hold_id: str, o: Outcome) -> we
     return json_response(hold_body(row), headers=headers)
 
 
-async def _hold_of(request: web.Request, hold_id: str) -> tuple[str, int]:
-    """The hold's wallet and amount, if the caller may see it: 404 otherwise, the same as
+async def _hold_of(request: web.Request, hold_id: str) -> HoldFacts:
+    """What never changes of the hold, if the caller may see it: 404 otherwise, the same as
     for no hold at all."""
     known = request.app[HOLD_WALLETS]
     found = known.get(hold_id)
@@ -191,10 +210,10 @@ async def _hold_of(request: web.Request, hold_id: str) -> tuple[str, int]:
             row = await queries.get_hold(conn, hold_id)
         if row is None:
             raise errors.HoldNotFound(f"No hold has the id {hold_id}")
-        found = (row["wallet_id"], row["amount"])
+        found = hold_facts(row)
         remember(known, hold_id, found)
     try:
-        await ensure_visible(request, found[0])
+        await ensure_visible(request, found.wallet_id)
     except errors.WalletNotFound:
         raise errors.HoldNotFound(f"No hold has the id {hold_id}") from None
     return found

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 from api.bodies import Hold, Operation, Transfer, TransferStatus, Wallet
 from shared.codec import (
@@ -95,6 +96,48 @@ def transfer_from_row(row: Any) -> Transfer:
 def outcome_from_row(row: Any) -> Outcome:
     return ledger_outcome(
         row, op_id=row["id"], wallet_id=row["wallet_id"], created_at=format_time(row["created_at"])
+    )
+
+
+class HoldFacts(NamedTuple):
+    """What never changes of a hold: enough, with an outcome, to answer without reading it."""
+
+    wallet_id: str
+    amount: int
+    expires_at: str
+    created_at: str
+
+
+def hold_facts(row: Any) -> HoldFacts:
+    return HoldFacts(
+        row["wallet_id"],
+        row["amount"],
+        format_time(row["expires_at"]),
+        format_time(row["created_at"]),
+    )
+
+
+def time_of_ms(ms: int) -> str:
+    """A time in ms since the epoch, as the API writes times."""
+    return format_time(
+        datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+    )
+
+
+def hold_from_outcome(hold_id: str, facts: HoldFacts, o: Outcome, status: str) -> Hold:
+    """A hold as the writer's outcome (placing it, or ending it) just left it."""
+    return Hold(
+        id=hold_id,
+        wallet_id=facts.wallet_id,
+        amount=format_minor(facts.amount),
+        status=status,  # type: ignore[arg-type]
+        captured=format_minor(o.amount) if status == "captured" else None,
+        expires_at=facts.expires_at,
+        created_at=facts.created_at,
+        updated_at=o.created_at,
+        balance=format_minor(o.balance_after),
+        available=format_minor(o.balance_after - o.held_after),
+        href=hold_url(hold_id),
     )
 
 
