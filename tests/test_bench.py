@@ -34,7 +34,14 @@ from load.bench.phases import (
     plan,
     search,
 )
-from load.bench.report import BENCHMARKS, MARK_END, MARK_START, closed_table, update_docs
+from load.bench.report import (
+    BENCHMARKS,
+    HOLD_MARKS,
+    MARK_END,
+    MARK_START,
+    closed_table,
+    update_docs,
+)
 from load.bench.results import Result, Results
 from load.bench.run import held_exact
 from load.bench.targets import Row, failed, judged, targets
@@ -396,6 +403,19 @@ def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) 
     with pytest.raises(ValueError, match="once each"):
         update_docs(report, unmarked)
     assert unmarked.read_text() == "no markers here\n"
+
+
+def test_a_holds_only_run_writes_its_own_block_and_leaves_the_full_run_s(tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    first, last = HOLD_MARKS
+    page.write_text(f"{MARK_START}\nfull run\n{MARK_END}\n\n{first}\n{last}\n")
+    update_docs("holds alone", page, marks=HOLD_MARKS)
+    assert page.read_text() == (
+        f"{MARK_START}\nfull run\n{MARK_END}\n\n{first}\nholds alone\n{last}\n"
+    )
+    update_docs("a full run", page)
+    assert "holds alone" in page.read_text()
+    assert HOLD_MARKS[0] in BENCHMARKS.read_text()
 
 
 def test_the_tables_live_in_docs_benchmarks_and_nowhere_else() -> None:

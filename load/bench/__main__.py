@@ -19,7 +19,7 @@ import uvloop
 from devtools.servers import redis_cluster, redis_server_7, servers_from_env
 from load.bench.designs import checkout
 from load.bench.phases import CLOSED_LOOPS, SMOKE_CLOSED_LOOPS, Design, Kind, constant
-from load.bench.report import heading, report, update_docs
+from load.bench.report import HOLD_MARKS, IN_THE_FULL_RUN, heading, report, update_docs
 from load.bench.run import bench
 from load.bench.targets import failed, judged, targets
 
@@ -193,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     text = report(head, results, judged(results, held_to))
     print("\n" + text)
     if args.update_docs:
-        update_docs(text)
+        if args.holds_only and not args.transfers_only:
+            update_docs(text, marks=HOLD_MARKS)
+        else:
+            update_docs(text)
+            if any(result.phase.holds for result in results.runs):
+                update_docs(IN_THE_FULL_RUN, marks=HOLD_MARKS)
     return 1 if failed(results, constant(args.rate, args.rate_wallets)) else 0
 
 

@@ -15,6 +15,10 @@ from load.bench.targets import Row
 
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"  # --update-docs rewrites its marked block
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# A --holds-only run's tables have a block of their own, so that they do not replace the
+# full run's; a full run that holds them too empties it.
+HOLD_MARKS = ("<!-- bench:holds:start -->", "<!-- bench:holds:end -->")
+IN_THE_FULL_RUN = "The hold phases are in the run above."
 
 
 def table(results: list[Result]) -> str:
@@ -165,12 +169,15 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}"
 
 
-def update_docs(report: str, page: Path = BENCHMARKS) -> None:
-    """Puts `report` between the page's markers, leaving the rest of it as it is."""
+def update_docs(
+    report: str, page: Path = BENCHMARKS, marks: tuple[str, str] = (MARK_START, MARK_END)
+) -> None:
+    """Puts `report` between the page's `marks`, leaving the rest of it as it is."""
     text = page.read_text()
-    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1:
-        raise ValueError(f"{page} must hold {MARK_START} and {MARK_END} once each")
-    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
+    first, last = marks
+    if text.count(first) != 1 or text.count(last) != 1:
+        raise ValueError(f"{page} must hold {first} and {last} once each")
+    start, end = text.index(first) + len(first), text.index(last)
     if end < start:
-        raise ValueError(f"{page}: {MARK_END} comes before {MARK_START}")
+        raise ValueError(f"{page}: {last} comes before {first}")
     page.write_text(text[:start] + "\n" + report + "\n" + text[end:])
