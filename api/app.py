@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from api import health, operations, transfers, wallets
+from api import health, holds, operations, transfers, wallets
 from api.appkeys import (
     DEADLINES,
     ENQUEUE,
     HASHING,
+    HOLD_WALLETS,
     KEYS,
     KNOWN_WALLETS,
     LIVE,
@@ -126,10 +127,11 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = ApiMetrics()
     app[OWNERS] = {}
     app[KNOWN_WALLETS] = {}
+    app[HOLD_WALLETS] = {}
     app[LIVE] = LiveStats()
     app[HASHING] = Slots(settings.password_hash_concurrency, settings.password_hash_queue)
     app.cleanup_ctx.extend([request_deadlines, postgres, redis_and_replies, metrics_listener])
-    for resource in (wallets, operations, transfers, health):
+    for resource in (wallets, operations, transfers, holds, health):
         app.add_routes(resource.routes)
     app.add_routes(auth_routes)
     app.router.add_get("/api/openapi.json", openapi_json)

@@ -9,6 +9,7 @@ from api.deadlines import Deadlines
 from api.enqueue import Enqueuer
 from api.limits import Slots
 from api.live import LiveStats
+from api.render import HoldFacts
 from api.replies import ReplyListener
 from shared.connections import RedisClient
 from shared.keys import KeySpace
@@ -32,3 +33,5 @@ HASHING = web.AppKey("hashing", Slots)
 OWNERS = web.AppKey("owners", dict[str, str])
 # ids of wallets this process has found to exist (wallets are never deleted)
 KNOWN_WALLETS = web.AppKey("known_wallets", dict[str, None])
+# hold id -> what never changes of it, for the holds this process placed or looked up
+HOLD_WALLETS = web.AppKey("hold_wallets", dict[str, HoldFacts])

@@ -21,18 +21,13 @@ from aiohttp import web
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.codec import (
-    COMPLETED,
-    IN_FLIGHT,
+    HOLD_KINDS,
     OPERATION_TYPES,
-    REJECTED,
-    RETURNING,
     TRANSFER_LEGS,
-    Outcome,
-    format_time,
-    ledger_outcome,
 )
 from shared.errors import InvalidInput
-from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, format_minor, parse_amount
+from shared.money import AMOUNT_SCHEMA, MONEY_PATTERN, parse_amount, whole_number
+from shared.settings import Settings
 
 Uuid = Annotated[str, Meta(extra_json_schema={"format": "uuid"})]
 Time = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
@@ -55,8 +50,18 @@ class OperationType(enum.StrEnum):
 
 assert tuple(map(str, OperationType)) == OPERATION_TYPES
 # Every kind the ledger holds, in one enum (a union of two is two types to generators).
-LedgerKind = Literal["DEPOSIT", "WITHDRAW", "TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_RETURN"]
-assert LedgerKind.__args__ == OPERATION_TYPES + TRANSFER_LEGS  # type: ignore[attr-defined]
+LedgerKind = Literal[
+    "DEPOSIT",
+    "WITHDRAW",
+    "TRANSFER_OUT",
+    "TRANSFER_IN",
+    "TRANSFER_RETURN",
+    "HOLD",
+    "HOLD_CAPTURE",
+    "HOLD_VOID",
+    "HOLD_EXPIRE",
+]
+assert LedgerKind.__args__ == OPERATION_TYPES + TRANSFER_LEGS + HOLD_KINDS  # type: ignore[attr-defined]
 Amount = Annotated[Any, Meta(extra_json_schema=AMOUNT_SCHEMA)]
 USERNAME_PATTERN = "^[A-Za-z0-9_.-]{3,64}$"
 PASSWORD_LENGTH = (10, 256)
@@ -106,6 +111,10 @@ class RefreshToken(Body):
 class Wallet(Body):
     id: Uuid
     balance: Money
+    held: Annotated[Money, Meta(description="What the wallet's holds reserve of the balance")]
+    available: Annotated[
+        Money, Meta(description="balance - held: what may be withdrawn, transferred or held")
+    ]
     created_at: Time
     updated_at: Time
 
@@ -133,6 +142,10 @@ class Operation(Body):
     transfer_id: Annotated[Uuid | None, Meta(description="The transfer of a leg")] = None
     counterparty: Annotated[
         Uuid | None, Meta(description="A leg's other wallet: the destination of a debit")
+    ] = None
+    hold_id: Annotated[Uuid | None, Meta(description="The hold of a HOLD_* row")] = None
+    available: Annotated[
+        Money | None, Meta(description="The wallet's available funds after this operation")
     ] = None
 
 
@@ -171,6 +184,69 @@ class Transfer(Body):
     href: str
 
 
+class HoldRequest(Body):
+    """Reserves an amount of the wallet's available funds until captured, voided or expired."""
+
+    amount: Amount
+    expires_in: Annotated[
+        Any,
+        Meta(
+            extra_json_schema={
+                "type": "integer",
+                "minimum": 1,
+                "maximum": Settings.hold_expires_max,
+                "description": "Seconds until it expires by itself (HOLD_EXPIRES_DEFAULT if "
+                "left out; at most HOLD_EXPIRES_MAX, by default the maximum shown)",
+            }
+        ),
+    ] = UNSET
+
+    def __post_init__(self) -> None:
+        self.amount = parse_amount(self.amount)
+        if self.expires_in is not UNSET:
+            self.expires_in = whole_number("expires_in", self.expires_in, least=1)
+
+
+class CaptureRequest(Body):
+    """Captures the hold: `amount` (at most the held amount; all of it if left out) leaves
+    the wallet, paid to the wallet `to` if given; the rest is released."""
+
+    amount: Amount | UnsetType = UNSET
+    to: Annotated[uuid.UUID | UnsetType, Meta(description="The wallet paid")] = UNSET
+
+    def __post_init__(self) -> None:
+        if self.amount is not UNSET:
+            self.amount = parse_amount(self.amount)
+
+
+HoldStatusName = Literal["held", "captured", "voided", "expired"]
+
+
+class Hold(Body):
+    """A hold and how it stands: `held` (reserved), then once `captured`, `voided` or
+    `expired`; `balance` and `available` are its wallet's now."""
+
+    id: Uuid
+    wallet_id: Uuid
+    amount: Money
+    status: HoldStatusName
+    captured: Annotated[Money | None, Meta(description="What a capture took")]
+    expires_at: Time
+    created_at: Time
+    updated_at: Time
+    balance: Money
+    available: Money
+    to: Annotated[Uuid | None, Meta(description="The wallet a capture paid")] = None
+    transfer_id: Annotated[Uuid | None, Meta(description="The transfer that pays it")] = None
+    transfer_status: TransferStatus | None = None
+    href: str = ""
+
+
+class HoldPage(Body):
+    items: list[Hold]
+    next_cursor: Annotated[str | None, Meta(description="The cursor of the next page")]
+
+
 class OperationPage(Body):
     items: list[Operation]
     next_cursor: Annotated[str | None, Meta(description="The cursor of the next page")]
@@ -202,6 +278,7 @@ class Problem(Body, omit_defaults=True):
     operation_id: Uuid | UnsetType = UNSET
     transfer: Transfer | UnsetType = UNSET
     transfer_id: Uuid | UnsetType = UNSET
+    hold: Hold | UnsetType = UNSET
     checks: dict[str, str] | UnsetType = UNSET
 
 
@@ -260,6 +337,10 @@ BODIES: tuple[type[Body], ...] = (
     Pending,
     TransferRequest,
     Transfer,
+    HoldRequest,
+    CaptureRequest,
+    Hold,
+    HoldPage,
     Problem,
     User,
     Tokens,
@@ -317,81 +398,4 @@ def json_response(
         status=status,
         content_type="application/json",
         headers=headers,
-    )
-
-
-def wallet_body(row: Any) -> Wallet:
-    return Wallet(
-        id=row["id"],
-        balance=format_minor(row["balance"]),
-        created_at=format_time(row["created_at"]),
-        updated_at=format_time(row["updated_at"]),
-    )
-
-
-def operation_body(o: Outcome) -> Operation:
-    return Operation(
-        id=o.op_id,
-        wallet_id=o.wallet_id,
-        operation_type=o.kind,  # type: ignore[arg-type]
-        amount=format_minor(o.amount),
-        status=o.status,  # type: ignore[arg-type]
-        reason=o.reason,  # type: ignore[arg-type]
-        balance=format_minor(o.balance_after),
-        seq=o.seq,
-        created_at=o.created_at,
-        transfer_id=o.transfer_id or None,
-        counterparty=o.counterparty or None,
-    )
-
-
-def transfer_body(
-    transfer_id: str,
-    source: str,
-    destination: str,
-    amount: int,
-    status: TransferStatus,
-    reason: str | None = None,
-    balance: int | None = None,
-    created_at: str | None = None,
-) -> Transfer:
-    return Transfer(
-        id=transfer_id,
-        from_=source,
-        to=destination,
-        amount=format_minor(amount),
-        status=status,
-        reason=reason,  # type: ignore[arg-type]
-        balance=None if balance is None else format_minor(balance),
-        created_at=created_at,
-        href=f"/api/v1/transfers/{transfer_id}",
-    )
-
-
-# A transfer's state as the client sees it: returning is still in flight.
-CLIENT_STATUS: dict[str, TransferStatus] = {
-    IN_FLIGHT: "in_flight",
-    RETURNING: "in_flight",
-    COMPLETED: "completed",
-    REJECTED: "rejected",
-}
-
-
-def transfer_from_row(row: Any) -> Transfer:
-    status = CLIENT_STATUS[row["status"]]
-    return transfer_body(
-        row["id"],
-        row["source_id"],
-        row["destination_id"],
-        row["amount"],
-        status,
-        row["reason"] if status == "rejected" else None,
-        row["source_balance_after"],
-        format_time(row["created_at"]),
-    )
-
-
-def outcome_from_row(row: Any) -> Outcome:
-    return ledger_outcome(
-        row, op_id=row["id"], wallet_id=row["wallet_id"], created_at=format_time(row["created_at"])
     )

@@ -12,7 +12,11 @@ from msgspec import Struct
 
 from api.bodies import (
     BODIES,
+    CaptureRequest,
     Credentials,
+    Hold,
+    HoldPage,
+    HoldRequest,
     Operation,
     Pending,
     Problem,
@@ -25,6 +29,7 @@ from api.inputs import (
     KEY_PATTERN,
     PAGE_LIMIT_DEFAULT,
     PAGE_LIMIT_MAX,
+    WALLETS_CURSOR,
 )
 
 REF = "#/components/schemas/"
@@ -217,4 +222,137 @@ AUTH_PATHS: dict[str, Any] = {
             "401": problem("Not a valid refresh token"),
         },
     ),
+}
+
+
+HOLD_ID = {"name": "hold_id", "in": "path", "required": True, "schema": UUID}
+HOLD_NOT_FOUND = problem("No such hold (a malformed id is not found either)")
+QUEUE_FULL = problem(
+    "The wallet's or shard's queue is full, or a dependency is down", retry_after=True
+)
+PENDING = {
+    "description": "Queued, but its outcome did not come in time: the Location (the hold) "
+    "shows it once decided",
+    "content": json_content(ref(Pending)),
+}
+
+
+def hold_end(operation_id: str, summary: str, body: type[Struct] | None) -> dict[str, Any]:
+    """A capture or a void: both end a held hold, once."""
+    described: dict[str, Any] = {
+        "operationId": operation_id,
+        "tags": ["holds"],
+        "summary": summary,
+        "parameters": [
+            HOLD_ID,
+            {
+                **KEY_HEADER,
+                "description": "Makes the request safe to retry, scoped to the hold: the same "
+                "key with the same request answers the first outcome again, with "
+                "Idempotent-Replayed: true; with another request, 422.",
+            },
+        ],
+        "responses": {
+            "200": {"description": "The hold as it ended", "content": json_content(ref(Hold))},
+            "202": PENDING,
+            **BODY_ERRORS,
+            "404": HOLD_NOT_FOUND,
+            "409": problem(
+                "The hold has ended already (captured, voided or expired): the problem's "
+                "`hold` shows how"
+            ),
+            "422": problem(
+                "A field is not valid (an amount above the held one, `to` the hold's own "
+                "wallet), or the Idempotency-Key was used for another request"
+            ),
+            "503": QUEUE_FULL,
+        },
+    }
+    if body is not None:
+        described["requestBody"] = {"required": False, "content": json_content(ref(body))}
+    return described
+
+
+# The holds' routes (api/holds.py).
+HOLD_PATHS: dict[str, Any] = {
+    "/api/v1/wallets/{wallet_id}/holds": {
+        "post": {
+            "operationId": "placeHold",
+            "tags": ["holds"],
+            "summary": "Reserve an amount of the wallet's available funds",
+            "parameters": [
+                WALLET_ID,
+                {
+                    **KEY_HEADER,
+                    "description": "Makes the request safe to retry, scoped to the wallet: "
+                    "the same key places the same hold, answered again with "
+                    "Idempotent-Replayed: true.",
+                },
+            ],
+            "requestBody": {"required": True, "content": json_content(ref(HoldRequest))},
+            "responses": {
+                "201": {
+                    "description": "Held; `available` is the wallet's after it",
+                    "content": json_content(ref(Hold)),
+                },
+                "202": PENDING,
+                **BODY_ERRORS,
+                "404": NOT_FOUND,
+                "409": problem("Refused: the wallet's available funds are short; recorded"),
+                "422": problem(
+                    "A field is not valid (`expires_in` above HOLD_EXPIRES_MAX), or the "
+                    "Idempotency-Key was used for another request"
+                ),
+                "503": QUEUE_FULL,
+            },
+        },
+        "get": {
+            "operationId": "listHolds",
+            "tags": ["holds"],
+            "summary": "The wallet's holds, newest first",
+            "parameters": [
+                WALLET_ID,
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["held", "captured", "voided", "expired"],
+                    },
+                    "description": "Only the holds in this status",
+                },
+                *paging(WALLETS_CURSOR),
+            ],
+            "responses": {
+                "200": {"description": "A page of holds", "content": json_content(ref(HoldPage))},
+                "404": NOT_FOUND,
+                "422": INVALID,
+                "503": UNAVAILABLE,
+            },
+        },
+    },
+    "/api/v1/holds/{hold_id}": {
+        "get": {
+            "operationId": "getHold",
+            "tags": ["holds"],
+            "summary": "A hold and how it stands: held, captured, voided or expired",
+            "parameters": [HOLD_ID],
+            "responses": {
+                "200": {"description": "The hold", "content": json_content(ref(Hold))},
+                "404": HOLD_NOT_FOUND,
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/v1/holds/{hold_id}/capture": {
+        "post": hold_end(
+            "captureHold",
+            "Capture a hold: all or part of it leaves the wallet (paid to `to` if given), "
+            "the rest is released",
+            CaptureRequest,
+        )
+    },
+    "/api/v1/holds/{hold_id}/void": {
+        "post": hold_end("voidHold", "Void a hold: its whole amount is available again", None)
+    },
 }

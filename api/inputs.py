@@ -6,6 +6,7 @@ import json
 import os
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -127,3 +128,24 @@ def cursor(request: web.Request, pattern: re.Pattern[str]) -> str | None:
     if raw is not None and not pattern.fullmatch(raw):
         raise InvalidInput("cursor", "must be the next_cursor of a page")
     return raw
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def time_cursor(position: str | None) -> tuple[datetime, str] | None:
+    """A (created_at, id) cursor as next_time_cursor wrote it."""
+    if not position:
+        return None
+    micros, _, last_id = position.partition("_")
+    return (EPOCH + timedelta(microseconds=int(micros)), last_id)
+
+
+def next_time_cursor(rows: list[Any], limit: int) -> str | None:
+    """The cursor of the page after `rows` (newest first by created_at, id), if full."""
+    if len(rows) < limit:
+        return None
+    last = rows[-1]
+    # Exact microseconds: a float would round some and skip or repeat rows.
+    micros = (last["created_at"] - EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{last['id']}"

@@ -29,6 +29,7 @@ from api.bodies import (
 from api.describe import (
     AUTH_PATHS,
     BODY_ERRORS,
+    HOLD_PATHS,
     INVALID,
     KEY_HEADER,
     NOT_FOUND,
@@ -319,7 +320,7 @@ PATHS: dict[str, Any] = {
     },
 }
 
-PATHS |= AUTH_PATHS
+PATHS |= HOLD_PATHS | AUTH_PATHS
 # With AUTH_ENABLED every /api/v1 route and the live view need a bearer access token;
 # without, none does.
 for path, methods in PATHS.items():
@@ -345,6 +346,10 @@ DOCUMENT: dict[str, Any] = {
         {"name": "wallets", "description": "Wallets and their balances"},
         {"name": "operations", "description": "Deposits, withdrawals, and the ledger"},
         {"name": "transfers", "description": "Moving an amount from one wallet to another"},
+        {
+            "name": "holds",
+            "description": "Funds reserved now, captured or voided later, or expired",
+        },
         {"name": "auth", "description": "Accounts and tokens, where AUTH_ENABLED is on"},
         {"name": "health", "description": "Liveness, readiness and metrics"},
         {"name": "web", "description": "The web page, this document, and /docs to try it"},

@@ -19,8 +19,6 @@ from api.bodies import (
     Pending,
     decode,
     json_response,
-    operation_body,
-    outcome_from_row,
 )
 from api.inputs import (
     OPERATIONS_CURSOR,
@@ -31,6 +29,7 @@ from api.inputs import (
     wallet_id_from_path,
 )
 from api.problems import error_response
+from api.render import operation_body, outcome_from_row
 from api.replies import RepliesMissed
 from api.wallets import ensure_visible
 from shared import errors, logs
@@ -39,6 +38,7 @@ from shared.codec import (
     BALANCE_LIMIT,
     KEY_REUSED,
     WALLET_NOT_FOUND,
+    Kind,
     Outcome,
     Status,
     key_reused,
@@ -81,7 +81,8 @@ def outcome_response(o: Outcome) -> web.Response:
         )
     else:
         error = errors.InsufficientFunds(
-            f"The balance of {body.balance} is less than the {body.amount} to withdraw",
+            f"The available funds of {body.available} are less than the {body.amount} to "
+            + ("hold" if o.kind == Kind.HOLD else "withdraw"),
             operation=body,
         )
     response = error_response(error, headers=headers)

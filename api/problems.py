@@ -29,6 +29,8 @@ DOMAIN_PROBLEMS: dict[type[errors.WalletError], tuple[int, str, str]] = {
     errors.WalletNotFound: (404, "wallet-not-found", "Wallet not found"),
     errors.OperationNotFound: (404, "operation-not-found", "Operation not found"),
     errors.TransferNotFound: (404, "transfer-not-found", "Transfer not found"),
+    errors.HoldNotFound: (404, "hold-not-found", "Hold not found"),
+    errors.HoldNotActive: (409, "hold-not-active", "The hold has ended"),
     errors.InsufficientFunds: (409, "insufficient-funds", "Insufficient funds"),
     errors.BalanceLimitExceeded: (409, "balance-limit", "The balance would exceed its limit"),
     errors.IdempotencyKeyReused: (

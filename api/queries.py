@@ -5,10 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-WALLET_COLUMNS = "id::text, balance, created_at, updated_at, owner_id::text"
+WALLET_COLUMNS = "id::text, balance, held, created_at, updated_at, owner_id::text"
 OPERATION_COLUMNS = (
     "wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after, created_at,"
-    " transfer_id::text, counterparty::text"
+    " transfer_id::text, counterparty::text, hold_id::text, held_after"
+)
+# A hold, its wallet's balance and held amount now, and the transfer of a capture paid to a
+# wallet.
+HOLD_COLUMNS = (
+    "h.id::text, h.wallet_id::text, h.amount, h.status, h.captured, h.expires_at, h.created_at,"
+    " h.updated_at, h.transfer_id::text, h.destination_id::text, w.balance, w.held,"
+    " t.status AS transfer_status"
+)
+HOLD_FROM = (
+    "holds h JOIN wallets w ON w.id = h.wallet_id"
+    " LEFT JOIN transfers t ON t.source_id = h.wallet_id AND t.id = h.transfer_id"
 )
 TRANSFER_COLUMNS = (
     "id::text, source_id::text, destination_id::text, amount, status, reason,"
@@ -69,6 +80,32 @@ async def get_operation(conn: Any, wallet_id: str, op_id: str) -> Any:
 async def get_transfer(conn: Any, transfer_id: str) -> Any:
     return await conn.fetchrow(
         f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = $1", transfer_id
+    )
+
+
+async def get_hold(conn: Any, hold_id: str) -> Any:
+    return await conn.fetchrow(f"SELECT {HOLD_COLUMNS} FROM {HOLD_FROM} WHERE h.id = $1", hold_id)
+
+
+async def list_holds(
+    conn: Any, wallet_id: str, status: str | None, limit: int, after: tuple[datetime, str] | None
+) -> list[Any]:
+    """The wallet's holds, newest first, only those in `status` unless it is None; `after`
+    is the (created_at, id) of the last hold of the previous page."""
+    args: list[Any] = [wallet_id, limit]
+    conditions = ["h.wallet_id = $1"]
+    if status is not None:
+        args.append(status)
+        conditions.append(f"h.status = ${len(args)}")
+    if after is not None:
+        args += after
+        conditions.append(
+            f"(h.created_at, h.id) < (${len(args) - 1}::timestamptz, ${len(args)}::uuid)"
+        )
+    return await conn.fetch(  # type: ignore[no-any-return]
+        f"SELECT {HOLD_COLUMNS} FROM {HOLD_FROM} WHERE {' AND '.join(conditions)}"
+        " ORDER BY h.created_at DESC, h.id DESC LIMIT $2",
+        *args,
     )
 
 

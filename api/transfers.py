@@ -10,17 +10,11 @@ from aiohttp import web
 
 from api import queries
 from api.appkeys import PG, QUEUE, REDIS
-from api.bodies import (
-    Transfer,
-    TransferRequest,
-    decode,
-    json_response,
-    transfer_body,
-    transfer_from_row,
-)
+from api.bodies import Transfer, TransferRequest, decode, json_response
 from api.inputs import idempotency_key, read_json_object, wallet_id_from_path
 from api.operations import REPLAYED_HEADER, queue_and_await
 from api.problems import error_response
+from api.render import transfer_body, transfer_from_row
 from api.wallets import ensure_exists, ensure_visible
 from shared import errors
 from shared.codec import (
@@ -106,7 +100,8 @@ def transfer_response(o: Outcome) -> web.Response:
     error: errors.WalletError
     if o.reason == INSUFFICIENT_FUNDS:
         error = errors.InsufficientFunds(
-            f"The balance of {body.balance} is less than the {body.amount} to transfer",
+            f"The source's available funds are less than the {body.amount} to transfer "
+            f"(its balance is {body.balance})",
             transfer=body,
         )
     elif o.reason == WALLET_NOT_FOUND:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -10,12 +9,20 @@ from aiohttp import web
 from api import queries
 from api.appkeys import KNOWN_WALLETS, OWNERS, PG, SETTINGS
 from api.auth import USER
-from api.bodies import WalletPage, json_response, wallet_body
-from api.inputs import WALLETS_CURSOR, cursor, page_limit, read_json_object, wallet_id_from_path
+from api.bodies import WalletPage, json_response
+from api.inputs import (
+    WALLETS_CURSOR,
+    cursor,
+    next_time_cursor,
+    page_limit,
+    read_json_object,
+    time_cursor,
+    wallet_id_from_path,
+)
+from api.render import wallet_body
 from shared import errors
 from shared.connections import connection_from
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 REMEMBERED = 100_000  # wallets per cache of an API process
 routes = web.RouteTableDef()
 
@@ -37,18 +44,10 @@ async def create_wallet(request: web.Request) -> web.Response:
 @routes.get("/api/v1/wallets")
 async def list_wallets(request: web.Request) -> web.Response:
     limit = page_limit(request)
-    after = None
-    if position := cursor(request, WALLETS_CURSOR):
-        micros, _, last_id = position.partition("_")
-        after = (EPOCH + timedelta(microseconds=int(micros)), last_id)
+    after = time_cursor(cursor(request, WALLETS_CURSOR))
     async with connection_from(request.app[PG]) as conn:
         rows = await queries.list_wallets(conn, limit, after, owner_filter(request))
-    next_cursor = None
-    if len(rows) == limit:
-        last = rows[-1]
-        # Exact microseconds: a float would round some and skip or repeat wallets.
-        micros = (last["created_at"] - EPOCH) // timedelta(microseconds=1)
-        next_cursor = f"{micros}_{last['id']}"
+    next_cursor = next_time_cursor(rows, limit)
     return json_response(WalletPage([wallet_body(r) for r in rows], next_cursor))
 
 

@@ -1,8 +1,9 @@
 """The row-lock reference: the usual design of this API, for the benchmark to compare with.
 
-One asyncpg transaction per operation (SELECT ... FOR UPDATE, UPDATE, INSERT), and per
-transfer (both rows locked in id order, both updated, two ledger rows), behind the same
-HTTP shape as the service, on the same tables. It is lean on purpose (aiohttp,
+One asyncpg transaction per operation (SELECT ... FOR UPDATE, UPDATE, INSERT), per
+transfer (both rows locked in id order, both updated, two ledger rows), and per hold placed
+or captured (the wallet's row locked, the hold's row written), behind the same HTTP shape
+as the service, on the same tables. It is lean on purpose (aiohttp,
 asyncpg, uvloop, orjson, no ORM), so the comparison is of designs, not of frameworks.
 Run: DATABASE_URL=... PORT=8001 python -m load.rowlock (REUSE_PORT=true: several processes
 may share the port, as the service's API processes may).
@@ -19,12 +20,15 @@ import asyncpg
 import orjson
 import uvloop
 from aiohttp import web
+from msgspec import UNSET
 
 from api.app import LISTEN_BACKLOG
-from api.bodies import OperationRequest, TransferRequest, decode
-from api.inputs import read_json_object
+from api.bodies import CaptureRequest, HoldRequest, OperationRequest, TransferRequest, decode
+from api.inputs import idempotency_key, read_json_object
 from shared.errors import InvalidInput
+from shared.ids import hold_id_for
 from shared.money import format_minor
+from shared.settings import Settings
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 routes = web.RouteTableDef()
@@ -158,6 +162,142 @@ async def transfer(request: web.Request) -> web.Response:
         "balance": format_minor(balance - amount),
     }
     return reply(body_out)
+
+
+@routes.post("/api/v1/wallets/{wallet_id}/holds")
+async def place_hold(request: web.Request) -> web.Response:
+    """Locks the wallet's row, reserves the amount if available (balance - held) covers
+    it, and records the hold and its ledger row (a refused hold is recorded as refused, as
+    the service records it)."""
+    wallet_id = request.match_info["wallet_id"]
+    try:
+        body = decode(await read_json_object(request), HoldRequest)
+        hold_id = hold_id_for(wallet_id, idempotency_key(request))
+    except InvalidInput as e:
+        return reply({"status": 422, "detail": e.detail}, status=422)
+    amount = body.amount
+    expires_in = Settings.hold_expires_default if body.expires_in is UNSET else body.expires_in
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT balance, held, op_seq FROM wallets WHERE id = $1 FOR UPDATE", wallet_id
+        )
+        if row is None:
+            return reply({"status": 404}, status=404)
+        balance, held, seq = row["balance"], row["held"], row["op_seq"] + 1
+        if balance - held < amount:
+            status, reason = "rejected", "insufficient_funds"
+        else:
+            held += amount
+            status, reason = "applied", None
+            # Shard -1: no worker's, so the service beside it on these tables never
+            # expires the reference's holds.
+            await conn.execute(
+                "INSERT INTO holds (wallet_id, id, amount, status, expires_at, shard)"
+                " VALUES ($1, $2, $3, 'held', now() + make_interval(secs => $4), -1)",
+                wallet_id,
+                hold_id,
+                amount,
+                expires_in,
+            )
+        await hold_step(conn, wallet_id, seq, hold_id, "HOLD", amount, reason, balance, held)
+    body_out = hold_reply(hold_id, wallet_id, amount, status, balance, held)
+    return reply(body_out, status=201 if reason is None else 409)
+
+
+@routes.post("/api/v1/holds/{hold_id}/capture")
+async def capture_hold(request: web.Request) -> web.Response:
+    """Locks the hold's wallet's row, then captures the hold if it is still held and not
+    past its expiry (the reference expires nothing by itself: a hold past it is refused)."""
+    hold_id = request.match_info["hold_id"]
+    try:
+        raw = await read_json_object(request) if request.body_exists else {}
+        body = decode(raw, CaptureRequest)
+        if body.to is not UNSET:
+            raise InvalidInput("to", "the reference pays no wallet")
+    except InvalidInput as e:
+        return reply({"status": 422, "detail": e.detail}, status=422)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        wallet = await conn.fetchrow(
+            "SELECT id::text, balance, held, op_seq FROM wallets"
+            " WHERE id = (SELECT wallet_id FROM holds WHERE id = $1) FOR UPDATE",
+            hold_id,
+        )
+        if wallet is None:
+            return reply({"status": 404}, status=404)
+        # Read once the wallet is locked: a hold ends only under its wallet's lock.
+        hold = await conn.fetchrow(
+            "SELECT amount, status = 'held' AND expires_at > now() AS active FROM holds"
+            " WHERE wallet_id = $1 AND id = $2",
+            wallet["id"],
+            hold_id,
+        )
+        if not hold["active"]:
+            return reply({"status": 409, "reason": "hold_not_active"}, status=409)
+        amount = hold["amount"] if body.amount is UNSET else body.amount
+        if amount > hold["amount"]:
+            return reply({"status": 422, "detail": "above the held amount"}, status=422)
+        balance, held = wallet["balance"] - amount, wallet["held"] - hold["amount"]
+        await conn.execute(
+            "UPDATE holds SET status = 'captured', captured = $3, updated_at = now()"
+            " WHERE wallet_id = $1 AND id = $2",
+            wallet["id"],
+            hold_id,
+            amount,
+        )
+        seq = wallet["op_seq"] + 1
+        await hold_step(
+            conn, wallet["id"], seq, hold_id, "HOLD_CAPTURE", amount, None, balance, held
+        )
+    return reply(hold_reply(hold_id, wallet["id"], amount, "captured", balance, held))
+
+
+async def hold_step(
+    conn: Any,
+    wallet_id: str,
+    seq: int,
+    hold_id: str,
+    kind: str,
+    amount: int,
+    reason: str | None,
+    balance: int,
+    held: int,
+) -> None:
+    """The wallet as a hold's step leaves it, and the step's ledger row (a placed hold's
+    under the hold's id, as the service records it)."""
+    await conn.execute(
+        "UPDATE wallets SET balance = $2, held = $3, op_seq = $4, updated_at = now() WHERE id = $1",
+        wallet_id,
+        balance,
+        held,
+        seq,
+    )
+    await conn.execute(
+        "INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason,"
+        " balance_after, hold_id, held_after) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        wallet_id,
+        seq,
+        hold_id if kind == "HOLD" else str(uuid.uuid4()),
+        kind,
+        amount,
+        "applied" if reason is None else "rejected",
+        reason,
+        balance,
+        hold_id,
+        held,
+    )
+
+
+def hold_reply(
+    hold_id: str, wallet_id: str, amount: int, status: str, balance: int, held: int
+) -> dict[str, Any]:
+    return {
+        "id": hold_id,
+        "wallet_id": wallet_id,
+        "amount": format_minor(amount),
+        "status": status,
+        "balance": format_minor(balance),
+        "available": format_minor(balance - held),
+    }
 
 
 async def pool(app: web.Application) -> AsyncIterator[None]:

@@ -32,6 +32,12 @@ class Kind(StrEnum):
     TRANSFER_RETURN = "TRANSFER_RETURN"
     # The kind of a transfer's outcome as its client gets it (never a ledger row's).
     TRANSFER = "TRANSFER"
+    # A hold placed, and how it ended: captured (paid out, or to a wallet as a transfer's
+    # first leg), voided, or expired.
+    HOLD = "HOLD"
+    HOLD_CAPTURE = "HOLD_CAPTURE"
+    HOLD_VOID = "HOLD_VOID"
+    HOLD_EXPIRE = "HOLD_EXPIRE"
 
 
 class Status(StrEnum):
@@ -51,6 +57,19 @@ class Status(StrEnum):
     # The destination could not take it: the amount is on its way back to the source.
     RETURNING = "returning"
     COMPLETED = "completed"
+    # A capture, void or expiry of a hold that is no longer held (or, for an expiry, not
+    # yet due): nothing recorded; or of a hold the wallet does not have; or a capture above
+    # the held amount.
+    HOLD_NOT_ACTIVE = "hold_not_active"
+    HOLD_NOT_FOUND = "hold_not_found"
+    ABOVE_HOLD = "above_hold"
+
+
+class HoldStatus(StrEnum):
+    HELD = "held"
+    CAPTURED = "captured"
+    VOIDED = "voided"
+    EXPIRED = "expired"
 
 
 class Reason(StrEnum):
@@ -70,6 +89,13 @@ TRANSFER_OUT, TRANSFER_IN, TRANSFER_RETURN = (
 TRANSFER = Kind.TRANSFER
 OPERATION_TYPES = (DEPOSIT, WITHDRAW)
 TRANSFER_LEGS = (TRANSFER_OUT, TRANSFER_IN, TRANSFER_RETURN)
+HOLD_KINDS = (Kind.HOLD, Kind.HOLD_CAPTURE, Kind.HOLD_VOID, Kind.HOLD_EXPIRE)
+# What ends a hold, and the status it ends in.
+HOLD_ENDINGS = {
+    Kind.HOLD_CAPTURE: HoldStatus.CAPTURED,
+    Kind.HOLD_VOID: HoldStatus.VOIDED,
+    Kind.HOLD_EXPIRE: HoldStatus.EXPIRED,
+}
 DEBITS = (WITHDRAW, TRANSFER_OUT)
 APPLIED, REJECTED, KEY_REUSED = Status.APPLIED, Status.REJECTED, Status.KEY_REUSED
 WALLET_NOT_FOUND, RETURN_WAITING = Status.WALLET_NOT_FOUND, Status.RETURN_WAITING
@@ -102,6 +128,15 @@ class OperationRequest:
     source_balance: int = 0
     transfer_time: str = ""
     reason: str = ""
+    # A hold's operations: the hold, and when a new one expires (ms since the epoch).
+    hold_id: str = ""
+    expires_at: int = 0
+
+    def starts_transfer(self) -> bool:
+        """A transfer's debit: a transfer's first leg, or a capture paid to a wallet."""
+        return self.kind == TRANSFER_OUT or (
+            self.kind == Kind.HOLD_CAPTURE and bool(self.transfer_id)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +154,8 @@ class Outcome:
     replayed: bool = False
     transfer_id: str = ""
     counterparty: str = ""
+    hold_id: str = ""
+    held_after: int = 0
 
 
 def ledger_outcome(
@@ -145,6 +182,8 @@ def ledger_outcome(
         replayed,
         str(row.get("transfer_id") or ""),
         str(row.get("counterparty") or ""),
+        str(row.get("hold_id") or ""),
+        row.get("held_after") or 0,
     )
 
 
@@ -152,7 +191,13 @@ def key_reused(r: OperationRequest, earlier: Mapping[str, Any]) -> Outcome | Non
     """If the ledger row `earlier`, recorded under the request's operation id (its
     Idempotency-Key), is another operation than `r`, the answer that the key was reused."""
     counterparty = str(earlier.get("counterparty") or "")
-    if (earlier["kind"], earlier["amount"], counterparty) == (r.kind, r.amount, r.counterparty):
+    hold_id = str(earlier.get("hold_id") or "")
+    if (earlier["kind"], earlier["amount"], counterparty, hold_id) == (
+        r.kind,
+        r.amount,
+        r.counterparty,
+        r.hold_id,
+    ):
         return None
     return Outcome(
         r.tag,
@@ -163,6 +208,7 @@ def key_reused(r: OperationRequest, earlier: Mapping[str, Any]) -> Outcome | Non
         amount=earlier["amount"],
         transfer_id=r.transfer_id,
         counterparty=counterparty,
+        hold_id=hold_id,
     )
 
 
@@ -173,6 +219,7 @@ _TRANSFER_FIELDS = (
     ("tt", "transfer_time"),
     ("n", "reason"),
 )
+_HOLD_FIELDS = (("h", "hold_id"), ("e", "expires_at"))
 
 
 def encode_request(r: OperationRequest) -> bytes:
@@ -187,6 +234,8 @@ def encode_request(r: OperationRequest) -> bytes:
     }
     if r.transfer_id:
         m.update({key: getattr(r, name) for key, name in _TRANSFER_FIELDS})
+    if r.hold_id:
+        m.update({key: getattr(r, name) for key, name in _HOLD_FIELDS})
     return orjson.dumps(m)
 
 
@@ -195,14 +244,18 @@ def decode_request(data: bytes | str) -> OperationRequest:
         m = orjson.loads(data)
         if m["v"] != VERSION:
             raise MessageError(f"unknown message version {m['v']!r}")
-        transfer = {name: m[key] for key, name in _TRANSFER_FIELDS if key in m}
-        r = OperationRequest(m["op"], m["w"], m["k"], m["a"], m["r"], m["t"], **transfer)
+        extra = {name: m[key] for key, name in _TRANSFER_FIELDS + _HOLD_FIELDS if key in m}
+        r = OperationRequest(m["op"], m["w"], m["k"], m["a"], m["r"], m["t"], **extra)
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise MessageError(f"undecodable operation message: {e}") from e
     # In full: an entry PostgreSQL would refuse (a malformed id, an amount past BIGINT) would
     # fail its wallet's every batch; refused here, it goes to the dead letters instead.
     if not (
-        (r.kind in OPERATION_TYPES or (r.kind in TRANSFER_LEGS and _transfer_valid(r)))
+        (
+            r.kind in OPERATION_TYPES
+            or (r.kind in TRANSFER_LEGS and _transfer_valid(r))
+            or (r.kind in HOLD_KINDS and _hold_valid(r))
+        )
         and type(r.amount) is int
         and 0 < r.amount <= MAX_AMOUNT_MINOR
         and isinstance(r.op_id, str)
@@ -214,6 +267,19 @@ def decode_request(data: bytes | str) -> OperationRequest:
     ):
         raise MessageError(f"invalid operation message {m!r}")
     return r
+
+
+def _hold_valid(r: OperationRequest) -> bool:
+    if not (
+        isinstance(r.hold_id, str)
+        and CANONICAL_UUID.fullmatch(r.hold_id) is not None
+        and type(r.expires_at) is int
+        and 0 <= r.expires_at < 2**53
+    ):
+        return False
+    if r.kind == Kind.HOLD_CAPTURE and r.transfer_id:
+        return _transfer_valid(r)
+    return not (r.transfer_id or r.counterparty)
 
 
 def _transfer_valid(r: OperationRequest) -> bool:
@@ -249,7 +315,12 @@ _OUTCOME_NAMES = (
     ("p", "replayed"),
 )
 # Added since: a reply from a writer before them lacks them.
-_OUTCOME_NAMES_ADDED = (("x", "transfer_id"), ("cp", "counterparty"))
+_OUTCOME_NAMES_ADDED = (
+    ("x", "transfer_id"),
+    ("cp", "counterparty"),
+    ("h", "hold_id"),
+    ("hd", "held_after"),
+)
 
 
 def encode_outcomes(outcomes: list[Outcome]) -> bytes:

@@ -36,6 +36,14 @@ class TransferNotFound(WalletError):
     pass
 
 
+class HoldNotFound(WalletError):
+    pass
+
+
+class HoldNotActive(WalletError):
+    """Captured, voided or expired already: the problem's `hold` shows how it ended."""
+
+
 class InsufficientFunds(WalletError):
     pass
 

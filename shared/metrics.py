@@ -136,6 +136,19 @@ class WorkerMetrics:
         )
         for outcome in ("completed", "refused", "returned"):
             self.transfers.labels(outcome)
+        self.holds = Counter(
+            "wallet_holds",
+            "Holds placed by this worker's batches, and ended: captured, voided or expired",
+            ["event"],
+            registry=self.registry,
+        )
+        for event in ("placed", "captured", "voided", "expired"):
+            self.holds.labels(event)
+        self.holds_pending_expiry = Gauge(
+            "wallet_holds_held",
+            "Holds still held in the shards this worker owns, which it expires when due",
+            registry=self.registry,
+        )
         self.transfers_unsettled = Gauge(
             "wallet_transfers_unsettled",
             "Transfers debited and not yet credited or returned, from the shards this worker owns",

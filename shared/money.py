@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from typing import Any
 
 from shared.errors import InvalidInput
 
@@ -85,3 +86,12 @@ def format_minor(minor: int) -> str:
     sign = "-" if minor < 0 else ""
     major, cents = divmod(abs(minor), MINOR_PER_MAJOR)
     return f"{sign}{major}.{cents:02d}"
+
+
+def whole_number(field: str, value: Any, least: int) -> int:
+    """A JSON number as the API reads it (a Decimal) that is whole, as an int."""
+    if not isinstance(value, Decimal) or value != value.to_integral_value():
+        raise InvalidInput(field, "must be a whole number")
+    if value < least:
+        raise InvalidInput(field, f"must be at least {least}")
+    return int(value)

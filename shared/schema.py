@@ -66,6 +66,8 @@ wallets = Table(
     metadata,
     Column("id", Uuid, primary_key=True, server_default=func.gen_random_uuid()),
     Column("balance", BigInteger, nullable=False, server_default="0"),
+    # What the wallet's holds reserve of the balance: available = balance - held.
+    Column("held", BigInteger, nullable=False, server_default="0"),
     # How many ledger rows the wallet has: the seq of its newest operation.
     Column("op_seq", BigInteger, nullable=False, server_default="0"),
     # The stream entry id of the newest operation its writer has applied.
@@ -76,6 +78,7 @@ wallets = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
     CheckConstraint("op_seq >= 0", name="op_seq_not_negative"),
+    CheckConstraint("held >= 0 AND held <= balance", name="held_within_balance"),
     Index("wallets_created_at_id_idx", "created_at", "id"),
     Index("wallets_owner_id_idx", "owner_id", "created_at", "id"),
 )
@@ -96,17 +99,29 @@ operations = Table(
     # check would lock the other writer's wallet row.
     Column("transfer_id", Uuid),
     Column("counterparty", Uuid),
+    # A hold's rows (placed, captured, voided, expired) name it; held_after is what the
+    # wallet's holds reserved after the row, so balance_after - held_after was available.
+    Column("hold_id", Uuid),
+    Column("held_after", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("wallet_id", "seq"),
     # An operation id is unique per wallet. The id leads, so the writer's lookup by id has
     # an index of its own, apart from the primary key's wallet_id prefix.
     UniqueConstraint("id", "wallet_id"),
     CheckConstraint(
-        "kind IN ('DEPOSIT', 'WITHDRAW', 'TRANSFER_OUT', 'TRANSFER_IN', 'TRANSFER_RETURN')",
+        "kind IN ('DEPOSIT', 'WITHDRAW', 'TRANSFER_OUT', 'TRANSFER_IN', 'TRANSFER_RETURN',"
+        " 'HOLD', 'HOLD_CAPTURE', 'HOLD_VOID', 'HOLD_EXPIRE')",
         name="kind_known",
     ),
+    # A capture paid to a wallet is a transfer's first leg.
     CheckConstraint(
-        "(kind LIKE 'TRANSFER_%') = (transfer_id IS NOT NULL AND counterparty IS NOT NULL)",
+        "CASE WHEN kind LIKE 'TRANSFER_%' THEN transfer_id IS NOT NULL AND counterparty IS NOT NULL"
+        " WHEN kind = 'HOLD_CAPTURE' THEN (transfer_id IS NULL) = (counterparty IS NULL)"
+        " ELSE transfer_id IS NULL AND counterparty IS NULL END",
         name="transfer_legs",
+    ),
+    CheckConstraint("(kind LIKE 'HOLD%') = (hold_id IS NOT NULL)", name="hold_rows"),
+    CheckConstraint(
+        "held_after >= 0 AND held_after <= balance_after", name="held_after_within_balance"
     ),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("status IN ('applied', 'rejected')", name="status_known"),
@@ -166,6 +181,36 @@ transfers = Table(
         "resend_at",
         postgresql_where=text("status IN ('in_flight', 'returning')"),
     ),
+)
+
+# One row per hold: placed by its wallet's writer, and ended by it (captured, voided or
+# expired) once. The owner of the wallet's shard expires what is still held at expires_at
+# (worker/expiries.py); a capture paid to a wallet starts the transfer `transfer_id`.
+holds = Table(
+    "holds",
+    metadata,
+    Column("wallet_id", Uuid, nullable=False),
+    Column("id", Uuid, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("captured", BigInteger, nullable=False, server_default="0"),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("shard", Integer, nullable=False),
+    Column("transfer_id", Uuid),
+    Column("destination_id", Uuid),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("wallet_id", "id"),
+    CheckConstraint("amount > 0", name="amount_positive"),
+    CheckConstraint("status IN ('held', 'captured', 'voided', 'expired')", name="status_known"),
+    CheckConstraint(
+        "captured >= 0 AND captured <= amount AND (captured > 0) = (status = 'captured')",
+        name="captured_within_amount",
+    ),
+    CheckConstraint("(transfer_id IS NULL) = (destination_id IS NULL)", name="paid_to_a_wallet"),
+    Index("holds_id_idx", "id", unique=True),
+    Index("holds_wallet_id_idx", "wallet_id", "created_at", "id"),
+    Index("holds_expiring_idx", "shard", "expires_at", postgresql_where=text("status = 'held'")),
 )
 
 # One row per shard that has ever had an owner. A worker that takes a shard over bumps its

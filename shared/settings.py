@@ -190,6 +190,10 @@ class Settings:
     # last step has its next step sent again by the owner of its source's shard, at that
     # owner's next rescan: for a step lost with Redis.
     transfer_resend_after: float = 5.0
+    # A hold placed without `expires_in` expires this many seconds later; none may ask for
+    # more than HOLD_EXPIRES_MAX.
+    hold_expires_default: int = 7 * 24 * 3600
+    hold_expires_max: int = 30 * 24 * 3600
     # Where a worker serves GET /metrics (Prometheus); 0 turns it off.
     worker_metrics_port: int = 9100
     # Bearer tokens on every /api/v1 route, and wallets that belong to their creator. Off by
@@ -301,6 +305,8 @@ class Settings:
             "password_hash_concurrency",
             "worker_rescan_interval",
             "transfer_resend_after",
+            "hold_expires_default",
+            "hold_expires_max",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -319,6 +325,8 @@ class Settings:
                 raise SettingsError(f"{name.upper()} must be from 0 to 65535")
         if self.api_metrics_port and self.api_metrics_port == self.port:
             raise SettingsError("API_METRICS_PORT must differ from PORT (or be 0: off)")
+        if self.hold_expires_default > self.hold_expires_max:
+            raise SettingsError("HOLD_EXPIRES_DEFAULT must not exceed HOLD_EXPIRES_MAX")
         if self.password_hash_queue < 0:
             raise SettingsError("PASSWORD_HASH_QUEUE must not be negative")
         try:

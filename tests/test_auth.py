@@ -331,3 +331,47 @@ async def test_a_user_pays_from_their_own_wallet_to_anyone_s(http: TestClient[An
     assert (credit["operation_type"], credit["counterparty"]) == ("TRANSFER_IN", mine)
     r = await http.get(f"/api/v1/wallets/{mine}", headers=bearer(alice))
     assert (await r.json())["balance"] == "6.00"
+
+
+async def test_a_hold_is_its_wallet_owner_s_alone_and_may_pay_anyone(
+    http: TestClient[Any, Any],
+) -> None:
+    """Only the owner places, sees, captures and voids a wallet's holds; to anyone else
+    they do not exist. A capture may pay any existing wallet, as a transfer does."""
+    alice = await login(http, await register(http))
+    bob = await login(http, await register(http))
+    mine, bobs = await new_wallet(http, alice), await new_wallet(http, bob)
+    r = await http.post(
+        f"/api/v1/wallets/{mine}/operation",
+        json={"operationType": "DEPOSIT", "amount": "10.00"},
+        headers=bearer(alice),
+    )
+    assert r.status == 200
+    r = await http.post(
+        f"/api/v1/wallets/{mine}/holds", json={"amount": "1.00"}, headers=bearer(bob)
+    )
+    assert r.status == 404
+    holds = []
+    for _ in range(2):
+        r = await http.post(
+            f"/api/v1/wallets/{mine}/holds", json={"amount": "4.00"}, headers=bearer(alice)
+        )
+        assert r.status == 201, await r.text()
+        holds.append((await r.json())["id"])
+    for method, path in (
+        ("GET", f"/api/v1/holds/{holds[0]}"),
+        ("GET", f"/api/v1/wallets/{mine}/holds"),
+        ("POST", f"/api/v1/holds/{holds[0]}/capture"),
+        ("POST", f"/api/v1/holds/{holds[0]}/void"),
+    ):
+        r = await http.request(method, path, headers=bearer(bob))
+        assert r.status == 404, (method, path)
+    r = await http.post(
+        f"/api/v1/holds/{holds[0]}/capture", json={"to": bobs}, headers=bearer(alice)
+    )
+    assert r.status == 200, await r.text()
+    assert (await r.json())["transfer_status"] == "completed"
+    r = await http.post(f"/api/v1/holds/{holds[1]}/void", headers=bearer(alice))
+    assert r.status == 200
+    r = await http.get(f"/api/v1/wallets/{bobs}", headers=bearer(bob))
+    assert (await r.json())["balance"] == "4.00"

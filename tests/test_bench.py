@@ -1,19 +1,23 @@
 """The benchmark's plan, judging and report, alone (no servers): the phases it runs and their
 names in the tables, the targets judged from a small set of made-up results, each ratio to
 the row lock's better figure, whichever of its process counts gave it (the bench runs it
-with one API process and with as many as the service's); and where `--update-docs` writes
-the report."""
+with one API process and with as many as the service's); the hold workload's pairs and
+the check of held amounts; and where `--update-docs` writes the report."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devtools.processes import ROOT
 from load.bench.__main__ import options
+from load.bench.generator import Connection, Effects
 from load.bench.phases import (
     ROW_LOCK,
     SERVICE,
@@ -25,12 +29,24 @@ from load.bench.phases import (
     Shape,
     closed,
     constant,
+    hold_loop,
+    hold_rate,
     plan,
     search,
 )
-from load.bench.report import BENCHMARKS, MARK_END, MARK_START, closed_table, update_docs
+from load.bench.report import (
+    BENCHMARKS,
+    HOLD_MARKS,
+    MARK_END,
+    MARK_START,
+    closed_table,
+    update_docs,
+)
 from load.bench.results import Result, Results
+from load.bench.run import held_exact
 from load.bench.targets import Row, failed, judged, targets
+from load.bench.workloads import Request, holds
+from shared.ids import hold_id_for
 
 SIXTY_FOUR = closed(64, 1)
 ROW_LOCK_2 = Design(Kind.ROW_LOCK, 2)
@@ -69,7 +85,7 @@ def test_a_closed_loop_ratio_is_to_the_row_locks_better_process_count() -> None:
     slower = result(SIXTY_FOUR, ROW_LOCK, 5_000)
     assert ratio_in_table([service, slower, two]) == "5.00x"
 
-    held_to = targets(1000, 1, 1000)
+    held_to = targets(1000, 1, 1000, 1000)
     rows = judged(Results(runs=[service, slower, two]), held_to)
     assert row(rows, SIXTY_FOUR.name)[1:] == ("5.00x (4000 against 800/s)", True)
     rows = judged(Results(runs=[service, one, two]), held_to)
@@ -82,7 +98,9 @@ def test_the_highest_rate_ratio_is_to_the_row_locks_better_process_count() -> No
     def measured(service: int, one: int, two: int) -> tuple[str, bool]:
         best = {(one_wallet, SERVICE): service, (one_wallet, ROW_LOCK): one}
         best[(one_wallet, ROW_LOCK_2)] = two
-        found = row(judged(Results(best=best), targets(1000, 1, 1000)), "highest rate sustained")
+        found = row(
+            judged(Results(best=best), targets(1000, 1, 1000, 1000)), "highest rate sustained"
+        )
         return found.measured, found.met
 
     assert measured(4000, 1000, 750) == ("4.00x (4000/s against 1000/s)", True)
@@ -106,6 +124,10 @@ def made_up_run() -> Results:
         result(constant(1000, 1), ROW_LOCK, 30_000, latency=20.0),
         result(hot, SERVICE, 30_000, latency=0.02),
         result(hot_loop, SERVICE, 20_000),
+        result(hold_loop(64, 1), SERVICE, 30_000),
+        result(hold_loop(64, 1), ROW_LOCK, 8_000),
+        result(hold_loop(64, 1), ROW_LOCK_2, 6_000),
+        result(hold_rate(1000), SERVICE, 30_000, latency=0.06),
     ]
     best = {
         (search(1), SERVICE): 2500,
@@ -116,7 +138,7 @@ def made_up_run() -> Results:
 
 
 def test_the_targets_are_judged_from_the_phases_they_name() -> None:
-    rows = judged(made_up_run(), targets(1000, 1, 1000))
+    rows = judged(made_up_run(), targets(1000, 1, 1000, 1000))
     assert [(r.what, r.measured, r.met) for r in rows] == [
         (
             "1 connection: p50 at most 2x the row lock's + 1 ms",
@@ -150,7 +172,23 @@ def test_the_targets_are_judged_from_the_phases_they_name() -> None:
             True,
         ),
         (
+            "64 connections, holds on 1 wallet: at least 4x the row lock's req/s",
+            "3.75x (3000 against 800/s)",
+            False,
+        ),
+        (
+            "1000/s, holds on 1 wallet (a hold and its capture two requests): p99 at most 50 ms",
+            "60.0 ms, 0 errors",
+            False,
+        ),
+        (
             "transfers: 0 errors, every balance and the conservation sum exact",
+            "0 errors, exact",
+            True,
+        ),
+        (
+            "holds: 0 errors, every balance, held and available figure and the conservation "
+            "sum exact",
             "0 errors, exact",
             True,
         ),
@@ -167,7 +205,7 @@ def test_a_target_against_the_baseline_and_a_run_that_fails() -> None:
     results = made_up_run()
     before = Design(Kind.BASELINE, ref="main")
     results.runs.append(result(closed(1, 1), before, 4400))
-    rows = judged(results, targets(1000, 1, 1000, before))
+    rows = judged(results, targets(1000, 1, 1000, 1000, before))
     assert rows[0] == Row(
         "1 connection: at most 5% slower than service at main",
         "0.91x (400 against 440/s)",
@@ -185,7 +223,7 @@ def test_a_target_against_the_baseline_and_a_run_that_fails() -> None:
 def test_the_smoke_plan_runs_the_phases_the_tables_name() -> None:
     args = options(["--smoke", "--api-processes", "2", "--intervals", "0.01"])
     designs = [SERVICE, ROW_LOCK_2, ROW_LOCK]
-    steps = plan(args, designs, designs)
+    steps = plan(args, designs, designs, designs)
     names = list(dict.fromkeys(step.phase.name for step in steps))
     assert names == [
         "1 connection, 1 wallet",
@@ -197,6 +235,8 @@ def test_the_smoke_plan_runs_the_phases_the_tables_name() -> None:
         "100/s, transfers 20 wallets -> 1",
         "100/s, transfers 1 -> 20 wallets",
         "100/s, transfers among 20 wallets",
+        "8 connections, holds on 1 wallet",
+        "100/s, holds on 1 wallet",
         "200/s, BATCH_INTERVAL=0.01",
     ]
     # the designs take turns at going first
@@ -214,7 +254,9 @@ def test_the_smoke_plan_runs_the_phases_the_tables_name() -> None:
 def test_the_full_plan_searches_for_each_designs_highest_rates() -> None:
     args = options(["--api-processes", "2"])
     designs = [SERVICE, ROW_LOCK_2, ROW_LOCK]
-    searches = [(s.phase.name, str(s.design)) for s in plan(args, designs, designs) if s.rates]
+    searches = [
+        (s.phase.name, str(s.design)) for s in plan(args, designs, designs, designs) if s.rates
+    ]
     assert searches == [
         ("max on 1 wallet", "service"),
         ("max on 1 wallet", "row lock, 2 processes"),
@@ -224,6 +266,125 @@ def test_the_full_plan_searches_for_each_designs_highest_rates() -> None:
         ("max transfers 1000 wallets -> 1", "row lock, 2 processes"),
         ("max transfers 1000 wallets -> 1", "row lock"),
     ]
+
+
+def test_the_hold_phases_are_in_the_full_plan_and_alone_with_holds_only() -> None:
+    designs = [SERVICE, ROW_LOCK_2, ROW_LOCK]
+    before = Design(Kind.BASELINE, ref="before-holds")  # a baseline without holds
+    holding = [SERVICE, ROW_LOCK_2, ROW_LOCK]
+    full = plan(
+        options(["--api-processes", "2"]), [SERVICE, before, ROW_LOCK_2, ROW_LOCK], designs, holding
+    )
+    held = [(s.phase.name, str(s.design)) for s in full if s.phase.holds]
+    assert held == [
+        ("64 connections, holds on 1 wallet", "service"),
+        ("64 connections, holds on 1 wallet", "row lock, 2 processes"),
+        ("64 connections, holds on 1 wallet", "row lock"),
+        ("64 connections, holds on 1000 wallets", "row lock, 2 processes"),
+        ("64 connections, holds on 1000 wallets", "row lock"),
+        ("64 connections, holds on 1000 wallets", "service"),
+        ("1000/s, holds on 1 wallet", "service"),
+        ("1000/s, holds on 1 wallet", "row lock, 2 processes"),
+        ("1000/s, holds on 1 wallet", "row lock"),
+    ]
+    alone = plan(options(["--holds-only", "--hold-rate", "800"]), designs, designs, holding)
+    assert [(s.phase.name, str(s.design)) for s in alone if s.phase.model is Model.CONSTANT] == [
+        ("800/s, holds on 1 wallet", "service"),
+        ("800/s, holds on 1 wallet", "row lock, 2 processes"),
+        ("800/s, holds on 1 wallet", "row lock"),
+    ]
+    assert all(s.phase.holds for s in alone)
+    assert len(alone) == 9
+    # a hold and its capture are two requests of the rate: the schedule's slots carry both
+    assert hold_rate(1000).requests_per_slot == 2
+    assert constant(1000, 1).requests_per_slot == 1
+
+
+def test_a_hold_is_placed_under_its_key_and_then_captured_by_the_id_the_key_makes() -> None:
+    wallets = ["0b5f5bd6-2f7e-4c1e-9d51-6c1f2d0f7a10", "6d1e0f1a-3b2c-4d5e-8f9a-0b1c2d3e4f50"]
+    pick = holds(wallets)("127.0.0.1", random.Random(1))
+    first, second = pick(), pick()
+    head = first.raw.decode()
+    wallet = next(w for w in wallets if f"/api/v1/wallets/{w}/holds " in head)
+    key = head.split("Idempotency-Key: ")[1].split("\r\n")[0]
+    assert first.then is not None
+    assert first.then.then is None
+    assert f"POST /api/v1/holds/{hold_id_for(wallet, key)}/capture " in first.then.raw.decode()
+    assert first.then.raw.endswith(b"\r\n\r\n{}")
+    # placing moves no balance, only what is held; the capture takes it out of both
+    ((_, minor),) = first.holding
+    assert first.moves == ()
+    assert 100 <= minor <= 1000
+    assert first.then.moves == first.then.holding == ((wallet, -minor),)
+    assert key not in second.raw.decode()  # each hold a key of its own
+
+
+class Wire:
+    """A transport that keeps what the connection writes."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class Counted(Connection):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.ends = 0
+
+    def answered(self) -> None:
+        self.ends += 1
+
+
+def answer(status: int) -> bytes:
+    return b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\n{}" % status
+
+
+async def test_a_pairs_second_request_goes_out_once_the_first_succeeded() -> None:
+    """On the same connection, before the slot ends; each request timed and counted."""
+    capture = Request(b"capture", (("w", -100),), (("w", -100),))
+    place = Request(b"place", (), (("w", 100),), capture)
+    result = Result(hold_loop(1, 1), SERVICE, 0, 1)
+    effects = Effects({"w": 0}, {"w": 0})
+    connection = Counted(result, effects, asyncio.get_running_loop().create_future())
+    wire = Wire()
+    connection.connection_made(wire)  # type: ignore[arg-type]
+    connection.send(0.0, place)
+    connection.data_received(answer(201))
+    assert (wire.written, connection.ends) == ([b"place", b"capture"], 0)
+    assert effects == Effects({"w": 0}, {"w": 100})
+    connection.data_received(answer(200))
+    assert connection.ends == 1
+    assert effects == Effects({"w": -100}, {"w": 0})
+    assert (result.statuses, len(result.latencies)) == ({201: 1, 200: 1}, 2)
+    # refused: nothing held, no capture sent, the slot ends
+    connection.send(0.0, place)
+    connection.data_received(answer(409))
+    assert (wire.written[2:], connection.ends) == ([b"place"], 2)
+    assert effects == Effects({"w": -100}, {"w": 0})
+
+
+def held_row(held: int, holding: int, **ledger: Any) -> dict[str, Any]:
+    row = {"id": "w", "balance": 1000, "held": held, "holding": holding}
+    return row | {"balance_after": 1000, "held_after": held} | ledger
+
+
+def test_held_amounts_are_checked_against_the_holds_the_ledger_and_the_answers() -> None:
+    def exact(row: dict[str, Any], moved: int = 0, answered: bool = True) -> bool:
+        return held_exact([row], {"w": 0}, Effects({"w": 0}, {"w": moved}), answered)
+
+    assert exact(held_row(0, 0))
+    assert exact(held_row(300, 300), moved=300)  # a capture failed: its hold still held
+    assert not exact(held_row(300, 300))  # the answers said every hold was captured
+    assert exact(held_row(300, 300), answered=False)  # answers missing: the ledger decides
+    assert not exact(held_row(300, 200), moved=300)  # held is not what its holds add up to
+    assert not exact(held_row(1200, 1200), moved=1200)  # above the balance: available < 0
+    assert not exact(held_row(0, 0, held_after=100))  # the ledger's newest row says otherwise
+    assert not exact(held_row(0, 0, balance_after=900))
+    assert exact(held_row(0, 0, balance_after=None, held_after=None))  # no ledger rows yet
+    assert not held_exact([], {"w": 0}, Effects({"w": 0}, {"w": 0}), True)  # a wallet missing
 
 
 def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) -> None:
@@ -242,6 +403,19 @@ def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) 
     with pytest.raises(ValueError, match="once each"):
         update_docs(report, unmarked)
     assert unmarked.read_text() == "no markers here\n"
+
+
+def test_a_holds_only_run_writes_its_own_block_and_leaves_the_full_run_s(tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    first, last = HOLD_MARKS
+    page.write_text(f"{MARK_START}\nfull run\n{MARK_END}\n\n{first}\n{last}\n")
+    update_docs("holds alone", page, marks=HOLD_MARKS)
+    assert page.read_text() == (
+        f"{MARK_START}\nfull run\n{MARK_END}\n\n{first}\nholds alone\n{last}\n"
+    )
+    update_docs("a full run", page)
+    assert "holds alone" in page.read_text()
+    assert HOLD_MARKS[0] in BENCHMARKS.read_text()
 
 
 def test_the_tables_live_in_docs_benchmarks_and_nowhere_else() -> None:

@@ -12,6 +12,7 @@ from worker.decide import (
     SKIPPED,
     Decided,
     Entry,
+    Found,
     LedgerRow,
     Recorded,
     TransferMove,
@@ -39,7 +40,7 @@ def wallets(**balances: int) -> dict[str, Wallet]:
 
 
 def run(entries: list[Entry], found: dict[str, Wallet]) -> Decided:
-    return decide(entries, found, {})
+    return decide(entries, Found(found))
 
 
 def statuses(decided: Decided) -> list[Any]:
@@ -98,8 +99,7 @@ def test_an_operation_recorded_before_is_a_replay_and_another_under_its_key_is_r
     found = wallets(a=10)
     decided = decide(
         [entry(Kind.DEPOSIT, 5, op_id=op_id), entry(Kind.WITHDRAW, 5, op_id=op_id)],
-        found,
-        {(A, op_id): earlier},
+        Found(found, {(A, op_id): earlier}),
     )
     replay, reused = decided.decisions
     assert replay == Recorded(earlier, True)
@@ -113,7 +113,9 @@ def test_an_entry_delivered_again_is_answered_as_before_not_as_a_replay() -> Non
     op_id = str(uuid.uuid4())
     earlier = {"kind": Kind.DEPOSIT, "amount": 5, "counterparty": None, "status": "applied"}
     found = {A: Wallet(WalletState(10, 3), applied_before=(5, 2))}
-    decided = decide([entry(Kind.DEPOSIT, 5, op_id=op_id, at="5-2")], found, {(A, op_id): earlier})
+    decided = decide(
+        [entry(Kind.DEPOSIT, 5, op_id=op_id, at="5-2")], Found(found, {(A, op_id): earlier})
+    )
     assert decided.decisions == [Recorded(earlier, False)]
     assert found[A].entry == ""  # nothing newer than what was applied
 
@@ -220,6 +222,8 @@ def test_a_return_settles_its_transfer_rejected_with_the_source_s_balance() -> N
             100,
             T,
             B,
+            None,
+            0,
         )
     ]
     assert found[A].balance == 100
@@ -276,7 +280,7 @@ def test_a_replayed_credit_or_return_moves_its_transfer_on_again() -> None:
         "reason": Reason.BALANCE_LIMIT,
         "balance_after": 0,
     }
-    decided = decide([credit(30)], wallets(b=0), {(B, T): credit_row})
+    decided = decide([credit(30)], Found(wallets(b=0), {(B, T): credit_row}))
     assert decided.moves == [
         TransferMove(A, T, Status.RETURNING, Reason.BALANCE_LIMIT, None, False),
     ]
@@ -289,7 +293,7 @@ def test_a_replayed_credit_or_return_moves_its_transfer_on_again() -> None:
         "reason": None,
         "balance_after": 100,
     }
-    decided = decide([back], wallets(a=100), {(A, back.request.op_id): return_row})
+    decided = decide([back], Found(wallets(a=100), {(A, back.request.op_id): return_row}))
     assert decided.moves == [
         TransferMove(A, T, Status.REJECTED, Reason.BALANCE_LIMIT, 100, False),
     ]

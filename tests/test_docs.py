@@ -386,7 +386,12 @@ async def test_the_readme_docker_quickstart_works_as_written(
     deposit = one([a for a in printed if a.get("operation_type") == "DEPOSIT"], "deposit")
     transfer = one([a for a in printed if "from" in a and "to" in a], "transfer")
     wallet = one(
-        [a for a in printed if set(a) == {"id", "balance", "created_at", "updated_at"}], "wallet"
+        [
+            a
+            for a in printed
+            if set(a) == {"id", "balance", "held", "available", "created_at", "updated_at"}
+        ],
+        "wallet",
     )
     ledger = one([a for a in printed if "items" in a], "ledger page")
 

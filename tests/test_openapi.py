@@ -202,6 +202,40 @@ async def test_answers_match_the_documented_schemas(
     await check("POST", transfers, transfers, json=unknown_payee)
     await check("POST", transfers, transfers, json={"from": wallet, "to": wallet, "amount": 1})
 
+    place, held_in = "/api/v1/wallets/{wallet_id}/holds", f"/api/v1/wallets/{wallet}/holds"
+    one_hold = "/api/v1/holds/{hold_id}"
+    capture, void = f"{one_hold}/capture", f"{one_hold}/void"
+    hold = await check("POST", place, held_in, json={"amount": "1.00", "expires_in": 60})
+    await check("POST", place, held_in, json={"amount": "1000.00"})
+    await check("POST", place, held_in, json={"amount": "1.00", "expires_in": 0})
+    await check("POST", place, f"/api/v1/wallets/{uuid.uuid4()}/holds", json={"amount": 1})
+    await check("GET", place, f"{held_in}?status=held")
+    await check("GET", place, f"{held_in}?status=lost")
+    await check("GET", place, f"/api/v1/wallets/{uuid.uuid4()}/holds")
+    await check("GET", one_hold, hold["href"])
+    await check("GET", one_hold, f"/api/v1/holds/{uuid.uuid4()}")
+    await check("POST", capture, f"{hold['href']}/capture", json={"amount": "2.00"})
+    await check("POST", capture, f"{hold['href']}/capture", json={"amount": "0.50"})
+    await check("POST", capture, f"{hold['href']}/capture")
+    await check("POST", capture, f"/api/v1/holds/{uuid.uuid4()}/capture")
+    second = await check("POST", place, held_in, json={"amount": "1.00"})
+    await check("POST", void, f"{second['href']}/void")
+    await check("POST", void, f"{second['href']}/void")
+    await check("POST", void, f"/api/v1/holds/{uuid.uuid4()}/void")
+    too_long = {"Idempotency-Key": "k" * 300}
+    await check("POST", void, f"{second['href']}/void", headers=too_long)
+    # Holds on wallets of their own, for the queue without a worker below.
+    spares = []
+    for _ in range(3):
+        spare = (await check("POST", "/api/v1/wallets", "/api/v1/wallets"))["id"]
+        deposit = {"operationType": "DEPOSIT", "amount": "5.00"}
+        await check("POST", op, f"/api/v1/wallets/{spare}/operation", json=deposit)
+        spares.append(spare)
+    third, fourth = [
+        await check("POST", place, f"/api/v1/wallets/{w}/holds", json={"amount": "1.00"})
+        for w in spares[:2]
+    ]
+
     for path in ("/health", "/ready", "/api/openapi.json", "/docs", "/", "/api/live"):
         await check("GET", path, path)
     for asset in ("app.js", "style.css", "nothing.js"):
@@ -228,6 +262,9 @@ async def test_answers_match_the_documented_schemas(
         "POST", transfers, transfers, json={"from": payee, "to": wallet, "amount": "1.00"}
     )
     await lonely("GET", one_transfer, waiting["href"])
+    await lonely("POST", place, f"/api/v1/wallets/{spares[2]}/holds", json={"amount": 1})
+    await lonely("POST", capture, f"{third['href']}/capture")
+    await lonely("POST", void, f"{fourth['href']}/void")
 
     # With PostgreSQL and Redis both unreachable, everything that needs them is a 503.
     down: TestClient[Any, Any] = await aiohttp_client(
@@ -252,6 +289,11 @@ async def test_answers_match_the_documented_schemas(
     await cut_off("GET", "/api/live", "/api/live")
     await cut_off("POST", transfers, transfers, json={"from": wallet, "to": payee, "amount": 1})
     await cut_off("GET", one_transfer, sent["href"])
+    await cut_off("POST", place, held_in, json={"amount": 1})
+    await cut_off("GET", place, held_in)
+    await cut_off("GET", one_hold, hold["href"])
+    await cut_off("POST", capture, f"{third['href']}/capture")
+    await cut_off("POST", void, f"{third['href']}/void")
 
     # Authentication: its routes are 404 while it is off, and with it on ...
     for path in AUTH_ROUTES:
@@ -280,7 +322,7 @@ async def test_answers_match_the_documented_schemas(
         for method in methods:
             if path.startswith("/api/v1/") or path == "/api/live":
                 concrete = path
-                for name in ("{wallet_id}", "{operation_id}", "{transfer_id}"):
+                for name in ("{wallet_id}", "{operation_id}", "{transfer_id}", "{hold_id}"):
                     concrete = concrete.replace(name, wallet)
                 await secured(method.upper(), path, concrete, json=body)
     signed_in = {"Authorization": f"Bearer {tokens[1]['access_token']}"}
@@ -317,7 +359,7 @@ async def test_answers_match_the_documented_schemas(
     # the form's outcomes are the operation's own, sent through the same code.
     shared_code = {
         (path, "post", status)
-        for path in (form, transfers, *AUTH_ROUTES)
+        for path in (form, transfers, place, capture, void, *AUTH_ROUTES)
         for status in ("400", "413", "415")
     } | {(form, "post", s) for s in ("202", "409")}
     walks = (check, lonely, cut_off, secured, limited, cut_off_secured)

@@ -33,6 +33,7 @@ from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.helpers import Client, eventually, operate
+from worker.gauges import refresh_gauges
 from worker.worker import Worker
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -330,13 +331,13 @@ async def test_the_worker_counts_its_shards_dead_letters_and_oldest_unsettled_tr
         KeySpace(settings.redis_key_prefix, settings.shard_count).shard_of(wallet),
     )
     try:
-        await worker.refresh_gauges()
+        await refresh_gauges(worker)
         assert value("wallet_shard_count") == settings.shard_count
         assert value("wallet_dead_letters") == 1
         assert value("wallet_transfers_unsettled_oldest_seconds") == pytest.approx(week, abs=60)
     finally:
         await pg.execute("DELETE FROM transfers WHERE id = $1", transfer)
-    await worker.refresh_gauges()
+    await refresh_gauges(worker)
     oldest = value("wallet_transfers_unsettled_oldest_seconds")
     assert oldest is not None
     assert oldest < 86400

@@ -143,6 +143,24 @@ async def test_a_person_creates_a_wallet_operates_and_watches_the_hot_wallet(
         await expect(page.get_by_label("Pick a wallet")).to_have_value(second)
         await expect(rows.nth(0)).to_contain_text(f"Transfer from {first[:8]}")
 
+        # Holds: one placed and captured, one placed and voided.
+        available, holds = page.locator("#available"), page.locator("#holds tbody tr")
+        for amount, action, while_held, after in (
+            ("1.00", "Capture", "1.15", "1.15"),
+            ("0.50", "Void", "0.65", "1.15"),
+        ):
+            await page.get_by_label("Amount to hold", exact=True).fill(amount)
+            await page.get_by_role("button", name="Hold", exact=True).click()
+            await expect(page.locator("#message")).to_contain_text(f"Held {amount}")
+            await expect(holds).to_have_count(1)
+            await expect(available).to_have_text(while_held)
+            await holds.nth(0).get_by_role("button", name=action).click()
+            await expect(holds).to_have_count(0)
+            await expect(available).to_have_text(after)
+        await expect(balance).to_have_text("1.15")
+        await expect(rows.nth(0)).to_contain_text("voided")
+        await expect(rows.nth(2)).to_contain_text("captured")
+
         await page.get_by_label("Deposits", exact=True).fill("300")
         await page.get_by_role("button", name="Fire").click()
         await expect(page.locator("#hot-result")).to_have_class("exact", timeout=60_000)
@@ -182,7 +200,7 @@ async def test_the_api_docs_load_from_this_server_alone_and_send_a_request(
         page.on("pageerror", lambda e: problems.append(str(e)))
         await page.goto(base + "/docs")
         await expect(page.locator(".info .title")).to_contain_text("Wallet service")
-        await expect(page.locator(".opblock-tag-section")).to_have_count(6)  # one per tag
+        await expect(page.locator(".opblock-tag-section")).to_have_count(7)  # one per tag
 
         if auth:  # the token goes in through Authorize, as a person would paste it
             await page.locator(".scheme-container button.authorize").click()

@@ -157,9 +157,10 @@ async def test_the_locust_scenario_fails_on_a_balance_changed_behind_its_back(
 
 async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> None:
     """`python -m load.bench --smoke`: a few seconds of both designs in a closed loop and in
-    the open model, with operations and with transfers, and of the service with its worker
-    restarted at a BATCH_INTERVAL, for correctness only. Two API processes each, and the row
-    lock also with one: each ratio is to the row lock's better figure."""
+    the open model, with operations, with transfers and with holds placed and captured, and
+    of the service with its worker restarted at a BATCH_INTERVAL, for correctness only. Two
+    API processes each, and the row lock also with one: each ratio is to the row lock's
+    better figure."""
     pg_url, redis_url = servers
     run = await asyncio.to_thread(
         subprocess.run,
@@ -191,7 +192,11 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
     assert "| api 0." in rows[0]
     assert ", worker 0." in rows[0]
     assert "| rowlock 0." in rows[1]
-    closed = [line for line in phases if " connection" in line[:20] and "transfers" not in line]
+    closed = [
+        line
+        for line in phases
+        if " connection" in line[:20] and "transfers" not in line and "holds" not in line
+    ]
     # as each phase ended (the designs take turns at going first), then the report's table
     assert len(closed) == 8
     assert [row.split(" | ")[:2] for row in closed[4:]] == [
@@ -217,6 +222,17 @@ async def test_the_benchmark_smoke_run_checks_out(servers: tuple[str, str]) -> N
     assert all("| exact |" in row for row in transfers)
     assert {row.split(" | ")[1] for row in transfers} == {"service", "row lock"}
     assert "| transfers: 0 errors, every balance and the conservation sum exact |" in run.stdout
+    # Holds placed and captured (two requests each), closed loop and constant rate, both
+    # designs: balances, held amounts and the ledger's available figures exact.
+    holds = [line.split(" | ") for line in phases if ", holds on 1 wallet |" in line]
+    assert len(holds) == 2 * 2 * 2  # as each ended, then in the report's tables
+    assert {(row[0], row[1]) for row in holds} == {
+        (f"| {phase}, holds on 1 wallet", design)
+        for phase in ("8 connections", "100/s")
+        for design in ("service", "row lock")
+    }
+    assert all("exact" in row for row in holds)
+    assert "| holds: 0 errors, every balance, held and available figure" in run.stdout
     assert "| balances exact in every phase | yes | yes |" in run.stdout
 
 

@@ -87,7 +87,7 @@ async def test_entries_committed_but_not_acknowledged_are_not_applied_again(
     raw: Any = await redis.xrange(stream)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "the worker that died")
-        first, _ = await apply_batch(
+        first, *_ = await apply_batch(
             conn,
             [Entry(i.decode(), decode_request(f[b"m"])) for i, f in raw[:3]],
             {shard: epoch},
@@ -180,13 +180,13 @@ async def test_a_redelivered_entry_is_answered_as_before_and_a_client_retry_as_a
     first_id, retry_id = (entry_id.decode() for entry_id in added)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker")
-        [applied], _ = await apply_batch(
+        [applied], *_ = await apply_batch(
             conn, [Entry(first_id, request)], {shard: epoch}, resending=resending(settings)
         )
-        [redelivered], _ = await apply_batch(
+        [redelivered], *_ = await apply_batch(
             conn, [Entry(first_id, request)], {shard: epoch}, resending=resending(settings)
         )
-        [retried], _ = await apply_batch(
+        [retried], *_ = await apply_batch(
             conn, [Entry(retry_id, request)], {shard: epoch}, resending=resending(settings)
         )
     assert (applied.status, applied.replayed) == ("applied", False)

@@ -28,6 +28,7 @@ from tests.test_transfers import (
 )
 from worker.apply import apply_batch
 from worker.decide import Entry
+from worker.gauges import refresh_gauges
 from worker.ownership import take_shard
 from worker.transfers import RESEND_PER_SHARD, credit
 
@@ -42,7 +43,7 @@ async def debit(pg: Any, settings: Settings, entry: Entry) -> None:
     )
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker about to die")
-        [outcome], _ = await apply_batch(
+        [outcome], *_ = await apply_batch(
             conn, [entry], {shard: epoch}, resending=resending(settings)
         )
     assert outcome.status == "applied"
@@ -169,7 +170,7 @@ async def test_a_return_with_no_room_waits_visibly_and_applies_once_it_fits(
     async with running_worker(eager) as worker:
         await eventually(lambda: return_waiting(pg, transfer_id), what="the return to wait")
         assert await transfer_state(pg, transfer_id) == "returning"
-        await worker.refresh_gauges()
+        await refresh_gauges(worker)
         assert worker.metrics.registry.get_sample_value("wallet_transfer_returns_waiting") == 1
         report = await inspect_cli(eager, "transfers")
         assert report["returns_waiting"] == 1

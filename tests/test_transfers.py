@@ -21,6 +21,7 @@ from tests.helpers import Client, eventually, ledger, operate, wallet_in
 from tests.test_inspect import inspect_cli
 from worker.apply import Fenced, Resending, apply_batch
 from worker.decide import Entry
+from worker.gauges import refresh_gauges
 from worker.ownership import take_shard
 from worker.transfers import credit
 
@@ -354,7 +355,7 @@ async def debit_by_hand(pg: Any, keys: KeySpace, entry: Entry) -> None:
     shard = keys.shard_of(entry.request.wallet_id)
     async with pg.acquire() as conn:
         epoch = await take_shard(conn, shard, "a worker about to die")
-        [outcome], _ = await apply_batch(
+        [outcome], *_ = await apply_batch(
             conn, [entry], {shard: epoch}, resending=Resending(keys.shard_of, 5.0)
         )
     assert outcome.status == "applied"
@@ -479,12 +480,12 @@ async def test_a_transfer_in_flight_shows_in_inspect_and_the_metrics_until_settl
             return keys.shard_of(source) in worker.ownership.owned
 
         await eventually(owns_source, what="the worker to own the source's shard")
-        await worker.refresh_gauges()
+        await refresh_gauges(worker)
         before = registry.get_sample_value("wallet_transfers_unsettled")
         assert before is not None
         assert before >= 1
         await eventually(lambda: settled(pg, request.transfer_id), what="the resent credit")
-        await worker.refresh_gauges()
+        await refresh_gauges(worker)
         after = registry.get_sample_value("wallet_transfers_unsettled")
         assert after is not None
         assert after < before

@@ -65,6 +65,8 @@ async def test_history_is_newest_first_and_pages(client: Client, wallet: str) ->
         "created_at": rest["items"][-1]["created_at"],
         "transfer_id": None,
         "counterparty": None,
+        "hold_id": None,
+        "available": "1.00",
     }
 
 

@@ -21,10 +21,19 @@ from shared.keys import KeySpace
 from shared.settings import Settings
 from tests.conftest import REDIS_CLUSTER, running_worker
 from tests.helpers import eventually, ledger, operate, wallet_in
-from worker.apply import Fenced, Resending, apply_batch
+from worker.apply import Fenced, Known, Resending, apply_batch
 from worker.decide import Entry, WalletState
 from worker.ownership import take_shard
-from worker.sql import DUE, EPOCHS, READ_WALLETS, RECORD_BATCH, RESCHEDULE, UNSETTLED_COUNTS
+from worker.sql import (
+    DUE,
+    EPOCHS,
+    HELD_IN_SHARDS,
+    READ_HOLDS,
+    READ_WALLETS,
+    RECORD_BATCH,
+    RESCHEDULE,
+    UNSETTLED_COUNTS,
+)
 from worker.worker import Worker, connect
 
 
@@ -229,7 +238,7 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
     async with pg.acquire() as conn:
         log = StatementLog(conn)
         epoch = await take_shard(conn, shard, "a worker")
-        _, states = await apply_batch(
+        _, states, *_ = await apply_batch(
             log, [entry("DEPOSIT", 500)], {shard: epoch}, resending=one_shard
         )
         assert states == {wallet: WalletState(500, 1)}
@@ -237,8 +246,8 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
 
         log.sent.clear()
         withdrawal = entry("WITHDRAW", 200)
-        [second], states = await apply_batch(
-            log, [withdrawal], {shard: epoch}, states, resending=one_shard
+        [second], states, *_ = await apply_batch(
+            log, [withdrawal], {shard: epoch}, Known(states, {}), resending=one_shard
         )
         assert log.sent == [RECORD_BATCH]
         assert (second.status, second.balance_after, second.seq) == ("applied", 300, 2)
@@ -247,16 +256,16 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         # Not as remembered: someone corrected the balance by hand.
         await pg.execute("UPDATE wallets SET balance = 1000 WHERE id = $1", wallet)
         log.sent.clear()
-        [third], states = await apply_batch(
-            log, [entry("WITHDRAW", 900)], {shard: epoch}, states, resending=one_shard
+        [third], states, *_ = await apply_batch(
+            log, [entry("WITHDRAW", 900)], {shard: epoch}, Known(states, {}), resending=one_shard
         )
         assert (third.status, third.balance_after) == ("applied", 100)
         assert log.sent == [RECORD_BATCH, EPOCHS, READ_WALLETS, RECORD_BATCH]
 
         # Recorded before: the client sent the withdrawal's key again.
         retry = entry("WITHDRAW", 200, withdrawal.request.op_id)
-        [again], states = await apply_batch(
-            log, [retry], {shard: epoch}, states, resending=one_shard
+        [again], states, *_ = await apply_batch(
+            log, [retry], {shard: epoch}, Known(states, {}), resending=one_shard
         )
         assert (again.seq, again.balance_after, again.replayed) == (2, 300, True)
         assert states == {wallet: WalletState(100, 3)}
@@ -267,8 +276,8 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         log.sent.clear()
         log.args.clear()
         mixed = [entry("DEPOSIT", 50), Entry(next(entry_ids), request)]
-        outcomes, states = await apply_batch(
-            log, mixed, {shard: epoch}, states, resending=one_shard
+        outcomes, states, *_ = await apply_batch(
+            log, mixed, {shard: epoch}, Known(states, {}), resending=one_shard
         )
         assert log.sent == [READ_WALLETS, RECORD_BATCH]
         assert log.args[0] == ([other], [request.op_id])
@@ -278,7 +287,7 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
         await take_shard(conn, shard, "the next owner")
         with pytest.raises(Fenced):
             await apply_batch(
-                log, [entry("DEPOSIT", 1)], {shard: epoch}, states, resending=one_shard
+                log, [entry("DEPOSIT", 1)], {shard: epoch}, Known(states, {}), resending=one_shard
             )
     assert [r["balance_after"] for r in await ledger(pg, wallet)] == [500, 300, 100, 150]
     assert await pg.fetchval("SELECT balance FROM wallets WHERE id = $1", wallet) == 150
@@ -312,7 +321,7 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
     must stay a lookup by key: on fresh copies of the tables, before and after ANALYZE."""
     schema = f"plans_{uuid.uuid4().hex[:8]}"
     await pg.execute(f"CREATE SCHEMA {schema}")
-    for table in ("wallets", "operations", "shards", "transfers"):
+    for table in ("wallets", "operations", "shards", "transfers", "holds"):
         await pg.execute(f"CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)")
     redis, pool = await connect(settings, "plan-check")  # a worker's pool, its settings
     conn = await pool.acquire()
@@ -325,7 +334,7 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                         "INSERT INTO wallets (id)"
                         " SELECT gen_random_uuid() FROM generate_series(1, 20)"
                     )
-                await conn.execute("ANALYZE wallets, operations, shards, transfers")
+                await conn.execute("ANALYZE wallets, operations, shards, transfers, holds")
             for name, statement in {
                 "read_wallets": READ_WALLETS,
                 "record_batch": RECORD_BATCH,
@@ -333,6 +342,8 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
                 "due": DUE,
                 "reschedule": RESCHEDULE,
                 "unsettled_counts": UNSETTLED_COUNTS,
+                "read_holds": READ_HOLDS,
+                "held_in_shards": HELD_IN_SHARDS,
             }.items():
                 await conn.execute(f"PREPARE {name}_{step} AS {statement}")
                 params = max(int(n) for n in re.findall(r"\$(\d+)", statement))

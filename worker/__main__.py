@@ -24,6 +24,7 @@ from shared.keys import KeySpace
 from shared.metrics import metrics_response, start_metrics_listener
 from shared.scripts import live_workers, sidelined_workers
 from shared.settings import Settings
+from worker.gauges import refresh_gauges
 from worker.worker import Worker, connect, new_worker_id
 
 log = logging.getLogger("worker")
@@ -85,7 +86,7 @@ async def serve_metrics(worker: Worker, port: int) -> web.AppRunner | None:
     async def expose(request: web.Request) -> web.Response:
         # The rest is still worth reading.
         with contextlib.suppress(*REDIS_ERRORS, TimeoutError, *PG_ERRORS):
-            await worker.refresh_gauges()
+            await refresh_gauges(worker)
         return metrics_response(worker.metrics.registry)
 
     all_interfaces = "0.0.0.0"  # noqa: S104 - a container's port

@@ -1,6 +1,6 @@
 """Committing a batch: one PostgreSQL connection held across batches, and how the last batch
-left each wallet, so that the next one can skip reading the wallets nobody else can have
-written since (worker/apply.py checks that they are as remembered)."""
+left each wallet and its holds, so that the next one can skip reading the wallets nobody
+else can have written since (worker/apply.py checks that they are as remembered)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 
 import asyncpg
 
-from shared.codec import Outcome
+from shared.codec import HoldStatus, Outcome
 from shared.connections import PG_CONNECTION_LOST, PG_ERRORS
 from shared.metrics import WorkerMetrics
-from worker.apply import Resending, apply_batch
+from worker.apply import Applied, Known, Resending, apply_batch
 from worker.decide import Entry, WalletState
+from worker.holds import HoldRow, HoldState
 
 # What a batch fails with when PostgreSQL cannot be written to, whatever the batch holds.
 UNWRITABLE = (
@@ -25,8 +26,10 @@ UNWRITABLE = (
     OSError,
     TimeoutError,
 )
-# How many wallets' states a worker keeps between batches (the most recently written).
+# How many wallets' states, and holds still held, a worker keeps between batches (the most
+# recently written).
 KNOWN_WALLETS_MAX = 100_000
+KNOWN_HOLDS_MAX = 100_000
 
 
 class Committer:
@@ -38,6 +41,7 @@ class Committer:
         shard_of: Callable[[str], int],
         metrics: WorkerMetrics,
         resend_after: float,
+        holds_changed: Callable[[list[HoldRow]], None] = lambda holds: None,
     ) -> None:
         self._pool = pool
         self._resending = Resending(shard_of, resend_after)
@@ -51,6 +55,9 @@ class Committer:
         # wallet id -> (the shard's epoch, the wallet as this worker's last batch of it left
         # it): valid while the shard is still at that epoch
         self._known: dict[str, tuple[int, WalletState]] = {}
+        # hold id -> (its wallet's shard's epoch, the hold, still held)
+        self._holds: dict[str, tuple[int, HoldState]] = {}
+        self._holds_changed = holds_changed  # told of the holds each batch places or ends
         self._batches = 0
 
     @property
@@ -73,12 +80,13 @@ class Committer:
             if self._conn is None:
                 # Held across batches: releasing to the pool costs a reset round trip.
                 self._conn = await self._pool.acquire()
-            outcomes, states = await apply_batch(
+            applied = await apply_batch(
                 self._conn,
                 entries,
                 epochs,
                 self._known_states(entries, epochs),
                 resending=self._resending,
+                now_ms=int(time.time() * 1000),
             )
         except UNWRITABLE:
             if self._failing_since is None:
@@ -93,34 +101,44 @@ class Committer:
         finally:
             self._in_flight_since = None
         self._failing_since = None
-        self._remember(states, epochs)
+        self._remember(applied, epochs)
+        if applied.changed:
+            self._holds_changed(applied.changed)
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(entries))
         self._batches += 1
-        return outcomes
+        return applied.outcomes
 
     def forget(self, wallets: Iterable[str]) -> None:
         """How the wallets were left is no longer known (their round failed part way)."""
         for w in wallets:
             self._known.pop(w, None)
 
-    def _known_states(
-        self, entries: Iterable[Entry], epochs: dict[int, int]
-    ) -> dict[str, WalletState]:
-        known = {}
+    def _known_states(self, entries: Iterable[Entry], epochs: dict[int, int]) -> Known:
+        wallets, holds = {}, {}
         for e in entries:
             w = e.request.wallet_id
+            epoch = epochs.get(self._shard_of(w))
             cached = self._known.get(w)
-            if cached is not None and cached[0] == epochs.get(self._shard_of(w)):
-                known[w] = cached[1]
-        return known
+            if cached is not None and cached[0] == epoch:
+                wallets[w] = cached[1]
+            hold = self._holds.get(e.request.hold_id) if e.request.hold_id else None
+            if hold is not None and hold[0] == epoch:
+                holds[e.request.hold_id] = hold[1]
+        return Known(wallets, holds)
 
-    def _remember(self, states: dict[str, WalletState], epochs: dict[int, int]) -> None:
-        for w, state in states.items():
+    def _remember(self, applied: Applied, epochs: dict[int, int]) -> None:
+        for w, state in applied.states.items():
             self._known.pop(w, None)  # to the end: the least recently written go first
             self._known[w] = (epochs[self._shard_of(w)], state)
         while len(self._known) > KNOWN_WALLETS_MAX:
             del self._known[next(iter(self._known))]
+        for hold_id, hold in applied.holds.items():
+            self._holds.pop(hold_id, None)
+            if hold.status == HoldStatus.HELD and hold.wallet_id in applied.states:
+                self._holds[hold_id] = (epochs[self._shard_of(hold.wallet_id)], hold)
+        while len(self._holds) > KNOWN_HOLDS_MAX:
+            del self._holds[next(iter(self._holds))]
 
     async def close(self, *, broken: bool = False) -> None:
         """Gives the connection back to the pool (the next commit takes one again); a

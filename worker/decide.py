@@ -14,6 +14,7 @@ found them. Pure (no Redis, no PostgreSQL), so each rule is tested alone
   on (`completed`, or `returning`); its return settles it (`rejected`). When one writer
   writes both wallets, the credit follows the debit in the batch and the transfer is
   started as it ends up.
+- Holds: worker/holds.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any, NamedTuple
 
 from shared.codec import (
     DEBITS,
+    HOLD_ENDINGS,
+    HoldStatus,
     Kind,
     OperationRequest,
     Outcome,
@@ -31,7 +34,9 @@ from shared.codec import (
     Status,
     key_reused,
 )
+from shared.ids import expiry_op_id
 from shared.money import MAX_BALANCE_MINOR
+from worker.holds import HoldRow, HoldState, amount_moved, ended, ending_refusal, placed, refused
 
 # The entry id of a credit that follows its transfer's debit in the same batch (the writer
 # writes both wallets): it comes from no stream, and is applied only if the debit is.
@@ -54,6 +59,7 @@ class WalletState(NamedTuple):
 
     balance: int
     op_seq: int
+    held: int = 0
 
 
 @dataclass(slots=True)
@@ -63,12 +69,20 @@ class Wallet:
     start: WalletState
     # The newest stream entry applied before this batch; entries up to it are redeliveries.
     applied_before: tuple[int, int] = (-1, -1)
+    # Read for this batch, with its operations recorded before among the batch's (else
+    # remembered from an earlier batch: what it recorded before is not known).
+    read: bool = True
     balance: int = field(init=False)
     op_seq: int = field(init=False)
+    held: int = field(init=False)
     entry: str = ""  # the newest entry of the batch, if newer than applied_before
 
     def __post_init__(self) -> None:
-        self.balance, self.op_seq = self.start
+        self.balance, self.op_seq, self.held = self.start
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
 
 
 class LedgerRow(NamedTuple):
@@ -84,6 +98,8 @@ class LedgerRow(NamedTuple):
     balance_after: int
     transfer_id: str | None
     counterparty: str | None
+    hold_id: str | None
+    held_after: int
 
 
 class TransferStart(NamedTuple):
@@ -130,11 +146,17 @@ class Decided:
     rows: list[LedgerRow] = field(default_factory=list)
     started: list[TransferStart] = field(default_factory=list)
     moves: list[TransferMove] = field(default_factory=list)
+    holds: list[HoldRow] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
+    # A remembered wallet's hold was found ended: the entry may be a retry of what ended
+    # it, which only the wallet's records tell (the batch is decided again, read).
+    unsure: bool = False
     # transfer id -> its start's place in `started`, for a debit applied in this batch
     debited: dict[str, int] = field(default_factory=dict)
     # (source, transfer id) -> its move's place in `moves`
     moved: dict[tuple[str, str], int] = field(default_factory=dict)
+    # hold id -> its row's place in `holds`
+    held_at: dict[str, int] = field(default_factory=dict)
 
 
 def entry_order(entry_id: str | None) -> tuple[int, int]:
@@ -145,30 +167,31 @@ def entry_order(entry_id: str | None) -> tuple[int, int]:
     return (int(ms), int(seq))
 
 
-def decide(
-    entries: list[Entry],
-    wallets: dict[str, Wallet],
-    recorded: dict[tuple[str, str], Mapping[str, Any]],
-) -> Decided:
-    """Each entry's fate, in order, moving the wallets' balances; what the batch writes.
-    `recorded`: the rows the wallets recorded before under the batch's operation ids, by
-    (wallet, id); the batch's new rows are added to it."""
+@dataclass(slots=True)
+class Found:
+    """What a batch is decided over: its wallets; the rows they recorded before under the
+    batch's operation ids, by (wallet, id); the holds its entries name; the time (ms)."""
+
+    wallets: dict[str, Wallet]
+    recorded: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    holds: dict[str, HoldState] = field(default_factory=dict)
+    now_ms: int = 0
+
+
+def decide(entries: list[Entry], found: Found) -> Decided:
+    """Each entry's fate, in order, moving the wallets and holds of `found` (the batch's new
+    rows are added to its records); what the batch writes."""
     decided = Decided()
     for entry in entries:
-        decided.decisions.append(_decide_entry(entry, wallets, recorded, decided))
+        decided.decisions.append(_decide_entry(entry, found, decided))
     return decided
 
 
-def _decide_entry(
-    entry: Entry,
-    wallets: dict[str, Wallet],
-    recorded: dict[tuple[str, str], Mapping[str, Any]],
-    decided: Decided,
-) -> Decision:
+def _decide_entry(entry: Entry, found: Found, decided: Decided) -> Decision:
     r = entry.request
     if entry.entry_id == LOCAL_CREDIT and r.transfer_id not in decided.debited:
         return Outcome(r.tag, r.op_id, r.wallet_id, SKIPPED, r.kind, r.amount)
-    wallet = wallets.get(r.wallet_id)
+    wallet, recorded = found.wallets.get(r.wallet_id), found.recorded
     if wallet is None:
         return _unknown_wallet(r)
     redelivered = entry_order(entry.entry_id) <= wallet.applied_before
@@ -183,7 +206,9 @@ def _decide_entry(
         # Not a client's retry if the entry was applied before: the same entry read anew
         # after its first delivery died between COMMIT and acknowledgement.
         return Recorded(earlier, not redelivered)
-    reason = _refusal(r, wallet.balance)
+    if r.kind in HOLD_ENDINGS:
+        return _end_hold(entry, wallet, found, decided)
+    reason = _refusal(r, wallet)
     if reason == Reason.BALANCE_LIMIT and r.kind == Kind.TRANSFER_RETURN:
         # Refused, the amount would be in no balance: it waits, resent, for room.
         _move(
@@ -193,27 +218,93 @@ def _decide_entry(
             ),
         )
         return Outcome(r.tag, r.op_id, r.wallet_id, Status.RETURN_WAITING, r.kind, r.amount)
-    if reason is None:
+    if reason is None and r.kind == Kind.HOLD:
+        wallet.held += r.amount
+        _hold_row(decided, placed(r))
+        found.holds[r.hold_id] = HoldState(r.wallet_id, r.amount, HoldStatus.HELD, r.expires_at)
+    elif reason is None:
         wallet.balance += -r.amount if r.kind in DEBITS else r.amount
+    return _record(entry, wallet, r.kind, r.op_id, r.amount, reason, found, decided)
+
+
+def _record(
+    entry: Entry,
+    wallet: Wallet,
+    kind: str,
+    op_id: str,
+    amount: int,
+    reason: Reason | None,
+    found: Found,
+    decided: Decided,
+) -> Recorded:
+    """The ledger row of what was just decided, the wallet as it leaves it."""
+    r = entry.request
+    paid = kind != Kind.HOLD_EXPIRE  # an expiry a capture sets off pays nobody
     wallet.op_seq += 1
     row = LedgerRow(
         r.wallet_id,
         wallet.op_seq,
-        r.op_id,
-        r.kind,
-        r.amount,
+        op_id,
+        kind,
+        amount,
         Status.APPLIED if reason is None else Status.REJECTED,
         reason,
         wallet.balance,
-        r.transfer_id or None,
-        r.counterparty or None,
+        (r.transfer_id or None) if paid else None,
+        (r.counterparty or None) if paid else None,
+        r.hold_id or None,
+        wallet.held,
     )
     decided.rows.append(row)
     as_recorded = row._asdict()
-    recorded[(r.wallet_id, r.op_id)] = as_recorded
-    if r.transfer_id:
+    found.recorded[(r.wallet_id, op_id)] = as_recorded
+    if r.transfer_id and paid:
         _move_transfer(entry, row, as_recorded, decided)
     return Recorded(as_recorded, False)
+
+
+def _end_hold(entry: Entry, wallet: Wallet, found: Found, decided: Decided) -> Decision:
+    """A capture, void or expiry of a hold (worker/holds.py)."""
+    r = entry.request
+    hold = found.holds.get(r.hold_id)
+    why, expire_first = ending_refusal(r, hold, found.now_ms)
+    if hold is not None and expire_first:
+        expiry = Kind.HOLD_EXPIRE
+        op_id = r.op_id if r.kind == expiry else expiry_op_id(r.hold_id)
+        _end(wallet, r, hold, expiry, found, decided)
+        expired = _record(entry, wallet, expiry, op_id, hold.amount, None, found, decided)
+        if why is None:
+            return expired
+    if why is not None:
+        if hold is not None and hold.status != HoldStatus.HELD and not wallet.read:
+            decided.unsure = True
+        return refused(r.kind, why, r)
+    assert hold is not None
+    amount = _end(wallet, r, hold, r.kind, found, decided)
+    return _record(entry, wallet, r.kind, r.op_id, amount, None, found, decided)
+
+
+def _end(
+    wallet: Wallet, r: OperationRequest, hold: HoldState, kind: str, found: Found, decided: Decided
+) -> int:
+    """Ends the hold as `kind` does, moving the wallet; the ledger row's amount."""
+    amount, to_balance, to_held = amount_moved(kind, r.amount, hold)
+    wallet.balance += to_balance
+    wallet.held += to_held
+    row = ended(r, hold, kind)
+    found.holds[r.hold_id] = hold._replace(status=row.status)
+    _hold_row(decided, row)
+    return amount
+
+
+def _hold_row(decided: Decided, row: HoldRow) -> None:
+    """A hold placed and ended in one batch is inserted as it ends."""
+    at = decided.held_at.get(row.id)
+    if at is None:
+        decided.held_at[row.id] = len(decided.holds)
+        decided.holds.append(row)
+    else:
+        decided.holds[at] = row._replace(placed=True)
 
 
 def _unknown_wallet(r: OperationRequest) -> Outcome:
@@ -229,11 +320,12 @@ def _unknown_wallet(r: OperationRequest) -> Outcome:
     )
 
 
-def _refusal(r: OperationRequest, balance: int) -> Reason | None:
-    """Why the operation cannot apply to `balance`, if it cannot."""
-    if r.kind in DEBITS:
-        return Reason.INSUFFICIENT_FUNDS if balance < r.amount else None
-    return Reason.BALANCE_LIMIT if balance + r.amount > MAX_BALANCE_MINOR else None
+def _refusal(r: OperationRequest, wallet: Wallet) -> Reason | None:
+    """Why the operation cannot apply to the wallet, if it cannot: what it takes or
+    reserves must be available."""
+    if r.kind in DEBITS or r.kind == Kind.HOLD:
+        return Reason.INSUFFICIENT_FUNDS if wallet.available < r.amount else None
+    return Reason.BALANCE_LIMIT if wallet.balance + r.amount > MAX_BALANCE_MINOR else None
 
 
 def _move_transfer(
@@ -241,7 +333,7 @@ def _move_transfer(
 ) -> None:
     """What a transfer's leg, just decided as `row`, does to its transfer."""
     r = entry.request
-    if r.kind == Kind.TRANSFER_OUT:
+    if r.starts_transfer():
         if row.reason is None:
             decided.debited[r.transfer_id] = len(decided.started)
         decided.started.append(

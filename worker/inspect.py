@@ -8,6 +8,9 @@
     transfers       transfers debited and not yet credited or returned, oldest first, with
                     their age, how often their step was resent and when it is next due,
                     and whether their return waits for room in the source
+    holds           holds still held that expire within --within seconds (default 3600),
+                    soonest first, and those past their expiry not yet expired (a worker
+                    down, or behind)
     dead-letters    entries no worker could read as an operation, set aside: each with its
                     wallet, entry id, age, error and what it says of its operation
                     (`wallet-admin requeue-dead-letters` puts them back)
@@ -160,6 +163,22 @@ async def transfers_report(pg: Any) -> dict[str, Any]:
     }
 
 
+async def holds_report(pg: Any, within: float) -> dict[str, Any]:
+    rows = await pg.fetch(
+        "SELECT id::text AS hold, wallet_id::text AS wallet, amount, shard,"
+        " extract(epoch FROM expires_at - now())::float8 AS expires_in_seconds"
+        " FROM holds WHERE status = 'held'"
+        " AND expires_at < now() + make_interval(secs => $1) ORDER BY expires_at",
+        within,
+    )
+    holds = [{**r, "amount": format_minor(r["amount"])} for r in rows]
+    return {
+        "expiring": len(holds),
+        "overdue": sum(1 for h in holds if h["expires_in_seconds"] < 0),
+        "holds": holds,
+    }
+
+
 async def dead_letters_report(
     settings: Settings, redis: RedisClient, wallets: list[str]
 ) -> list[dict[str, Any]]:
@@ -203,6 +222,9 @@ def dead_letters_text(report: list[dict[str, Any]]) -> str:
 def as_text(command: str, report: Any) -> str:
     if command == "dead-letters":
         return dead_letters_text(report)
+    if command == "holds":
+        head = f"{report['expiring']} holds expiring, {report['overdue']} of them overdue"
+        return head + "\n" + as_text("", report["holds"])
     if command == "transfers":
         if not report["unsettled"]:
             return "no transfer in flight"
@@ -257,6 +279,8 @@ async def inspect(args: argparse.Namespace, settings: Settings) -> Any:
             return await shards_report(settings, redis, pg)
         if args.command == "wallet":
             return await wallet_report(settings, redis, pg, args.wallet_id.lower())
+        if args.command == "holds":
+            return await holds_report(pg, args.within)
         return await transfers_report(pg)
     finally:
         if pg is not None:
@@ -280,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     stuck = commands.add_parser("stuck", help="queued operations older than a threshold")
     stuck.add_argument("--older-than", type=float, default=10.0, help="seconds (10)")
     commands.add_parser("transfers", help="transfers in flight, oldest first")
+    holds = commands.add_parser("holds", help="held holds near or past their expiry")
+    holds.add_argument("--within", type=float, default=3600.0, help="seconds (3600)")
     dead = commands.add_parser("dead-letters", help="entries set aside as unreadable, oldest first")
     dead.add_argument(
         "--wallet", action="append", metavar="WALLET_ID", help="only this wallet's (repeatable)"

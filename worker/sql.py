@@ -7,26 +7,42 @@ callers: worker/apply.py (a batch), worker/transfers.py (the resending), worker/
 # such operation, or one row with op_id NULL for a wallet that has none.
 READ_WALLETS = """
 WITH found AS (
-    SELECT id, balance, op_seq, applied_entry FROM wallets WHERE id = any($1::uuid[])
+    SELECT id, balance, op_seq, held, applied_entry FROM wallets WHERE id = any($1::uuid[])
 ),
 -- MATERIALIZED: looked up by id alone, through the unique (id, wallet_id) index. Joined
 -- with the wallets, the planner may instead read a wallet's whole ledger through the
 -- primary key's wallet_id prefix.
 earlier AS MATERIALIZED (
     SELECT wallet_id, id, seq, kind, amount, status, reason, balance_after, created_at,
-           transfer_id, counterparty
+           transfer_id, counterparty, hold_id, held_after
     FROM operations WHERE id = any($2::uuid[])
 )
-SELECT f.id::text AS wallet_id, f.balance AS wallet_balance, f.op_seq, f.applied_entry,
-       e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason, e.balance_after,
-       e.created_at, e.transfer_id::text, e.counterparty::text
+SELECT f.id::text AS wallet_id, f.balance AS wallet_balance, f.op_seq, f.held AS wallet_held,
+       f.applied_entry, e.id::text AS op_id, e.seq, e.kind, e.amount, e.status, e.reason,
+       e.balance_after, e.created_at, e.transfer_id::text, e.counterparty::text,
+       e.hold_id::text, e.held_after
 FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 """
 
-# One statement: the new ledger rows, the transfers the batch starts or moves on, then every
-# wallet's balance, ledger length and applied stream position. Nothing is written, and
-# nothing returned, unless every wallet still has the balance and ledger length the decision
-# started from and every shard of the batch still has the caller's epoch. Both are locked
+# The holds a batch's captures, voids and expiries name, as they are now.
+READ_HOLDS = """
+SELECT id::text, wallet_id::text, amount, status,
+       (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at
+FROM holds WHERE id = any($1::uuid[])
+"""
+
+# A shard's holds still held, to expire when due: read by its new owner.
+HELD_IN_SHARDS = """
+SELECT id::text, wallet_id::text, amount, (extract(epoch FROM expires_at) * 1000)::bigint
+       AS expires_at
+FROM holds WHERE shard = any($1::int[]) AND status = 'held'
+"""
+
+# One statement: the new ledger rows, the transfers the batch starts or moves on, the holds
+# it places and ends, then every wallet's balance, held amount, ledger length and applied
+# stream position. Nothing is written, and nothing returned, unless every wallet still has
+# the balance, held amount and ledger length the decision started from, every hold it ends
+# is still held, and every shard of the batch still has the caller's epoch. Both are locked
 # until COMMIT: the wallets against another writer (there should be none), the shard rows so
 # that a new owner's epoch bump waits for it. The wallets first (CASE keeps the order): a
 # batch waiting for a wallet's row then holds no shard row, so a takeover need not wait for
@@ -40,8 +56,10 @@ FROM found f LEFT JOIN earlier e ON e.wallet_id = f.id
 RECORD_BATCH = """
 WITH unchanged AS (
     SELECT w.id FROM wallets w
-    JOIN unnest($11::uuid[], $12::bigint[], $13::bigint[]) AS was(id, balance, op_seq)
+    JOIN unnest($11::uuid[], $12::bigint[], $13::bigint[], $37::bigint[])
+           AS was(id, balance, op_seq, held)
       ON w.id = was.id AND w.balance = was.balance AND w.op_seq = was.op_seq
+     AND w.held = was.held
     WHERE w.id = any($11::uuid[])
     ORDER BY w.id FOR UPDATE OF w
 ),
@@ -55,15 +73,44 @@ fence AS (
 allowed AS (
     SELECT CASE WHEN (SELECT count(*) FROM unchanged) = cardinality($11::uuid[])
                 THEN (SELECT count(*) FROM fence) = cardinality($17::int[])
+                     -- and every hold the batch ends is still held (a FILTER, not a
+                     -- WHERE: the planner would take it for the expiring index's predicate
+                     -- and scan all of that index)
+                     AND (SELECT count(*) FILTER (WHERE status = 'held') FROM holds
+                          WHERE id = any($49::uuid[])) = cardinality($49::uuid[])
                 ELSE false END AS ok
 ),
 recorded AS (
     INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after,
-                            transfer_id, counterparty)
+                            transfer_id, counterparty, hold_id, held_after)
     SELECT r.* FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::bigint[],
-                           $6::text[], $7::text[], $8::bigint[], $9::uuid[], $10::uuid[]) AS r,
+                           $6::text[], $7::text[], $8::bigint[], $9::uuid[], $10::uuid[],
+                           $35::uuid[], $36::bigint[]) AS r,
                     allowed
     WHERE allowed.ok
+),
+placed AS (
+    INSERT INTO holds (wallet_id, id, amount, status, captured, expires_at, shard, transfer_id,
+                       destination_id)
+    SELECT h.wallet_id, h.id, h.amount, h.status, h.captured,
+           timestamptz 'epoch' + h.expires_ms * interval '1 millisecond', h.shard,
+           h.transfer_id, h.destination_id
+    FROM unnest($39::uuid[], $40::uuid[], $41::bigint[], $42::text[], $43::bigint[],
+                $44::bigint[], $45::int[], $46::uuid[], $47::uuid[])
+           AS h(wallet_id, id, amount, status, captured, expires_ms, shard, transfer_id,
+                destination_id),
+         allowed
+    WHERE allowed.ok
+),
+ended AS (
+    UPDATE holds AS h
+    SET status = e.status, captured = e.captured, transfer_id = e.transfer_id,
+        destination_id = e.destination_id, updated_at = now()
+    FROM unnest($48::uuid[], $49::uuid[], $50::text[], $51::bigint[], $52::uuid[], $53::uuid[])
+           AS e(wallet_id, id, status, captured, transfer_id, destination_id),
+         allowed
+    WHERE h.wallet_id = any($48::uuid[]) AND h.id = any($49::uuid[])
+      AND h.wallet_id = e.wallet_id AND h.id = e.id AND allowed.ok
 ),
 started AS (
     INSERT INTO transfers (source_id, id, destination_id, amount, status, reason,
@@ -96,10 +143,10 @@ moved AS (
                ELSE t.status = 'in_flight' END
 )
 UPDATE wallets AS w
-SET balance = v.balance, op_seq = v.op_seq, applied_entry = coalesce(v.entry, w.applied_entry),
-    updated_at = now()
-FROM unnest($11::uuid[], $14::bigint[], $15::bigint[], $16::text[])
-       AS v(id, balance, op_seq, entry),
+SET balance = v.balance, op_seq = v.op_seq, held = v.held,
+    applied_entry = coalesce(v.entry, w.applied_entry), updated_at = now()
+FROM unnest($11::uuid[], $14::bigint[], $15::bigint[], $16::text[], $38::bigint[])
+       AS v(id, balance, op_seq, entry, held),
      allowed
 WHERE w.id = any($11::uuid[]) AND w.id = v.id AND allowed.ok
 RETURNING now() AS now

@@ -119,7 +119,7 @@ def with_local_credits(entries: list[Entry], writes: Callable[[str], bool]) -> l
     for e in entries:
         found.append(e)
         r = e.request
-        if r.kind == TRANSFER_OUT and writes(r.counterparty):
+        if r.starts_transfer() and writes(r.counterparty):
             step = credit(r.transfer_id, r.wallet_id, r.counterparty, r.amount, 0, "")
             found.append(Entry(LOCAL_CREDIT, step))
     return found
@@ -143,7 +143,7 @@ def follow_ups(
         answer: Outcome | None = outcome
         if entry.entry_id == LOCAL_CREDIT:
             continue  # answered with its debit
-        if r.kind == TRANSFER_OUT:
+        if r.starts_transfer():
             local = i + 1 < len(entries) and entries[i + 1].entry_id == LOCAL_CREDIT
             if local and outcomes[i + 1].status != SKIPPED:
                 answer, step = _after_both(r, outcome, outcomes[i + 1])
@@ -163,6 +163,8 @@ def follow_ups(
 
 
 def _after_debit(r: OperationRequest, o: Outcome) -> tuple[Outcome | None, OperationRequest | None]:
+    if o.status != APPLIED and r.kind != TRANSFER_OUT:
+        return o, None  # a capture refused: answered as such
     if o.status != APPLIED:  # refused, unknown source, key reused: the client is told
         return (
             transfer_outcome(

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -34,7 +35,6 @@ from shared.connections import (
     REDIS_ERRORS,
     REDIS_SOCKET_TIMEOUT,
     RedisClient,
-    connection_from,
     open_pg_pool,
     open_redis,
     worker_pg_settings,
@@ -47,6 +47,7 @@ from worker.apply import Fenced, LedgerConflict
 from worker.backlog import Backlog
 from worker.commit import Committer
 from worker.decide import Entry
+from worker.expiries import CHECK_EVERY, Expiries
 from worker.ownership import Ownership
 from worker.streams import WalletStreams
 from worker.transfers import (
@@ -54,7 +55,6 @@ from worker.transfers import (
     follow_ups,
     resend_due,
     settlements,
-    unsettled,
     with_local_credits,
 )
 from worker.wakes import RETRY_DELAY_FIRST, RETRY_DELAY_MAX, WAKE_WAIT, WakeListener
@@ -70,7 +70,9 @@ BAD_BATCH_ERRORS = (
 )
 
 
-COUNT_COMMITTED_EVERY = 1.0  # seconds between additions to the live view's counts
+# Seconds between additions to the live view's counts of what was committed (once more on
+# the way out).
+COUNT_COMMITTED_EVERY = 1.0
 
 
 def new_worker_id() -> str:
@@ -128,8 +130,13 @@ class Worker:
             use_wake_entries=not settings.batch_interval,
         )
         self.streams = WalletStreams(redis, self.queue, settings.batch_max)
+        self.expiries = Expiries(self.keys.shard_of, self.metrics)
         self.committer = Committer(
-            pool, self.keys.shard_of, self.metrics, settings.transfer_resend_after
+            pool,
+            self.keys.shard_of,
+            self.metrics,
+            settings.transfer_resend_after,
+            holds_changed=self.expiries.update,
         )
 
     def stop(self) -> None:
@@ -146,10 +153,7 @@ class Worker:
 
     async def run(self) -> None:
         """Owns shards and works on them until stop()."""
-        self._tasks.append(asyncio.create_task(self.ownership.run(), name="tend-shards"))
-        self._tasks.append(asyncio.create_task(self.listener.run(), name="wake-listener"))
-        self._tasks.append(asyncio.create_task(self._resend_transfers(), name="resend-transfers"))
-        self._tasks.append(asyncio.create_task(self._count_committed(), name="count-committed"))
+        self._start_tasks()
         await self.streams.load_scripts()  # else loaded on meeting NOSCRIPT
         last_rescan = -math.inf
         failures = 0
@@ -200,6 +204,22 @@ class Worker:
                         await asyncio.sleep(pause)
         finally:
             await self.close()
+
+    def _start_tasks(self) -> None:
+        """The tasks beside the rounds: ownership, the wake listener, and the periodic ones."""
+        settings = self.settings
+        for name, task in {
+            "tend-shards": self.ownership.run(),
+            "wake-listener": self.listener.run(),
+            "resend-transfers": self._every(
+                settings.worker_rescan_interval, "resending transfers", self.resend_transfers
+            ),
+            "count-committed": self._every(
+                COUNT_COMMITTED_EVERY, "counting", self.streams.flush_committed, once_more=True
+            ),
+            "expire-holds": self._every(CHECK_EVERY, "expiring holds", self.expire_holds),
+        }.items():
+            self._tasks.append(asyncio.create_task(task, name=name))
 
     async def process_round(self) -> int | None:
         """Commits, answers and acknowledges one batch; returns how many operations it held,
@@ -299,21 +319,30 @@ class Worker:
                 self.listener.start_after(shard, epoch, last_wake)
         self._wakeup.set()
 
-    async def _resend_transfers(self) -> None:
-        """Every rescan interval, sends again the next step of the owned wallets' transfers
-        that have stayed unsettled too long. A task of its own, each try bounded by a lease:
-        a PostgreSQL that does not answer holds it, not the rounds (whose batches must meet
-        the rule that a worker unable to commit steps aside)."""
-        while not self._stopping.is_set():
+    async def _every(
+        self,
+        seconds: float,
+        what: str,
+        job: Callable[[], Awaitable[Any]],
+        *,
+        once_more: bool = False,
+    ) -> None:
+        """Runs `job` every `seconds` until stop() (`once_more`: and once after it), in a
+        task of its own, each run bounded by a lease: a PostgreSQL that does not answer
+        holds it up, not the rounds (whose batches must meet the rule that a worker unable
+        to commit steps aside)."""
+        while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.worker_rescan_interval)
-            if self._stopping.is_set():
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+            if self._stopping.is_set() and not once_more:
                 return
             try:
                 async with asyncio.timeout(self.settings.worker_lease_ttl):
-                    await self.resend_transfers()
+                    await job()
             except (*REDIS_ERRORS, TimeoutError, *PG_ERRORS) as e:
-                log.warning("resending unsettled transfers failed (%s: %s)", type(e).__name__, e)
+                log.warning("%s failed (%s: %s)", what, type(e).__name__, e)
+            if self._stopping.is_set():
+                return
 
     async def resend_transfers(self) -> tuple[int, int]:
         """One resending of the owned shards' transfers that are due (worker/transfers.py);
@@ -325,17 +354,10 @@ class Worker:
         self.metrics.steps_resent.labels("still_queued").inc(queued)
         return sent, queued
 
-    async def _count_committed(self) -> None:
-        """Every second, the batches and operations committed go to the live view's counts;
-        once more on the way out."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), COUNT_COMMITTED_EVERY)
-            with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
-                async with asyncio.timeout(REDIS_SOCKET_TIMEOUT):
-                    await self.streams.flush_committed()
-            if self._stopping.is_set():
-                return
+    async def expire_holds(self) -> int:
+        """Queues the expiries of the owned holds that are due (worker/expiries.py); how
+        many could not be queued (sent again later)."""
+        return await self.expiries.send_due(self.pool, self.streams.send, self.ownership.owned)
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at
@@ -356,6 +378,7 @@ class Worker:
         self._wakeup.set()  # shards to hand back, or wallets to forget, at the next settling
 
     async def _shard_taken(self, shard: int) -> None:
+        self.expiries.taken(shard)
         await self._rescan([shard])
 
     async def close(self) -> None:
@@ -373,27 +396,3 @@ class Worker:
         await self.committer.close()
         await self.streams.close()
         await self.ownership.close()
-
-    async def refresh_gauges(self) -> None:
-        """Reads the figures that live in Redis and PostgreSQL into the metrics, before they
-        are exposed."""
-        self.metrics.shard_count.set(self.settings.shard_count)
-        owned = sorted(self.ownership.owned)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in owned:
-                pipe.get(self.keys.queued(shard))
-            for shard in owned:
-                pipe.execute_command(*self.queue.dead_letter_count(shard))
-            answers = await pipe.execute()
-        counts, dead = answers[: len(owned)], answers[len(owned) :]
-        async with asyncio.timeout(REDIS_SOCKET_TIMEOUT), connection_from(self.pool) as conn:
-            found = await unsettled(conn, owned)
-        self.metrics.transfers_unsettled.set(found.transfers)
-        self.metrics.returns_waiting.set(found.returns_waiting)
-        self.metrics.transfers_unsettled_oldest.set(found.oldest_seconds)
-        self.metrics.dead_letters.set(sum(dead))
-        self.metrics.shards_owned.set(len(owned))
-        self.metrics.parked_wallets.set(self.backlog.parked_count)
-        self.metrics.queued.clear()
-        for shard, count in zip(owned, counts, strict=True):
-            self.metrics.queued.labels(str(shard)).set(int(count or 0))

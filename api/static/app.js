@@ -91,14 +91,22 @@ async function loadWallets(select) {
 }
 
 async function showWallet() {
-  if (!state.wallet) { $("balance").textContent = "–"; $("history").tBodies[0].replaceChildren(); return; }
+  if (!state.wallet) {
+    $("balance").textContent = "–";
+    $("history").tBodies[0].replaceChildren();
+    $("holds").tBodies[0].replaceChildren();
+    return;
+  }
   const shown = state.wallet;
-  const [{ data: wallet }, { data: page }] = await Promise.all([
+  const [{ data: wallet }, { data: page }, { data: holds }] = await Promise.all([
     api(`/api/v1/wallets/${shown}`),
     api(`/api/v1/wallets/${shown}/operations?limit=20`),
+    api(`/api/v1/wallets/${shown}/holds?status=held&limit=20`),
   ]);
   if (state.wallet !== shown) return; // another was picked meanwhile: its own call shows it
   $("balance").textContent = wallet.balance;
+  $("available").textContent = wallet.available;
+  $("holds").tBodies[0].replaceChildren(...holds.items.map(holdRow));
   const option = $("wallet-select").selectedOptions[0];
   if (option) option.textContent = `${wallet.id.slice(0, 8)}… ${wallet.balance}`;
   $("history").tBodies[0].replaceChildren(...page.items.map(historyRow));
@@ -111,7 +119,62 @@ const KINDS = {
   TRANSFER_OUT: (op) => `Transfer to ${short(op.counterparty)}`,
   TRANSFER_IN: (op) => `Transfer from ${short(op.counterparty)}`,
   TRANSFER_RETURN: (op) => `Returned, not taken by ${short(op.counterparty)}`,
+  HOLD: (op) => `Hold ${short(op.hold_id)}`,
+  HOLD_CAPTURE: (op) => `Hold ${short(op.hold_id)} captured` + (op.counterparty ? `, paid to ${short(op.counterparty)}` : ""),
+  HOLD_VOID: (op) => `Hold ${short(op.hold_id)} voided`,
+  HOLD_EXPIRE: (op) => `Hold ${short(op.hold_id)} expired`,
 };
+
+function holdRow(hold) {
+  const row = document.createElement("tr");
+  const cells = [short(hold.id), hold.amount, new Date(hold.expires_at).toLocaleString()];
+  cells.forEach((text, i) => {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    if (i === 1) cell.className = "amount";
+    row.append(cell);
+  });
+  const actions = document.createElement("td");
+  for (const [action, label] of [["capture", "Capture"], ["void", "Void"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.className = "secondary";
+    button.setAttribute("aria-label", `${label} hold ${short(hold.id)}`);
+    button.addEventListener("click", () => endHold(hold.id, action));
+    actions.append(button);
+  }
+  row.append(actions);
+  return row;
+}
+
+async function placeHold(event) {
+  event.preventDefault();
+  if (!state.wallet) { say("Create or pick a wallet first."); return; }
+  try {
+    const cents = toCents($("hold-amount").value);
+    const expires = $("hold-expires").value.trim();
+    const body = { amount: fromCents(cents) };
+    if (expires) body.expires_in = Number(expires);
+    const { status, data } = await api(`/api/v1/wallets/${state.wallet}/holds`, {
+      method: "POST", body, headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+    if (status === 202) say("Queued; the hold shows once placed.", "info");
+    else say(`Held ${data.amount}; ${data.available} is available.`, "info");
+  } catch (error) { sayProblem(error); }
+  await showWallet().catch(sayProblem);
+}
+
+async function endHold(holdId, action) {
+  try {
+    const { data } = await api(`/api/v1/holds/${holdId}/${action}`, {
+      method: "POST", body: {}, headers: { "Idempotency-Key": crypto.randomUUID() },
+    });
+    say(action === "capture" ? `Captured ${data.captured}; the balance is ${data.balance}.`
+      : `Voided; ${data.available} is available.`, "info");
+  } catch (error) { sayProblem(error); }
+  await loadWallets().catch(sayProblem);
+}
 
 function historyRow(op) {
   const row = document.createElement("tr");
@@ -280,6 +343,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("wallet-select").addEventListener("change", (e) => { state.wallet = e.target.value; showWallet().catch(sayProblem); });
   $("operate-form").addEventListener("submit", operate);
   $("transfer-form").addEventListener("submit", transfer);
+  $("hold-form").addEventListener("submit", placeHold);
   $("hot-wallet").addEventListener("click", hotWallet);
   refreshLive();
   setInterval(refreshLive, 1500);

@@ -19,7 +19,7 @@ import uvloop
 from devtools.servers import redis_cluster, redis_server_7, servers_from_env
 from load.bench.designs import checkout
 from load.bench.phases import CLOSED_LOOPS, SMOKE_CLOSED_LOOPS, Design, Kind, constant
-from load.bench.report import heading, report, update_docs
+from load.bench.report import HOLD_MARKS, IN_THE_FULL_RUN, heading, report, update_docs
 from load.bench.run import bench
 from load.bench.targets import failed, judged, targets
 
@@ -122,10 +122,24 @@ def other_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--transfers-only", action="store_true", help="the transfer phases alone")
     parser.add_argument(
+        "--holds-only",
+        action="store_true",
+        help="the hold phases alone (with --transfers-only: both, nothing else)",
+    )
+    parser.add_argument(
         "--transfer-rate", type=int, default=1000, help="transfers' constant rate (1000)"
     )
     parser.add_argument(
         "--transfer-seconds", type=float, default=30, help="each constant transfer phase (30)"
+    )
+    parser.add_argument(
+        "--hold-rate",
+        type=int,
+        default=1000,
+        help="holds' constant rate, a hold and its capture counting as two requests (1000)",
+    )
+    parser.add_argument(
+        "--hold-seconds", type=float, default=30, help="the constant hold phase (30)"
     )
     parser.add_argument(
         "--update-docs",
@@ -151,6 +165,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
         args.closed_seconds = min(args.closed_seconds, 2)
         args.transfer_rate = min(args.transfer_rate, 100)
         args.transfer_seconds = min(args.transfer_seconds, 2)
+        args.hold_rate, args.hold_seconds = min(args.hold_rate, 100), min(args.hold_seconds, 2)
     return args
 
 
@@ -174,11 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     configured = bool(os.environ.get("DATABASE_URL"))
     head = heading(command.strip(), f"{datetime.now(UTC):%Y-%m-%d}", configured, args.api_processes)
     baseline = Design(Kind.BASELINE, ref=args.baseline) if args.baseline else None
-    held_to = targets(args.rate, args.rate_wallets, args.transfer_rate, baseline)
+    held_to = targets(args.rate, args.rate_wallets, args.transfer_rate, args.hold_rate, baseline)
     text = report(head, results, judged(results, held_to))
     print("\n" + text)
     if args.update_docs:
-        update_docs(text)
+        if args.holds_only and not args.transfers_only:
+            update_docs(text, marks=HOLD_MARKS)
+        else:
+            update_docs(text)
+            if any(result.phase.holds for result in results.runs):
+                update_docs(IN_THE_FULL_RUN, marks=HOLD_MARKS)
     return 1 if failed(results, constant(args.rate, args.rate_wallets)) else 0
 
 

@@ -42,6 +42,7 @@ class Running:
     # their CPU is measured, summed per name
     observed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     transfers: bool = True  # it serves transfers (a --baseline from before them does not)
+    holds: bool = True  # and holds
 
     def pids(self) -> dict[str, list[int]]:
         """Its process ids by name, api, api2... together as api."""
@@ -188,6 +189,7 @@ async def started(
             design = Design(Kind.BASELINE, ref=args.baseline)
             compared.insert(1, await designs.service(design, args.api_processes, baseline))
             compared[1].transfers = (baseline / "api" / "transfers.py").exists()
+            compared[1].holds = (baseline / "api" / "holds.py").exists()
         if cluster is not None:
             design = Design(Kind.ON_CLUSTER)
             compared.insert(1, await designs.service(design, args.api_processes, cluster=cluster))

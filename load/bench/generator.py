@@ -1,110 +1,33 @@
-"""The load generator: the requests of each workload, prepared as bytes, and the two ways of
-sending them, a closed loop and the open model, over keep-alive connections of its own."""
+"""The load generator: the two ways of sending a workload's requests (load/bench/workloads.py),
+a closed loop and the open model, over keep-alive connections of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from load.bench.results import Result
-from shared.money import format_minor
+from load.bench.workloads import SUCCESS, Pick, Request
 
 CLIENT_TIMEOUT = 10.0
 OPEN_POOL = 64  # connections the open-model generator opens before it starts
-AMOUNTS = range(100, 1001, 100)  # minor units: 1.00 to 10.00
-
-# What a request moves if it is answered 200: (wallet, change in minor units) pairs.
-Moves = tuple[tuple[str, int], ...]
-# The next request of a phase, ready to write, and what it moves.
-Pick = Callable[[], tuple[bytes, Moves]]
-# A phase's requests: a Pick for the target's host, drawing from a seeded generator.
-Workload = Callable[[str, random.Random], Pick]
 
 
-def request_head(host: str, wallet: str) -> bytes:
-    """A request to the wallet's operation route, up to its Content-Length's value."""
-    return (
-        f"POST /api/v1/wallets/{wallet}/operation HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: "
-    ).encode()
+@dataclasses.dataclass
+class Effects:
+    """What the successful answers say each wallet's balance and held amount moved by."""
 
+    balance: dict[str, int]
+    held: dict[str, int]
 
-def request_tail(kind: str, minor: int) -> bytes:
-    """The rest of an operation request: the Content-Length's value and the body."""
-    body = f'{{"operationType":"{kind}","amount":"{format_minor(minor)}"}}'.encode()
-    return b"%d\r\n\r\n%b" % (len(body), body)
-
-
-def transfer_request(host: str, source: str, destination: str, minor: int) -> bytes:
-    body = (f'{{"from":"{source}","to":"{destination}","amount":"{format_minor(minor)}"}}').encode()
-    return (
-        f"POST /api/v1/transfers HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
-def operations(wallets: Sequence[str]) -> Workload:
-    """Deposits and withdrawals of 1.00 to 10.00, half each, to wallets drawn at random."""
-
-    def workload(host: str, rng: random.Random) -> Pick:
-        heads = {w: request_head(host, w) for w in wallets}
-        tails = {
-            (kind, minor): request_tail(kind, minor)
-            for kind in ("DEPOSIT", "WITHDRAW")
-            for minor in AMOUNTS
-        }
-
-        def pick() -> tuple[bytes, Moves]:
-            kind = "DEPOSIT" if rng.random() < 0.5 else "WITHDRAW"
-            wallet = wallets[int(rng.random() * len(wallets))]
-            minor = AMOUNTS[int(rng.random() * len(AMOUNTS))]
-            return heads[wallet] + tails[(kind, minor)], (
-                (wallet, minor if kind == "DEPOSIT" else -minor),
-            )
-
-        return pick
-
-    return workload
-
-
-def deposits(wallets: Sequence[str]) -> Workload:
-    """Deposits of 0.01 to wallets drawn at random (the closed loop's)."""
-
-    def workload(host: str, rng: random.Random) -> Pick:
-        prepared = {
-            w: (request_head(host, w) + request_tail("DEPOSIT", 1), ((w, 1),)) for w in wallets
-        }
-        if len(wallets) == 1:
-            only = prepared[wallets[0]]
-            return lambda: only
-        choices = list(wallets)
-        return lambda: prepared[rng.choice(choices)]
-
-    return workload
-
-
-def transfers(sources: Sequence[str], destinations: Sequence[str]) -> Workload:
-    """Transfers of 1.00 to 10.00 from a source drawn at random to a destination drawn at
-    random (another wallet)."""
-
-    def workload(host: str, rng: random.Random) -> Pick:
-        def pick() -> tuple[bytes, Moves]:
-            source = sources[int(rng.random() * len(sources))]
-            destination = source
-            while destination == source:
-                destination = destinations[int(rng.random() * len(destinations))]
-            minor = AMOUNTS[int(rng.random() * len(AMOUNTS))]
-            raw = transfer_request(host, source, destination, minor)
-            return raw, ((source, -minor), (destination, minor))
-
-        return pick
-
-    return workload
+    @classmethod
+    def none(cls, wallets: Iterable[str]) -> Effects:
+        return cls(dict.fromkeys(wallets, 0), dict.fromkeys(wallets, 0))
 
 
 class Connection(asyncio.Protocol):
@@ -113,19 +36,19 @@ class Connection(asyncio.Protocol):
     the reference send), one request at a time. A protocol, not a task per request: the
     generator shares the cores with every server, and this costs it the least."""
 
-    def __init__(self, result: Result, effects: dict[str, int], done: asyncio.Future[None]):
+    def __init__(self, result: Result, effects: Effects, done: asyncio.Future[None]):
         self.result, self.effects, self.done = result, effects, done
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.request: tuple[float, Moves] | None = None  # (since, what a 200 moves)
+        self.request: tuple[float, Request] | None = None  # (since, the request in flight)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, since: float, moves: Moves, raw: bytes) -> None:
+    def send(self, since: float, request: Request) -> None:
         assert self.transport is not None
-        self.request = (since, moves)
-        self.transport.write(raw)
+        self.request = (since, request)
+        self.transport.write(request.raw)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -140,13 +63,21 @@ class Connection(asyncio.Protocol):
                 return
             status = int(self.buffer[9:12])
             del self.buffer[: end + 4 + length]
-            since, moves = self.request
+            since, request = self.request
             self.request = None
-            self.result.latencies.append(time.perf_counter() - since)
+            now = time.perf_counter()
+            self.result.latencies.append(now - since)
             self.result.statuses[status] = self.result.statuses.get(status, 0) + 1
-            if status == 200:
-                for wallet, change in moves:
-                    self.effects[wallet] += change
+            if status in SUCCESS:
+                for wallet, change in request.moves:
+                    self.effects.balance[wallet] += change
+                for wallet, change in request.holding:
+                    self.effects.held[wallet] += change
+                if request.then is not None:
+                    # Due now that its client knows the first succeeded; sent even past a
+                    # closed loop's deadline, so that every pair started is completed.
+                    self.send(now, request.then)
+                    continue
             self.answered()
 
     def answered(self) -> None:
@@ -218,55 +149,60 @@ class OpenLoopConnection(Connection):
         self.outstanding.one_answered()
 
 
-async def drive_open(
-    base: str, wallets: Sequence[str], result: Result, pick: Pick
-) -> dict[str, int]:
+async def drive_open(base: str, wallets: Sequence[str], result: Result, pick: Pick) -> Effects:
     """Sends `result.target_rate` requests per second for `result.seconds`, each the next
-    `pick` gives; returns each wallet's change in balance implied by the successful answers.
-    A request goes out on an idle connection, or a new one, when it is due, whether or not
-    earlier ones were answered; its latency counts from then."""
+    `pick` gives; returns what the successful answers moved. A request goes out on an idle
+    connection, or a new one, when it is due, whether or not earlier ones were answered;
+    its latency counts from then.
+
+    A pick that carries a second request (a hold's capture) is a slot of the schedule of
+    two requests: slots start at half the rate, so the rate still counts every request.
+    The second goes out on the same connection once the first is answered, and its
+    latency counts from that answer, when its client learns it may send it."""
     clock = time.perf_counter  # the event loop's clock may tick in whole milliseconds
     loop = asyncio.get_running_loop()
-    effects: dict[str, int] = dict.fromkeys(wallets, 0)
+    effects = Effects.none(wallets)
     host, _, port = base.removeprefix("http://").partition(":")
     idle: list[Connection] = []
     connections: list[Connection] = []
-    total = result.sent = int(result.target_rate * result.seconds)
-    outstanding = Outstanding(loop, total)
+    per_slot = result.phase.requests_per_slot
+    slots = int(result.target_rate * result.seconds / per_slot)
+    result.sent = slots * per_slot
+    outstanding = Outstanding(loop, slots)
 
     def new_connection() -> OpenLoopConnection:
         connection = OpenLoopConnection(idle, outstanding, result, effects, loop.create_future())
         connections.append(connection)
         return connection
 
-    async def connect_and_send(due: float, moves: Moves, raw: bytes) -> None:
+    async def connect_and_send(due: float, request: Request) -> None:
         connection = new_connection()
         try:
             await connect(connection, host, int(port))
         except OSError:
-            connection.request = (due, moves)
+            connection.request = (due, request)
             connection.connection_lost(None)
             return
-        connection.send(due, moves, raw)
+        connection.send(due, request)
 
     # A pool opened beforehand, as clients keep one: a burst of new connections at a busy
     # moment overflows the listen backlog, and a dropped SYN waits a second for its retry.
     for _ in range(OPEN_POOL):
         await connect(connection := new_connection(), host, int(port))
         idle.append(connection)
-    interval = 1 / result.target_rate
+    interval = per_slot / result.target_rate
     connecting = []
     with measured(result) as start:
-        for i in range(total):
+        for i in range(slots):
             due = start + i * interval
             delay = due - clock()
             if delay > 0:  # else it is late: sent with the others due, without a sleep each
                 await asyncio.sleep(delay)
-            raw, moves = pick()
+            request = pick()
             if idle:
-                idle.pop().send(due, moves, raw)
+                idle.pop().send(due, request)
             else:
-                connecting.append(loop.create_task(connect_and_send(due, moves, raw)))
+                connecting.append(loop.create_task(connect_and_send(due, request)))
         await asyncio.gather(*connecting)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(outstanding.all_answered), CLIENT_TIMEOUT)
@@ -276,7 +212,8 @@ async def drive_open(
 
 class ClosedLoopConnection(Connection):
     """One connection of a closed-loop client: it sends the next request as soon as the
-    answer to the last one is in, until `deadline`, and then finishes the one in flight."""
+    answer to the last one is in, until `deadline`, and then finishes the one in flight
+    (and the second of a pair, if the first of it is answered)."""
 
     def __init__(self, pick: Pick, deadline: float, *args: Any) -> None:
         super().__init__(*args)
@@ -290,17 +227,14 @@ class ClosedLoopConnection(Connection):
         if time.perf_counter() >= self.deadline:
             self.close()
             return
-        raw, moves = self.pick()
-        self.send(time.perf_counter(), moves, raw)
+        self.send(time.perf_counter(), self.pick())
 
 
-async def drive_closed(
-    base: str, wallets: Sequence[str], result: Result, pick: Pick
-) -> dict[str, int]:
+async def drive_closed(base: str, wallets: Sequence[str], result: Result, pick: Pick) -> Effects:
     """Sends what `pick` gives over the phase's closed-loop connections for `result.seconds`;
-    returns each wallet's change in balance implied by the successful answers."""
+    returns what the successful answers moved."""
     host, _, port = base.removeprefix("http://").partition(":")
-    effects: dict[str, int] = dict.fromkeys(wallets, 0)
+    effects = Effects.none(wallets)
     loop = asyncio.get_running_loop()
     connections: list[Connection] = []
     with measured(result) as start:

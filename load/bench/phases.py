@@ -14,6 +14,9 @@ SMOKE_CLOSED_LOOPS = [(1, 1), (8, 1)]
 MANY_WALLETS = 10_000  # the service's search for its highest rate over many wallets
 TRANSFER_WALLETS, TRANSFER_CONNECTIONS = 1000, 64
 SMOKE_TRANSFER_WALLETS, SMOKE_TRANSFER_CONNECTIONS = 20, 8
+# (connections, wallets) of the closed-loop hold phases; the constant rate is on one wallet
+HOLD_LOOPS = [(64, 1), (64, 1000)]
+SMOKE_HOLD_LOOPS = [(8, 1)]
 # The steps of the searches for the highest rates: steps of 500 to the service's top, fine
 # enough to compare two of its highest rates.
 SERVICE_RATES = [*range(500, 8001, 500), 9000, 10000]
@@ -70,6 +73,14 @@ class Shape(enum.Enum):
 SHAPES = list(Shape)
 
 
+class Load(enum.Enum):
+    """What a phase sends; each has tables of its own."""
+
+    OPERATIONS = "deposits and withdrawals"
+    TRANSFERS = "transfers"
+    HOLDS = "holds placed and captured"
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
     model: Model
@@ -78,6 +89,19 @@ class Phase:
     rate: int = 0  # constant rate, per second
     transfers: Shape | None = None  # transfers of this shape; deposits and withdrawals if None
     interval: float | None = None  # the worker restarted with this BATCH_INTERVAL first
+    holds: bool = False  # holds, each placed and then captured: two requests
+
+    @property
+    def load(self) -> Load:
+        if self.transfers is not None:
+            return Load.TRANSFERS
+        return Load.HOLDS if self.holds else Load.OPERATIONS
+
+    @property
+    def requests_per_slot(self) -> int:
+        """The requests one slot of the open model's schedule carries: a hold and its
+        capture are two of its rate."""
+        return 2 if self.holds else 1
 
     @property
     def name(self) -> str:
@@ -85,6 +109,8 @@ class Phase:
         what = wallets_name(self.wallets)
         if self.transfers is not None:
             what = "transfers " + self.transfers.value.format(n=self.wallets)
+        if self.holds:
+            what = f"holds on {what}"
         if self.model is Model.CLOSED:
             plural = "s" if self.connections > 1 else ""
             return f"{self.connections} connection{plural}, {what}"
@@ -92,7 +118,9 @@ class Phase:
             return f"max {what}" if self.transfers else f"max on {what}"
         if self.interval is not None:
             return f"{self.rate}/s, BATCH_INTERVAL={self.interval}"
-        return f"{self.rate}/s, {what}" if self.transfers else f"{self.rate}/s on {what}"
+        return (
+            f"{self.rate}/s on {what}" if self.load is Load.OPERATIONS else f"{self.rate}/s, {what}"
+        )
 
 
 def wallets_name(count: int) -> str:
@@ -111,6 +139,15 @@ def search(wallets: int, transfers: Shape | None = None) -> Phase:
     return Phase(Model.SEARCH, wallets, transfers=transfers)
 
 
+def hold_loop(connections: int, wallets: int) -> Phase:
+    return Phase(Model.CLOSED, wallets, connections=connections, holds=True)
+
+
+def hold_rate(rate: int) -> Phase:
+    """Holds at a constant `rate` of requests on one wallet, a hold and its capture two."""
+    return Phase(Model.CONSTANT, 1, rate=rate, holds=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One design's turn at a phase: for `seconds`, or, in a search, for `seconds` at each of
@@ -123,16 +160,24 @@ class Step:
 
 
 def plan(
-    args: argparse.Namespace, designs: Sequence[Design], transferring: Collection[Design]
+    args: argparse.Namespace,
+    designs: Sequence[Design],
+    transferring: Collection[Design],
+    holding: Collection[Design],
 ) -> list[Step]:
     """The run's steps in order: the closed loops, the open model, the transfers (by the
-    designs in `transferring`), the BATCH_INTERVAL phases."""
-    if args.transfers_only:
-        return transfer_steps(args, designs, transferring)
+    designs in `transferring`), the holds (by those in `holding`), the BATCH_INTERVAL
+    phases; or, with --transfers-only or --holds-only, those alone."""
+    if args.transfers_only or args.holds_only:
+        return [
+            *(transfer_steps(args, designs, transferring) if args.transfers_only else []),
+            *(hold_steps(args, [d for d in designs if d in holding]) if args.holds_only else []),
+        ]
     return [
         *closed_steps(args, designs),
         *open_steps(args, designs),
         *transfer_steps(args, designs, transferring),
+        *hold_steps(args, [d for d in designs if d in holding]),
         *(
             Step(
                 Phase(Model.CONSTANT, 1, rate=args.rate, interval=i), SERVICE, args.interval_seconds
@@ -210,3 +255,18 @@ def transfer_steps(
             steps_of = ROW_LOCK_TRANSFER_RATES if design.reference else SERVICE_TRANSFER_RATES
             steps.append(Step(hot, design, args.step_seconds, tuple(steps_of)))
     return steps
+
+
+def hold_steps(args: argparse.Namespace, designs: Sequence[Design]) -> list[Step]:
+    """Holds placed and captured: the closed loops on one wallet and over many, the designs
+    taking turns at going first, then the constant rate on one wallet."""
+    loops = SMOKE_HOLD_LOOPS if args.smoke else HOLD_LOOPS
+    rounds = [loop for _ in range(args.repeat) for loop in loops]
+    steps = [
+        Step(hold_loop(connections, wallets), design, args.closed_seconds)
+        for index, (connections, wallets) in enumerate(rounds)
+        for design in in_turn(designs, index, len(loops))
+    ]
+    if args.closed_only:
+        return steps
+    return steps + [Step(hold_rate(args.hold_rate), d, args.hold_seconds) for d in designs]

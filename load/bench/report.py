@@ -9,12 +9,16 @@ import platform
 from pathlib import Path
 
 from devtools.processes import ROOT
-from load.bench.phases import Model
+from load.bench.phases import Load, Model
 from load.bench.results import Result, Results, best_row_lock
 from load.bench.targets import Row
 
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"  # --update-docs rewrites its marked block
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# A --holds-only run's tables have a block of their own, so that they do not replace the
+# full run's; a full run that holds them too empties it.
+HOLD_MARKS = ("<!-- bench:holds:start -->", "<!-- bench:holds:end -->")
+IN_THE_FULL_RUN = "The hold phases are in the run above."
 
 
 def table(results: list[Result]) -> str:
@@ -97,23 +101,37 @@ def targets_table(rows: list[Row]) -> str:
 
 def report(heading: str, results: Results, rows: list[Row]) -> str:
     """The whole report: the heading, each table that has rows, the targets."""
-    parts = [
-        heading,
-        "Closed loop (deposits of 0.01; each connection sends its next request when the "
-        "answer to the last is in):",
-        closed_table(results.closed_summary()),
-    ]
-    if opened := results.select(closed=False, transfers=False):
+    parts = [heading]
+    if closed := results.closed_summary():
+        parts += [
+            "Closed loop (deposits of 0.01; each connection sends its next request when the "
+            "answer to the last is in):",
+            closed_table(closed),
+        ]
+    if opened := results.select(closed=False, load=Load.OPERATIONS):
         parts += ["Open model (deposits and withdrawals at a constant rate):", table(opened)]
-    if results.select(closed=True, transfers=True):
+    if results.select(closed=True, load=Load.TRANSFERS):
         parts += [
             "Transfers of 1.00 to 10.00, closed loop (a hot destination receiving from many "
             "sources, a hot source paying many destinations, and transfers among many "
             "wallets at random):",
-            closed_table(results.closed_summary(transfers=True)),
+            closed_table(results.closed_summary(Load.TRANSFERS)),
         ]
-    if opened := results.select(closed=False, transfers=True):
+    if opened := results.select(closed=False, load=Load.TRANSFERS):
         parts += ["Transfers, open model:", table(opened)]
+    if results.select(closed=True, load=Load.HOLDS):
+        parts += [
+            "Holds of 1.00 to 10.00, closed loop (each placed under a key the client chose, "
+            "then captured whole on the same connection once placed: two requests, both "
+            "counted):",
+            closed_table(results.closed_summary(Load.HOLDS)),
+        ]
+    if opened := results.select(closed=False, load=Load.HOLDS):
+        parts += [
+            "Holds, open model (a hold and its capture are two requests of the rate: the "
+            "capture is sent once the hold is answered, and timed from then):",
+            table(opened),
+        ]
     parts += ["Targets:", targets_table(rows)]
     return "\n\n".join(parts)
 
@@ -151,12 +169,15 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}"
 
 
-def update_docs(report: str, page: Path = BENCHMARKS) -> None:
-    """Puts `report` between the page's markers, leaving the rest of it as it is."""
+def update_docs(
+    report: str, page: Path = BENCHMARKS, marks: tuple[str, str] = (MARK_START, MARK_END)
+) -> None:
+    """Puts `report` between the page's `marks`, leaving the rest of it as it is."""
     text = page.read_text()
-    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1:
-        raise ValueError(f"{page} must hold {MARK_START} and {MARK_END} once each")
-    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
+    first, last = marks
+    if text.count(first) != 1 or text.count(last) != 1:
+        raise ValueError(f"{page} must hold {first} and {last} once each")
+    start, end = text.index(first) + len(first), text.index(last)
     if end < start:
-        raise ValueError(f"{page}: {MARK_END} comes before {MARK_START}")
+        raise ValueError(f"{page}: {last} comes before {first}")
     page.write_text(text[:start] + "\n" + report + "\n" + text[end:])

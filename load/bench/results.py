@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from load.bench.phases import Design, Kind, Model, Phase
+from load.bench.phases import Design, Kind, Load, Model, Phase
 
 
 @dataclasses.dataclass
@@ -32,8 +32,9 @@ class Result:
 
     @property
     def bad(self) -> int:
-        """Answers other than 200 and 409, and requests that got no answer."""
-        return self.errors + sum(n for s, n in self.statuses.items() if s not in (200, 409))
+        """Answers other than 200 (201: a hold placed) and 409, and requests that got no
+        answer."""
+        return self.errors + sum(n for s, n in self.statuses.items() if s not in (200, 201, 409))
 
     @property
     def rate(self) -> float:
@@ -93,22 +94,21 @@ class Results:
     # the highest rate each design sustained in each search
     best: dict[tuple[Phase, Design], int] = dataclasses.field(default_factory=dict)
 
-    def select(self, closed: bool, transfers: bool) -> list[Result]:
-        """The results of the closed loop's phases or the open model's, of transfers or of
-        deposits and withdrawals, in the order they ran."""
+    def select(self, closed: bool, load: Load) -> list[Result]:
+        """The results of the closed loop's phases or the open model's, of one load, in the
+        order they ran."""
         return [
             r
             for r in self.runs
-            if (r.phase.model is Model.CLOSED) == closed
-            and (r.phase.transfers is not None) == transfers
+            if (r.phase.model is Model.CLOSED) == closed and r.phase.load is load
         ]
 
-    def closed_summary(self, transfers: bool = False) -> list[Result]:
+    def closed_summary(self, load: Load = Load.OPERATIONS) -> list[Result]:
         """The closed-loop results, the repeats of each (--repeat) merged into one; each
         phase's designs in one order, whichever ran first: the service, the others, the row
         lock."""
         by_phase: dict[tuple[Phase, Design], list[Result]] = {}
-        for r in self.select(closed=True, transfers=transfers):
+        for r in self.select(closed=True, load=load):
             by_phase.setdefault((r.phase, r.design), []).append(r)
         phases = list(dict.fromkeys(phase for phase, _ in by_phase))
 
@@ -122,9 +122,9 @@ class Results:
         """The design's result of `phase` (the row lock's: the best of its process counts);
         a closed loop's repeats merged."""
         if phase.model is Model.CLOSED:
-            pool = self.closed_summary(phase.transfers is not None)
+            pool = self.closed_summary(phase.load)
         else:
-            pool = self.select(closed=False, transfers=phase.transfers is not None)
+            pool = self.select(closed=False, load=phase.load)
         if design.reference:
             return best_row_lock(pool, phase)
         return next((r for r in pool if r.phase == phase and r.design == design), None)

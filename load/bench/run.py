@@ -19,9 +19,10 @@ from devtools.servers import RedisClusterNodes
 from devtools.waiting import wait_ready
 from load.bench import report
 from load.bench.designs import Running, restart_worker, started
-from load.bench.generator import Workload, deposits, drive_closed, drive_open, operations, transfers
+from load.bench.generator import Effects, drive_closed, drive_open
 from load.bench.phases import Design, Model, Phase, Shape, Step, constant, plan
 from load.bench.results import Result, Results
+from load.bench.workloads import Workload, deposits, holds, operations, transfers
 
 FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 STEP_TRIES = 2  # tries of a step of the search for the highest rate before it fails
@@ -55,9 +56,10 @@ async def bench(
                 await warm_up(running)
         designs = [r.design for r in compared]
         transferring = [r.design for r in compared if r.transfers]
+        holding = [r.design for r in compared if r.holds]
         by_design = {r.design: r for r in compared}
         shapes: dict[Design, ShapeWallets] = {}
-        for step in plan(args, designs, transferring):
+        for step in plan(args, designs, transferring, holding):
             running = by_design[step.design]
             if step.phase.interval is not None:
                 restart_worker(running, {"BATCH_INTERVAL": str(step.phase.interval)})
@@ -82,10 +84,13 @@ async def wallets_for(
     phase: Phase, running: Running, shapes: dict[Design, ShapeWallets]
 ) -> tuple[list[str], Workload]:
     """The wallets a step touches and the workload over them: new wallets for deposits and
-    withdrawals, the design's transfer wallets of the phase's shape for transfers."""
+    withdrawals and for holds, the design's transfer wallets of the phase's shape for
+    transfers."""
     if phase.transfers is not None:
         return shapes[running.design][phase.transfers]
     wallets = await new_wallets(running.pg, phase.wallets)
+    if phase.holds:
+        return wallets, holds(wallets)
     return wallets, deposits(wallets) if phase.model is Model.CLOSED else operations(wallets)
 
 
@@ -108,6 +113,9 @@ async def warm_up(running: Running) -> None:
     if running.transfers:
         transferring = Result(phase, running.design, 100, 2)
         await run_phase(running, wallets, transferring, transfers(wallets, wallets))
+    if running.holds:
+        holding = Phase(Model.CONSTANT, 2, rate=100, holds=True)
+        await run_phase(running, wallets, Result(holding, running.design, 100, 1), holds(wallets))
 
 
 async def find_max(
@@ -140,9 +148,10 @@ async def run_phase(
     running: Running, wallets: Sequence[str], result: Result, workload: Workload
 ) -> Result:
     """Drives `workload` over `wallets` (every wallet it touches), then checks the
-    balances."""
+    balances (and, of holds, the held amounts)."""
     pg = running.pg
     before = await balances(pg, wallets)
+    held_before = await held(pg, wallets) if result.phase.holds else {}
     started_at = await pg.fetchval("SELECT clock_timestamp()")
     wal_at = await pg.fetchval("SELECT pg_current_wal_lsn()::text")
     pids = running.pids()
@@ -164,7 +173,12 @@ async def run_phase(
     # row lock) may still be applying requests the generator gave up on.
     async with pg.acquire() as snapshot, snapshot.transaction(isolation="repeatable_read"):
         rows, after = await ledger_and_balances(snapshot, wallets, started_at)
-    check(result, rows, before, after, effects)
+        held_rows = await held_and_ledger(snapshot, wallets) if result.phase.holds else []
+    check(result, rows, before, after, effects.balance)
+    if result.phase.holds:
+        result.balance_ok = result.balance_ok and held_exact(
+            held_rows, held_before, effects, answered=result.bad == 0
+        )
     return result
 
 
@@ -200,13 +214,15 @@ async def ledger_and_balances(
 ) -> tuple[list[Any], dict[str, int]]:
     """Per wallet and in all (the row whose wallet_id is None), the commits, operations,
     change in balance and money brought in or out of the ledger rows written since
-    `since`; and the wallets' balances."""
+    `since`; and the wallets' balances. A hold placed, voided or expired moves no balance;
+    a capture takes its amount out (the bench's captures pay no wallet)."""
     rows = await conn.fetch(
         "SELECT wallet_id::text, count(DISTINCT xmin::text) AS commits, count(*) AS operations,"
-        " coalesce(sum(CASE WHEN status <> 'applied' THEN 0"
-        " WHEN kind IN ('WITHDRAW', 'TRANSFER_OUT') THEN -amount ELSE amount END), 0) AS effect,"
+        " coalesce(sum(CASE WHEN status <> 'applied' OR kind IN ('HOLD', 'HOLD_VOID',"
+        " 'HOLD_EXPIRE') THEN 0 WHEN kind IN ('WITHDRAW', 'TRANSFER_OUT', 'HOLD_CAPTURE')"
+        " THEN -amount ELSE amount END), 0) AS effect,"
         " coalesce(sum(CASE WHEN status <> 'applied' THEN 0 WHEN kind = 'DEPOSIT' THEN amount"
-        " WHEN kind = 'WITHDRAW' THEN -amount ELSE 0 END), 0) AS brought"
+        " WHEN kind IN ('WITHDRAW', 'HOLD_CAPTURE') THEN -amount ELSE 0 END), 0) AS brought"
         " FROM operations WHERE wallet_id = any($1::uuid[]) AND created_at >= $2"
         " GROUP BY GROUPING SETS ((wallet_id), ())",
         list(wallets),
@@ -220,6 +236,46 @@ async def balances(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
         "SELECT id::text, balance FROM wallets WHERE id = any($1::uuid[])", list(wallets)
     )
     return {r["id"]: r["balance"] for r in rows}
+
+
+async def held(pg: Any, wallets: Sequence[str]) -> dict[str, int]:
+    rows = await pg.fetch(
+        "SELECT id::text, held FROM wallets WHERE id = any($1::uuid[])", list(wallets)
+    )
+    return {r["id"]: r["held"] for r in rows}
+
+
+async def held_and_ledger(conn: Any, wallets: Sequence[str]) -> list[Any]:
+    """Each wallet's balance and held amount, what its held holds add up to, and the
+    balance and held amount its newest ledger row says it left (None if it has none)."""
+    return list(
+        await conn.fetch(
+            "SELECT w.id::text, w.balance, w.held, (SELECT coalesce(sum(h.amount), 0)"
+            " FROM holds h WHERE h.wallet_id = w.id AND h.status = 'held') AS holding,"
+            " o.balance_after, o.held_after FROM wallets w LEFT JOIN LATERAL"
+            " (SELECT balance_after, held_after FROM operations WHERE wallet_id = w.id"
+            " ORDER BY seq DESC LIMIT 1) o ON true WHERE w.id = any($1::uuid[])",
+            list(wallets),
+        )
+    )
+
+
+def held_exact(rows: list[Any], before: dict[str, int], effects: Effects, answered: bool) -> bool:
+    """Each wallet holds what its held holds add up to, no more than its balance
+    (available is not negative), and its newest ledger row says its balance and held
+    amount, so the available funds it records; and, when every request was answered, the
+    held amount moved by what the answers said (back where it was once every hold placed
+    was captured)."""
+    return len(rows) == len(before) and all(
+        r["held"] == r["holding"]
+        and 0 <= r["held"] <= r["balance"]
+        and (
+            r["held_after"] is None
+            or (r["balance_after"], r["held_after"]) == (r["balance"], r["held"])
+        )
+        and (not answered or r["held"] == before[r["id"]] + effects.held[r["id"]])
+        for r in rows
+    )
 
 
 async def until_quiet(running: Running, within: float = 60) -> None:

@@ -13,11 +13,14 @@ from load.bench.phases import (
     SERVICE,
     TRANSFER_WALLETS,
     Design,
+    Load,
     Model,
     Phase,
     Shape,
     closed,
     constant,
+    hold_loop,
+    hold_rate,
     search,
 )
 from load.bench.results import Results
@@ -65,12 +68,21 @@ class Figure(NamedTuple):
 
 
 def targets(
-    rate: int, rate_wallets: int, transfer_rate: int, baseline: Design | None = None
+    rate: int,
+    rate_wallets: int,
+    transfer_rate: int,
+    holds_rate: int,
+    baseline: Design | None = None,
 ) -> list[Target]:
-    """The targets, in the order the report gives them; `rate`, `rate_wallets` and
-    `transfer_rate` are the run's constant rates'."""
+    """The targets, in the order the report gives them; `rate`, `rate_wallets`,
+    `transfer_rate` and `holds_rate` are the run's constant rates'."""
     against_baseline = [] if baseline is None else baseline_targets(baseline)
-    return [*against_baseline, *closed_targets(), *open_targets(rate, rate_wallets, transfer_rate)]
+    return [
+        *against_baseline,
+        *closed_targets(),
+        *open_targets(rate, rate_wallets, transfer_rate),
+        *hold_targets(holds_rate),
+    ]
 
 
 def baseline_targets(baseline: Design) -> list[Target]:
@@ -150,6 +162,26 @@ def open_targets(rate: int, rate_wallets: int, transfer_rate: int) -> list[Targe
     ]
 
 
+def hold_targets(rate: int) -> list[Target]:
+    at_rate = hold_rate(rate)
+    return [
+        Target(
+            f"{hold_loop(64, 1).name}: at least 4x the row lock's req/s",
+            hold_loop(64, 1),
+            Measure.RATE,
+            4,
+            ROW_LOCK,
+        ),
+        Target(
+            f"{at_rate.name} (a hold and its capture two requests): p99 at most 50 ms",
+            at_rate,
+            Measure.P99,
+            50,
+            no_errors=True,
+        ),
+    ]
+
+
 def figure(results: Results, phase: Phase, design: Design, measure: Measure) -> Figure | None:
     """The design's `measure` in `phase`, with its failed requests; None if not measured."""
     if measure is Measure.HIGHEST:
@@ -194,25 +226,27 @@ def judge(target: Target, results: Results) -> Row | None:
 
 def judged(results: Results, held_to: list[Target]) -> list[Row]:
     """The rows of the targets this run can judge, then the checks of the whole run: the
-    service's transfers, and the balances of every phase."""
+    service's transfers and holds, and the balances of every phase."""
     rows = [row for target in held_to if (row := judge(target, results)) is not None]
-    transfers = [
-        r
-        for r in results.runs
-        if r.design == SERVICE
-        and r.phase.transfers is not None
-        and r.phase.model is not Model.SEARCH
+    checks = [
+        (Load.TRANSFERS, "transfers: 0 errors, every balance and the conservation sum exact"),
+        (
+            Load.HOLDS,
+            "holds: 0 errors, every balance, held and available figure and the conservation "
+            "sum exact",
+        ),
     ]
-    if transfers:
-        failed = sum(r.bad for r in transfers)
-        conserved = all(r.balance_ok for r in transfers)
-        rows.append(
-            Row(
-                "transfers: 0 errors, every balance and the conservation sum exact",
-                f"{failed} errors, " + ("exact" if conserved else "NOT exact"),
-                failed == 0 and conserved,
-            )
-        )
+    for load, what in checks:
+        runs = [
+            r
+            for r in results.runs
+            if r.design == SERVICE and r.phase.load is load and r.phase.model is not Model.SEARCH
+        ]
+        if runs:
+            failed = sum(r.bad for r in runs)
+            exact = all(r.balance_ok for r in runs)
+            measured = f"{failed} errors, " + ("exact" if exact else "NOT exact")
+            rows.append(Row(what, measured, failed == 0 and exact))
     exact = all(r.balance_ok for r in results.runs)
     missing = sum(r.bad for r in results.runs)
     answers = f" ({missing} answers missing, checked against the ledger)" if missing else ""

@@ -14,8 +14,20 @@ from load.chaos.clients import DEFINITE, REUSE, SQUAT, TWIN, Clients, Sent
 from load.chaos.faults import REFUSED
 from load.chaos.report import Report
 from load.chaos.stage import LEASE_TTL, Stage, owner_pid
-from shared.codec import INSUFFICIENT_FUNDS, TRANSFER, TRANSFER_IN, TRANSFER_OUT, TRANSFER_RETURN
-from shared.ids import return_op_id
+from shared.codec import (
+    INSUFFICIENT_FUNDS,
+    TRANSFER,
+    TRANSFER_IN,
+    TRANSFER_OUT,
+    TRANSFER_RETURN,
+    HoldStatus,
+    Kind,
+)
+from shared.ids import capture_transfer_id, expiry_op_id, return_op_id
+
+# How long past its expires_at a hold may still be held once the run is quiet: the
+# expiry's sending (0.2 s), a batch, and a take-over's reading.
+EXPIRY_SLACK_SECONDS = 10
 
 # A ledger row by (wallet, its id).
 Rows = dict[tuple[str, str], Any]
@@ -36,7 +48,7 @@ class Checks:
         await self.transfers_settle()
         rows = await self.pg.fetch(
             "SELECT wallet_id::text, id::text, seq, kind, amount, status, reason, balance_after,"
-            " transfer_id::text, counterparty::text"
+            " transfer_id::text, counterparty::text, hold_id::text, held_after"
             " FROM operations WHERE wallet_id = any($1::uuid[]) ORDER BY wallet_id, seq",
             self.wallets,
         )
@@ -47,6 +59,7 @@ class Checks:
         for op in self.sent:
             self.answered(op, by_id)
         await self.balances(rows)
+        await self.holds()
         self.twins()
         await self.ownership()
         self.processes()
@@ -80,6 +93,14 @@ class Checks:
                 expected[(op.wallet, t)] = (TRANSFER_OUT, op.minor, op.to)
                 expected[(op.to, t)] = (TRANSFER_IN, op.minor, op.wallet)
                 expected[(op.wallet, return_op_id(t))] = (TRANSFER_RETURN, op.minor, op.to)
+            elif op.kind == Kind.HOLD:
+                expected[(op.wallet, op.op_id)] = (op.kind, op.minor, None)
+                expected[(op.wallet, expiry_op_id(op.op_id))] = (Kind.HOLD_EXPIRE, op.minor, None)
+            elif op.to:  # a capture paid to a wallet: a transfer's first leg
+                t = capture_transfer_id(op.hold)
+                expected[(op.wallet, op.op_id)] = (op.kind, op.minor, op.to)
+                expected[(op.to, t)] = (TRANSFER_IN, op.minor, op.wallet)
+                expected[(op.wallet, return_op_id(t))] = (TRANSFER_RETURN, op.minor, op.to)
             else:
                 expected[(op.wallet, op.op_id)] = (op.kind, op.minor, None)
         for key, r in by_id.items():
@@ -104,6 +125,14 @@ class Checks:
             self.transfer(op, by_id)
             return
         row = by_id.get((op.wallet, op.op_id))
+        if op.hold:  # a capture or a void: 200 ended the hold, 409 did nothing
+            if op.final == 200 and (row is None or row["status"] != "applied"):
+                self.problem(f"200 for {op.kind} {op.key} but the ledger has {row and dict(row)}")
+            if op.final == 409 and row is not None:
+                self.problem(f"409 for {op.kind} {op.key} but the ledger has {dict(row)}")
+            return
+        if op.final == 201 and (row is None or row["status"] != "applied"):
+            self.problem(f"201 for {op.key} but the ledger has {row and dict(row)}")
         if op.final == 200 and (row is None or row["status"] != "applied"):
             self.problem(f"200 for {op.key} but the ledger has {row and dict(row)}")
         if op.final == 409 and row is not None and row["status"] == "applied":
@@ -139,7 +168,7 @@ class Checks:
             out is not None
             and legs == ("rejected", None, None)
             and out["reason"] == INSUFFICIENT_FUNDS
-            and out["balance_after"] < op.minor
+            and out["balance_after"] - out["held_after"] < op.minor  # what was available
         )
         if op.final != 200 and not (op.final == 409 and funds_short):
             self.problem(
@@ -185,16 +214,65 @@ class Checks:
             self.report.problems += problems
             if balances[wallet] != final:
                 self.problem(f"wallet {wallet}: balance {balances[wallet]}, ledger says {final}")
+        # What left the wallets: withdrawals, and captures paid to nobody.
+        taken = ("WITHDRAW", Kind.HOLD_CAPTURE)
         brought = sum(
             r["amount"] if r["kind"] == "DEPOSIT" else -r["amount"]
             for r in rows
-            if r["status"] == "applied" and r["kind"] in ("DEPOSIT", "WITHDRAW")
+            if r["status"] == "applied"
+            and (r["kind"] == "DEPOSIT" or (r["kind"] in taken and r["counterparty"] is None))
         )
         if sum(balances.values()) != brought:
             self.problem(
-                f"the balances add up to {sum(balances.values())}, the deposits and "
-                f"withdrawals to {brought}"
+                f"the balances add up to {sum(balances.values())}, the deposits less the "
+                f"withdrawals and captures to {brought}"
             )
+
+    async def holds(self) -> None:
+        """Each hold ended at most once, as its ledger says, by the one request answered 200
+        if any, never capturing more than it held; none held long past its expiry; each
+        wallet's held amount is its held holds'. Each read is one snapshot: holds expire
+        while the checks run."""
+        holds = await self.pg.fetch(
+            "SELECT h.id::text, h.status, h.amount, h.captured,"
+            " extract(epoch FROM now() - h.expires_at)::float8 AS overdue,"
+            " array_remove(array_agg(o.kind ORDER BY o.seq), NULL) AS ends"
+            " FROM holds h LEFT JOIN operations o ON o.wallet_id = h.wallet_id"
+            " AND o.hold_id = h.id AND o.kind <> 'HOLD'"
+            " WHERE h.wallet_id = any($1::uuid[]) GROUP BY h.wallet_id, h.id",
+            self.wallets,
+        )
+        won: dict[str, list[Sent]] = {}
+        for op in self.sent:
+            if op.hold and op.final == 200:
+                won.setdefault(op.hold, []).append(op)
+        ended_as = {
+            Kind.HOLD_CAPTURE: HoldStatus.CAPTURED,
+            Kind.HOLD_VOID: HoldStatus.VOIDED,
+            Kind.HOLD_EXPIRE: HoldStatus.EXPIRED,
+        }
+        for h in holds:
+            self.report.holds[h["status"]] += 1
+            winners = won.get(h["id"], [])
+            kinds = [ended_as[Kind(kind)] for kind in h["ends"]]
+            if kinds != ([] if h["status"] == HoldStatus.HELD else [h["status"]]):
+                self.problem(f"hold {h['id']} is {h['status']}, its ledger ends it {kinds}")
+            if h["captured"] > h["amount"]:
+                self.problem(f"hold {h['id']} captured {h['captured']} of {h['amount']}")
+            if len(winners) > 1 or (winners and ended_as[Kind(winners[0].kind)] != h["status"]):
+                self.problem(f"hold {h['id']} is {h['status']}, answered 200 to {winners}")
+            if h["status"] == HoldStatus.HELD and h["overdue"] > EXPIRY_SLACK_SECONDS:
+                self.problem(f"hold {h['id']} is still held {h['overdue']:.1f} s past expiry")
+        held = await self.pg.fetch(
+            "SELECT w.id::text, w.held, coalesce(sum(h.amount) FILTER"
+            " (WHERE h.status = 'held'), 0) AS holds"
+            " FROM wallets w LEFT JOIN holds h ON h.wallet_id = w.id"
+            " WHERE w.id = any($1::uuid[]) GROUP BY w.id, w.held",
+            self.wallets,
+        )
+        for r in held:
+            if r["held"] != r["holds"]:
+                self.problem(f"wallet {r['id']} holds {r['held']}, its holds {r['holds']}")
 
     def twins(self) -> None:
         """The sends of one key at once: all answered alike (the ledger holds it once:

@@ -122,7 +122,13 @@ class Hostile:
             await asyncio.sleep(REUSE_PAUSE)
             answered = (rng.choice(clients.sent) for _ in range(20))
             original = next(
-                (op for op in answered if not op.role and op.statuses[-1:] in ([200], [409])),
+                (
+                    op
+                    for op in answered
+                    if not op.role
+                    and op.kind in (DEPOSIT, WITHDRAW, TRANSFER)
+                    and op.statuses[-1:] in ([200], [409])
+                ),
                 None,
             )
             if original is None:

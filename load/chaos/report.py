@@ -20,6 +20,7 @@ class Report:
     events: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     hostile: Counter[str] = dataclasses.field(default_factory=Counter)  # what it sent, found
+    holds: Counter[str] = dataclasses.field(default_factory=Counter)  # by final status
 
     def event(self, text: str) -> None:
         self.events.append(text)
@@ -31,7 +32,7 @@ class Report:
         lines = [
             f"seed {self.seed}: {self.sent} operations sent, answers {dict(self.answers)}, "
             f"{self.resolved} unknowns resolved by retrying with their keys, "
-            f"transfers {dict(self.transfers)}, "
+            f"transfers {dict(self.transfers)}, holds {dict(self.holds)}, "
             f"{self.fenced_refusals} late batches refused by a fence",
             f"  hostile client: {dict(self.hostile)}",
             *(f"  {e}" for e in self.events),
@@ -47,4 +48,5 @@ class Report:
         fields["answers"] = {str(status): n for status, n in sorted(self.answers.items())}
         fields["transfers"] = {str(status): n for status, n in sorted(self.transfers.items())}
         fields["hostile"] = dict(sorted(self.hostile.items()))
+        fields["holds"] = dict(sorted(self.holds.items()))
         return json.dumps(fields, indent=2)

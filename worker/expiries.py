@@ -1,0 +1,126 @@
+"""Holds expire by themselves: the owner of a wallet's shard keeps the shard's holds still
+held by when they expire, and when one is due queues its expiry on the wallet's stream,
+where the wallet's writer decides it like any operation (worker/holds.py): once, and never
+after the hold has ended. An expiry lost on the way (Redis wiped) is sent again until the
+hold has ended; a new owner of the shard reads the shard's held holds when it takes it over.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any
+
+from shared.codec import HoldStatus, Kind, OperationRequest
+from shared.connections import connection_from
+from shared.ids import expiry_op_id
+from shared.metrics import WorkerMetrics
+from worker.holds import HoldRow, HoldState
+from worker.sql import HELD_IN_SHARDS
+
+CHECK_EVERY = 0.2  # seconds between looks for holds due
+RESEND_AFTER_MS = 5_000  # an expiry sent whose hold is still held then is sent again
+
+
+class Expiries:
+    """The held holds of the owned shards, soonest to expire first."""
+
+    def __init__(self, shard_of: Callable[[str], int], metrics: WorkerMetrics) -> None:
+        self._shard_of = shard_of
+        self._metrics = metrics
+        self._held: dict[str, HoldState] = {}
+        self._due: list[tuple[int, str]] = []  # (when to send its expiry, hold id)
+        self._unread: set[int] = set()  # shards taken over whose holds are not read yet
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def taken(self, shard: int) -> None:
+        """The shard was taken over: its holds are read at the next send_due."""
+        self._unread.add(shard)
+
+    def update(self, holds: Iterable[HoldRow], *, counted: bool = True) -> None:
+        """Holds a batch placed or ended (worker/commit.py), or read at a take-over."""
+        for row in holds:
+            if counted and row.placed:
+                self._metrics.holds.labels("placed").inc()
+            if counted and row.status != HoldStatus.HELD:
+                self._metrics.holds.labels(row.status).inc()
+            if row.status != HoldStatus.HELD:
+                self._held.pop(row.id, None)
+            elif row.id not in self._held:
+                self._held[row.id] = HoldState(
+                    row.wallet_id, row.amount, row.status, row.expires_at
+                )
+                heapq.heappush(self._due, (row.expires_at, row.id))
+
+    async def send_due(
+        self,
+        pool: Any,
+        send: Callable[[list[OperationRequest]], Awaitable[int]],
+        owned: Collection[int],
+    ) -> int:
+        """Reads the held holds of the shards taken over since the last call, then queues
+        the expiries due now (`send`); how many could not be queued (sent again later)."""
+        if self._unread:
+            shards, self._unread = self._unread, set()
+            try:
+                async with connection_from(pool) as conn:
+                    rows = await conn.fetch(HELD_IN_SHARDS, list(shards))
+            except BaseException:
+                self._unread |= shards
+                raise
+            held = HoldStatus.HELD
+            self.update(
+                (
+                    HoldRow(
+                        r["wallet_id"],
+                        r["id"],
+                        r["amount"],
+                        held,
+                        0,
+                        r["expires_at"],
+                        None,
+                        None,
+                        False,
+                    )
+                    for r in rows
+                ),
+                counted=False,
+            )
+        due = self.take_due(int(time.time() * 1000), owned)
+        return await send(due) if due else 0
+
+    def take_due(self, now_ms: int, owned: Collection[int]) -> list[OperationRequest]:
+        """The expiries to queue now, each also due again RESEND_AFTER_MS later should its
+        hold still be held by then; holds of shards no longer owned are forgotten."""
+        due: list[OperationRequest] = []
+        again: list[tuple[int, str]] = []
+        while self._due and self._due[0][0] <= now_ms:
+            _, hold_id = heapq.heappop(self._due)
+            hold = self._held.get(hold_id)
+            if hold is None:
+                continue  # ended
+            if self._shard_of(hold.wallet_id) not in owned:
+                del self._held[hold_id]
+                continue
+            due.append(expiry(hold_id, hold))
+            again.append((now_ms + RESEND_AFTER_MS, hold_id))
+        for item in again:
+            heapq.heappush(self._due, item)
+        return due
+
+
+def expiry(hold_id: str, hold: HoldState) -> OperationRequest:
+    """The operation that expires the hold; answered to nobody."""
+    return OperationRequest(
+        expiry_op_id(hold_id),
+        hold.wallet_id,
+        Kind.HOLD_EXPIRE,
+        hold.amount,
+        "",
+        0,
+        hold_id=hold_id,
+        expires_at=hold.expires_at,
+    )
