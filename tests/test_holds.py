@@ -77,6 +77,22 @@ async def test_a_hold_reserves_funds_that_withdrawals_and_holds_cannot_take(
     assert [h["id"] for h in page["items"]] == [hold["id"]]
 
 
+async def test_a_wallet_s_holds_page_newest_first_and_filter_by_status(
+    client: Client, wallet: str
+) -> None:
+    await deposit(client, wallet, "10.00")
+    placed = [(await place(client, wallet, f"{n}.00"))[1]["id"] for n in (1, 2, 3)]
+    await end(client, placed[0], "void")
+    r = await client.get(f"/api/v1/wallets/{wallet}/holds?limit=2")
+    first = await r.json()
+    assert [h["id"] for h in first["items"]] == placed[:0:-1]
+    r = await client.get(f"/api/v1/wallets/{wallet}/holds?cursor={first['next_cursor']}")
+    rest = await r.json()
+    assert ([h["id"] for h in rest["items"]], rest["next_cursor"]) == ([placed[0]], None)
+    r = await client.get(f"/api/v1/wallets/{wallet}/holds?status=voided")
+    assert [h["status"] for h in (await r.json())["items"]] == ["voided"]
+
+
 async def test_a_partial_capture_takes_its_amount_and_releases_the_rest(
     client: Client, wallet: str, pg: Any
 ) -> None:
