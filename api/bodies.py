@@ -219,9 +219,6 @@ class CaptureRequest(Body):
             self.amount = parse_amount(self.amount)
 
 
-HoldStatusName = Literal["held", "captured", "voided", "expired"]
-
-
 class Hold(Body):
     """A hold and how it stands: `held` (reserved), then once `captured`, `voided` or
     `expired`; `balance` and `available` are its wallet's now."""
@@ -229,7 +226,7 @@ class Hold(Body):
     id: Uuid
     wallet_id: Uuid
     amount: Money
-    status: HoldStatusName
+    status: Literal["held", "captured", "voided", "expired"]
     captured: Annotated[Money | None, Meta(description="What a capture took")]
     expires_at: Time
     created_at: Time
