@@ -28,7 +28,7 @@ CLUSTER_TESTS ?= tests/test_cluster.py tests/test_operations.py tests/test_walle
 	tests/test_transfers.py tests/test_recovery.py tests/test_ownership.py tests/test_wakes.py \
 	tests/test_errors.py tests/test_inspect.py tests/test_page.py tests/test_worker.py \
 	tests/test_handing_on.py tests/test_resends.py tests/test_hostile.py \
-	tests/test_dead_letters.py
+	tests/test_dead_letters.py tests/test_holds.py
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
