@@ -36,6 +36,7 @@ from api.wallets import ensure_exists, ensure_visible, remember
 from shared import errors
 from shared.codec import (
     APPLIED,
+    HOLD_ENDINGS,
     KEY_REUSED,
     WALLET_NOT_FOUND,
     HoldStatus,
@@ -50,9 +51,9 @@ from shared.money import format_minor
 
 routes = web.RouteTableDef()
 HOLD_STATUSES = tuple(map(str, HoldStatus))
-# An outcome that ended a hold, paid to nobody, and the status it left the hold in (a
-# capture paid to a wallet is answered by its transfer's outcome).
-ENDED_BY = {Kind.HOLD_CAPTURE: HoldStatus.CAPTURED, Kind.HOLD_VOID: HoldStatus.VOIDED}
+# The outcomes that end a hold paid to nobody (a capture paid to a wallet is answered by
+# its transfer's outcome).
+ENDED_HERE = (Kind.HOLD_CAPTURE, Kind.HOLD_VOID)
 
 
 def hold_id_from_path(raw: str) -> str:
@@ -187,9 +188,9 @@ async def _ending_response(
         return outcome_response(o)
     if o.status == Status.ABOVE_HOLD:
         raise errors.InvalidInput("amount", "must be at most the held amount")
-    if o.status == APPLIED and not o.replayed and o.kind in ENDED_BY:
+    if o.status == APPLIED and not o.replayed and o.kind in ENDED_HERE:
         # Just ended here, paid to nobody: the outcome has all the hold's news.
-        return json_response(hold_from_outcome(hold_id, facts, o, ENDED_BY[Kind(o.kind)]))
+        return json_response(hold_from_outcome(hold_id, facts, o, HOLD_ENDINGS[Kind(o.kind)]))
     row = await _hold_row(request, hold_id)
     if o.status == Status.HOLD_NOT_ACTIVE:
         raise errors.HoldNotActive(
