@@ -58,6 +58,15 @@ async def new_wallet(http: TestClient[Any, Any], tokens: Any) -> str:
     return str((await r.json())["id"])
 
 
+async def deposit(http: TestClient[Any, Any], tokens: Any, wallet: str, amount: str) -> None:
+    r = await http.post(
+        f"/api/v1/wallets/{wallet}/operation",
+        json={"operationType": "DEPOSIT", "amount": amount},
+        headers=bearer(tokens),
+    )
+    assert r.status == 200, await r.text()
+
+
 async def test_register_login_and_use_the_api_with_a_bearer_token(
     http: TestClient[Any, Any],
 ) -> None:
@@ -290,12 +299,7 @@ async def test_a_user_pays_from_their_own_wallet_to_anyone_s(http: TestClient[An
     bob = await login(http, await register(http))
     carol = await login(http, await register(http))
     mine, bobs = await new_wallet(http, alice), await new_wallet(http, bob)
-    r = await http.post(
-        f"/api/v1/wallets/{mine}/operation",
-        json={"operationType": "DEPOSIT", "amount": "10.00"},
-        headers=bearer(alice),
-    )
-    assert r.status == 200
+    await deposit(http, alice, mine, "10.00")
 
     r = await http.post(
         "/api/v1/transfers",
@@ -341,12 +345,7 @@ async def test_a_hold_is_its_wallet_owner_s_alone_and_may_pay_anyone(
     alice = await login(http, await register(http))
     bob = await login(http, await register(http))
     mine, bobs = await new_wallet(http, alice), await new_wallet(http, bob)
-    r = await http.post(
-        f"/api/v1/wallets/{mine}/operation",
-        json={"operationType": "DEPOSIT", "amount": "10.00"},
-        headers=bearer(alice),
-    )
-    assert r.status == 200
+    await deposit(http, alice, mine, "10.00")
     r = await http.post(
         f"/api/v1/wallets/{mine}/holds", json={"amount": "1.00"}, headers=bearer(bob)
     )
