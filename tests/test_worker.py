@@ -31,6 +31,7 @@ from worker.sql import (
     READ_HOLDS,
     READ_WALLETS,
     RECORD_BATCH,
+    RECORD_WALLET,
     RESCHEDULE,
     UNSETTLED_COUNTS,
 )
@@ -242,14 +243,15 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
             log, [entry("DEPOSIT", 500)], {shard: epoch}, resending=one_shard
         )
         assert states == {wallet: WalletState(500, 1)}
-        assert log.sent == [READ_WALLETS, RECORD_BATCH]
+        # One wallet's ledger rows alone: the lighter statement, with the same guards.
+        assert log.sent == [READ_WALLETS, RECORD_WALLET]
 
         log.sent.clear()
         withdrawal = entry("WITHDRAW", 200)
         [second], states, *_ = await apply_batch(
             log, [withdrawal], {shard: epoch}, Known(states, {}), resending=one_shard
         )
-        assert log.sent == [RECORD_BATCH]
+        assert log.sent == [RECORD_WALLET]
         assert (second.status, second.balance_after, second.seq) == ("applied", 300, 2)
         assert states == {wallet: WalletState(300, 2)}
 
@@ -260,7 +262,7 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
             log, [entry("WITHDRAW", 900)], {shard: epoch}, Known(states, {}), resending=one_shard
         )
         assert (third.status, third.balance_after) == ("applied", 100)
-        assert log.sent == [RECORD_BATCH, EPOCHS, READ_WALLETS, RECORD_BATCH]
+        assert log.sent == [RECORD_WALLET, EPOCHS, READ_WALLETS, RECORD_WALLET]
 
         # Recorded before: the client sent the withdrawal's key again.
         retry = entry("WITHDRAW", 200, withdrawal.request.op_id)
@@ -268,6 +270,7 @@ async def test_a_batch_on_wallets_the_worker_knows_is_one_statement_that_checks_
             log, [retry], {shard: epoch}, Known(states, {}), resending=one_shard
         )
         assert (again.seq, again.balance_after, again.replayed) == (2, 300, True)
+        assert log.sent[-3:] == [RECORD_WALLET, READ_WALLETS, RECORD_WALLET]
         assert states == {wallet: WalletState(100, 3)}
 
         # A wallet it does not know beside one it does: only the unknown one is read.
@@ -338,6 +341,7 @@ async def test_the_plans_a_worker_keeps_look_rows_up_by_key_even_on_young_tables
             for name, statement in {
                 "read_wallets": READ_WALLETS,
                 "record_batch": RECORD_BATCH,
+                "record_wallet": RECORD_WALLET,
                 "epochs": EPOCHS,
                 "due": DUE,
                 "reschedule": RESCHEDULE,

@@ -39,7 +39,7 @@ from worker.decide import (
     entry_order,
 )
 from worker.holds import HoldRow, HoldState
-from worker.sql import EPOCHS, READ_HOLDS, READ_WALLETS, RECORD_BATCH
+from worker.sql import EPOCHS, READ_HOLDS, READ_WALLETS, RECORD_BATCH, RECORD_WALLET
 
 RESEND_DELAY_MAX = 300.0  # seconds: the longest a transfer's step waits to be sent again
 
@@ -187,16 +187,51 @@ async def _record(
     epochs: dict[int, int],
     resending: Resending,
 ) -> str | None:
-    """Writes the batch (RECORD_BATCH); returns the time it was written, or None if a wallet
-    was not as the decision found it. Raises Fenced if a shard has a new owner."""
+    """Writes the batch (RECORD_WALLET when it is one wallet's ledger rows alone, else
+    RECORD_BATCH); returns the time it was written, or None if a wallet was not as the
+    decision found it. Raises Fenced if a shard has a new owner."""
+    if (
+        len(wallets) == 1
+        and len(epochs) == 1
+        and not (decided.started or decided.moves or decided.holds)
+    ):
+        [(wallet_id, wallet)] = wallets.items()
+        [(shard, epoch)] = epochs.items()
+        start = wallet.start
+        written = await conn.fetch(
+            RECORD_WALLET,
+            wallet_id,
+            *(start.balance, start.op_seq, start.held, shard, epoch),
+            *(wallet.balance, wallet.op_seq, wallet.held, wallet.entry or None),
+            *_columns(decided.rows, len(LedgerRow._fields))[1:],
+        )
+    else:
+        written = await conn.fetch(
+            RECORD_BATCH, *_batch_arguments(decided, wallets, epochs, resending)
+        )
+    if written:
+        return format_time(written[0]["now"])
+    current = dict(await conn.fetch(EPOCHS, list(epochs)))
+    moved = sorted(s for s, epoch in epochs.items() if current.get(s) != epoch)
+    if moved:
+        raise Fenced(
+            moved,
+            "; ".join(f"shard {s}: epoch {epochs[s]} is now {current.get(s)}" for s in moved),
+        )
+    return None
+
+
+def _batch_arguments(
+    decided: Decided, wallets: dict[str, Wallet], epochs: dict[int, int], resending: Resending
+) -> list[Any]:
+    """RECORD_BATCH's parameters, $1 to $53."""
     ids = list(wallets)
     ledger = _columns(decided.rows, len(LedgerRow._fields))
     moves = _columns(decided.moves, len(TransferMove._fields))
     placed = [h for h in decided.holds if h.placed]
     ended = [h for h in decided.holds if not h.placed]
     placed_columns = _columns([h[:8] for h in placed], 8)
-    written = await conn.fetch(
-        RECORD_BATCH,
+    return [
         *ledger[:10],
         ids,
         [wallets[i].start.balance for i in ids],
@@ -219,17 +254,7 @@ async def _record(
         [resending.shard_of(h.wallet_id) for h in placed],
         *placed_columns[6:],
         *_hold_endings(ended),
-    )
-    if written:
-        return format_time(written[0]["now"])
-    current = dict(await conn.fetch(EPOCHS, list(epochs)))
-    moved = sorted(s for s, epoch in epochs.items() if current.get(s) != epoch)
-    if moved:
-        raise Fenced(
-            moved,
-            "; ".join(f"shard {s}: epoch {epochs[s]} is now {current.get(s)}" for s in moved),
-        )
-    return None
+    ]
 
 
 def _hold_endings(ended: list[HoldRow]) -> list[Any]:

@@ -152,6 +152,42 @@ WHERE w.id = any($11::uuid[]) AND w.id = v.id AND allowed.ok
 RETURNING now() AS now
 """
 
+# A batch of one wallet that writes nothing but its ledger rows (deposits, withdrawals, no
+# transfer moved on, no hold placed or ended): a hot wallet's batches and every lone
+# request's. RECORD_BATCH's guards in the same order, on one wallet and one shard, in a
+# statement that costs PostgreSQL a third less: the wallet locked if still as the decision
+# found it, then the shard row shared if still at the caller's epoch (an uncorrelated EXISTS
+# is a one-time filter, checked before the shard is scanned), then the wallet moved on and
+# its rows inserted only if both held. One wallet needs no count: its UPDATE either happens
+# or not, and the insert follows it.
+RECORD_WALLET = """
+WITH unchanged AS (
+    SELECT id FROM wallets
+    WHERE id = $1 AND balance = $2 AND op_seq = $3 AND held = $4
+    FOR UPDATE
+),
+fence AS (
+    SELECT shard FROM shards
+    WHERE shard = $5 AND epoch = $6 AND EXISTS (SELECT FROM unchanged)
+    FOR SHARE
+),
+moved AS (
+    UPDATE wallets SET balance = $7, op_seq = $8, held = $9,
+        applied_entry = coalesce($10, applied_entry), updated_at = now()
+    WHERE id = $1 AND EXISTS (SELECT FROM fence)
+    RETURNING now() AS now
+),
+recorded AS (
+    INSERT INTO operations (wallet_id, seq, id, kind, amount, status, reason, balance_after,
+                            transfer_id, counterparty, hold_id, held_after)
+    SELECT $1, r.* FROM unnest($11::bigint[], $12::uuid[], $13::text[], $14::bigint[],
+                               $15::text[], $16::text[], $17::bigint[], $18::uuid[],
+                               $19::uuid[], $20::uuid[], $21::bigint[]) AS r
+    WHERE EXISTS (SELECT FROM moved)
+)
+SELECT now FROM moved
+"""
+
 EPOCHS = "SELECT shard, epoch FROM shards WHERE shard = any($1::int[])"
 
 # Taking a shard over: the new epoch is the fencing token of every batch the new owner

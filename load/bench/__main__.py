@@ -120,6 +120,11 @@ def other_options(parser: argparse.ArgumentParser) -> None:
         f"('{Design(Kind.ON_CLUSTER)}': 3 primaries with a replica each, Debian's "
         "redis-server 7), in the same phases",
     )
+    parser.add_argument(
+        "--deposits-only",
+        action="store_true",
+        help="the phases of deposits and withdrawals alone: no transfers, no holds",
+    )
     parser.add_argument("--transfers-only", action="store_true", help="the transfer phases alone")
     parser.add_argument(
         "--holds-only",

@@ -167,7 +167,10 @@ def plan(
 ) -> list[Step]:
     """The run's steps in order: the closed loops, the open model, the transfers (by the
     designs in `transferring`), the holds (by those in `holding`), the BATCH_INTERVAL
-    phases; or, with --transfers-only or --holds-only, those alone."""
+    phases; or, with --transfers-only or --holds-only, those alone; with --deposits-only,
+    all but the transfers and the holds."""
+    if args.deposits_only:
+        transferring = holding = ()
     if args.transfers_only or args.holds_only:
         return [
             *(transfer_steps(args, designs, transferring) if args.transfers_only else []),
@@ -260,6 +263,8 @@ def transfer_steps(
 def hold_steps(args: argparse.Namespace, designs: Sequence[Design]) -> list[Step]:
     """Holds placed and captured: the closed loops on one wallet and over many, the designs
     taking turns at going first, then the constant rate on one wallet."""
+    if not designs:
+        return []
     loops = SMOKE_HOLD_LOOPS if args.smoke else HOLD_LOOPS
     rounds = [loop for _ in range(args.repeat) for loop in loops]
     steps = [
