@@ -97,6 +97,11 @@ class Backlog:
     def has_work(self, wallet: str) -> bool:
         return wallet in self._active
 
+    @property
+    def idle(self) -> bool:
+        """No wallet is known to have operations waiting."""
+        return not self._active
+
     def is_parked(self, wallet: str) -> bool:
         return wallet in self._parked
 

@@ -202,6 +202,8 @@ class Worker:
                     pause = started + self.settings.batch_interval - time.monotonic()
                     if pause > 0:
                         await asyncio.sleep(pause)
+                elif self.backlog.idle:  # nothing left: no round to try before a wake-up
+                    await self._wait_for_work()
         finally:
             await self.close()
 
