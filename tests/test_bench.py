@@ -2,7 +2,8 @@
 names in the tables, the targets judged from a small set of made-up results, each ratio to
 the row lock's better figure, whichever of its process counts gave it (the bench runs it
 with one API process and with as many as the service's); the hold workload's pairs and
-the check of held amounts; and where `--update-docs` writes the report."""
+the check of held amounts; each process kind's CPU per request; and where `--update-docs`
+writes the report."""
 
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ from load.bench.report import (
     MARK_END,
     MARK_START,
     closed_table,
+    table,
     update_docs,
 )
 from load.bench.results import Result, Results
-from load.bench.run import held_exact
+from load.bench.run import cores, held_exact
 from load.bench.targets import Row, failed, judged, targets
 from load.bench.workloads import Request, holds
 from shared.ids import hold_id_for
@@ -385,6 +387,51 @@ def test_held_amounts_are_checked_against_the_holds_the_ledger_and_the_answers()
     assert not exact(held_row(0, 0, balance_after=900))
     assert exact(held_row(0, 0, balance_after=None, held_after=None))  # no ledger rows yet
     assert not held_exact([], {"w": 0}, Effects({"w": 0}, {"w": 0}), True)  # a wallet missing
+
+
+def cpu_column(text: str) -> list[str]:
+    """The CPU µs/op column of a table: its heading, then each row's cell."""
+    header, _, *rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+    ]
+    at = header.index("CPU µs/op")
+    return [header[at], *(row[at] for row in rows)]
+
+
+def test_each_process_kinds_cpu_per_request_is_in_the_tables() -> None:
+    """Cores over the phase's length per request answered, in microseconds; the generator's
+    too. Repeats merged are their CPU seconds over their requests together."""
+    service = result(SIXTY_FOUR, SERVICE, 10_000)  # 1000 req/s over 10 s
+    service.server_cpu = {"api": 0.52, "worker": 0.61, "redis": 0.14, "postgres": 0.8}
+    service.generator_cpu = 0.06
+    row_lock = result(SIXTY_FOUR, ROW_LOCK, 2_000, seconds=4.0)  # 500 req/s
+    row_lock.server_cpu = {"rowlock": 0.45, "redis": 0.0, "postgres": 0.5}
+    row_lock.generator_cpu = 0.03
+    assert cpu_column(closed_table([service, row_lock])) == [
+        "CPU µs/op",
+        "api 520, worker 610, redis 140, postgres 800, generator 60",
+        "rowlock 900, redis 0, postgres 1000, generator 60",
+    ]
+    assert cpu_column(table([service]))[1] == cpu_column(closed_table([service]))[1]
+    assert "redis 0.14, postgres 0.80" in closed_table([service])  # cores, beside the API's
+
+    # a second repeat of 10 s at 500 req/s on twice the cores of api: 2040 µs per request
+    again = result(SIXTY_FOUR, SERVICE, 5_000)
+    again.server_cpu = {"api": 1.02, "worker": 0.61, "redis": 0.14, "postgres": 0.8}
+    merged = Result.merged([service, again])
+    assert cpu_column(closed_table([merged]))[1] == (
+        "api 1027, worker 813, redis 187, postgres 1067, generator 40"
+    )
+    nothing = result(SIXTY_FOUR, SERVICE, 0)
+    assert cpu_column(closed_table([nothing]))[1] == "-"
+
+
+def test_cpu_counts_the_processes_present_at_both_readings() -> None:
+    """By (pid, start time): one that ended, one that started in between, and a pid reused
+    by another process count for nothing."""
+    before = {"postgres": {(10, 1): 5.0, (11, 1): 2.0, (12, 1): 1.0}, "redis": {}}
+    after = {"postgres": {(10, 1): 6.5, (12, 9): 3.0, (13, 9): 4.0}, "redis": {}}
+    assert cores(before, after, elapsed=3.0) == {"postgres": 0.5, "redis": 0.0}
 
 
 def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) -> None:

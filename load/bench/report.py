@@ -26,16 +26,16 @@ def table(results: list[Result]) -> str:
     head = (
         "| phase | design | target/s | achieved/s | p50 ms | p95 ms | p99 ms | max ms "
         "| non-2xx (409s apart) | 409s | commits/op | mean batch | balances "
-        "| server CPU (cores) | generator CPU |"
+        "| server CPU (cores) | generator CPU | CPU µs/op |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for r in results:
         lines.append(
             f"| {r.phase.name} | {r.design} | {r.target_rate} | {r.completed / r.elapsed:.0f} "
             f"| {r.percentile(50):.1f} | {r.percentile(95):.1f} | {r.percentile(99):.1f} "
             f"| {r.percentile(100):.1f} | {r.bad} | {r.statuses.get(409, 0)} "
             f"| {commits_per_op(r)} | {mean_batch(r)} | {balance_check(r)} "
-            f"| {server_cpu(r)} | {r.generator_cpu:.0%} |"
+            f"| {server_cpu(r)} | {r.generator_cpu:.0%} | {cpu_per_request(r)} |"
         )
     return "\n".join(lines)
 
@@ -45,9 +45,9 @@ def closed_table(results: list[Result]) -> str:
     best."""
     head = (
         "| clients | design | req/s | vs row lock | p50 ms | p99 ms | max ms | non-2xx "
-        "| mean batch | WAL B/op | balances | server CPU (cores) | generator CPU |"
+        "| mean batch | WAL B/op | balances | server CPU (cores) | generator CPU | CPU µs/op |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         reference = best_row_lock(results, r.phase)
         ratio = "-"
@@ -56,7 +56,8 @@ def closed_table(results: list[Result]) -> str:
         lines.append(
             f"| {r.phase.name} | {r.design} | {r.rate:.0f} | {ratio} | {r.percentile(50):.2f} "
             f"| {r.percentile(99):.1f} | {r.percentile(100):.1f} | {r.bad} | {mean_batch(r)} "
-            f"| {wal_per_op(r)} | {balance_check(r)} | {server_cpu(r)} | {r.generator_cpu:.0%} |"
+            f"| {wal_per_op(r)} | {balance_check(r)} | {server_cpu(r)} | {r.generator_cpu:.0%} "
+            f"| {cpu_per_request(r)} |"
         )
     return "\n".join(lines)
 
@@ -89,6 +90,16 @@ def mean_batch(r: Result) -> str:
 
 def server_cpu(r: Result) -> str:
     return ", ".join(f"{name} {cores:.2f}" for name, cores in r.server_cpu.items()) or "-"
+
+
+def cpu_per_request(r: Result) -> str:
+    """Each process kind's CPU per request answered, in microseconds: what a request costs
+    the machine, where the cores show what the phase took of it."""
+    if not r.completed:
+        return "-"
+    cpu = r.server_cpu | {"generator": r.generator_cpu}
+    per_request = r.elapsed / r.completed * 1e6
+    return ", ".join(f"{name} {cores * per_request:.0f}" for name, cores in cpu.items())
 
 
 def targets_table(rows: list[Row]) -> str:

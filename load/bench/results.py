@@ -72,7 +72,7 @@ class Result:
         merged.generator_cpu = sum(r.generator_cpu * r.elapsed for r in results) / merged.elapsed
         merged.server_cpu = {
             name: sum(r.server_cpu.get(name, 0.0) * r.elapsed for r in results) / merged.elapsed
-            for name in first.server_cpu
+            for name in dict.fromkeys(name for r in results for name in r.server_cpu)
         }
         merged.balance_ok = all(r.balance_ok for r in results)
         return merged

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -28,15 +29,47 @@ FUNDING_MINOR = 100_000_000_000  # each wallet starts with 1,000,000,000.00
 STEP_TRIES = 2  # tries of a step of the search for the highest rate before it fails
 # A transfer shape's wallets and workload, from its `n` wallets and the hot one.
 ShapeWallets = dict[Shape, tuple[list[str], Workload]]
+# The servers every design shares, measured whole: each process on the machine whose
+# command name (/proc/PID/comm) is the given one, by the name the tables give it.
+SHARED_SERVERS = {"redis": "redis-server", "postgres": "postgres"}
+# Each process's CPU seconds so far by its identity, (pid, start time): a pid ended and
+# reused in between is another process.
+CpuTimes = dict[tuple[int, int], float]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far (Linux); 0 where /proc is missing."""
+def process_cpu(pid: int) -> tuple[tuple[int, int], float] | None:
+    """A process's identity and its user and system CPU time so far (Linux); None where
+    /proc is missing or the process has ended."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+    return (pid, int(fields[19])), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def named(command: str) -> list[int]:
+    """Every process on the machine whose command name is `command`; none without /proc."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() == command:
+                pids.append(int(entry.name))
+    return pids
+
+
+def cpu_times(pids: dict[str, list[int]]) -> dict[str, CpuTimes]:
+    return {name: dict(filter(None, map(process_cpu, each))) for name, each in pids.items()}
+
+
+def cores(
+    before: dict[str, CpuTimes], after: dict[str, CpuTimes], elapsed: float
+) -> dict[str, float]:
+    """Each name's CPU between the two readings, in cores over `elapsed`: of the processes
+    present at both (one that started in between has no reading to count from)."""
+    return {
+        name: sum(after[name][p] - t for p, t in times.items() if p in after[name]) / elapsed
+        for name, times in before.items()
+    }
 
 
 async def bench(
@@ -154,16 +187,13 @@ async def run_phase(
     held_before = await held(pg, wallets) if result.phase.holds else {}
     started_at = await pg.fetchval("SELECT clock_timestamp()")
     wal_at = await pg.fetchval("SELECT pg_current_wal_lsn()::text")
-    pids = running.pids()
-    cpu = {name: sum(map(cpu_seconds, each)) for name, each in pids.items()}
+    pids = running.pids() | {name: named(command) for name, command in SHARED_SERVERS.items()}
+    cpu = cpu_times(pids)
     drive = drive_closed if result.phase.model is Model.CLOSED else drive_open
     host = running.base.removeprefix("http://").partition(":")[0]
     pick = workload(host, random.Random(zlib.crc32(result.phase.name.encode()) & 0xFFFF))
     effects = await drive(running.base, wallets, result, pick)
-    result.server_cpu = {
-        name: (sum(map(cpu_seconds, each)) - cpu[name]) / result.elapsed
-        for name, each in pids.items()
-    }
+    result.server_cpu = cores(cpu, cpu_times(pids), result.elapsed)
     await until_quiet(running)
     result.wal_bytes = await pg.fetchval(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", wal_at
