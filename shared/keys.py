@@ -7,6 +7,7 @@ scripts that touch several of them work unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -34,7 +35,12 @@ class KeySpace:
     def wake_stream(self, shard: int) -> str:
         """Stream of the shard's wallets that have just become dirty, each with the first
         entry of its stream: what wakes the shard's owner. The owner trims what it read."""
-        return f"{self.prefix}:wake:{{{shard}}}"
+        return self._wake_streams[shard]
+
+    @functools.cached_property
+    def _wake_streams(self) -> tuple[str, ...]:
+        # Named once: a worker reads every owned shard's wake stream after each wake-up.
+        return tuple(f"{self.prefix}:wake:{{{shard}}}" for shard in range(self.shard_count))
 
     def queued(self, shard: int) -> str:
         """How many operations the shard's streams hold, all wallets together."""

@@ -78,6 +78,10 @@ class WakeListener:
         self._woke = woke
         self._lost = lost
         self._wakes: list[Wake] = []
+        # wake stream name, as XREAD answers it -> its shard
+        self._shard_of_stream = {
+            self._keys.wake_stream(s).encode(): s for s in range(self._keys.shard_count)
+        }
         # shard -> (the epoch it was read under, the id of the last wake entry read)
         self._cursors: dict[int, tuple[int, str]] = {}
         self._gate = ReadGate()
@@ -227,9 +231,10 @@ class WakeListener:
         """Notes an XREAD's answer (a map under RESP3, a list of pairs under RESP2); whether
         it held wake-ups."""
         held = len(self._wakes)
-        read_as = {self._keys.wake_stream(s).encode(): (s, epoch) for s, epoch in shards}
+        read_as = dict(shards)
         for stream, items in found.items() if isinstance(found, dict) else found:
-            shard, epoch = read_as[stream]
+            shard = self._shard_of_stream[stream]
+            epoch = read_as[shard]
             if self._owned.get(shard) != epoch:  # handed back meanwhile: the next owner's
                 continue
             if self._cursor(shard, epoch) is None:  # dropped meanwhile: a rescan is due

@@ -193,11 +193,10 @@ class Worker:
                     )
                     await asyncio.sleep(delay)
                     continue
-                # Group commit needs no timer: whatever arrived while this batch committed
-                # is the next batch, started at once. BATCH_INTERVAL, off by default, makes
-                # a busy worker start the next batch no sooner than that long after this one
-                # started, once a batch holds several operations (not a full one): fewer,
-                # fuller commits, longer waits. After a batch of one nobody else is waiting.
+                # Group commit needs no timer: what arrived while this batch committed is
+                # the next batch, started at once. BATCH_INTERVAL (off by default) starts a
+                # busy worker's next batch no sooner than that long after this one, once a
+                # batch holds several operations but not a full one: fewer, fuller commits.
                 if self.settings.batch_interval and 1 < done < self.settings.batch_max:
                     pause = started + self.settings.batch_interval - time.monotonic()
                     if pause > 0:
@@ -295,13 +294,14 @@ class Worker:
 
     async def _wait_for_work(self) -> None:
         """Until a wake-up, the next parked wallet's retry, or the next rescan."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._wakeup.is_set():  # set: no timer, no task
             return
         wait = min(
             self.backlog.next_retry() - time.monotonic(), self.settings.worker_rescan_interval
         )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), max(0.0, wait))
+            async with asyncio.timeout(max(0.0, wait)):
+                await self._wakeup.wait()
 
     async def _rescan(self, shards: list[int]) -> None:
         """Marks the shards' dirty wallets active, and tells the wake listener where to start
