@@ -43,18 +43,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# Made once: json.loads with these options builds a decoder for every body.
+_DECODER = json.JSONDecoder(
+    parse_float=Decimal,
+    parse_int=Decimal,
+    parse_constant=_reject_constant,
+    object_pairs_hook=_unique_keys,
+)
+
+
 def parse_json(body: bytes) -> Any:
     """Numbers become Decimal (never float), so amounts stay exact; NaN and duplicate keys
-    are refused."""
+    are refused. JSON over HTTP is UTF-8 (RFC 8259)."""
     try:
-        return json.loads(
-            body,
-            parse_float=Decimal,
-            parse_int=Decimal,
-            parse_constant=_reject_constant,
-            object_pairs_hook=_unique_keys,
-        )
-    except (ValueError, RecursionError) as e:
+        return _DECODER.decode(body.decode())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise malformed(f"The body is not valid JSON: {e}") from e
 
 
