@@ -91,6 +91,30 @@ def test_with_a_batch_interval_a_woken_wallet_s_stream_is_read_whole(wallets: Wa
     assert backlog.unread([woken]) == [woken]
 
 
+def test_a_wallet_whose_last_batch_held_several_has_its_stream_read_when_woken(
+    wallets: Wallets,
+) -> None:
+    """A busy wallet's batch empties its stream just before its clients send again: the
+    wake comes with the first of a burst, so its stream is read rather than that one
+    committed alone. A wallet whose last batch held one takes its wake's entry again."""
+    backlog = backlog_of(wallets)
+    busy = wallets.new()
+    backlog.mark_active([busy])
+    backlog.took_readings([busy], [reading(busy, "1-0", "2-0", "3-0")])
+    backlog.take_ready(backlog.pick(OWNED, now=0.0))
+    backlog.took_readings([busy], [None])  # its batch emptied its stream
+    backlog.take_wakes([wake(busy, "4-0")], OWNED)
+    assert backlog.cursors[busy] == START
+    assert backlog.unread([busy]) == [busy]
+
+    backlog.took_readings([busy], [reading(busy, "4-0")])  # only one had come by the read
+    backlog.take_ready(backlog.pick(OWNED, now=0.0))
+    backlog.took_readings([busy], [None])
+    backlog.take_wakes([wake(busy, "5-0")], OWNED)
+    assert backlog.cursors[busy] == "5-0"
+    assert backlog.unread([busy]) == []
+
+
 def test_a_reading_moves_the_cursor_and_an_empty_one_makes_the_wallet_clean(
     wallets: Wallets,
 ) -> None:

@@ -24,6 +24,7 @@ PARKED_DELAY_FIRST = 2.0  # seconds before a parked wallet's first new try; it d
 PARKED_DELAY_MAX = 60.0
 HELD_DELAY_FIRST = 0.5  # seconds before a held-back wallet's first new try; it doubles
 HELD_DELAY_MAX = 5.0  # up to this: what held it back (Redis full, a slot moving) passes
+BUSY_KEPT_MAX = 100_000  # wallets remembered as busy (forgotten all at once past it)
 
 # A wake-up as the wake listener found it: the wallet, the first entry of its stream (its
 # id and message)
@@ -91,6 +92,9 @@ class Backlog:
         # wallet id -> (when to try it again, failures so far)
         self._parked: dict[str, tuple[float, int]] = {}
         self._round: list[str] = []  # the wallets of the last round picked
+        # Wallets whose last batch held several operations: on their next wake-up their
+        # stream is read, not the wake's entry taken alone (see take_wakes).
+        self._busy: set[str] = set()
 
     # What it holds.
 
@@ -129,13 +133,16 @@ class Backlog:
     def take_wakes(self, wakes: list[Wake], owned: Collection[int]) -> None:
         """Takes up the wallets that have just become dirty. A wallet with no position yet
         starts at the first entry of its new stream, which came with the wake: applied
-        without reading the stream (unless `use_wake_entries` is off). For a wallet already
-        active, the wake is one already seen through its stream."""
+        without reading the stream, unless `use_wake_entries` is off or the wallet's last
+        batch held several operations. Such a wallet's stream is emptied by its batch just
+        before its clients, answered, send again: the wake comes with the first of a burst,
+        and a batch of that one alone would cost a commit for one operation. For a wallet
+        already active, the wake is one already seen through its stream."""
         active, shard_of = self._active, self._shard_of
         for wallet, entry_id, message in wakes:
             if wallet in active or shard_of(wallet) not in owned:
                 continue
-            if not self._use_wake_entries:  # its batch is to take all that waits: read it
+            if not self._use_wake_entries or wallet in self._busy:  # read all that waits
                 active[wallet] = START
                 continue
             try:
@@ -209,8 +216,16 @@ class Backlog:
 
     def take_ready(self, wallets: list[str]) -> dict[str, Reading]:
         """The readings of `wallets`, out of the backlog and into a batch."""
-        ready = self._ready
-        return {w: ready.pop(w) for w in wallets if w in ready}
+        ready, busy = self._ready, self._busy
+        batch = {w: ready.pop(w) for w in wallets if w in ready}
+        if len(busy) > BUSY_KEPT_MAX:
+            busy.clear()
+        for wallet, reading in batch.items():
+            if len(reading.entries) > 1:
+                busy.add(wallet)
+            else:
+                busy.discard(wallet)
+        return batch
 
     def went_through(self, wallets: list[str]) -> None:
         """The round of `wallets` was committed and answered: none of them is to blame."""
@@ -276,3 +291,4 @@ class Backlog:
         self._ready = {w: r for w, r in self._ready.items() if w in self._active}
         self._isolating.intersection_update(self._active)
         self._parked = {w: v for w, v in self._parked.items() if w in self._active}
+        self._busy = {w for w in self._busy if shard_of(w) in owned}
