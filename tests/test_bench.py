@@ -426,12 +426,13 @@ def test_each_process_kinds_cpu_per_request_is_in_the_tables() -> None:
     assert cpu_column(closed_table([nothing]))[1] == "-"
 
 
-def test_cpu_counts_the_processes_present_at_both_readings() -> None:
-    """By (pid, start time): one that ended, one that started in between, and a pid reused
-    by another process count for nothing."""
+def test_cpu_counts_what_each_process_spent_between_the_readings() -> None:
+    """By (pid, start time): one present at both counts the difference; one that started in
+    between (a new connection's backend, or a pid reused by another process) counts all it
+    spent; one that ended in between has nothing to count to."""
     before = {"postgres": {(10, 1): 5.0, (11, 1): 2.0, (12, 1): 1.0}, "redis": {}}
-    after = {"postgres": {(10, 1): 6.5, (12, 9): 3.0, (13, 9): 4.0}, "redis": {}}
-    assert cores(before, after, elapsed=3.0) == {"postgres": 0.5, "redis": 0.0}
+    after = {"postgres": {(10, 1): 6.5, (12, 9): 3.0, (13, 9): 4.5}, "redis": {}}
+    assert cores(before, after, elapsed=3.0) == {"postgres": 3.0, "redis": 0.0}
 
 
 def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) -> None:

@@ -65,10 +65,12 @@ def cores(
     before: dict[str, CpuTimes], after: dict[str, CpuTimes], elapsed: float
 ) -> dict[str, float]:
     """Each name's CPU between the two readings, in cores over `elapsed`: of the processes
-    present at both (one that started in between has no reading to count from)."""
+    present at the second, from the first reading or, for one that started in between (a
+    connection a pool opened during the phase), from its start. One that ended in between
+    has no reading to count to."""
     return {
-        name: sum(after[name][p] - t for p, t in times.items() if p in after[name]) / elapsed
-        for name, times in before.items()
+        name: sum(t - before[name].get(p, 0.0) for p, t in after.get(name, {}).items()) / elapsed
+        for name in before
     }
 
 
@@ -193,6 +195,8 @@ async def run_phase(
     host = running.base.removeprefix("http://").partition(":")[0]
     pick = workload(host, random.Random(zlib.crc32(result.phase.name.encode()) & 0xFFFF))
     effects = await drive(running.base, wallets, result, pick)
+    # Listed again: the servers' processes started during the phase count too.
+    pids |= {name: named(command) for name, command in SHARED_SERVERS.items()}
     result.server_cpu = cores(cpu, cpu_times(pids), result.elapsed)
     await until_quiet(running)
     result.wal_bytes = await pg.fetchval(
