@@ -8,10 +8,10 @@ import dataclasses
 import enum
 from collections.abc import Collection, Sequence
 
+MANY_WALLETS = 10_000  # the search for the highest rate over many wallets, and a closed loop
 # (connections, wallets) of the closed-loop phases
-CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000)]
+CLOSED_LOOPS = [(1, 1), (8, 1), (64, 1), (256, 1), (64, 1000), (64, MANY_WALLETS)]
 SMOKE_CLOSED_LOOPS = [(1, 1), (8, 1)]
-MANY_WALLETS = 10_000  # the service's search for its highest rate over many wallets
 TRANSFER_WALLETS, TRANSFER_CONNECTIONS = 1000, 64
 SMOKE_TRANSFER_WALLETS, SMOKE_TRANSFER_CONNECTIONS = 20, 8
 # (connections, wallets) of the closed-loop hold phases; the constant rate is on one wallet
