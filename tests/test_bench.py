@@ -2,12 +2,13 @@
 names in the tables, the targets judged from a small set of made-up results, each ratio to
 the row lock's better figure, whichever of its process counts gave it (the bench runs it
 with one API process and with as many as the service's); the hold workload's pairs and
-the check of held amounts; each process kind's CPU per request; and where `--update-docs`
-writes the report."""
+the check of held amounts; each process kind's CPU per request, as read from /proc and
+counted between two readings; and where `--update-docs` writes the report."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from load.bench.report import (
     update_docs,
 )
 from load.bench.results import Result, Results
-from load.bench.run import cores, held_exact
+from load.bench.run import Reading, cores, held_exact, process_cpu
 from load.bench.targets import Row, failed, judged, targets
 from load.bench.workloads import Request, holds
 from shared.ids import hold_id_for
@@ -429,10 +430,66 @@ def test_each_process_kinds_cpu_per_request_is_in_the_tables() -> None:
 def test_cpu_counts_what_each_process_spent_between_the_readings() -> None:
     """By (pid, start time): one present at both counts the difference; one that started in
     between (a new connection's backend, or a pid reused by another process) counts all it
-    spent; one that ended in between has nothing to count to."""
-    before = {"postgres": {(10, 1): 5.0, (11, 1): 2.0, (12, 1): 1.0}, "redis": {}}
-    after = {"postgres": {(10, 1): 6.5, (12, 9): 3.0, (13, 9): 4.5}, "redis": {}}
+    spent."""
+    before = {
+        "postgres": {(10, 1): Reading(5.0, 0.0, 1), (12, 1): Reading(1.0, 0.0, 1)},
+        "redis": {},
+    }
+    after = {
+        "postgres": {
+            (10, 1): Reading(6.5, 0.0, 1),
+            (12, 9): Reading(3.0, 0.0, 1),
+            (13, 9): Reading(4.5, 0.0, 1),
+        },
+        "redis": {},
+    }
     assert cores(before, after, elapsed=3.0) == {"postgres": 3.0, "redis": 0.0}
+
+
+def test_cpu_counts_a_process_that_ended_between_the_readings_to_its_end() -> None:
+    """A backend whose pool closed it during the phase (the row lock's asyncpg pool replaces
+    a connection after 50,000 queries): its parent, the postmaster, reaping it added all it
+    spent to its own children's time, so it counts from the first reading to its end. One
+    whose parent is not among them has nothing to count to."""
+    postmaster, backend, replacement = (10, 1), (11, 2), (12, 8)
+    before = {
+        "postgres": {postmaster: Reading(1.0, 20.0, 1), backend: Reading(3.0, 0.0, 10)},
+        "rowlock": {(20, 2): Reading(4.0, 0.0, 99)},
+    }
+    # the backend ended having spent 5.5 s, 2.5 of them in the phase; its replacement 1.0
+    after = {
+        "postgres": {postmaster: Reading(1.5, 25.5, 1), replacement: Reading(1.0, 0.0, 10)},
+        "rowlock": {},
+    }
+    assert cores(before, after, elapsed=2.0) == {"postgres": 2.0, "rowlock": 0.0}
+
+
+def test_a_reading_has_the_cpu_of_the_children_a_process_waited_for() -> None:
+    """What an ended child spent shows in its parent's reading once the parent reaps it."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys\n"
+            "burn = 'import time\\nt = time.process_time()\\n"
+            "while time.process_time() - t < 0.2: pass'\n"
+            "subprocess.run([sys.executable, '-c', burn], check=True)\n"
+            "print('reaped', flush=True)\n"
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == b"reaped\n"
+        reading = process_cpu(parent.pid)
+    finally:
+        parent.communicate(b"")
+    assert reading is not None
+    (pid, _), (_, reaped, ppid) = reading
+    assert (pid, ppid) == (parent.pid, os.getpid())
+    assert reaped >= 0.2
 
 
 def test_update_docs_rewrites_the_marked_block_and_nothing_else(tmp_path: Path) -> None:

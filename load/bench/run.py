@@ -12,7 +12,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -32,19 +32,36 @@ ShapeWallets = dict[Shape, tuple[list[str], Workload]]
 # The servers every design shares, measured whole: each process on the machine whose
 # command name (/proc/PID/comm) is the given one, by the name the tables give it.
 SHARED_SERVERS = {"redis": "redis-server", "postgres": "postgres"}
-# Each process's CPU seconds so far by its identity, (pid, start time): a pid ended and
-# reused in between is another process.
-CpuTimes = dict[tuple[int, int], float]
+# A reading is taken again until two in a row agree on which processes there are and on
+# what their ended children spent, at most this many times (see `settled`).
+SETTLE_TRIES = 5
 
 
-def process_cpu(pid: int) -> tuple[tuple[int, int], float] | None:
-    """A process's identity and its user and system CPU time so far (Linux); None where
-    /proc is missing or the process has ended."""
+class Reading(NamedTuple):
+    """A process's CPU seconds so far, its own and those of the children it has waited for
+    (its ended children's, which the kernel adds to it as it reaps each), and its parent's
+    pid."""
+
+    cpu: float
+    reaped: float
+    parent: int
+
+
+# Each process's reading by its identity, (pid, start time): a pid ended and reused in
+# between is another process.
+CpuTimes = dict[tuple[int, int], Reading]
+
+
+def process_cpu(pid: int) -> tuple[tuple[int, int], Reading] | None:
+    """A process's identity and reading (Linux); None where /proc is missing or the process
+    has ended."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return (pid, int(fields[19])), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    own, reaped = (int(fields[11]) + int(fields[12])), (int(fields[13]) + int(fields[14]))
+    return (pid, int(fields[19])), Reading(own / tick, reaped / tick, int(fields[1]))
 
 
 def named(command: str) -> list[int]:
@@ -61,17 +78,48 @@ def cpu_times(pids: dict[str, list[int]]) -> dict[str, CpuTimes]:
     return {name: dict(filter(None, map(process_cpu, each))) for name, each in pids.items()}
 
 
+def settled(pids: dict[str, list[int]]) -> dict[str, CpuTimes]:
+    """The processes' readings, taken again until two in a row agree on which processes
+    there are and on what their ended children spent: a child reaped between the reading of
+    it and that of its parent would count twice (or not at all)."""
+    last = cpu_times(pids)
+    for _ in range(SETTLE_TRIES):
+        again = cpu_times(pids)
+        if reaped(again) == reaped(last):
+            return again
+        last = again
+    return last
+
+
+def reaped(times: dict[str, CpuTimes]) -> dict[str, dict[tuple[int, int], float]]:
+    return {name: {p: r.reaped for p, r in each.items()} for name, each in times.items()}
+
+
+def spent(before: CpuTimes, after: CpuTimes) -> float:
+    """CPU seconds the processes spent between two readings. Each present at the second
+    counts from the first reading, or from its start if it started in between (a
+    connection a pool opened), with the children it reaped in between. One that ended in
+    between (a backend whose pool closed its connection: the row lock's asyncpg pool
+    replaces each after 50,000 queries) counts up to its end: its parent, reaping it, added
+    all it spent to its own children's time, less what it had spent at the first reading.
+    That holds where the parent is one of them (PostgreSQL's postmaster, a redis-server
+    that forked); an ended process whose parent is not counts for nothing."""
+    alive = {pid for pid, _ in after}
+    total = 0.0
+    for identity, now in after.items():
+        then = before.get(identity)
+        total += now.cpu + now.reaped - (then.cpu + then.reaped if then else 0.0)
+    for identity, then in before.items():
+        if identity not in after and then.parent in alive:
+            total -= then.cpu + then.reaped
+    return total
+
+
 def cores(
     before: dict[str, CpuTimes], after: dict[str, CpuTimes], elapsed: float
 ) -> dict[str, float]:
-    """Each name's CPU between the two readings, in cores over `elapsed`: of the processes
-    present at the second, from the first reading or, for one that started in between (a
-    connection a pool opened during the phase), from its start. One that ended in between
-    has no reading to count to."""
-    return {
-        name: sum(t - before[name].get(p, 0.0) for p, t in after.get(name, {}).items()) / elapsed
-        for name in before
-    }
+    """Each name's CPU between the two readings (`spent`), in cores over `elapsed`."""
+    return {name: spent(before[name], after.get(name, {})) / elapsed for name in before}
 
 
 async def bench(
@@ -190,14 +238,15 @@ async def run_phase(
     started_at = await pg.fetchval("SELECT clock_timestamp()")
     wal_at = await pg.fetchval("SELECT pg_current_wal_lsn()::text")
     pids = running.pids() | {name: named(command) for name, command in SHARED_SERVERS.items()}
-    cpu = cpu_times(pids)
+    cpu = settled(pids)
     drive = drive_closed if result.phase.model is Model.CLOSED else drive_open
     host = running.base.removeprefix("http://").partition(":")[0]
     pick = workload(host, random.Random(zlib.crc32(result.phase.name.encode()) & 0xFFFF))
     effects = await drive(running.base, wallets, result, pick)
-    # Listed again: the servers' processes started during the phase count too.
+    # Listed again: the servers' processes started during the phase count too, and those
+    # that ended count through their parent's reaped children.
     pids |= {name: named(command) for name, command in SHARED_SERVERS.items()}
-    result.server_cpu = cores(cpu, cpu_times(pids), result.elapsed)
+    result.server_cpu = cores(cpu, settled(pids), result.elapsed)
     await until_quiet(running)
     result.wal_bytes = await pg.fetchval(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint", wal_at
