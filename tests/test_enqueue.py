@@ -113,3 +113,16 @@ async def test_a_request_waits_no_longer_than_its_bound_when_redis_does_not_answ
 
     # Queued after all, once Redis went on: the URL tells its outcome.
     await eventually(applied, what="the operation queued during the pause to be applied")
+
+
+def test_commands_go_out_in_the_redis_protocol() -> None:
+    """What a round trip writes: text as UTF-8, bytes as they are (a message may hold CRLF),
+    numbers in decimal; a value Redis has no form for is refused before anything is sent."""
+    packed = connections.pack([("SET", "é", b"a\r\nb"), ["INCRBY", "n", -5]])
+    assert packed == (
+        b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$4\r\na\r\nb\r\n"
+        b"*3\r\n$6\r\nINCRBY\r\n$1\r\nn\r\n$2\r\n-5\r\n"
+    )
+    for value in (None, True, ["a"], {"a": 1}):
+        with pytest.raises(TypeError):
+            connections.pack([("SET", "k", value)])

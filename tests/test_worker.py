@@ -375,8 +375,9 @@ async def test_a_round_trip_sends_any_bytes_and_answers_each_command_in_turn(
     settings: Settings, redis: Redis
 ) -> None:
     """The batch loop, the wake listener and the API's enqueuer talk to Redis through
-    round_trip with a packer of their own: values with CR LF, non-ASCII text, negative
-    numbers, and an error reply in the middle of the answers."""
+    round_trip, packed by hiredis: values with CR LF, non-ASCII text, negative
+    numbers, and an error reply in the middle of the answers; a value Redis has no form
+    for (None) is refused before anything is sent."""
     key = f"{settings.redis_key_prefix}:protocol"
     value = "naïve\r\n€".encode() + bytes(range(256))
     connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
@@ -399,4 +400,4 @@ async def test_a_round_trip_sends_any_bytes_and_answers_each_command_in_turn(
     assert isinstance(answers[3], ResponseError)
     assert answers[5] == "значение".encode()
     with pytest.raises(TypeError):
-        await round_trip(connection, [("SET", key, 1.5)])
+        await round_trip(connection, [("SET", key, None)])
