@@ -113,14 +113,15 @@ class Queue:
         """The shards' wake-ups after each position (shard, last wake entry read): blocking
         up to `block_ms` for one, or answering at once (None)."""
         shards = list(positions)
+        wake_stream = self.keys.wake_stream
         return (
             "XREAD",
             "COUNT",
             1000,
             *(("BLOCK", block_ms) if block_ms is not None else ()),
             "STREAMS",
-            *(self.keys.wake_stream(shard) for shard, _ in shards),
-            *(position for _, position in shards),
+            *[wake_stream(shard) for shard, _ in shards],
+            *[position for _, position in shards],
         )
 
     def trim_wakes(self, shard: int, worker_id: str, last_read: str) -> Command:

@@ -84,6 +84,9 @@ class WakeListener:
         }
         # shard -> (the epoch it was read under, the id of the last wake entry read)
         self._cursors: dict[int, tuple[int, str]] = {}
+        # The owned shards with a read position, (shard, epoch), listed once for all the
+        # reads until the shards or the positions change (None: to be listed again).
+        self._readable_shards: list[tuple[int, int]] | None = None
         self._gate = ReadGate()
         self._shards_changed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -107,6 +110,7 @@ class WakeListener:
 
     def shards_changed(self) -> None:
         """The owned shards changed: a listener that had none to read looks again."""
+        self._readable_shards = None
         self._shards_changed.set()
 
     def stop(self) -> None:
@@ -119,7 +123,7 @@ class WakeListener:
         """Where the shard's wake stream is read from under `epoch`, unless it is already."""
         if self._cursor(shard, epoch) is None:
             self._cursors[shard] = (epoch, entry_id)
-            self._shards_changed.set()
+            self.shards_changed()
 
     def _cursor(self, shard: int, epoch: int) -> str | None:
         cursor = self._cursors.get(shard)
@@ -131,13 +135,20 @@ class WakeListener:
         else:
             await self._read(self._readable)
 
-    def _readable(self, only: int | None = None) -> list[tuple[int, int]]:
-        """The owned shards (all, or `only`) whose read position is set: (shard, epoch)."""
-        return [
-            (s, epoch)
-            for s, epoch in sorted(self._owned.items())
-            if (only is None or s == only) and self._cursor(s, epoch) is not None
-        ]
+    def _readable(self) -> list[tuple[int, int]]:
+        """The owned shards whose read position is set: (shard, epoch)."""
+        if self._readable_shards is None:
+            self._readable_shards = [
+                (s, epoch)
+                for s, epoch in sorted(self._owned.items())
+                if self._cursor(s, epoch) is not None
+            ]
+        return self._readable_shards
+
+    def _readable_one(self, shard: int) -> list[tuple[int, int]]:
+        """The shard, if owned with its read position set: (shard, epoch)."""
+        epoch = self._owned.get(shard)
+        return [] if epoch is None or self._cursor(shard, epoch) is None else [(shard, epoch)]
 
     async def _read_each_shard(self) -> None:
         """On a Redis Cluster one command may touch one slot only: each owned shard's wake
@@ -147,7 +158,7 @@ class WakeListener:
             while not self._stopping.is_set():
                 for shard in self._owned:
                     if shard not in readers or readers[shard].done():
-                        readable = functools.partial(self._readable, shard)
+                        readable = functools.partial(self._readable_one, shard)
                         readers[shard] = asyncio.create_task(self._read(readable, shard))
                 self._shards_changed.clear()
                 await self._shards_changed.wait()
@@ -182,6 +193,7 @@ class WakeListener:
                     failures += 1
                     log.warning("reading the wake-ups failed (%s)", e)
                     self._cursors.clear()
+                    self._readable_shards = None
                     trims.read.clear()
                     self._lost()
                     await direct.close()
@@ -235,9 +247,10 @@ class WakeListener:
         for stream, items in found.items() if isinstance(found, dict) else found:
             shard = self._shard_of_stream[stream]
             epoch = read_as[shard]
-            if self._owned.get(shard) != epoch:  # handed back meanwhile: the next owner's
-                continue
-            if self._cursor(shard, epoch) is None:  # dropped meanwhile: a rescan is due
+            if self._owned.get(shard) != epoch or self._cursor(shard, epoch) is None:
+                # handed back meanwhile (the next owner's), or its position dropped (a
+                # rescan is due): left alone, and the shards listed again
+                self._readable_shards = None
                 continue
             for raw_id, fields in items:
                 wake = entry_fields(fields)
