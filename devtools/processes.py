@@ -24,6 +24,13 @@ def spawn(
     )
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a CI runner, kill) ends a run as Ctrl-C does: its cleanups run,
+    stopping the processes it started and dropping what it created, instead of the process
+    dying alone and leaving them behind."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def free_port() -> int:
     """A loopback port free at the time of asking."""
     with socket.socket() as s:

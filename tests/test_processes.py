@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from devtools.processes import ROOT, free_port, spawn
@@ -409,3 +410,81 @@ async def test_a_worker_stuck_past_its_stop_grace_exits_0_and_leaves_its_batch_q
     finally:
         successor.send_signal(signal.SIGTERM)
         await asyncio.to_thread(successor.wait, 20)
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, parent, ...; Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """The processes whose parent is `pid`, each as (pid, start time): a pid ended and
+    reused is another process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid:
+            found.append((int(entry.name), fields[19]))
+    return found
+
+
+def alive(process: tuple[int, str]) -> bool:
+    """Still running or stopped, not ended (a zombie has ended), and not another process
+    under its pid."""
+    fields = stat_fields(process[0])
+    return fields is not None and fields[19] == process[1] and fields[0] != "Z"
+
+
+async def test_a_benchmark_stopped_by_sigterm_stops_what_it_started(
+    servers: tuple[str, str], redis: Any
+) -> None:
+    """`timeout`, a CI runner or kill stop the bench with SIGTERM: it stops the servers it
+    started and drops its database and keys, as on Ctrl-C, rather than leave them running."""
+    pg_url, redis_url = servers
+    admin = await asyncpg.connect(pg_url)
+    bench = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "load.bench", "--smoke", "--closed-only", "--deposits-only"),
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": pg_url, "REDIS_URL": redis_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started: list[tuple[int, str]] = []
+    databases: list[str] = []
+    try:
+
+        async def serving() -> bool:
+            started[:] = children_of(bench.pid)
+            databases[:] = [
+                r["datname"]
+                for r in await admin.fetch(
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'wallet_bench_%'"
+                )
+            ]
+            return len(started) >= 2 and bool(databases)
+
+        await eventually(serving, within=60, what="the bench to start its servers")
+        bench.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(bench.wait(), 60)
+        assert [p for p in started if alive(p)] == []
+        left = await admin.fetch(
+            "SELECT datname FROM pg_database WHERE datname = any($1::text[])", databases
+        )
+        assert left == []
+        for name in databases:
+            assert [key async for key in redis.scan_iter(match=f"bench-{name}:*")] == []
+    finally:  # what a failed run left behind
+        if bench.returncode is None:
+            bench.kill()
+            await bench.wait()
+        for process in started:
+            if alive(process):
+                os.kill(process[0], signal.SIGKILL)
+        for name in databases:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            async for key in redis.scan_iter(match=f"bench-{name}:*"):
+                await redis.unlink(key)
+        await admin.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvloop
 
+from devtools.processes import stop_on_sigterm
 from devtools.servers import redis_cluster, redis_server_7, servers_from_env
 from load.bench.designs import checkout
 from load.bench.phases import CLOSED_LOOPS, SMOKE_CLOSED_LOOPS, Design, Kind, constant
@@ -176,6 +177,7 @@ def options(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = options(argv)
+    stop_on_sigterm()
     command = "python -m load.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from devtools.processes import stop_on_sigterm
 from devtools.servers import embedded_postgres, embedded_redis, redis_cluster, redis_server_7
 from load.chaos.run import chaos
 from load.chaos.schedule import schedule
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = schedule(args.seed, args.seconds, args.redis_cluster)
         print(json.dumps([dataclasses.asdict(f) for f in shown]))
         return 0
+    stop_on_sigterm()
     executable = redis_server_7()
     if args.redis_cluster and executable is None:
         print("--redis-cluster needs redis-server 7 or newer on PATH", file=sys.stderr)
