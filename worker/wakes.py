@@ -135,20 +135,17 @@ class WakeListener:
         else:
             await self._read(self._readable)
 
-    def _readable(self) -> list[tuple[int, int]]:
-        """The owned shards whose read position is set: (shard, epoch)."""
+    def _readable(self, only: int | None = None) -> list[tuple[int, int]]:
+        """The owned shards (all, or `only`) whose read position is set: (shard, epoch)."""
         if self._readable_shards is None:
             self._readable_shards = [
                 (s, epoch)
                 for s, epoch in sorted(self._owned.items())
                 if self._cursor(s, epoch) is not None
             ]
-        return self._readable_shards
-
-    def _readable_one(self, shard: int) -> list[tuple[int, int]]:
-        """The shard, if owned with its read position set: (shard, epoch)."""
-        epoch = self._owned.get(shard)
-        return [] if epoch is None or self._cursor(shard, epoch) is None else [(shard, epoch)]
+        if only is None:
+            return self._readable_shards
+        return [(s, epoch) for s, epoch in self._readable_shards if s == only]
 
     async def _read_each_shard(self) -> None:
         """On a Redis Cluster one command may touch one slot only: each owned shard's wake
@@ -158,7 +155,7 @@ class WakeListener:
             while not self._stopping.is_set():
                 for shard in self._owned:
                     if shard not in readers or readers[shard].done():
-                        readable = functools.partial(self._readable_one, shard)
+                        readable = functools.partial(self._readable, shard)
                         readers[shard] = asyncio.create_task(self._read(readable, shard))
                 self._shards_changed.clear()
                 await self._shards_changed.wait()
