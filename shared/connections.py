@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +24,7 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.settings import Settings
 
@@ -133,22 +134,35 @@ def pack(commands: Sequence[Sequence[Any]]) -> bytes:
 async def round_trip(
     connection: AbstractConnection, commands: Sequence[Sequence[Any]]
 ) -> list[Any]:
-    """Sends the commands in one write over a connection of the caller's own and reads their
-    answers, an error reply as its exception: no pool checkout and no pipeline object on the
-    hot paths. Connects if need be; after any other
-    failure the connection is closed (the next call opens it again) and the error raised."""
+    """Sends the commands in one write over a connection of the caller's own (`raw_connection`)
+    and reads their answers, an error reply as its exception: no pool checkout and no
+    pipeline object on the hot paths. REDIS_SOCKET_TIMEOUT bounds the whole round trip with
+    one timer, where redis-py would arm one for each read and run each write in a task of
+    its own with another: Redis's TimeoutError when it runs out. Connects if need be; after
+    any failure the connection is closed (the next call opens it again) and the error
+    raised."""
     try:
-        await connection.send_packed_command(pack(commands))
-        results: list[Any] = []
-        for _ in commands:
-            try:
-                results.append(await connection.read_response())
-            except ResponseError as e:  # this command's answer; the next ones follow
-                results.append(e)
+        async with asyncio.timeout(REDIS_SOCKET_TIMEOUT):
+            await connection.send_packed_command(pack(commands))
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as e:  # this command's answer; the next ones follow
+                    results.append(e)
+    except TimeoutError as e:
+        await connection.disconnect(nowait=True)
+        raise RedisTimeoutError(f"no answer from Redis within {REDIS_SOCKET_TIMEOUT}s") from e
     except BaseException:
         await connection.disconnect(nowait=True)
         raise
     return results
+
+
+def raw_connection(connection_class: Any, options: Mapping[str, Any]) -> AbstractConnection:
+    """A connection for `round_trip`, with a client's options: without their socket timeout,
+    which round_trip keeps for the whole round trip instead."""
+    return connection_class(**{**options, "socket_timeout": None})  # type: ignore[no-any-return]
 
 
 MAX_REDIRECTS = 5  # MOVED, ASK or TRYAGAIN answers one command may get within one call
@@ -170,7 +184,8 @@ class Direct:
     for a single Redis."""
 
     def __init__(self, redis: Redis) -> None:
-        self._connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        pool = redis.connection_pool
+        self._connection = raw_connection(pool.connection_class, pool.connection_kwargs)
 
     async def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         return await round_trip(self._connection, commands)
@@ -245,7 +260,7 @@ class ClusterDirect:
     ) -> list[Any]:
         connection = self._connections.get(node.name)
         if connection is None:
-            connection = node.connection_class(**node.connection_kwargs)
+            connection = raw_connection(node.connection_class, node.connection_kwargs)
             self._connections[node.name] = connection
         if not asking:
             return await round_trip(connection, commands)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.app import create_app
 from api.enqueue import Enqueuer
@@ -113,6 +114,30 @@ async def test_a_request_waits_no_longer_than_its_bound_when_redis_does_not_answ
 
     # Queued after all, once Redis went on: the URL tells its outcome.
     await eventually(applied, what="the operation queued during the pause to be applied")
+
+
+async def test_a_round_trip_redis_does_not_answer_fails_within_its_bound(
+    settings: Settings, redis: Redis
+) -> None:
+    """Redis holds every write: a round trip ends at REDIS_SOCKET_TIMEOUT with Redis's own
+    timeout error (what every caller takes for Redis unreachable), its connection closed;
+    the next one, once Redis goes on, is sent on a new connection."""
+    line = connections.direct(redis)
+    key = f"{settings.redis_key_prefix}:bound"
+    try:
+        assert await line.round_trip([("SET", key, "a")]) == [b"OK"]
+        await redis.client_pause(10_000, all=False)  # writes only
+        started = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await line.round_trip([("SET", key, "b")])
+            taken = asyncio.get_running_loop().time() - started
+        finally:
+            await redis.client_unpause()
+        assert connections.REDIS_SOCKET_TIMEOUT <= taken < connections.REDIS_SOCKET_TIMEOUT + 2
+        assert await line.round_trip([("SET", key, "c"), ("GET", key)]) == [b"OK", b"c"]
+    finally:
+        await line.close()
 
 
 def test_commands_go_out_in_the_redis_protocol() -> None:
