@@ -10,13 +10,19 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from shared.codec import Kind, OperationRequest
+from shared.codec import Kind, OperationRequest, decode_request
+from shared.connections import RedisClient
 from shared.ids import capture_transfer_id
+from shared.keys import KeySpace
+from shared.metrics import WorkerMetrics
+from shared.queue import queue_for
 from shared.settings import Settings
 from tests.conftest import running_worker
 from tests.helpers import Client, eventually, ledger, operate
 from tests.test_resends import debit
 from worker.decide import Entry
+from worker.expiries import RESEND_AFTER_MS, Expiries, Sent
+from worker.streams import WalletStreams
 
 
 async def deposit(client: Client, wallet: str, amount: str) -> None:
@@ -313,3 +319,38 @@ async def test_bad_hold_requests_get_clear_errors(client: Client, wallet: str) -
     assert r.status == 422
     status, _, _ = await place(client, str(uuid.uuid4()), "1.00")
     assert status == 404
+
+
+async def test_an_expiry_that_may_still_be_queued_is_not_sent_again(
+    api: Client, settings: Settings, pg: Any, redis: RedisClient
+) -> None:
+    """An expiry sent while the wallet's writer is away (or slow, or PostgreSQL down) waits
+    in its stream: it is not sent again every RESEND_AFTER_MS, copies piling up behind it,
+    until the stream no longer holds it (Redis lost it): then it is."""
+    wallet = (await (await api.post("/api/v1/wallets")).json())["id"]
+    async with running_worker(settings):
+        await deposit(api, wallet, "10.00")
+        _, hold, _ = await place(api, wallet, "4.00", expires_in=1)
+    deadline = time.time() + 1.5
+    await eventually(lambda: _after(deadline), within=5, what="the hold to be due")
+    keys = KeySpace(settings.redis_key_prefix, settings.shard_count)
+    streams = WalletStreams(redis, queue_for(keys, redis), settings.batch_max)
+    expiries = Expiries(keys.shard_of, WorkerMetrics())
+    owned = range(settings.shard_count)
+    expiries.taken(keys.shard_of(wallet))  # its holds read from PostgreSQL, as a new owner's
+
+    async def send_due(now_ms: int) -> Sent:
+        return await expiries.send_due(pg, streams.send, streams.oldest_entries, owned, now_ms)
+
+    stream = keys.wallet_stream(wallet)
+    first = int(time.time() * 1000)
+    assert await send_due(first) == Sent(sent=1, still_queued=0, failed=0)
+    assert await redis.xlen(stream) == 1
+    for resend in (1, 2, 3):
+        assert await send_due(first + resend * RESEND_AFTER_MS) == Sent(0, 1, 0)
+    assert await redis.xlen(stream) == 1
+    await redis.delete(stream)  # lost with a Redis wiped
+    assert await send_due(first + 4 * RESEND_AFTER_MS) == Sent(1, 0, 0)
+    queued: Any = await redis.xrange(stream)
+    [(_, fields)] = queued
+    assert decode_request(fields[b"m"]).hold_id == hold["id"]

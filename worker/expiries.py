@@ -2,7 +2,9 @@
 held by when they expire, and when one is due queues its expiry on the wallet's stream,
 where the wallet's writer decides it like any operation (worker/holds.py): once, and never
 after the hold has ended. An expiry lost on the way (Redis wiped) is sent again until the
-hold has ended; a new owner of the shard reads the shard's held holds when it takes it over.
+hold has ended, but not while it may still wait behind the wallet's older entries (a slow
+or stuck wallet, PostgreSQL down): copies would pile up in its stream every few seconds.
+A new owner of the shard reads the shard's held holds when it takes it over.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared.codec import HoldStatus, Kind, OperationRequest
 from shared.connections import connection_from
@@ -18,9 +20,26 @@ from shared.ids import expiry_op_id
 from shared.metrics import WorkerMetrics
 from worker.holds import HoldRow, HoldState
 from worker.sql import HELD_IN_SHARDS
+from worker.streams import may_be_queued
 
 CHECK_EVERY = 0.2  # seconds between looks for holds due
-RESEND_AFTER_MS = 5_000  # an expiry sent whose hold is still held then is sent again
+RESEND_AFTER_MS = 5_000  # an expiry sent whose hold is still held then may be sent again
+
+
+class Sent(NamedTuple):
+    """What one send_due did: expiries queued, left alone as maybe still queued, and among
+    those sent, those that could not be queued (sent again later)."""
+
+    sent: int
+    still_queued: int
+    failed: int
+
+
+class Due(NamedTuple):
+    """An expiry to queue, and when (ms, this worker's clock) it was last sent, if ever."""
+
+    request: OperationRequest
+    sent_at_ms: int | None
 
 
 class Expiries:
@@ -31,6 +50,7 @@ class Expiries:
         self._metrics = metrics
         self._held: dict[str, HoldState] = {}
         self._due: list[tuple[int, str]] = []  # (when to send its expiry, hold id)
+        self._sent: dict[str, int] = {}  # hold id -> when its expiry was last sent (ms)
         self._unread: set[int] = set()  # shards taken over whose holds are not read yet
 
     def __len__(self) -> int:
@@ -49,6 +69,7 @@ class Expiries:
                 self._metrics.holds.labels(row.status).inc()
             if row.status != HoldStatus.HELD:
                 self._held.pop(row.id, None)
+                self._sent.pop(row.id, None)
             elif row.id not in self._held:
                 self._held[row.id] = HoldState(
                     row.wallet_id, row.amount, row.status, row.expires_at
@@ -59,10 +80,13 @@ class Expiries:
         self,
         pool: Any,
         send: Callable[[list[OperationRequest]], Awaitable[int]],
+        oldest_entries: Callable[[list[str]], Awaitable[dict[str, int | None]]],
         owned: Collection[int],
-    ) -> int:
+        now_ms: int | None = None,
+    ) -> Sent:
         """Reads the held holds of the shards taken over since the last call, then queues
-        the expiries due now (`send`); how many could not be queued (sent again later)."""
+        the expiries due now (`send`), but not those sent before that may still be queued
+        (`oldest_entries`: WalletStreams.oldest_entries)."""
         if self._unread:
             shards, self._unread = self._unread, set()
             try:
@@ -89,13 +113,24 @@ class Expiries:
                 ),
                 counted=False,
             )
-        due = self.take_due(int(time.time() * 1000), owned)
-        return await send(due) if due else 0
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        due = self.take_due(now_ms, owned)
+        again = [d.request.wallet_id for d in due if d.sent_at_ms is not None]
+        oldest = await oldest_entries(again) if again else {}
+        sending = [
+            d.request
+            for d in due
+            if d.sent_at_ms is None or not may_be_queued(d.sent_at_ms, oldest[d.request.wallet_id])
+        ]
+        for request in sending:
+            self._sent[request.hold_id] = now_ms
+        failed = await send(sending) if sending else 0
+        return Sent(len(sending), len(due) - len(sending), failed)
 
-    def take_due(self, now_ms: int, owned: Collection[int]) -> list[OperationRequest]:
-        """The expiries to queue now, each also due again RESEND_AFTER_MS later should its
-        hold still be held by then; holds of shards no longer owned are forgotten."""
-        due: list[OperationRequest] = []
+    def take_due(self, now_ms: int, owned: Collection[int]) -> list[Due]:
+        """The expiries due now, each also due again RESEND_AFTER_MS later should its hold
+        still be held by then; holds of shards no longer owned are forgotten."""
+        due: list[Due] = []
         again: list[tuple[int, str]] = []
         while self._due and self._due[0][0] <= now_ms:
             _, hold_id = heapq.heappop(self._due)
@@ -104,8 +139,9 @@ class Expiries:
                 continue  # ended
             if self._shard_of(hold.wallet_id) not in owned:
                 del self._held[hold_id]
+                self._sent.pop(hold_id, None)
                 continue
-            due.append(expiry(hold_id, hold))
+            due.append(Due(expiry(hold_id, hold), self._sent.get(hold_id)))
             again.append((now_ms + RESEND_AFTER_MS, hold_id))
         for item in again:
             heapq.heappush(self._due, item)

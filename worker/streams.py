@@ -30,6 +30,16 @@ from worker.decide import Entry
 log = logging.getLogger("worker")
 
 COMMITTED_KEPT_SECONDS = 600
+# How far Redis's clock may run ahead of the sender's before something sent to a wallet and
+# still queued behind a slow one is taken for lost and sent again (a replay, so only a cost).
+CLOCK_MARGIN_MS = 1000
+
+
+def may_be_queued(sent_at_ms: int, oldest_entry_ms: int | None) -> bool:
+    """Whether what was sent to a wallet's stream at `sent_at_ms` may still wait there: the
+    stream holds an entry from before then (everything older than a stream's first entry is
+    committed). `oldest_entry_ms` as oldest_entries() finds it."""
+    return oldest_entry_ms is not None and oldest_entry_ms <= sent_at_ms + CLOCK_MARGIN_MS
 
 
 def reading_of(wallet: str, found: Any) -> Reading | None:

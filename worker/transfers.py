@@ -41,14 +41,11 @@ from shared.ids import return_op_id
 from worker.apply import RESEND_DELAY_MAX
 from worker.decide import LOCAL_CREDIT, SKIPPED, Entry
 from worker.sql import DUE, RESCHEDULE, UNSETTLED_COUNTS
-from worker.streams import WalletStreams
+from worker.streams import WalletStreams, may_be_queued
 
 log = logging.getLogger("worker")
 
 RESEND_PER_SHARD = 100  # transfers of one shard sent again at most per rescan
-# How far Redis's clock may run ahead of PostgreSQL's before a step still queued behind a
-# slow wallet is taken for lost and sent again (a replay, so only a cost).
-CLOCK_MARGIN_MS = 1000
 
 
 class Unsettled(NamedTuple):
@@ -338,11 +335,9 @@ async def due_steps(conn: Any, owned: Collection[int]) -> list[Due]:
 
 
 def still_queued(due: Due, oldest_entry_ms: int | None) -> bool:
-    """Whether the step may still wait in its wallet's stream: the stream holds an entry
-    from before the step was sent (everything older than its first entry is committed)."""
-    if due.waiting or oldest_entry_ms is None:
-        return False
-    return oldest_entry_ms <= due.sent_at_ms + CLOCK_MARGIN_MS
+    """Whether the step may still wait in its wallet's stream (a return waiting for room is
+    queued nowhere)."""
+    return not due.waiting and may_be_queued(due.sent_at_ms, oldest_entry_ms)
 
 
 async def reschedule(conn: Any, sent: list[Due], queued: list[Due], after: float) -> None:

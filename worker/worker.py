@@ -47,7 +47,7 @@ from worker.apply import Fenced, LedgerConflict
 from worker.backlog import Backlog
 from worker.commit import Committer
 from worker.decide import Entry
-from worker.expiries import CHECK_EVERY, Expiries
+from worker.expiries import CHECK_EVERY, Expiries, Sent
 from worker.ownership import Ownership
 from worker.streams import WalletStreams
 from worker.transfers import (
@@ -356,10 +356,11 @@ class Worker:
         self.metrics.steps_resent.labels("still_queued").inc(queued)
         return sent, queued
 
-    async def expire_holds(self) -> int:
-        """Queues the expiries of the owned holds that are due (worker/expiries.py); how
-        many could not be queued (sent again later)."""
-        return await self.expiries.send_due(self.pool, self.streams.send, self.ownership.owned)
+    async def expire_holds(self) -> Sent:
+        """Queues the expiries of the owned holds that are due (worker/expiries.py)."""
+        return await self.expiries.send_due(
+            self.pool, self.streams.send, self.streams.oldest_entries, self.ownership.owned
+        )
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at
