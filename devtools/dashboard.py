@@ -109,7 +109,7 @@ def build() -> builders.Dashboard:
             builders.DatasourceVariable("datasource").label("Data source").type("prometheus")
         )
     )
-    for section in (_requests, _batches, _queues, _ownership, _transfers):
+    for section in (_requests, _batches, _queues, _ownership, _transfers, _holds):
         dashboard = section(dashboard)
     return dashboard
 
@@ -304,6 +304,38 @@ def _transfers(dashboard: builders.Dashboard) -> builders.Dashboard:
                 "Age of the oldest unsettled transfer; a transfer settles in milliseconds.",
                 "s",
                 ("max(wallet_transfers_unsettled_oldest_seconds)", "oldest"),
+            )
+        )
+    )
+
+
+def _holds(dashboard: builders.Dashboard) -> builders.Dashboard:
+    """Holds: placed and ended, still held, the expiries' lag."""
+    return (
+        dashboard.with_row(builders.Row("Holds"))
+        .with_panel(
+            graph(
+                "Holds placed and ended",
+                "Per second: placed, captured, voided, expired.",
+                "ops",
+                ("sum by (event) (rate(wallet_holds_total[5m]))", "{{event}}"),
+            )
+        )
+        .with_panel(
+            graph(
+                "Holds held",
+                "Holds still held, each expiring by itself when due.",
+                "none",
+                ("sum(wallet_holds_held)", "held"),
+            )
+        )
+        .with_panel(
+            graph(
+                "Longest overdue hold",
+                "How long the hold longest past its expiry has been due; an expiry goes"
+                " through within a second.",
+                "s",
+                ("max(wallet_holds_overdue_seconds)", "overdue"),
             )
         )
     )

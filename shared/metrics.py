@@ -149,6 +149,12 @@ class WorkerMetrics:
             "Holds still held in the shards this worker owns, which it expires when due",
             registry=self.registry,
         )
+        self.holds_overdue = Gauge(
+            "wallet_holds_overdue_seconds",
+            "How long the hold longest past its expiry, of those still held in the shards"
+            " this worker owns, has been due (0 when none is)",
+            registry=self.registry,
+        )
         self.transfers_unsettled = Gauge(
             "wallet_transfers_unsettled",
             "Transfers debited and not yet credited or returned, from the shards this worker owns",

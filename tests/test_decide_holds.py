@@ -7,8 +7,10 @@ from typing import Any
 
 from shared.codec import HoldStatus, Kind, OperationRequest, Outcome, Reason, Status
 from shared.ids import expiry_op_id
+from shared.metrics import WorkerMetrics
 from worker.decide import Decided, Entry, Found, Recorded, Wallet, WalletState, decide
-from worker.holds import HoldState
+from worker.expiries import Expiries
+from worker.holds import HoldRow, HoldState
 
 A, B = str(uuid.uuid4()), str(uuid.uuid4())
 NOW = 1_800_000_000_000
@@ -217,3 +219,17 @@ def test_a_capture_paid_to_a_wallet_starts_a_transfer() -> None:
     )
     [ended] = decided.holds
     assert (ended.transfer_id, ended.destination_id) == (t, B)
+
+
+def test_the_expiries_lag_is_how_long_the_held_hold_longest_past_its_expiry_has_been_due() -> None:
+    expiries = Expiries(lambda wallet: 0, WorkerMetrics())
+    assert expiries.overdue_seconds(NOW) == 0
+
+    def held(hold: str, expires_at: int, status: str = HoldStatus.HELD) -> HoldRow:
+        return HoldRow(A, hold, 100, status, 0, expires_at, None, None, False)
+
+    expiries.update([held("h1", NOW + 5_000), held("h2", NOW - 2_500)], counted=False)
+    assert expiries.overdue_seconds(NOW) == 2.5
+    expiries.update([held("h2", NOW - 2_500, HoldStatus.EXPIRED)], counted=False)
+    assert expiries.overdue_seconds(NOW) == 0  # the one left is not due yet
+    assert expiries.overdue_seconds(NOW + 6_000) == 1.0

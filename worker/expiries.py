@@ -56,6 +56,12 @@ class Expiries:
     def __len__(self) -> int:
         return len(self._held)
 
+    def overdue_seconds(self, now_ms: int) -> float:
+        """How long the hold longest past its expiry, of those still held, has been due (0
+        when none is): the expiries' lag, which stays under a second while they go through."""
+        earliest = min((hold.expires_at for hold in self._held.values()), default=now_ms)
+        return max(0, now_ms - earliest) / 1000
+
     def taken(self, shard: int) -> None:
         """The shard was taken over: its holds are read at the next send_due."""
         self._unread.add(shard)

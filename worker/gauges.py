@@ -4,6 +4,7 @@ when /metrics is asked for, never on a batch's path."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from shared.connections import REDIS_SOCKET_TIMEOUT, connection_from
@@ -32,6 +33,7 @@ async def refresh_gauges(worker: Worker) -> None:
     worker.metrics.dead_letters.set(sum(dead))
     worker.metrics.shards_owned.set(len(owned))
     worker.metrics.holds_pending_expiry.set(len(worker.expiries))
+    worker.metrics.holds_overdue.set(worker.expiries.overdue_seconds(int(time.time() * 1000)))
     worker.metrics.parked_wallets.set(worker.backlog.parked_count)
     worker.metrics.queued.clear()
     for shard, count in zip(owned, counts, strict=True):
