@@ -340,7 +340,7 @@ async def test_an_expiry_that_may_still_be_queued_is_not_sent_again(
     expiries.taken(keys.shard_of(wallet))  # its holds read from PostgreSQL, as a new owner's
 
     async def send_due(now_ms: int) -> Sent:
-        return await expiries.send_due(pg, streams.send, streams.oldest_entries, owned, now_ms)
+        return await expiries.send_due(pg, streams, owned, now_ms)
 
     stream = keys.wallet_stream(wallet)
     first = int(time.time() * 1000)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, NamedTuple
 
 from shared.codec import HoldStatus, Kind, OperationRequest
@@ -20,7 +20,7 @@ from shared.ids import expiry_op_id
 from shared.metrics import WorkerMetrics
 from worker.holds import HoldRow, HoldState
 from worker.sql import HELD_IN_SHARDS
-from worker.streams import may_be_queued
+from worker.streams import WalletStreams, may_be_queued
 
 CHECK_EVERY = 0.2  # seconds between looks for holds due
 RESEND_AFTER_MS = 5_000  # an expiry sent whose hold is still held then may be sent again
@@ -85,14 +85,12 @@ class Expiries:
     async def send_due(
         self,
         pool: Any,
-        send: Callable[[list[OperationRequest]], Awaitable[int]],
-        oldest_entries: Callable[[list[str]], Awaitable[dict[str, int | None]]],
+        streams: WalletStreams,
         owned: Collection[int],
         now_ms: int | None = None,
     ) -> Sent:
         """Reads the held holds of the shards taken over since the last call, then queues
-        the expiries due now (`send`), but not those sent before that may still be queued
-        (`oldest_entries`: WalletStreams.oldest_entries)."""
+        the expiries due now, but not those sent before that may still be queued."""
         if self._unread:
             shards, self._unread = self._unread, set()
             try:
@@ -122,7 +120,7 @@ class Expiries:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         due = self.take_due(now_ms, owned)
         again = [d.request.wallet_id for d in due if d.sent_at_ms is not None]
-        oldest = await oldest_entries(again) if again else {}
+        oldest = await streams.oldest_entries(again) if again else {}
         sending = [
             d.request
             for d in due
@@ -130,7 +128,7 @@ class Expiries:
         ]
         for request in sending:
             self._sent[request.hold_id] = now_ms
-        failed = await send(sending) if sending else 0
+        failed = await streams.send(sending) if sending else 0
         return Sent(len(sending), len(due) - len(sending), failed)
 
     def take_due(self, now_ms: int, owned: Collection[int]) -> list[Due]:

@@ -358,9 +358,7 @@ class Worker:
 
     async def expire_holds(self) -> Sent:
         """Queues the expiries of the owned holds that are due (worker/expiries.py)."""
-        return await self.expiries.send_due(
-            self.pool, self.streams.send, self.streams.oldest_entries, self.ownership.owned
-        )
+        return await self.expiries.send_due(self.pool, self.streams, self.ownership.owned)
 
     def _lost(self) -> None:
         """Redis was lost, and may have come back empty, its entry ids starting lower: at
