@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,12 +29,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools import dashboard
 from devtools.processes import ROOT, free_port, spawn
-from shared.codec import OperationRequest, encode_request
+from shared.codec import HoldStatus, OperationRequest, encode_request
+from shared.connections import PG_ERRORS, open_pg_pool
 from shared.keys import KeySpace
 from shared.scripts import ENQUEUE
 from shared.settings import Settings
 from tests.helpers import Client, eventually, operate
 from worker.gauges import refresh_gauges
+from worker.holds import HoldRow
 from worker.worker import Worker
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -341,6 +344,28 @@ async def test_the_worker_counts_its_shards_dead_letters_and_oldest_unsettled_tr
     oldest = value("wallet_transfers_unsettled_oldest_seconds")
     assert oldest is not None
     assert oldest < 86400
+
+
+async def test_the_holds_overdue_are_told_even_when_postgresql_cannot_be_read(
+    settings: Settings, redis: Any
+) -> None:
+    """A hold overdue is what an outage makes: the figures the worker holds itself are set
+    before those it reads, so that a scrape still tells them while PostgreSQL (here: its
+    pool, closed) cannot be read."""
+    pool = await open_pg_pool(settings)
+    await pool.close()
+    worker = Worker(settings, redis, pool)
+    due = int(time.time() * 1000) - 120_000
+    hold = HoldRow(
+        str(uuid.uuid4()), str(uuid.uuid4()), 1, HoldStatus.HELD, 0, due, None, None, False
+    )
+    worker.expiries.update([hold], counted=False)
+    with pytest.raises(PG_ERRORS):
+        await refresh_gauges(worker)
+    overdue = worker.metrics.registry.get_sample_value("wallet_holds_overdue_seconds")
+    assert overdue is not None
+    assert overdue >= 120
+    assert worker.metrics.registry.get_sample_value("wallet_holds_held") == 1
 
 
 # A real Prometheus

@@ -15,9 +15,15 @@ if TYPE_CHECKING:
 
 
 async def refresh_gauges(worker: Worker) -> None:
-    """Reads the figures that live in Redis and PostgreSQL into the worker's metrics."""
-    worker.metrics.shard_count.set(worker.settings.shard_count)
+    """Reads the figures that live in Redis and PostgreSQL into the worker's metrics, after
+    those it holds itself: they are current even when the others cannot be read (the holds
+    overdue above all, which such an outage makes)."""
     owned = sorted(worker.ownership.owned)
+    worker.metrics.shard_count.set(worker.settings.shard_count)
+    worker.metrics.shards_owned.set(len(owned))
+    worker.metrics.holds_pending_expiry.set(len(worker.expiries))
+    worker.metrics.holds_overdue.set(worker.expiries.overdue_seconds(int(time.time() * 1000)))
+    worker.metrics.parked_wallets.set(worker.backlog.parked_count)
     async with worker.redis.pipeline(transaction=False) as pipe:
         for shard in owned:
             pipe.get(worker.keys.queued(shard))
@@ -31,10 +37,6 @@ async def refresh_gauges(worker: Worker) -> None:
     worker.metrics.returns_waiting.set(found.returns_waiting)
     worker.metrics.transfers_unsettled_oldest.set(found.oldest_seconds)
     worker.metrics.dead_letters.set(sum(dead))
-    worker.metrics.shards_owned.set(len(owned))
-    worker.metrics.holds_pending_expiry.set(len(worker.expiries))
-    worker.metrics.holds_overdue.set(worker.expiries.overdue_seconds(int(time.time() * 1000)))
-    worker.metrics.parked_wallets.set(worker.backlog.parked_count)
     worker.metrics.queued.clear()
     for shard, count in zip(owned, counts, strict=True):
         worker.metrics.queued.labels(str(shard)).set(int(count or 0))
