@@ -354,3 +354,9 @@ async def test_an_expiry_that_may_still_be_queued_is_not_sent_again(
     queued: Any = await redis.xrange(stream)
     [(_, fields)] = queued
     assert decode_request(fields[b"m"]).hold_id == hold["id"]
+    async with running_worker(settings):  # it leaves no hold overdue for the tests after it
+
+        async def expired() -> bool:
+            return await hold_status(api, hold["id"]) == "expired"
+
+        await eventually(expired, within=10, what="the hold to expire")

@@ -10,17 +10,20 @@ A new owner of the shard reads the shard's held holds when it takes it over.
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, NamedTuple
 
 from shared.codec import HoldStatus, Kind, OperationRequest
-from shared.connections import connection_from
+from shared.connections import REDIS_ERRORS, connection_from
 from shared.ids import expiry_op_id
 from shared.metrics import WorkerMetrics
 from worker.holds import HoldRow, HoldState
 from worker.sql import HELD_IN_SHARDS
 from worker.streams import WalletStreams, may_be_queued
+
+log = logging.getLogger("worker")
 
 CHECK_EVERY = 0.2  # seconds between looks for holds due
 RESEND_AFTER_MS = 5_000  # an expiry sent whose hold is still held then may be sent again
@@ -120,12 +123,12 @@ class Expiries:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         due = self.take_due(now_ms, owned)
         again = [d.request.wallet_id for d in due if d.sent_at_ms is not None]
-        oldest = await streams.oldest_entries(again) if again else {}
-        sending = [
-            d.request
-            for d in due
-            if d.sent_at_ms is None or not may_be_queued(d.sent_at_ms, oldest[d.request.wallet_id])
-        ]
+        try:
+            oldest = await streams.oldest_entries(again) if again else {}
+        except REDIS_ERRORS as e:  # the first sends still go; the resends wait for the next look
+            log.warning("looking for expiries still queued failed (%s)", e)
+            oldest = {}
+        sending = [d.request for d in due if _send_now(d, oldest)]
         for request in sending:
             self._sent[request.hold_id] = now_ms
         failed = await streams.send(sending) if sending else 0
@@ -150,6 +153,15 @@ class Expiries:
         for item in again:
             heapq.heappush(self._due, item)
         return due
+
+
+def _send_now(due: Due, oldest: dict[str, int | None]) -> bool:
+    """A first send, or a resend whose earlier send its wallet's stream may no longer hold
+    (`oldest`: the streams' first entries; one missing, as after a failed look, waits)."""
+    if due.sent_at_ms is None:
+        return True
+    wallet = due.request.wallet_id
+    return wallet in oldest and not may_be_queued(due.sent_at_ms, oldest[wallet])
 
 
 def expiry(hold_id: str, hold: HoldState) -> OperationRequest:
