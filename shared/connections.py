@@ -161,8 +161,10 @@ async def round_trip(
 
 def raw_connection(connection_class: Any, options: Mapping[str, Any]) -> AbstractConnection:
     """A connection for `round_trip`, with a client's options: without their socket timeout,
-    which round_trip keeps for the whole round trip instead."""
-    return connection_class(**{**options, "socket_timeout": None})  # type: ignore[no-any-return]
+    which round_trip keeps for the whole round trip instead (nor the one a maintenance
+    notice would put back at its end)."""
+    unbounded = {"socket_timeout": None, "orig_socket_timeout": None}
+    return connection_class(**{**options, **unbounded})  # type: ignore[no-any-return]
 
 
 MAX_REDIRECTS = 5  # MOVED, ASK or TRYAGAIN answers one command may get within one call
