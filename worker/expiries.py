@@ -38,7 +38,7 @@ class Sent(NamedTuple):
     failed: int
 
 
-class Due(NamedTuple):
+class DueExpiry(NamedTuple):
     """An expiry to queue, and when (ms, this worker's clock) it was last sent, if ever."""
 
     request: OperationRequest
@@ -134,10 +134,10 @@ class Expiries:
         failed = await streams.send(sending) if sending else 0
         return Sent(len(sending), len(due) - len(sending), failed)
 
-    def take_due(self, now_ms: int, owned: Collection[int]) -> list[Due]:
+    def take_due(self, now_ms: int, owned: Collection[int]) -> list[DueExpiry]:
         """The expiries due now, each also due again RESEND_AFTER_MS later should its hold
         still be held by then; holds of shards no longer owned are forgotten."""
-        due: list[Due] = []
+        due: list[DueExpiry] = []
         again: list[tuple[int, str]] = []
         while self._due and self._due[0][0] <= now_ms:
             _, hold_id = heapq.heappop(self._due)
@@ -148,14 +148,14 @@ class Expiries:
                 del self._held[hold_id]
                 self._sent.pop(hold_id, None)
                 continue
-            due.append(Due(expiry(hold_id, hold), self._sent.get(hold_id)))
+            due.append(DueExpiry(expiry(hold_id, hold), self._sent.get(hold_id)))
             again.append((now_ms + RESEND_AFTER_MS, hold_id))
         for item in again:
             heapq.heappush(self._due, item)
         return due
 
 
-def _send_now(due: Due, oldest: dict[str, int | None]) -> bool:
+def _send_now(due: DueExpiry, oldest: dict[str, int | None]) -> bool:
     """A first send, or a resend whose earlier send its wallet's stream may no longer hold
     (`oldest`: the streams' first entries; one missing, as after a failed look, waits)."""
     if due.sent_at_ms is None:
